@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops.gdn_common import chunk_factors, dot, from_chunks
+from hybrid_jax.ops.gdn_common import chunk_factors, chunk_segments, dot, from_chunks, to_chunks
 
 
 def _compose(earlier, later):
@@ -41,15 +41,16 @@ def gdn_assoc_scan(
       (o [B, T, H, Dv] float32, final state [B, H, Dk, Dv] float32).
     """
     t = q.shape[1]
-    f = chunk_factors(q, k, v, g, beta, scale, reset, chunk_size)
+    xs = tuple(to_chunks(x, chunk_size) for x in (q, k, v, g, beta))  # [N, B, H, C, ...]
+    f = chunk_factors(*xs, chunk_segments(reset, chunk_size), scale)
     dk = k.shape[-1]
     eye = jnp.eye(dk, dtype=jnp.float32)
-    m = f.chunk_decay[..., None, None] * eye - dot("bhnck,bhncj->bhnkj", f.k_decayed, f.w)
-    x = dot("bhnck,bhncv->bhnkv", f.k_decayed, f.u)
-    m_cum, x_cum = jax.lax.associative_scan(_compose, (m, x), axis=2)
+    m = f.chunk_decay[..., None, None] * eye - dot("nbhck,nbhcj->nbhkj", f.k_decayed, f.w)
+    x = dot("nbhck,nbhcv->nbhkv", f.k_decayed, f.u)
+    m_cum, x_cum = jax.lax.associative_scan(_compose, (m, x), axis=0)
     # State after chunk n: (M_n ... M_0) S0 + X_cum_n.
-    after = dot("bhnkj,bhjv->bhnkv", m_cum, initial_state) + x_cum  # [B, H, N, Dk, Dv]
-    entering = jnp.concatenate([initial_state[:, :, None], after[:, :, :-1]], axis=2)
-    v_new = f.u - dot("bhnck,bhnkv->bhncv", f.w, entering)
-    o = dot("bhnck,bhnkv->bhncv", f.q_decayed, entering) + dot("bhncm,bhnmv->bhncv", f.intra, v_new)
-    return from_chunks(o, t), after[:, :, -1]
+    after = dot("nbhkj,bhjv->nbhkv", m_cum, initial_state) + x_cum  # [N, B, H, Dk, Dv]
+    entering = jnp.concatenate([initial_state[None], after[:-1]], axis=0)
+    v_new = f.u - dot("nbhck,nbhkv->nbhcv", f.w, entering)
+    o = dot("nbhck,nbhkv->nbhcv", f.q_decayed, entering) + dot("nbhcm,nbhmv->nbhcv", f.intra, v_new)
+    return from_chunks(o, t), after[-1]

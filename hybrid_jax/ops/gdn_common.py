@@ -28,19 +28,60 @@ def dot(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(subscripts, a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
-class ChunkFactors(NamedTuple):
-    """Per-chunk quantities, all float32, laid out [B, H, N, C, ...]."""
+def unit_lower_inverse(a: jax.Array, block: int = 16) -> jax.Array:
+    """(I + A)^-1 for strictly lower triangular A [..., C, C], by forward substitution.
 
-    u: jax.Array  # [B, H, N, C, Dv]  state-independent part of v_new
-    w: jax.Array  # [B, H, N, C, Dk]  v_new = u - w S
-    q_decayed: jax.Array  # [B, H, N, C, Dk]  scale * exp(gamma) * q (zero after a reset)
-    k_decayed: jax.Array  # [B, H, N, C, Dk]  exp(gamma_C - gamma) * k (zero before the last reset)
-    intra: jax.Array  # [B, H, N, C, C]   P: the causal intra-chunk attention
-    chunk_decay: jax.Array  # [B, H, N]  exp(gamma_C), zero when the chunk holds a reset
+    Exact (no power series, which overflows for large |A|). The diagonal blocks of size
+    ``block`` are inverted row by row; then blocks are merged pairwise with
+    [[X11, 0], [A21, I + A22]]^-1 = [[X11^-1, 0], [-X22^-1 A21 X11^-1, X22^-1]], all matmuls.
+    Requires C to be ``block`` times a power of two, or C <= block.
+    """
+    c = a.shape[-1]
+    block = min(block, c)
+    nb = c // block
+    if nb * block != c or nb & (nb - 1):
+        raise ValueError(f"unit_lower_inverse: size {c} is not {block} times a power of two")
+    lead = a.shape[:-2]
+    # Diagonal blocks [..., nb, block, block].
+    ab = a.reshape(*lead, nb, block, nb, block)
+    diag = jnp.stack([ab[..., i, :, i, :] for i in range(nb)], axis=-3)
+    eye = jnp.eye(block, dtype=a.dtype)
+    x = jnp.broadcast_to(eye, diag.shape)
+    for i in range(1, block):
+        # Row i of the inverse: e_i - A[i, :i] X[:i, :] (A[i, j>=i] is zero).
+        row = eye[i] - jnp.einsum("...j,...jk->...k", diag[..., i, :], x, precision=HIGHEST)
+        x = x.at[..., i, :].set(row)
+    x = x.reshape(*lead, nb * block, block)  # blocks stacked down the rows
+    size = block
+    inv = [x[..., i * block:(i + 1) * block, :] for i in range(nb)]
+    while len(inv) > 1:
+        merged = []
+        for j in range(0, len(inv), 2):
+            r0 = j * size  # row/col offset of the pair
+            a21 = a[..., r0 + size:r0 + 2 * size, r0:r0 + size]
+            x11, x22 = inv[j], inv[j + 1]
+            x21 = -dot("...ij,...jk->...ik", x22, dot("...ij,...jk->...ik", a21, x11))
+            top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+            bottom = jnp.concatenate([x21, x22], axis=-1)
+            merged.append(jnp.concatenate([top, bottom], axis=-2))
+        inv = merged
+        size *= 2
+    return inv[0]
+
+
+class ChunkFactors(NamedTuple):
+    """Per-chunk quantities, all float32, laid out [..., H, C, ...] (any leading axes)."""
+
+    u: jax.Array  # [..., H, C, Dv]  state-independent part of v_new
+    w: jax.Array  # [..., H, C, Dk]  v_new = u - w S
+    q_decayed: jax.Array  # [..., H, C, Dk]  scale * exp(gamma) * q (zero after a reset)
+    k_decayed: jax.Array  # [..., H, C, Dk]  exp(gamma_C - gamma) * k (zero before the last reset)
+    intra: jax.Array  # [..., H, C, C]   P: the causal intra-chunk attention
+    chunk_decay: jax.Array  # [..., H]  exp(gamma_C), zero when the chunk holds a reset
 
 
 def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
-    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding T up to a multiple of C.
+    """[B, T, H, ...] -> chunk-major [N, B, H, C, ...], zero-padding T to a multiple of C.
 
     Zero padding is inert: g = 0, beta = 0 and k = 0 leave the state unchanged.
     """
@@ -48,13 +89,22 @@ def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
     pad = -t % chunk_size
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape(b, (t + pad) // chunk_size, chunk_size, h, *x.shape[3:])
-    return jnp.moveaxis(x, 3, 1)
+    return jnp.moveaxis(x, (1, 3), (0, 2))
 
 
 def from_chunks(x: jax.Array, t: int) -> jax.Array:
-    """[B, H, N, C, D] -> [B, T, H, D], dropping the padding."""
-    b, h, n, c, d = x.shape
-    return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, d)[:, :t]
+    """Chunk-major [N, B, H, C, D] -> [B, T, H, D], dropping the padding."""
+    n, b, h, c, d = x.shape
+    return jnp.moveaxis(x, (0, 2), (1, 3)).reshape(b, n * c, h, d)[:, :t]
+
+
+def chunk_segments(reset: jax.Array | None, chunk_size: int) -> jax.Array | None:
+    """[B, T] reset flags -> [N, B, 1, C] segment index inside each chunk (0 = the segment the
+    chunk started in), or None when there are no resets."""
+    if reset is None:
+        return None
+    seg = to_chunks(reset[:, :, None].astype(jnp.int32), chunk_size)
+    return jnp.cumsum(seg, axis=-1)
 
 
 def chunk_factors(
@@ -63,64 +113,50 @@ def chunk_factors(
     v: jax.Array,
     g: jax.Array,
     beta: jax.Array,
+    seg: jax.Array | None,
     scale: float,
-    reset: jax.Array | None,
-    chunk_size: int,
 ) -> ChunkFactors:
-    """Everything local to a chunk.
+    """Everything local to a chunk, for any number of chunks at once.
 
     Args:
-      q, k: [B, T, H, Dk]; v: [B, T, H, Dv] (float32 or bfloat16);
-      g, beta: [B, T, H] float32; reset: [B, T] bool or None.
+      q, k: [..., H, C, Dk]; v: [..., H, C, Dv] (float32 or bfloat16);
+      g, beta: [..., H, C] float32; seg: [..., 1, C] int segment index in the chunk, or None.
     """
     f32 = jnp.float32
-    c = chunk_size
-    q_c, k_c, v_c = (to_chunks(x, c) for x in (q, k, v))
-    g_c, beta_c = (to_chunks(x.astype(f32), c) for x in (g, beta))  # [B, H, N, C]
-
-    # Segment index inside the chunk (0 = still the segment the chunk started in).
-    if reset is None:
-        seg = jnp.zeros(g_c.shape[:1] + (1,) + g_c.shape[2:], jnp.int32)
-    else:
-        seg = to_chunks(reset[:, :, None].astype(jnp.int32), c)  # [B, 1, N, C]
-        seg = jnp.cumsum(seg, axis=-1)
-    same = seg[..., :, None] == seg[..., None, :]  # [B, 1, N, C, C]
+    c = q.shape[-2]
     idx = jnp.arange(c)
     causal = idx[:, None] >= idx[None, :]
     strict = idx[:, None] > idx[None, :]
 
     # decay_log[i, j] = sum_{j < t <= i} g_t, summed directly rather than as gamma_i - gamma_j:
     # a difference of two large cumsums loses the small decays next to strong ones.
-    g_rows = jnp.where(strict, g_c[..., :, None], 0.0)  # [.., t, j] = g_t for t > j
+    g_rows = jnp.where(strict, g[..., :, None], 0.0)  # [.., t, j] = g_t for t > j
     decay_log = jnp.cumsum(g_rows, axis=-2)  # [.., i, j]
+    gamma = jnp.cumsum(g, axis=-1)  # from chunk start
     # Mask before exp: entries above the diagonal or across a reset never reach exp.
-    pair_mask = causal & same
-    decay = jnp.exp(jnp.where(pair_mask, decay_log, -jnp.inf))  # [B, H, N, C, C]
+    if seg is None:
+        pair_mask = causal
+        decay_from_start = jnp.exp(gamma)
+        decay_to_end = jnp.exp(decay_log[..., -1, :])
+        chunk_decay = jnp.exp(gamma[..., -1])
+    else:
+        pair_mask = causal & (seg[..., :, None] == seg[..., None, :])
+        first_seg = seg == 0
+        last_seg = seg == seg[..., -1:]
+        decay_from_start = jnp.where(first_seg, jnp.exp(gamma), 0.0)
+        decay_to_end = jnp.where(last_seg, jnp.exp(decay_log[..., -1, :]), 0.0)
+        chunk_decay = jnp.where(first_seg[..., -1], jnp.exp(gamma[..., -1]), 0.0)
+    decay = jnp.exp(jnp.where(pair_mask, decay_log, -jnp.inf))  # [..., C, C]
 
-    gamma = jnp.cumsum(g_c, axis=-1)  # from chunk start
-    first_seg = seg == 0
-    last_seg = seg == seg[..., -1:]
-    decay_from_start = jnp.where(first_seg, jnp.exp(gamma), 0.0)  # [B, H, N, C]
-    decay_to_end = jnp.where(last_seg, jnp.exp(decay_log[..., -1, :]), 0.0)
-    chunk_decay = jnp.where(first_seg[..., -1], jnp.exp(gamma[..., -1]), 0.0)  # [B, H, N]
+    kk = dot("...cd,...md->...cm", k, k)
+    a = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0)
+    inv = unit_lower_inverse(a)
+    # Two products rather than one on concatenated right-hand sides: narrower outputs keep
+    # XLA:CPU on its fast batched-matmul path.
+    u = dot("...ij,...jd->...id", inv, beta[..., None] * v.astype(f32))
+    w = dot("...ij,...jd->...id", inv, (beta * decay_from_start)[..., None] * k.astype(f32))
 
-    kk = dot("bhncd,bhnmd->bhncm", k_c, k_c)
-    a = jnp.where(strict, beta_c[..., :, None] * kk * decay, 0.0)
-    rhs = jnp.concatenate(
-        [
-            beta_c[..., None] * v_c.astype(f32),
-            (beta_c * decay_from_start)[..., None] * k_c.astype(f32),
-        ],
-        axis=-1,
-    )
-    # Forward substitution on the unit lower triangular (I + A): exact, never a power series.
-    eye = jnp.eye(c, dtype=f32)
-    sol = jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
-    dv = v.shape[-1]
-    u, w = sol[..., :dv], sol[..., dv:]
-
-    qk = dot("bhncd,bhnmd->bhncm", q_c, k_c)
-    intra = scale * qk * decay  # decay is already zero outside the causal same-segment pairs
-    q_decayed = (scale * decay_from_start)[..., None] * q_c.astype(f32)
-    k_decayed = decay_to_end[..., None] * k_c.astype(f32)
+    intra = scale * dot("...cd,...md->...cm", q, k) * decay  # decay is zero outside causal pairs
+    q_decayed = (scale * decay_from_start)[..., None] * q.astype(f32)
+    k_decayed = decay_to_end[..., None] * k.astype(f32)
     return ChunkFactors(u, w, q_decayed, k_decayed, intra, chunk_decay)
