@@ -56,12 +56,13 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / timeit(lambda: f(a, b).block_until_ready(), repeats)
 
 
-def make_inputs(b, t, h, dk, dv, seed=0):
+def make_inputs(b, t, h, dk, dv, hk=None, seed=0):
     rng = np.random.default_rng(seed)
     f32 = np.float32
+    hk = h if hk is None else hk
     return dict(
-        q=rng.standard_normal((b, t, h, dk)).astype(f32),
-        k=rng.standard_normal((b, t, h, dk)).astype(f32),
+        q=rng.standard_normal((b, t, hk, dk)).astype(f32),
+        k=rng.standard_normal((b, t, hk, dk)).astype(f32),
         v=rng.standard_normal((b, t, h, dv)).astype(f32),
         # OLMo Hybrid-like decays: -exp(A_log) * softplus(.) with small dt.
         g=-rng.uniform(0.005, 0.2, (b, t, h)).astype(f32),
@@ -84,17 +85,21 @@ def torch_timers(x: dict, chunk_size: int, repeats: int):
     import torch
     from transformers.models.olmo_hybrid.modeling_olmo_hybrid import torch_chunk_gated_delta_rule
 
-    args = [torch.from_numpy(x[n]) for n in ("q", "k", "v", "g", "beta")]
-    do = torch.from_numpy(np.random.default_rng(1).standard_normal(x["v"].shape).astype(np.float32))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    args = [torch.from_numpy(x[n]).to(device) for n in ("q", "k", "v", "g", "beta")]
+    do = torch.from_numpy(np.random.default_rng(1).standard_normal(x["v"].shape).astype(np.float32)).to(device)
     rule = functools.partial(torch_chunk_gated_delta_rule, chunk_size=chunk_size, use_qk_l2norm_in_kernel=True)
 
     def fwd():
         with torch.no_grad():
             rule(*args)
+        sync()
 
     def fwd_bwd():
         leaves = [a.clone().requires_grad_(True) for a in args]
         (rule(*leaves)[0] * do).sum().backward()
+        sync()
 
     return timeit(fwd, repeats), timeit(fwd_bwd, repeats)
 
@@ -102,8 +107,9 @@ def torch_timers(x: dict, chunk_size: int, repeats: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--B", type=int, default=1)
-    p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--H", type=int, default=8)
+    p.add_argument("--T", default="4096", help="sequence length(s), comma separated")
+    p.add_argument("--H", type=int, default=8, help="value heads")
+    p.add_argument("--Hk", type=int, default=None, help="key heads (default: H)")
     p.add_argument("--Dk", type=int, default=128)
     p.add_argument("--Dv", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=64)
@@ -114,16 +120,20 @@ def main() -> None:
 
     import logging
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    x = make_inputs(args.B, args.T, args.H, args.Dk, args.Dv)
-    flops = chunk_flops(args.B, args.T, args.H, args.Dk, args.Dv, args.chunk_size)
     peak = matmul_rate()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"shape: B={args.B} T={args.T} H={args.H} Dk={args.Dk} Dv={args.Dv} chunk={args.chunk_size}, "
-          f"q/k L2 norm, float32")
-    print(f"float32 matmul rate (2048^3, jax): {peak / 1e9:.1f} GFLOP/s; "
-          f"chunked-algorithm forward FLOPs: {flops / 1e9:.2f} GFLOP")
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    print(f"float32 matmul rate (2048^3, jax): {peak / 1e9:.1f} GFLOP/s")
+    for t in (int(s) for s in args.T.split(",")):
+        bench_one(args, t, peak)
 
+
+def bench_one(args: argparse.Namespace, t: int, peak: float) -> None:
+    x = make_inputs(args.B, t, args.H, args.Dk, args.Dv, hk=args.Hk)
+    flops = chunk_flops(args.B, t, args.H, args.Dk, args.Dv, args.chunk_size)
+    print(f"\nshape: B={args.B} T={t} Hk={args.Hk or args.H} Hv={args.H} Dk={args.Dk} Dv={args.Dv} "
+          f"chunk={args.chunk_size}, q/k L2 norm, float32; chunked-algorithm forward "
+          f"{flops / 1e9:.2f} GFLOP")
     rows = {}
     if not args.no_torch:
         rows["torch reference"] = torch_timers(x, args.chunk_size, args.repeats)
@@ -131,15 +141,14 @@ def main() -> None:
         rows[method] = jax_timers(method, x, args.chunk_size, args.repeats)
 
     ref = rows.get("torch reference")
-    print()
     print(f"{'method':<18}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x torch':>13}{'f+b x torch':>13}"
           f"{'fwd GFLOP/s':>13}{'% matmul':>10}")
     for name, (tf, tb) in rows.items():
         rate = flops / tf
         sf = f"{ref[0] / tf:.2f}x" if ref else "-"
         sb = f"{ref[1] / tb:.2f}x" if ref else "-"
-        print(f"{name:<18}{tf * 1e3:>10.1f}{tb * 1e3:>12.1f}{sf:>13}{sb:>13}"
-              f"{rate / 1e9:>13.1f}{100 * rate / peak:>9.1f}%")
+        print(f"{name:<18}{tf * 1e3:>10.3f}{tb * 1e3:>12.3f}{sf:>13}{sb:>13}"
+              f"{rate / 1e9:>13.1f}{100 * rate / peak:>9.1f}%", flush=True)
 
 
 if __name__ == "__main__":

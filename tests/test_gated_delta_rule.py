@@ -249,3 +249,30 @@ def test_bad_inputs_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         gated_delta_rule(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("g"),
                          args.pop("beta"), **args)
+
+
+@pytest.mark.parametrize("factors_in_scan", [True, False])
+def test_chunk_factor_placements_match_float64(factors_in_scan, monkeypatch):
+    """gdn_chunk computes chunk factors inside its scan on CPU and before it on accelerators;
+    both placements are checked here, on CPU, forward and backward."""
+    import importlib
+
+    from hybrid_jax.ops.gdn_chunk import gdn_chunk
+
+    gdr = importlib.import_module("hybrid_jax.ops.gated_delta_rule")  # the module, not the function
+
+    monkeypatch.setattr(gdr, "gdn_chunk", functools.partial(gdn_chunk, factors_in_scan=factors_in_scan))
+    x = make_inputs(12, t=75, hk=1, hv=3, n_segments=3, g_range=(-8.0, 0.0))
+    o, s = run("chunk", x)
+    ref_o, ref_s = reference_forward(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                     initial_state=x["initial_state"], segment_ids=x["segment_ids"],
+                                     use_qk_l2norm=True)
+    assert rel(o, ref_o) < 1e-5 and rel(s, ref_s) < 1e-5
+    do = np.random.default_rng(13).standard_normal(x["v"].shape)
+    grads = jax.grad(lambda v, g, beta: jnp.sum(run("chunk", {**x, "v": v, "g": g, "beta": beta})[0] * do),
+                     argnums=(0, 1, 2))(x["v"], x["g"], x["beta"])
+    ref = reference_grads(x["q"], x["k"], x["v"], x["g"], x["beta"], do, np.zeros_like(ref_s),
+                          initial_state=x["initial_state"], segment_ids=x["segment_ids"],
+                          use_qk_l2norm=True)
+    for got, want in zip(grads, ref[2:5]):
+        assert rel(got, want) < 1e-4
