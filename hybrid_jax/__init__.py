@@ -1,0 +1,24 @@
+"""hybrid_jax: OLMo Hybrid in JAX/Flax.
+
+Checkpoint conversion lives in ``hybrid_jax.convert`` (imported on demand).
+"""
+
+from hybrid_jax.config import (
+    ModelConfig,
+    PRESETS,
+    olmo_hybrid_7b,
+    olmo_hybrid_small,
+    olmo_hybrid_tiny,
+)
+from hybrid_jax.model import HybridLM, apply, split
+
+__all__ = [
+    "HybridLM",
+    "ModelConfig",
+    "PRESETS",
+    "apply",
+    "olmo_hybrid_7b",
+    "olmo_hybrid_small",
+    "olmo_hybrid_tiny",
+    "split",
+]

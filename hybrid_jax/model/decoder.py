@@ -1,0 +1,59 @@
+"""Decoder layers: pre-norm Gated DeltaNet layers and post-norm (OLMo 2) attention layers."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from hybrid_jax.config import ATTENTION, GDN, ModelConfig
+from hybrid_jax.model.attention import Attention
+from hybrid_jax.model.gated_deltanet import GatedDeltaNet
+from hybrid_jax.model.mlp import SwiGLU
+from hybrid_jax.model.norms import RMSNorm
+
+Rope = tuple[jax.Array, jax.Array] | None
+
+
+class GatedDeltaNetLayer(nnx.Module):
+    """Pre-norm: ``h = x + gdn(pre_gdn_norm(x)); out = h + mlp(pre_mlp_norm(h))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
+        norm = lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                               param_dtype=config.params_dtype)
+        self.pre_gdn_norm = norm()
+        self.gdn = GatedDeltaNet(config, rngs=rngs)
+        self.pre_mlp_norm = norm()
+        self.mlp = SwiGLU(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, rope: Rope = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D]; ``rope`` is unused (GDN has no positions)."""
+        h = x + self.gdn(self.pre_gdn_norm(x), segment_ids=segment_ids)
+        return h + self.mlp(self.pre_mlp_norm(h))
+
+
+class AttentionLayer(nnx.Module):
+    """Post-norm ("reordered norm", OLMo 2/3):
+    ``h = x + post_attn_norm(attn(x)); out = h + post_mlp_norm(mlp(h))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
+        norm = lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                               param_dtype=config.params_dtype)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = norm()
+        self.mlp = SwiGLU(config, rngs=rngs)
+        self.post_mlp_norm = norm()
+
+    def __call__(self, x: jax.Array, *, rope: Rope = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D]; ``rope`` is (cos, sin) or None for NoPE."""
+        h = x + self.post_attn_norm(self.attn(x, rope=rope, segment_ids=segment_ids))
+        return h + self.post_mlp_norm(self.mlp(h))
+
+
+LAYER_CLASSES: dict[str, type[nnx.Module]] = {GDN: GatedDeltaNetLayer, ATTENTION: AttentionLayer}
+
+
+def make_layer(kind: str, config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """A decoder layer of the given kind ("linear_attention" or "full_attention")."""
+    return LAYER_CLASSES[kind](config, rngs=rngs)

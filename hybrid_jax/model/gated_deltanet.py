@@ -1,0 +1,93 @@
+"""Gated DeltaNet token mixer (the linear-attention layers of OLMo Hybrid)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybrid_jax.config import ModelConfig
+from hybrid_jax.model.linear import linear
+from hybrid_jax.model.norms import GatedRMSNorm
+from hybrid_jax.model.short_conv import ShortConvolution
+from hybrid_jax.ops.gated_delta_rule import gated_delta_rule
+
+# FLA's fused gated RMSNorm default, which the released model was trained with.
+O_NORM_EPS = 1e-5
+
+
+def _init_a_log(key: jax.Array, n: int, config: ModelConfig, dtype: jnp.dtype) -> jax.Array:
+    """A_log = log(A), A ~ uniform(a_log_min, a_log_max): per-head decay rates. [Hv]"""
+    a = jax.random.uniform(key, (n,), jnp.float32, config.linear_a_log_min, config.linear_a_log_max)
+    return jnp.log(a).astype(dtype)
+
+
+def _init_dt_bias(key: jax.Array, n: int, config: ModelConfig, dtype: jnp.dtype) -> jax.Array:
+    """dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] clamped below at the floor,
+    so that softplus(a + dt_bias) starts near dt for a ~ 0. [Hv]"""
+    lo, hi = math.log(config.linear_dt_min), math.log(config.linear_dt_max)
+    dt = jnp.exp(jax.random.uniform(key, (n,), jnp.float32) * (hi - lo) + lo)
+    dt = jnp.maximum(dt, config.linear_dt_init_floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+class GatedDeltaNet(nnx.Module):
+    """q, k, v projections each through a causal short conv + SiLU, the gated delta rule with
+    L2-normalised q and k, a per-head gated RMSNorm (gate = g_proj(x)), then o_proj.
+
+    Parameters (torch names in transformers): ``{q,k,v,a,b,g,o}_proj.kernel`` [in, out],
+    ``{q,k,v}_conv.weight`` [C, K], ``A_log`` [Hv], ``dt_bias`` [Hv], ``o_norm.weight`` [Dv].
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
+        self.config = config
+        d = config.hidden_size
+        hv = config.linear_num_value_heads
+        key_dim, value_dim = config.linear_key_dim, config.linear_value_dim
+        self.q_proj = linear(d, key_dim, config, rngs=rngs)
+        self.k_proj = linear(d, key_dim, config, rngs=rngs)
+        self.v_proj = linear(d, value_dim, config, rngs=rngs)
+        self.a_proj = linear(d, hv, config, rngs=rngs)
+        self.b_proj = linear(d, hv, config, rngs=rngs)
+        self.g_proj = linear(d, value_dim, config, rngs=rngs)
+        self.o_proj = linear(value_dim, d, config, rngs=rngs)
+        conv = lambda c: ShortConvolution(
+            c, config.linear_conv_kernel_dim, activation="silu", dtype=config.compute_dtype,
+            param_dtype=config.params_dtype, rngs=rngs)
+        self.q_conv = conv(key_dim)
+        self.k_conv = conv(key_dim)
+        self.v_conv = conv(value_dim)
+        self.A_log = nnx.Param(_init_a_log(rngs.params(), hv, config, config.params_dtype))
+        self.dt_bias = nnx.Param(_init_dt_bias(rngs.params(), hv, config, config.params_dtype))
+        self.o_norm = GatedRMSNorm(config.linear_value_head_dim, eps=O_NORM_EPS,
+                                   param_dtype=config.params_dtype)
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D] (compute dtype) -> [B, T, D]. ``segment_ids`` [B, T] resets the convs and
+        the recurrent state at each new segment."""
+        cfg = self.config
+        b, t, _ = x.shape
+        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+
+        q = self.q_conv(self.q_proj(x), segment_ids=segment_ids).reshape(b, t, hk, dk)
+        k = self.k_conv(self.k_proj(x), segment_ids=segment_ids).reshape(b, t, hk, dk)
+        v = self.v_conv(self.v_proj(x), segment_ids=segment_ids).reshape(b, t, hv, dv)
+
+        beta = jax.nn.sigmoid(self.b_proj(x))
+        if cfg.linear_allow_neg_eigval:
+            beta = beta * 2.0  # eigenvalues of (I - beta k k^T) in [-1, 1]
+        # Log-space decay per value head, in float32: g = -exp(A_log) * softplus(a + dt_bias) <= 0.
+        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
+
+        o, _ = gated_delta_rule(
+            q, k, v, g, beta.astype(jnp.float32),
+            use_qk_l2norm=True, segment_ids=segment_ids,
+            method=cfg.gdn_method, chunk_size=cfg.gdn_chunk_size,
+        )  # [B, T, Hv, Dv]
+        gate = self.g_proj(x).reshape(b, t, hv, dv)
+        o = self.o_norm(o, gate).reshape(b, t, hv * dv)
+        return self.o_proj(o)

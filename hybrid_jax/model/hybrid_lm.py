@@ -1,0 +1,81 @@
+"""HybridLM: embeddings, the decoder stack, final norm and LM head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybrid_jax.config import ATTENTION, ModelConfig
+from hybrid_jax.model.linear import linear
+from hybrid_jax.model.norms import RMSNorm
+from hybrid_jax.model.stack import DecoderStack
+from hybrid_jax.ops.attention import segment_positions
+from hybrid_jax.ops.rope import rope_cos_sin
+
+
+class HybridLM(nnx.Module):
+    """OLMo Hybrid causal language model.
+
+    Parameters live in ``config.params_dtype`` and the forward pass runs in
+    ``config.compute_dtype`` (GDN states, gates, norms and softmax stay float32 inside).
+    Top-level parameters: ``embed.embedding`` [V, D], ``stack.blocks...`` [n, ...] (see
+    ``hybrid_jax.model.stack``), ``final_norm.weight`` [D], ``lm_head.kernel`` [D, V] (absent when
+    ``tie_word_embeddings``: the head then multiplies by ``embed.embedding``).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
+        self.config = config
+        init = nnx.initializers.normal(config.initializer_range)
+        pad = config.pad_token_id
+
+        def embedding_init(key, shape, dtype):
+            table = init(key, shape, dtype)
+            # torch's nn.Embedding(padding_idx=pad) starts the pad row at zero.
+            if pad is not None and 0 <= pad < shape[0]:
+                table = table.at[pad].set(0)
+            return table
+
+        self.embed = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=config.compute_dtype,
+            param_dtype=config.params_dtype, embedding_init=embedding_init, rngs=rngs)
+        self.stack = DecoderStack(config, rngs=rngs)
+        self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                                  param_dtype=config.params_dtype)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else linear(config.hidden_size, config.vocab_size, config, rngs=rngs))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Next-token logits.
+
+        Args:
+          input_ids: [B, T] int token ids.
+          segment_ids: optional [B, T] ints for packed sequences: each document has its own id
+            and occupies a contiguous run; no token sees another document (attention, convs and
+            the GDN state all reset).
+          positions: optional [B, T] (or [T]) RoPE positions. Default: 0..T-1, or the position inside
+            each segment when ``segment_ids`` is given. Ignored under NoPE.
+        Returns:
+          logits [B, T, V] float32: the head runs in the compute dtype, as transformers' does,
+          and its output is upcast for the loss.
+        """
+        cfg = self.config
+        x = self.embed(input_ids)
+        rope = None
+        if cfg.rope_theta is not None and ATTENTION in cfg.layer_types:
+            if positions is None:
+                if segment_ids is not None:
+                    positions = segment_positions(segment_ids)
+                else:
+                    positions = jnp.arange(input_ids.shape[1])
+            positions = jnp.broadcast_to(positions, input_ids.shape)
+            rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        x = self.stack(x, rope=rope, segment_ids=segment_ids)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32)

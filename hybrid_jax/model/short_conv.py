@@ -1,0 +1,44 @@
+"""Causal depthwise short convolution module (one per q, k and v in Gated DeltaNet)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybrid_jax.ops.conv import causal_conv1d
+
+
+class ShortConvolution(nnx.Module):
+    """Causal depthwise conv of width K over [B, T, C], no bias, optional SiLU.
+
+    ``weight`` is [C, K] (torch's Conv1d weight [C, 1, K] without the group axis). It is
+    initialised like torch's ``nn.Conv1d`` default, uniform(+-1/sqrt(K)) (fan-in K for a depthwise
+    conv), which is what OLMo-core / FLA train from; transformers' ``_init_weights`` would draw
+    normal(0, initializer_range) instead, which makes the conv nearly zero at init.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        *,
+        activation: str | None = "silu",
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.activation = activation
+        self.dtype = dtype
+        bound = 1.0 / math.sqrt(kernel_size)
+        self.weight = nnx.Param(
+            jax.random.uniform(rngs.params(), (channels, kernel_size), param_dtype, -bound, bound)
+        )
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, C] -> [B, T, C] in the compute dtype; no position sees an earlier segment."""
+        weight = self.weight[...].astype(self.dtype)
+        return causal_conv1d(x.astype(self.dtype), weight, segment_ids=segment_ids,
+                             activation=self.activation)

@@ -1,0 +1,82 @@
+"""The decoder stack: a repeating block of layers, scanned over depth.
+
+OLMo Hybrid repeats a block of ``p = config.layer_period`` layers (3 GDN + 1 attention). The stack
+holds ``n = num_hidden_layers / p`` copies of one ``DecoderBlock`` whose parameters are stacked
+along a new leading axis, so every parameter under ``blocks`` has shape [n, ...]; HF layer
+``j * p + i`` is position i of copy j. The layout is the same whether the stack is scanned or
+unrolled, so checkpoints move freely between the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from hybrid_jax.config import ModelConfig
+from hybrid_jax.model.decoder import Rope, make_layer
+
+_REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderBlock(nnx.Module):
+    """``len(kinds)`` decoder layers applied in order."""
+
+    def __init__(self, config: ModelConfig, kinds: tuple[str, ...], *, rngs: nnx.Rngs) -> None:
+        self.layers = nnx.List([make_layer(kind, config, rngs=rngs) for kind in kinds])
+
+    def __call__(self, x: jax.Array, *, rope: Rope = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """[B, T, D] -> [B, T, D]."""
+        for layer in self.layers:
+            x = layer(x, rope=rope, segment_ids=segment_ids)
+        return x
+
+
+class DecoderStack(nnx.Module):
+    """All decoder layers: ``blocks`` is one ``DecoderBlock`` with parameters stacked [n, ...]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
+        self.config = config
+        period = config.layer_period
+        self.num_blocks = config.num_hidden_layers // period
+        kinds = config.layer_types[:period]
+
+        def init_block_state(key: jax.Array) -> nnx.State:
+            return nnx.state(DecoderBlock(config, kinds, rngs=nnx.Rngs(params=key)))
+
+        # Build the n copies' parameters at once with vmap (each from its own key), then attach
+        # them to one block's structure.
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderBlock(config, kinds, rngs=nnx.Rngs(0))))
+        keys = jax.random.split(rngs.params(), self.num_blocks)
+        self.blocks = nnx.merge(graphdef, jax.vmap(init_block_state)(keys))
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the forward pass scans over blocks (else a Python loop unrolls them)."""
+        return self.config.scan_layers and self.num_blocks > 1
+
+    def __call__(self, x: jax.Array, *, rope: Rope = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D]."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def run_block(h: jax.Array, block_state: nnx.State) -> jax.Array:
+            return nnx.merge(graphdef, block_state)(h, rope=rope, segment_ids=segment_ids)
+
+        remat = self.config.remat
+        if remat != "none":
+            # Inside scan, CSE across iterations cannot undo the remat, so prevent_cse is not needed.
+            run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[remat],
+                                       prevent_cse=not self.scanned)
+        if self.scanned:
+            x, _ = jax.lax.scan(lambda h, s: (run_block(h, s), None), x, state)
+        else:
+            for j in range(self.num_blocks):
+                x = run_block(x, jax.tree.map(lambda a, j=j: a[j], state))
+        return x

@@ -1,0 +1,24 @@
+"""Pure functions: the gated delta rule in every form, attention, convolution, norms, rope."""
+
+from hybrid_jax.ops.attention import causal_attention, segment_positions
+from hybrid_jax.ops.conv import causal_conv1d
+from hybrid_jax.ops.gated_delta_rule import METHODS, gated_delta_rule, l2_normalize, segment_resets
+from hybrid_jax.ops.gdn_recurrent import gdn_step
+from hybrid_jax.ops.norms import gated_rms_norm, rms_norm
+from hybrid_jax.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+__all__ = [
+    "METHODS",
+    "apply_rope",
+    "causal_attention",
+    "causal_conv1d",
+    "gated_delta_rule",
+    "gated_rms_norm",
+    "gdn_step",
+    "l2_normalize",
+    "rms_norm",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "segment_positions",
+    "segment_resets",
+]

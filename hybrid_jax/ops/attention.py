@@ -1,0 +1,57 @@
+"""Causal grouped-query attention with optional packed-sequence (segment) masking."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its segment.
+
+    Args:
+      segment_ids: [B, T] integers; a segment is a maximal run of equal ids.
+    Returns:
+      [B, T] int32, restarting from 0 wherever the id changes.
+    """
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+        axis=1,
+    )
+    # Index of the most recent segment start at or before each position.
+    last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - last_start
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Softmax attention where token t sees tokens s <= t of its own segment.
+
+    Args:
+      q: [B, T, H, D].
+      k, v: [B, T, Hkv, D] with H a multiple of Hkv (query heads h*G .. h*G+G-1 share kv head h).
+      segment_ids: optional [B, T] integers; tokens attend only to equal ids.
+      scale: defaults to D**-0.5.
+      implementation: passed to ``jax.nn.dot_product_attention`` (None/"xla" materialises the
+        [B, H, T, T] float32 logits; "cudnn" is the fused GPU kernel for bf16/fp16).
+    Returns:
+      [B, T, H, D] in q's dtype. Logits and softmax are float32 (``jax.nn.dot_product_attention``'s
+      XLA path), like transformers' eager attention.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    mask = None
+    if segment_ids is not None:
+        # [B, 1, T, S]: broadcast over heads; the causal part comes from is_causal.
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                       implementation=implementation)
