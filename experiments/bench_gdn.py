@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import platform
 import statistics
@@ -70,9 +71,28 @@ def make_inputs(b, t, h, dk, dv, hk=None, seed=0):
     )
 
 
+def _rule(method: str, chunk_size: int):
+    """gated_delta_rule for a method name; "chunk_in_scan" / "chunk_batched" force where the
+    chunk form computes its per-chunk factors (it picks by backend otherwise)."""
+    rule = functools.partial(gated_delta_rule, use_qk_l2norm=True, chunk_size=chunk_size)
+    if method not in ("chunk_in_scan", "chunk_batched"):
+        return functools.partial(rule, method=method)
+    dispatch = importlib.import_module("hybrid_jax.ops.gated_delta_rule")
+
+    def forced(*args):
+        original = dispatch.gdn_chunk  # patched only while tracing
+        dispatch.gdn_chunk = functools.partial(original, factors_in_scan=method == "chunk_in_scan")
+        try:
+            return rule(*args, method="chunk")
+        finally:
+            dispatch.gdn_chunk = original
+
+    return forced
+
+
 def jax_timers(method: str, x: dict, chunk_size: int, repeats: int):
     args = [jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "beta")]
-    rule = functools.partial(gated_delta_rule, use_qk_l2norm=True, method=method, chunk_size=chunk_size)
+    rule = _rule(method, chunk_size)
     fwd = jax.jit(lambda *a: rule(*a)[0])
     do = jnp.asarray(np.random.default_rng(1).standard_normal(x["v"].shape).astype(np.float32))
     grad = jax.jit(jax.grad(lambda *a: jnp.sum(rule(*a)[0] * do), argnums=range(5)))
@@ -114,7 +134,8 @@ def main() -> None:
     p.add_argument("--Dv", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--methods", default="recurrent,chunk,assoc_scan")
+    p.add_argument("--methods", default="recurrent,chunk,assoc_scan",
+                   help="any of recurrent, chunk, assoc_scan, chunk_in_scan, chunk_batched")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     args = p.parse_args()
 

@@ -206,8 +206,10 @@ def test_long_sequence_finite_and_memory_linear(method):
         return mem.temp_size_in_bytes + mem.output_size_in_bytes
 
     sizes = {t: temp_bytes(t) for t in (4096, 8192, 16384)}
-    assert 1.6 < sizes[8192] / sizes[4096] < 2.4, sizes
-    assert 1.6 < sizes[16384] / sizes[8192] < 2.4, sizes
+    # Doubling T at most doubles memory (plus slack); quadratic growth would give 4x. The lower
+    # bound is loose because XLA:GPU's buffer assignment has fixed parts (seen on an H200).
+    assert 1.2 < sizes[8192] / sizes[4096] < 2.4, sizes
+    assert 1.2 < sizes[16384] / sizes[8192] < 2.4, sizes
 
     x = make_inputs(9, b=1, t=16384, hk=2, hv=2, dk=32, dv=32, g_range=(-5.0, 0.0),
                     initial_state=False)
