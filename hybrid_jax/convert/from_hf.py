@@ -69,15 +69,19 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the culprit."""
 
 
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid {what}: not valid JSON ({e})") from None
+
+
 # ----------------------------------------------------------------------------- config
 def _read_config(ckpt: Path) -> tuple[Path, dict[str, Any]]:
     path = ckpt / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: config.json not found in checkpoint directory {ckpt}")
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid config.json: not valid JSON ({e})") from None
+    raw = _load_json(path, "config.json")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: invalid config.json: expected a JSON object, "
                               f"got {type(raw).__name__}")
@@ -147,10 +151,7 @@ def _read_files(ckpt: Path) -> _Files:
     if not index.is_file():
         raise CheckpointError(f"{ckpt}: no weights found: expected {SINGLE_FILE} or {INDEX_FILE}")
 
-    try:
-        index_data = json.loads(index.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: invalid index: not valid JSON ({e})") from None
+    index_data = _load_json(index, "index")
     weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise CheckpointError(f"{index}: invalid index: expected a 'weight_map' object mapping "
