@@ -60,9 +60,12 @@ def make_hf_model(seed: int = 0, **overrides: Any) -> OlmoHybridForCausalLM:
     return model
 
 
-def hf_logits(model: OlmoHybridForCausalLM, input_ids: np.ndarray) -> np.ndarray:
+def hf_logits(model: OlmoHybridForCausalLM, input_ids: np.ndarray,
+              position_ids: np.ndarray | None = None) -> np.ndarray:
+    kw = {} if position_ids is None else {"position_ids": torch.as_tensor(position_ids, dtype=torch.long)}
     with torch.no_grad():
-        return model(torch.as_tensor(np.asarray(input_ids), dtype=torch.long)).logits.float().numpy()
+        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+        return model(ids, **kw).logits.float().numpy()
 
 
 def random_ids(seed: int, batch: int, length: int, vocab: int = SMALL["vocab_size"]) -> np.ndarray:

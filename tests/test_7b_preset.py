@@ -50,7 +50,7 @@ def test_7b_forward_compiles_scanned():
     print(f"\n7B (32 layers, scanned) forward compile, batch 1 x {SEQ}: {seconds:.1f} s")
 
 
-def test_compile_time_scanned_vs_unrolled():
+def test_scanned_and_unrolled_7b_width_stacks_compile():
     """At 7B widths and 8 layers, scanning compiles one block where unrolling compiles eight."""
     config = olmo_hybrid_7b(num_hidden_layers=8, layer_types=olmo_hybrid_7b().layer_types[:8])
     scanned = _compile_seconds(config)

@@ -15,13 +15,6 @@ from hybrid_jax import HybridLM, apply, split
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-    """Full float32 matmuls: accelerators' default (TF32 / bf16 passes) is ~1e-3 off."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def model() -> HybridLM:
     config = hybrid_jax.olmo_hybrid_tiny(

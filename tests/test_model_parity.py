@@ -21,13 +21,6 @@ from hybrid_jax.convert import from_hf
 T = 40  # with gdn_chunk_size=16: three chunks, the last one partial
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-    """Full float32 matmuls: accelerators' default (TF32 / bf16 passes) is ~1e-3 off."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
 def _logits(model: HybridLM, ids, **kw) -> jax.Array:
     """Logits through the jitted functional form (one compile beats eager op-by-op on CPU)."""
     graphdef, params = split(model)
@@ -64,6 +57,19 @@ def test_logits_match_transformers(case, tmp_path):
         with open(tmp_path / "config.json") as f:
             assert json.load(f)["tie_word_embeddings"] is True
     assert_close(_logits(model, ids), hf_logits(hf, ids))
+
+
+def test_explicit_positions_match_transformers_position_ids(tmp_path):
+    """RoPE at arbitrary positions (offset, strided) equals transformers given the same position_ids."""
+    hf = make_hf_model(seed=5, num_hidden_layers=4)
+    hf.save_pretrained(tmp_path)
+    ids = random_ids(3, 2, T)
+    positions = np.stack([1000 + np.arange(T), 3 * np.arange(T) + 5]).astype(np.int32)
+    model = from_hf(tmp_path, gdn_chunk_size=16)
+    ours = _logits(model, ids, positions=jnp.asarray(positions))
+    assert_close(ours, hf_logits(hf, ids, position_ids=positions))
+    # And the positions matter: the default 0..T-1 gives different logits.
+    assert not np.allclose(np.asarray(ours), np.asarray(_logits(model, ids)), atol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["recurrent", "assoc_scan"])
@@ -122,6 +128,21 @@ def test_bf16_checkpoint_loads_as_bf16(tmp_path):
     assert model_f32.embed.embedding[...].dtype == jnp.float32
     assert_close(_logits(model_f32, ids), ref)
 
+
+
+def test_fp16_checkpoint_matches_transformers(tmp_path):
+    """float16 compute runs under jit on every backend (jax.nn.dot_product_attention's XLA path
+    asks for the F16_F16_F32 dot algorithm, which XLA:CPU rejects) and is as close to float32 as
+    transformers' own float16 run."""
+    make_hf_model(seed=7).to(torch.float16).save_pretrained(tmp_path)
+    model = from_hf(tmp_path)
+    assert model.config.dtype == "float16"
+    hf_f16 = OlmoHybridForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    hf_f32 = OlmoHybridForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = random_ids(10, 2, 24)
+    ref = hf_logits(hf_f32, ids)
+    rel = lambda x: np.linalg.norm(np.asarray(x, np.float32) - ref) / np.linalg.norm(ref)
+    assert rel(_logits(model, ids)) <= 1.5 * rel(hf_logits(hf_f16, ids)) + 1e-3
 
 # ---------------------------------------------------------------------------- stack execution
 # JAX-only checks run on a micro model (compiles dominate on CPU): period 2 (GDN, attention), two

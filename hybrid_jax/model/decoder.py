@@ -14,15 +14,18 @@ from hybrid_jax.model.norms import RMSNorm
 Rope = tuple[jax.Array, jax.Array] | None
 
 
+def _hidden_norm(config: ModelConfig) -> RMSNorm:
+    """An RMSNorm over the residual stream [.., hidden_size]."""
+    return RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=config.params_dtype)
+
+
 class GatedDeltaNetLayer(nnx.Module):
     """Pre-norm: ``h = x + gdn(pre_gdn_norm(x)); out = h + mlp(pre_mlp_norm(h))``."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
-        norm = lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
-                               param_dtype=config.params_dtype)
-        self.pre_gdn_norm = norm()
+        self.pre_gdn_norm = _hidden_norm(config)
         self.gdn = GatedDeltaNet(config, rngs=rngs)
-        self.pre_mlp_norm = norm()
+        self.pre_mlp_norm = _hidden_norm(config)
         self.mlp = SwiGLU(config, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, rope: Rope = None,
@@ -37,12 +40,10 @@ class AttentionLayer(nnx.Module):
     ``h = x + post_attn_norm(attn(x)); out = h + post_mlp_norm(mlp(h))``."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
-        norm = lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
-                               param_dtype=config.params_dtype)
         self.attn = Attention(config, rngs=rngs)
-        self.post_attn_norm = norm()
+        self.post_attn_norm = _hidden_norm(config)
         self.mlp = SwiGLU(config, rngs=rngs)
-        self.post_mlp_norm = norm()
+        self.post_mlp_norm = _hidden_norm(config)
 
     def __call__(self, x: jax.Array, *, rope: Rope = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:

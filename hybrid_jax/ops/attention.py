@@ -45,7 +45,8 @@ def causal_attention(
         [B, H, T, T] float32 logits; "cudnn" is the fused GPU kernel for bf16/fp16).
     Returns:
       [B, T, H, D] in q's dtype. Logits and softmax are float32 (``jax.nn.dot_product_attention``'s
-      XLA path), like transformers' eager attention.
+      XLA path); transformers' eager attention rounds bf16 logits to bf16 before its float32
+      softmax, so ours is the more exact of the two in bf16.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -53,5 +54,24 @@ def causal_attention(
     if segment_ids is not None:
         # [B, 1, T, S]: broadcast over heads; the causal part comes from is_causal.
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    if q.dtype == jnp.float16 and implementation in (None, "xla"):
+        return _xla_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                        implementation=implementation)
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                   scale: float) -> jax.Array:
+    """The same numerics as ``jax.nn.dot_product_attention``'s XLA path, without its explicit
+    ``F16_F16_F32`` dot algorithm, which XLA:CPU rejects under jit (its eager fallback does not
+    apply there). Shapes as ``causal_attention``; mask [B, 1, T, S] or None."""
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, d)  # query head j * G + g uses kv head j
+    logits = jnp.einsum("btjgd,bsjd->bjgts", qg, k, preferred_element_type=jnp.float32) * scale
+    allowed = jnp.tril(jnp.ones((t, k.shape[1]), bool))
+    if mask is not None:
+        allowed = allowed & mask[:, :, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bjgts,bsjd->btjgd", probs, v).reshape(b, t, h, d)
