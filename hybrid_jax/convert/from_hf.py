@@ -31,7 +31,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hybrid_jax.config import ATTENTION, GDN, ModelConfig, dtype_name
+from hybrid_jax.config import GDN, ModelConfig, dtype_name
+from hybrid_jax.convert.hf_names import (
+    CONFIG_FILE,
+    FUSED_CONV,
+    INDEX_FILE,
+    SINGLE_FILE,
+    Want,
+    conv_targets,
+    describe_problems,
+    global_wants,
+    layer_prefix,
+    layer_wants,
+    split_conv_names,
+)
 from hybrid_jax.convert.safetensors_file import (
     DTYPES,
     FLOAT_DTYPES,
@@ -42,11 +55,7 @@ from hybrid_jax.convert.safetensors_file import (
 )
 from hybrid_jax.model.hybrid_lm import HybridLM
 
-CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 IGNORED_PREFIXES = ("mtp.",)  # multi-token-prediction heads; transformers drops them too
-_MAX_REPORTED = 30
 
 # config.json fields whose type we check before ModelConfig sees them (so that the error names the
 # field), and the fields without which shapes cannot be known.
@@ -183,76 +192,11 @@ def _read_files(ckpt: Path) -> _Files:
 
 
 def _raise_if(problems: list[str], title: str) -> None:
-    if not problems:
-        return
-    shown = problems[:_MAX_REPORTED]
-    more = len(problems) - len(shown)
-    lines = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more else "")
-    raise CheckpointError(f"{title} ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+    if problems:
+        raise CheckpointError(describe_problems(problems, title))
 
 
 # ----------------------------------------------------------------------------- name mapping
-Transform = Callable[[np.ndarray], np.ndarray]
-_identity: Transform = lambda a: a
-_transpose: Transform = lambda a: np.asarray(a).T  # torch Linear [out, in] -> kernel [in, out]
-
-
-@dataclass(frozen=True)
-class _Want:
-    """One of our parameters and the checkpoint tensor(s) it may come from."""
-
-    target: tuple[str | int, ...]  # path under the layer (or the model, for globals)
-    names: tuple[str, ...]  # accepted names (relative to the layer prefix), on-disk name first
-    shape: tuple[int, ...]  # expected checkpoint shape
-    transform: Transform = _identity
-
-
-def _mlp_wants(cfg: ModelConfig) -> list[_Want]:
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    return [
-        _Want(("mlp", "gate_proj", "kernel"), ("mlp.gate_proj.weight",), (f, d), _transpose),
-        _Want(("mlp", "up_proj", "kernel"), ("mlp.up_proj.weight",), (f, d), _transpose),
-        _Want(("mlp", "down_proj", "kernel"), ("mlp.down_proj.weight",), (d, f), _transpose),
-    ]
-
-
-def _gdn_wants(cfg: ModelConfig) -> list[_Want]:
-    """A GDN layer's tensors except the convs (see ``_conv_choices``)."""
-    d, hv, dv = cfg.hidden_size, cfg.linear_num_value_heads, cfg.linear_value_head_dim
-    kd, vd = cfg.linear_key_dim, cfg.linear_value_dim
-    proj = lambda n, out, inp: _Want(("gdn", f"{n}_proj", "kernel"),
-                                     (f"linear_attn.{n}_proj.weight",), (out, inp), _transpose)
-    return [
-        _Want(("pre_gdn_norm", "weight"),
-              ("attention_layer_norm.weight", "input_layernorm.weight"), (d,)),
-        _Want(("pre_mlp_norm", "weight"),
-              ("feedforward_layer_norm.weight", "post_attention_layernorm.weight"), (d,)),
-        proj("q", kd, d), proj("k", kd, d), proj("v", vd, d), proj("a", hv, d), proj("b", hv, d),
-        proj("g", vd, d), proj("o", d, vd),
-        _Want(("gdn", "A_log"), ("linear_attn.A_log",), (hv,)),
-        _Want(("gdn", "dt_bias"), ("linear_attn.dt_bias",), (hv,)),
-        _Want(("gdn", "o_norm", "weight"), ("linear_attn.o_norm.weight",), (dv,)),
-        *_mlp_wants(cfg),
-    ]
-
-
-def _attention_wants(cfg: ModelConfig) -> list[_Want]:
-    d = cfg.hidden_size
-    q_dim = cfg.num_attention_heads * cfg.head_dim
-    kv_dim = cfg.num_key_value_heads * cfg.head_dim
-    proj = lambda n, out, inp: _Want(("attn", f"{n}_proj", "kernel"),
-                                     (f"self_attn.{n}_proj.weight",), (out, inp), _transpose)
-    return [
-        proj("q", q_dim, d), proj("k", kv_dim, d), proj("v", kv_dim, d), proj("o", d, q_dim),
-        _Want(("attn", "q_norm", "weight"), ("self_attn.q_norm.weight",), (q_dim,)),
-        _Want(("attn", "k_norm", "weight"), ("self_attn.k_norm.weight",), (kv_dim,)),
-        _Want(("post_attn_norm", "weight"),
-              ("feedforward_layer_norm.weight", "post_attention_layernorm.weight"), (d,)),
-        _Want(("post_mlp_norm", "weight"), ("post_feedforward_layernorm.weight",), (d,)),
-        *_mlp_wants(cfg),
-    ]
-
-
 @dataclass(frozen=True)
 class _Choice:
     """A resolved source: checkpoint tensor(s) ``infos`` -> our parameter at ``target``."""
@@ -288,7 +232,7 @@ class _Planner:
             return False
         return self._check_dtype(info)
 
-    def pick(self, prefix: str, want: _Want, target: tuple) -> _Choice | None:
+    def pick(self, prefix: str, want: Want, target: tuple) -> _Choice | None:
         present = [prefix + n for n in want.names if prefix + n in self.tensors]
         self.used.update(present)
         if not present:
@@ -312,9 +256,8 @@ class _Planner:
         concatenation has the right size is accepted and re-cut at Kd, Kd, Vd.
         """
         kd, vd, k = cfg.linear_key_dim, cfg.linear_value_dim, cfg.linear_conv_kernel_dim
-        sizes = {"q": kd, "k": kd, "v": vd}
-        split_names = [f"{prefix}linear_attn.{n}_conv1d.weight" for n in sizes]
-        fused_name = f"{prefix}linear_attn.conv1d.weight"
+        split_names = [prefix + n for n in split_conv_names()]
+        fused_name = prefix + FUSED_CONV
         have_split = [n for n in split_names if n in self.tensors]
         have_fused = fused_name in self.tensors
         self.used.update(have_split + [fused_name] * have_fused)
@@ -348,9 +291,8 @@ class _Planner:
         def cut(start: int, size: int) -> Callable[..., np.ndarray]:
             return lambda *parts: np.concatenate([np.asarray(p) for p in parts])[start:start + size, 0, :]
 
-        offsets = {"q": 0, "k": kd, "v": 2 * kd}
-        return [_Choice(target + ("gdn", f"{n}_conv", "weight"), infos, cut(offsets[n], c))
-                for n, c in sizes.items()]
+        return [_Choice(target + path, infos, cut(start, size))
+                for path, start, size in conv_targets(cfg).values()]
 
     def unexpected(self, cfg: ModelConfig) -> None:
         for name, info in self.tensors.items():
@@ -364,19 +306,12 @@ class _Planner:
 def _plan(cfg: ModelConfig, files: _Files, ckpt: Path) -> tuple[list[_Choice], dict[int, list[_Choice]]]:
     """Globals, and per HF layer index the choices for that layer (targets relative to it)."""
     planner = _Planner(files)
-    d, v = cfg.hidden_size, cfg.vocab_size
-    globals_ = [
-        _Want(("embed", "embedding"), ("model.embed_tokens.weight",), (v, d)),
-        _Want(("final_norm", "weight"), ("model.norm.weight",), (d,)),
-    ]
-    if not cfg.tie_word_embeddings:
-        globals_.append(_Want(("lm_head", "kernel"), ("lm_head.weight",), (v, d), _transpose))
-    global_choices = [c for w in globals_ if (c := planner.pick("", w, w.target))]
+    global_choices = [c for w in global_wants(cfg) if (c := planner.pick("", w, w.target))]
 
     layers: dict[int, list[_Choice]] = {}
-    wants = {GDN: _gdn_wants(cfg), ATTENTION: _attention_wants(cfg)}
+    wants = layer_wants(cfg)
     for layer, kind in enumerate(cfg.layer_types):
-        prefix = f"model.layers.{layer}."
+        prefix = layer_prefix(layer)
         choices = [c for w in wants[kind] if (c := planner.pick(prefix, w, w.target))]
         if kind == GDN:
             choices += planner.pick_convs(prefix, cfg, ())

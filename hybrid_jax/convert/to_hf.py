@@ -1,0 +1,410 @@
+"""Write a ``HybridLM`` (or its parameters) as a transformers ``OlmoHybridForCausalLM`` checkpoint.
+
+The output is what transformers 5.23's ``save_pretrained`` writes: ``config.json``,
+``generation_config.json`` and safetensors weights (``model.safetensors``, or
+``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``) with the same
+tensor names, shapes and split convs (see ``hybrid_jax.convert.hf_names``), so that
+``OlmoHybridForCausalLM.from_pretrained`` loads it with no missing or unexpected keys and ``from_hf``
+reads it back bit for bit.
+
+The parameters are checked against the config before anything is written. Tensors are converted
+(sliced out of the stacked [n, ...] layer parameters, transposed, cast) and written one at a time,
+so at most one converted tensor is held on the host (each shard's header is computed from shapes
+beforehand). The output is assembled in a temporary directory beside ``out_dir`` and renamed into
+place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hybrid_jax.config import GDN, ModelConfig, dtype_name
+from hybrid_jax.convert.hf_names import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    conv_disk_split,
+    conv_targets,
+    describe_problems,
+    global_wants,
+    layer_prefix,
+    layer_wants,
+)
+from hybrid_jax.convert.safetensors_file import DTYPES
+from hybrid_jax.model.hybrid_lm import HybridLM
+
+
+# numpy dtype -> safetensors code, for the dtypes we write.
+_CODES = {np.dtype(v): k for k, v in DTYPES.items() if k in ("F64", "F32", "F16", "BF16")}
+
+Path_ = tuple[str | int, ...]
+
+
+# ----------------------------------------------------------------------------- inputs
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string like transformers' ``max_shard_size`` ("5GB" = 5e9,
+    "500MB", "50KB", "2GiB" = 2 * 2**30, ...; a lowercase "b" means bits, as in transformers)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        s = size.strip()
+        units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+        value = None
+        for unit, mult in units.items():
+            if s.upper().endswith(unit):
+                try:
+                    value = int(s[: -len(unit)]) * mult
+                except ValueError:
+                    break
+                if len(unit) == 2 and s.endswith("b"):
+                    value //= 8  # "Gb", "Mb", "Kb": bits
+                break
+        else:
+            if s.isdigit():
+                value = int(s)
+        if value is None:
+            raise ValueError(f"max_shard_size: cannot parse {size!r}; use bytes (an int) or a "
+                             f"string like '5GB', '500MB', '2GiB'")
+    else:
+        raise ValueError(f"max_shard_size: expected an int or a string like '5GB', got {size!r}")
+    if value <= 0:
+        raise ValueError(f"max_shard_size: must be positive, got {size!r}")
+    return value
+
+
+def _resolve(model_or_params: Any, config: ModelConfig | None) -> tuple[ModelConfig, Any]:
+    """(config, params pytree) from a HybridLM, (graphdef, params), an nnx.State or a pure dict."""
+    if isinstance(model_or_params, HybridLM):
+        params = nnx.state(model_or_params)
+        return (config or model_or_params.config), params
+    graphdef = None
+    params = model_or_params
+    if (isinstance(model_or_params, tuple) and len(model_or_params) == 2
+            and isinstance(model_or_params[0], nnx.GraphDef)):
+        graphdef, params = model_or_params
+    if config is None and graphdef is not None and isinstance(params, nnx.State):
+        try:
+            model = nnx.merge(graphdef, params)
+        except Exception as e:  # noqa: BLE001 - reported below as a missing config
+            raise ValueError(f"to_hf: cannot rebuild the model from (graphdef, params) to read "
+                             f"its config ({e}); pass config=") from None
+        config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise ValueError("to_hf: config= (a ModelConfig) is required unless a HybridLM, or the "
+                         "(graphdef, params) of one, is given")
+    return config, params
+
+
+def _key(k: Any) -> str | int:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def _flatten(params: Any) -> dict[Path_, Any]:
+    """path tuple -> array (nnx.Variable leaves unwrapped)."""
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    flat: dict[Path_, Any] = {}
+    for path, leaf in leaves:
+        if isinstance(leaf, nnx.Variable):
+            leaf = leaf[...]
+        flat[tuple(_key(k) for k in path)] = leaf
+    return flat
+
+
+def _fmt(path: Path_) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _check_params(cfg: ModelConfig, flat: dict[Path_, Any]) -> dict[Path_, Any]:
+    """Every parameter a HybridLM(cfg) has, with its shape and a float dtype; nothing else.
+    Returns ``flat`` keyed by the model's own paths."""
+    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
+    expected = _flatten(nnx.state(abstract))
+    problems = []
+    # Integer and string keys are both accepted for list indices ("layers", 0 or "0").
+    norm = {tuple(str(k) for k in p): p for p in flat}
+    for path, want in expected.items():
+        got_path = norm.get(tuple(str(k) for k in path))
+        if got_path is None:
+            problems.append(f"missing parameter {_fmt(path)} (shape {list(want.shape)})")
+            continue
+        got = flat[got_path]
+        shape = tuple(getattr(got, "shape", ()))
+        if shape != tuple(want.shape):
+            problems.append(f"parameter {_fmt(path)} has shape {list(shape)}, expected "
+                            f"{list(want.shape)} from the config")
+        elif np.dtype(getattr(got, "dtype", np.float32)) not in _CODES:
+            problems.append(f"parameter {_fmt(path)} has dtype {got.dtype}, expected float32, "
+                            f"bfloat16, float16 or float64")
+    want_keys = {tuple(str(k) for k in p) for p in expected}
+    for key, path in norm.items():
+        if key not in want_keys:
+            problems.append(f"unexpected parameter {_fmt(path)} (not in a HybridLM with this "
+                            f"config)")
+    if problems:
+        raise ValueError(describe_problems(problems, "to_hf: parameters do not match the config"))
+    # Re-key with the expected paths (ints for list indices), as the plan uses them.
+    return {p: flat[norm[tuple(str(k) for k in p)]] for p in expected}
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class _Tensor:
+    """One checkpoint tensor, produced on demand."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _host(x: Any) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None) -> list[_Tensor]:
+    """All tensors in checkpoint order: embeddings, layers 0..L-1, final norm, lm head."""
+    def dt(array: Any) -> np.dtype:
+        return out_dtype if out_dtype is not None else np.dtype(array.dtype)
+
+    def cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        # Cast and make C-contiguous (a transposed kernel) in one copy, or none when possible.
+        return np.asarray(a, dtype=dtype, order="C")
+
+    tensors: list[_Tensor] = []
+    globals_ = {w.target[0]: w for w in global_wants(cfg)}
+
+    def add_global(key: str) -> None:
+        w = globals_.get(key)
+        if w is None:
+            return
+        arr = flat[w.target]
+        d = dt(arr)
+        tensors.append(_Tensor(w.disk_name, w.shape, d,
+                               lambda w=w, arr=arr, d=d: cast(w.transform(_host(arr)), d)))
+
+    add_global("embed")
+    period = cfg.layer_period
+    wants = layer_wants(cfg)
+    for layer, kind in enumerate(cfg.layer_types):
+        j, i = divmod(layer, period)
+        base = ("stack", "blocks", "layers", i)
+        prefix = layer_prefix(layer)
+        for w in wants[kind]:
+            arr = flat[base + w.target]
+            d = dt(arr)
+            tensors.append(_Tensor(
+                prefix + w.disk_name, w.shape, d,
+                lambda w=w, arr=arr, j=j, d=d: cast(w.transform(_host(arr[j])), d)))
+        if kind == GDN:
+            parts = [flat[base + path] for path, _, _ in conv_targets(cfg).values()]
+            d = dt(parts[0])
+            k = cfg.linear_conv_kernel_dim
+
+            def chunk(start: int, count: int, parts=parts, j=j, d=d) -> np.ndarray:
+                # The fused torch conv [2 Kd + Vd, 1, K]: q, k, v channels concatenated.
+                fused = np.concatenate([_host(p[j]) for p in parts], axis=0)
+                return cast(fused[start:start + count, None, :], d)
+
+            for name, start, count in conv_disk_split(cfg):
+                tensors.append(_Tensor(prefix + name, (count, 1, k), d,
+                                       lambda s=start, c=count, f=chunk: f(s, c)))
+    add_global("final_norm")
+    add_global("lm_head")
+    return tensors
+
+
+def _shards(tensors: list[_Tensor], limit: int) -> list[list[_Tensor]]:
+    """Greedy, in order: a new shard when the next tensor would push this one past ``limit``
+    (a tensor larger than ``limit`` gets a shard of its own), as transformers does."""
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+# ----------------------------------------------------------------------------- writing
+def _write_safetensors(path: Path, tensors: list[_Tensor]) -> None:
+    """A safetensors file, streamed: header from the plan, then each tensor converted and written
+    in turn (names sorted, as the safetensors library orders them)."""
+    tensors = sorted(tensors, key=lambda t: t.name)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library pads
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors:
+            a = t.produce()
+            if a.shape != t.shape or a.dtype != t.dtype:
+                raise AssertionError(f"internal: {t.name} came out {a.dtype} {a.shape}, planned "
+                                     f"{t.dtype} {t.shape}")
+            if a.size:
+                a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+            del a
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _generation_config(cfg: ModelConfig) -> dict[str, Any]:
+    """As transformers derives it from the model config (``GenerationConfig.from_model_config``)."""
+    out: dict[str, Any] = {"_from_model_config": True}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(cfg, name)
+        if value is not None:
+            out[name] = value
+    out.update(output_attentions=False, output_hidden_states=False, use_cache=True)
+    return out
+
+
+def _write_all(tmp: Path, cfg: ModelConfig, tensors: list[_Tensor], limit: int,
+               dtype_label: str) -> None:
+    hf = cfg.to_hf_dict()
+    hf["dtype"] = dtype_label
+    _write_json(tmp / CONFIG_FILE, hf)
+    _write_json(tmp / GENERATION_CONFIG_FILE, _generation_config(cfg))
+    shards = _shards(tensors, limit)
+    if len(shards) == 1:
+        _write_safetensors(tmp / SINGLE_FILE, shards[0])
+        return
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for k, shard in enumerate(shards, start=1):
+        name = f"model-{k:05d}-of-{n:05d}.safetensors"
+        _write_safetensors(tmp / name, shard)
+        weight_map.update({t.name: name for t in shard})
+    index = {
+        "metadata": {"total_parameters": sum(math.prod(t.shape) for t in tensors),
+                     "total_size": sum(t.nbytes for t in tensors)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    _write_json(tmp / INDEX_FILE, index)
+
+
+def _occupied(out: Path) -> bool:
+    """Whether ``out`` holds something we would replace (a non-empty directory, or a file)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        return True
+    return out.is_dir() and any(out.iterdir())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
+    if _occupied(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True "
+                                  f"to replace it")
+        backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, backup)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(backup, out)
+            raise
+        _remove(backup)
+    else:
+        if out.is_dir():
+            out.rmdir()  # empty
+        os.rename(tmp, out)
+
+
+def to_hf(
+    model_or_params: Any,
+    out_dir: str | os.PathLike,
+    *,
+    config: ModelConfig | None = None,
+    dtype: Any = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write a transformers ``OlmoHybridForCausalLM`` checkpoint directory.
+
+    Args:
+      model_or_params: a ``HybridLM``; or ``(graphdef, params)`` from ``split``; or a params
+        ``nnx.State`` / pure dict (then ``config`` is required).
+      out_dir: the directory to create (its parent is created if needed).
+      config: the model's ``ModelConfig`` (default: the model's own).
+      dtype: dtype of the written tensors (float32, bfloat16 or float16); default: the
+        parameters' own.
+      max_shard_size: bytes per safetensors file (an int, or "5GB", "500MB", "2GiB", ...): one
+        ``model.safetensors`` when everything fits, else numbered shards plus an index.
+      overwrite: replace an existing non-empty ``out_dir`` (only once the new one is complete).
+    Returns:
+      ``Path(out_dir)``.
+    Raises:
+      ValueError naming the parameter when the params do not match the config (nothing written);
+      FileExistsError when ``out_dir`` exists, is not empty and ``overwrite`` is false.
+    """
+    cfg, params = _resolve(model_or_params, config)
+    limit = parse_size(max_shard_size)
+    out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype_name(dtype)))
+    flat = _check_params(cfg, _flatten(params))
+    embed_dtype = np.dtype(flat[("embed", "embedding")].dtype)
+    try:
+        dtype_label = dtype_name(out_dtype if out_dtype is not None else embed_dtype)
+    except ValueError:
+        raise ValueError(f"to_hf: parameters are {embed_dtype}, which transformers' config cannot "
+                         f"name; pass dtype= (float32, bfloat16 or float16)") from None
+
+    out = Path(out_dir)
+    if _occupied(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
+                              f"replace it")
+    tensors = _plan(cfg, flat, out_dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # (not mkdtemp: its 0700 mode would stay on the renamed out_dir)
+    try:
+        _write_all(tmp, cfg, tensors, limit, dtype_label)
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["parse_size", "to_hf"]
