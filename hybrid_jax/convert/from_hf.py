@@ -1,17 +1,25 @@
-"""Load a transformers ``OlmoHybridForCausalLM`` checkpoint directory into a ``HybridLM``.
+"""Load an OLMo Hybrid checkpoint (transformers or OLMo-core naming) into a ``HybridLM``.
 
-Accepted layouts (a directory written by ``save_pretrained``): ``config.json`` plus either
-``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
+Accepted sources:
+  * a directory with ``config.json`` and weights, looked for in this order (as transformers does):
+    ``model.safetensors``; safetensors shards listed in ``model.safetensors.index.json``;
+    ``pytorch_model.bin``; ``.bin`` shards listed in ``pytorch_model.bin.index.json`` (as older
+    transformers wrote them); else the directory's only ``.pt``/``.pth``/``.bin`` file;
+  * a single weights file (``.safetensors``, or a torch state dict ``.pt``/``.pth``/``.bin``),
+    with ``config=`` (a ``ModelConfig`` or a config.json path) or a ``config.json`` beside it.
+Torch files are read with ``torch.load(weights_only=True)`` (see ``torch_file``).
 
-Accepted tensor names, per layer ``model.layers.N.``:
-  * as transformers 5.23 writes them to disk: split ``linear_attn.{q,k,v}_conv1d.weight``
-    [C, 1, K]; GDN norms ``attention_layer_norm`` / ``feedforward_layer_norm``; and, because its
-    save-time renaming also applies to attention layers, an attention layer's post-attention norm
-    as ``feedforward_layer_norm``;
-  * as a module ``state_dict()`` names them: fused ``linear_attn.conv1d.weight`` (q, k, v channels
-    concatenated), ``input_layernorm`` / ``post_attention_layernorm``.
-Names transformers ignores on load (``mtp.*``) are ignored, as is ``lm_head.weight`` when the
-embeddings are tied.
+Accepted tensor names (detected from the names, see ``namings``; mixing namings is an error):
+  * transformers, per layer ``model.layers.N.``: as transformers 5.23 writes them to disk (split
+    ``linear_attn.{q,k,v}_conv1d.weight`` [C, 1, K]; GDN norms ``attention_layer_norm`` /
+    ``feedforward_layer_norm``; and, because its save-time renaming also applies to attention
+    layers, an attention layer's post-attention norm as ``feedforward_layer_norm``), or as a
+    module ``state_dict()`` names them (fused ``linear_attn.conv1d.weight`` (q, k, v channels
+    concatenated), ``input_layernorm`` / ``post_attention_layernorm``);
+  * OLMo-core, both generations (``blocks.N.attention.*``, or ``blocks.N.fla.inner.*`` with
+    ``blocks.N.fla_norm`` for GDN blocks).
+Names transformers ignores on load (``mtp.*``) are ignored, as is the head when the embeddings
+are tied.
 
 Everything (config, index, every file's header, every expected name and shape) is checked before
 the model is built; problems are reported together, each naming the tensor, field or file.
@@ -20,6 +28,7 @@ the model is built; problems are reported together, each naming the tensor, fiel
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,17 +43,13 @@ from flax import nnx
 from hybrid_jax.config import GDN, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
-    FUSED_CONV,
     INDEX_FILE,
     SINGLE_FILE,
     Want,
     conv_targets,
     describe_problems,
-    global_wants,
-    layer_prefix,
-    layer_wants,
-    split_conv_names,
 )
+from hybrid_jax.convert.namings import Naming, NamingError, detect_naming
 from hybrid_jax.convert.safetensors_file import (
     DTYPES,
     FLOAT_DTYPES,
@@ -53,7 +58,20 @@ from hybrid_jax.convert.safetensors_file import (
     load_tensor,
     read_header,
 )
+from hybrid_jax.convert.torch_file import (
+    TORCH_SUFFIXES,
+    TorchFileError,
+    TorchTensorInfo,
+    load_torch_tensor,
+    read_state_dict,
+)
 from hybrid_jax.model.hybrid_lm import HybridLM
+
+log = logging.getLogger(__name__)
+
+TORCH_SINGLE_FILE = "pytorch_model.bin"
+TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
+SAFETENSORS_SUFFIX = ".safetensors"
 
 IGNORED_PREFIXES = ("mtp.",)  # multi-token-prediction heads; transformers drops them too
 
@@ -86,16 +104,14 @@ def _load_json(path: Path, what: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- config
-def _read_config(ckpt: Path) -> tuple[Path, dict[str, Any]]:
-    path = ckpt / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: config.json not found in checkpoint directory {ckpt}")
+def _read_config(path: Path) -> dict[str, Any]:
+    """A config.json's fields, type-checked (the errors name ``path`` and the field)."""
     raw = _load_json(path, "config.json")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: invalid config.json: expected a JSON object, "
                               f"got {type(raw).__name__}")
     _check_config_fields(raw, path)
-    return path, raw
+    return raw
 
 
 def _check_config_fields(raw: dict[str, Any], path: Path) -> None:
@@ -144,22 +160,50 @@ def _config_dtype(raw: dict[str, Any]) -> str | None:
 
 
 # ----------------------------------------------------------------------------- files
+AnyTensorInfo = TensorInfo | TorchTensorInfo
+
+
 @dataclass(frozen=True)
 class _Files:
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, AnyTensorInfo]
     where: str  # where tensors were expected, for "missing" messages
 
 
-def _read_files(ckpt: Path) -> _Files:
-    single, index = ckpt / SINGLE_FILE, ckpt / INDEX_FILE
-    if single.is_file():  # transformers looks for the single file first too
-        try:
-            return _Files(read_header(single), str(single))
-        except SafetensorsError as e:
-            raise CheckpointError(str(e)) from None
-    if not index.is_file():
-        raise CheckpointError(f"{ckpt}: no weights found: expected {SINGLE_FILE} or {INDEX_FILE}")
+def _read_one(path: Path) -> dict[str, AnyTensorInfo]:
+    """One weights file's tensors: safetensors by its suffix, else a torch state dict."""
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            return dict(read_header(path))
+        return dict(read_state_dict(path))
+    except (SafetensorsError, TorchFileError) as e:
+        raise CheckpointError(str(e)) from None
 
+
+def _read_weights_file(path: Path) -> _Files:
+    if path.suffix != SAFETENSORS_SUFFIX and path.suffix not in TORCH_SUFFIXES:
+        raise CheckpointError(f"{path}: unsupported weights file: expected a {SAFETENSORS_SUFFIX} "
+                              f"file or a PyTorch state dict ({', '.join(TORCH_SUFFIXES)})")
+    return _Files(_read_one(path), str(path))
+
+
+def _read_files(ckpt: Path) -> _Files:
+    """A checkpoint directory's weights, found as transformers looks for them (safetensors first)."""
+    for single, index in ((SINGLE_FILE, INDEX_FILE), (TORCH_SINGLE_FILE, TORCH_INDEX_FILE)):
+        if (ckpt / single).is_file():
+            return _read_weights_file(ckpt / single)
+        if (ckpt / index).is_file():
+            return _read_index(ckpt, ckpt / index)
+    others = sorted(f for f in ckpt.iterdir() if f.is_file() and f.suffix in TORCH_SUFFIXES)
+    if len(others) == 1:
+        return _read_weights_file(others[0])
+    found = f"; several state-dict files ({', '.join(f.name for f in others)}) and no index " \
+            f"saying which to use" if others else ""
+    raise CheckpointError(f"{ckpt}: no weights found: expected {SINGLE_FILE} or {INDEX_FILE} "
+                          f"(or {TORCH_SINGLE_FILE}, {TORCH_INDEX_FILE}, or a single "
+                          f"{'/'.join(TORCH_SUFFIXES)} state dict){found}")
+
+
+def _read_index(ckpt: Path, index: Path) -> _Files:
     index_data = _load_json(index, "index")
     weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
@@ -171,14 +215,10 @@ def _read_files(ckpt: Path) -> _Files:
         raise CheckpointError(f"{index}: shard(s) listed in the index but absent from {ckpt}: "
                               f"{', '.join(absent)}")
 
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, AnyTensorInfo] = {}
     problems: list[str] = []
     for shard in shards:
-        try:
-            header = read_header(ckpt / shard)
-        except SafetensorsError as e:
-            raise CheckpointError(str(e)) from None
-        for name, info in header.items():
+        for name, info in _read_one(ckpt / shard).items():
             if name in tensors:
                 problems.append(f"tensor {name} appears in both {tensors[name].path} and {info.path}")
             tensors[name] = info
@@ -197,35 +237,42 @@ def _raise_if(problems: list[str], title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- name mapping
+def _load(info: AnyTensorInfo) -> np.ndarray:
+    if isinstance(info, TorchTensorInfo):
+        return load_torch_tensor(info)
+    return load_tensor(info)
+
+
 @dataclass(frozen=True)
 class _Choice:
     """A resolved source: checkpoint tensor(s) ``infos`` -> our parameter at ``target``."""
 
     target: tuple[str | int, ...]
-    infos: tuple[TensorInfo, ...]
+    infos: tuple[AnyTensorInfo, ...]
     transform: Callable[..., np.ndarray]  # one array per info -> our array
 
     def load(self) -> np.ndarray:
-        return np.asarray(self.transform(*(load_tensor(i) for i in self.infos)))
+        return np.asarray(self.transform(*(_load(i) for i in self.infos)))
 
 
 class _Planner:
     """Resolves every parameter to a checkpoint tensor, collecting all problems."""
 
-    def __init__(self, files: _Files) -> None:
+    def __init__(self, files: _Files, naming: Naming) -> None:
         self.tensors = files.tensors
         self.where = files.where
+        self.naming = naming
         self.used: set[str] = set()
         self.problems: list[str] = []
 
-    def _check_dtype(self, info: TensorInfo) -> bool:
+    def _check_dtype(self, info: AnyTensorInfo) -> bool:
         if info.dtype not in FLOAT_DTYPES:
             self.problems.append(f"tensor {info.name} in {info.path} has dtype {info.dtype}, "
                                  f"expected a floating-point dtype")
             return False
         return True
 
-    def _check(self, info: TensorInfo, shape: tuple[int, ...]) -> bool:
+    def _check(self, info: AnyTensorInfo, shape: tuple[int, ...]) -> bool:
         if info.shape != shape:
             self.problems.append(f"tensor {info.name} in {info.path} has shape {list(info.shape)}, "
                                  f"expected {list(shape)} from the config")
@@ -247,19 +294,21 @@ class _Planner:
         return _Choice(target, (info,), want.transform) if self._check(info, want.shape) else None
 
     def pick_convs(self, prefix: str, cfg: ModelConfig, target: tuple) -> list[_Choice]:
-        """q/k/v convs: split (on disk) or fused (state_dict), both read as the concatenation of
-        the q, k and v channels [2 Kd + Vd, 1, K].
+        """q/k/v convs: split or fused, all read as the concatenation of the q, k and v channels
+        [2 Kd + Vd, 1, K].
 
         transformers 5.23's ``save_pretrained`` splits the fused conv into three *equal* thirds
         under the q/k/v names (only its concatenation is meaningful when Vd != Kd), while
-        checkpoints converted from OLMo-core hold [Kd], [Kd], [Vd] channels; any split whose
-        concatenation has the right size is accepted and re-cut at Kd, Kd, Vd.
+        checkpoints converted from OLMo-core hold [Kd], [Kd], [Vd] channels; under transformers
+        naming any split whose concatenation has the right size is accepted and re-cut at Kd, Kd,
+        Vd. OLMo-core's own convs must be exactly [Kd, 1, K], [Kd, 1, K], [Vd, 1, K] (or [C, K]).
         """
         kd, vd, k = cfg.linear_key_dim, cfg.linear_value_dim, cfg.linear_conv_kernel_dim
-        split_names = [prefix + n for n in split_conv_names()]
-        fused_name = prefix + FUSED_CONV
+        naming = self.naming
+        split_names = [prefix + n for n in naming.conv_names]
+        fused_name = prefix + naming.fused_conv if naming.fused_conv else None
         have_split = [n for n in split_names if n in self.tensors]
-        have_fused = fused_name in self.tensors
+        have_fused = fused_name is not None and fused_name in self.tensors
         self.used.update(have_split + [fused_name] * have_fused)
         if have_fused and have_split:
             self.problems.append(f"ambiguous tensors {fused_name} and {have_split[0]}: both name "
@@ -271,25 +320,40 @@ class _Planner:
                 return []
         else:
             missing = [n for n in split_names if n not in self.tensors]
+            also = f"; a fused {fused_name} is also accepted" if fused_name else ""
             for name in missing:
-                self.problems.append(f"missing tensor {name} (expected in {self.where}; a fused "
-                                     f"{fused_name} is also accepted)")
+                self.problems.append(f"missing tensor {name} (expected in {self.where}{also})")
             if missing:
                 return []
             infos = tuple(self.tensors[n] for n in split_names)
-            total = sum(i.shape[0] for i in infos if len(i.shape) == 3)
-            if any(len(i.shape) != 3 or i.shape[1:] != (1, k) for i in infos) or total != 2 * kd + vd:
-                got = ", ".join(f"{i.name} {list(i.shape)}" for i in infos)
-                self.problems.append(
-                    f"tensors {got} in {infos[0].path} have the wrong shapes: expected "
-                    f"{[kd, 1, k]}, {[kd, 1, k]}, {[vd, 1, k]} (or any split of "
-                    f"{2 * kd + vd} channels) from the config")
-                return []
+            if naming.exact_conv_split:
+                ok = True
+                for info, c in zip(infos, (kd, kd, vd)):
+                    if info.shape not in ((c, 1, k), (c, k)):
+                        self.problems.append(
+                            f"tensor {info.name} in {info.path} has shape {list(info.shape)}, "
+                            f"expected {[c, 1, k]} (or {[c, k]}) from the config")
+                        ok = False
+                if not ok:
+                    return []
+            else:
+                total = sum(i.shape[0] for i in infos if len(i.shape) == 3)
+                if (any(len(i.shape) != 3 or i.shape[1:] != (1, k) for i in infos)
+                        or total != 2 * kd + vd):
+                    got = ", ".join(f"{i.name} {list(i.shape)}" for i in infos)
+                    self.problems.append(
+                        f"tensors {got} in {infos[0].path} have the wrong shapes: expected "
+                        f"{[kd, 1, k]}, {[kd, 1, k]}, {[vd, 1, k]} (or any split of "
+                        f"{2 * kd + vd} channels) from the config")
+                    return []
             if not all(self._check_dtype(i) for i in infos):
                 return []
 
         def cut(start: int, size: int) -> Callable[..., np.ndarray]:
-            return lambda *parts: np.concatenate([np.asarray(p) for p in parts])[start:start + size, 0, :]
+            def f(*parts: np.ndarray) -> np.ndarray:
+                whole = np.concatenate([np.asarray(p).reshape(-1, k) for p in parts])
+                return whole[start:start + size]
+            return f
 
         return [_Choice(target + path, infos, cut(start, size))
                 for path, start, size in conv_targets(cfg).values()]
@@ -298,33 +362,47 @@ class _Planner:
         for name, info in self.tensors.items():
             if name in self.used or name.startswith(IGNORED_PREFIXES):
                 continue
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            if name == self.naming.head_name and cfg.tie_word_embeddings:
                 continue  # the tied head reuses the embeddings, as in transformers
             self.problems.append(f"unexpected tensor {name} in {info.path}")
 
 
-def _plan(cfg: ModelConfig, files: _Files, ckpt: Path) -> tuple[list[_Choice], dict[int, list[_Choice]]]:
+def _plan(cfg: ModelConfig, files: _Files, ckpt: Path | str, naming: Naming | None = None
+          ) -> tuple[list[_Choice], dict[int, list[_Choice]]]:
     """Globals, and per HF layer index the choices for that layer (targets relative to it)."""
-    planner = _Planner(files)
-    global_choices = [c for w in global_wants(cfg) if (c := planner.pick("", w, w.target))]
+    naming = naming or _detect(files, ckpt)
+    planner = _Planner(files, naming)
+    global_choices = [c for w in naming.global_wants(cfg) if (c := planner.pick("", w, w.target))]
 
     layers: dict[int, list[_Choice]] = {}
-    wants = layer_wants(cfg)
+    wants = naming.layer_wants(cfg)
     for layer, kind in enumerate(cfg.layer_types):
-        prefix = layer_prefix(layer)
+        prefix = naming.layer_prefix(layer)
         choices = [c for w in wants[kind] if (c := planner.pick(prefix, w, w.target))]
         if kind == GDN:
             choices += planner.pick_convs(prefix, cfg, ())
         layers[layer] = choices
     planner.unexpected(cfg)
-    _raise_if(planner.problems, f"{ckpt}: checkpoint does not match its config")
+    _raise_if(planner.problems, f"{ckpt}: checkpoint does not match its config "
+                                f"(read with {naming.description})")
     return global_choices, layers
 
 
+def _detect(files: _Files, ckpt: Path | str) -> Naming:
+    try:
+        naming = detect_naming(files.tensors)
+    except NamingError as e:
+        raise CheckpointError(f"{ckpt}: {e}") from None
+    log.info("%s: %s", ckpt, naming.description)
+    return naming
+
+
 # ----------------------------------------------------------------------------- building
-def _tensor_dtype(files: _Files) -> str:
+def _tensor_dtype(files: _Files, naming: Naming | None = None) -> str:
     """The checkpoint's dtype from its tensors: the embeddings', else the most common float."""
-    embed = files.tensors.get("model.embed_tokens.weight")
+    embed_names = [naming.embed_name] if naming else ["model.embed_tokens.weight",
+                                                      "embeddings.weight"]
+    embed = next((files.tensors[n] for n in embed_names if n in files.tensors), None)
     if embed is not None and embed.dtype in FLOAT_DTYPES:
         code = embed.dtype
     else:
@@ -379,37 +457,78 @@ def _build(cfg: ModelConfig, global_choices: list[_Choice],
     return nnx.merge(graphdef, state)
 
 
-def from_hf(path: str | Path, *, dtype: Any = None, **config_overrides: Any) -> HybridLM:
-    """Load a transformers OLMo Hybrid checkpoint directory.
+def _config_source(path: Path, config: ModelConfig | str | Path | None) -> ModelConfig | Path:
+    if isinstance(config, ModelConfig):
+        return config
+    if config is not None:
+        if not isinstance(config, (str, Path)):
+            raise CheckpointError(f"config: expected a ModelConfig or a config.json path, got "
+                                  f"{type(config).__name__}")
+        config_path = Path(config)
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: config.json not found")
+        return config_path
+    config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    if not config_path.is_file():
+        if path.is_dir():
+            raise CheckpointError(f"{config_path}: config.json not found in checkpoint directory "
+                                  f"{path}")
+        raise CheckpointError(f"{path}: a weights file needs its model config: pass config= (a "
+                              f"ModelConfig or a config.json path); no {CONFIG_FILE} beside it")
+    return config_path
+
+
+def from_hf(path: str | Path, *, dtype: Any = None,
+            config: ModelConfig | str | Path | None = None, **config_overrides: Any) -> HybridLM:
+    """Load an OLMo Hybrid checkpoint (transformers or OLMo-core tensor naming).
 
     Args:
-      path: directory with ``config.json`` and ``model.safetensors`` (or sharded safetensors
-        with ``model.safetensors.index.json``).
-      dtype: params and compute dtype; default: config.json's ``dtype``/``torch_dtype``, else
-        the tensors' dtype.
+      path: a checkpoint directory with ``config.json`` and weights (``model.safetensors``,
+        safetensors shards with ``model.safetensors.index.json``, ``pytorch_model.bin``, ``.bin``
+        shards with ``pytorch_model.bin.index.json``, or a single ``.pt``/``.pth``/``.bin`` state
+        dict), or a single weights file (``.safetensors``/``.pt``/``.pth``/``.bin``).
+      dtype: params and compute dtype; default: the config's (config.json's ``dtype``/
+        ``torch_dtype``, else the tensors' dtype; a ``ModelConfig``'s own ``dtype``/``param_dtype``).
+      config: a ``ModelConfig`` or a config.json path to use instead of the checkpoint's
+        config.json (needed for a weights file without a config.json beside it).
       **config_overrides: ``ModelConfig`` fields to replace (e.g. ``gdn_method``, ``remat``,
         ``scan_layers``, or ``param_dtype`` to store params in a different dtype than ``dtype``).
     Returns:
       A ``HybridLM`` holding the checkpoint's weights.
     Raises:
       CheckpointError (a ValueError) naming the missing/unexpected/misshapen tensor and its file,
-      the invalid config field, an absent shard, or a corrupt safetensors file.
+      the invalid config field, an absent shard, a corrupt safetensors file, a torch file that is
+      not a state dict (or torch not installed), or tensors mixing namings.
     """
     ckpt = Path(path)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
-    config_path, raw = _read_config(ckpt)
-    files = _read_files(ckpt)
+    if not ckpt.exists():
+        what = "weights file" if ckpt.suffix in (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES) else \
+            "checkpoint directory"
+        raise CheckpointError(f"{ckpt}: {what} not found")
+    source = _config_source(ckpt, config)
+    raw = _read_config(source) if isinstance(source, Path) else None
+    files = _read_files(ckpt) if ckpt.is_dir() else _read_weights_file(ckpt)
+    naming = _detect(files, ckpt)
 
-    if dtype is not None:
-        compute = dtype_name(dtype)
+    if isinstance(source, ModelConfig):
+        overrides = dict(config_overrides)
+        if dtype is not None:
+            overrides["dtype"] = dtype_name(dtype)
+            overrides.setdefault("param_dtype", overrides["dtype"])
+        try:
+            cfg = source.replace(**overrides)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config: invalid config: {e}") from None
     else:
-        compute = _config_dtype(raw) or _tensor_dtype(files)
-    config_overrides.setdefault("param_dtype", compute)
-    try:
-        cfg = ModelConfig.from_hf_dict(raw, dtype=compute, **config_overrides)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: invalid config: {e}") from None
+        if dtype is not None:
+            compute = dtype_name(dtype)
+        else:
+            compute = _config_dtype(raw) or _tensor_dtype(files, naming)
+        config_overrides.setdefault("param_dtype", compute)
+        try:
+            cfg = ModelConfig.from_hf_dict(raw, dtype=compute, **config_overrides)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: invalid config: {e}") from None
 
-    global_choices, layers = _plan(cfg, files, ckpt)
+    global_choices, layers = _plan(cfg, files, ckpt, naming)
     return _build(cfg, global_choices, layers)
