@@ -1,10 +1,15 @@
 """``hybrid-jax`` command line.
 
     hybrid-jax demo [--preset small] [--batch 2] [--seq-len 512]
+    hybrid-jax convert hf-to-orbax SRC DST [--dtype D] [--overwrite]
+    hybrid-jax convert orbax-to-hf SRC DST [--dtype D] [--max-shard-size 5GB] [--overwrite]
+    hybrid-jax convert verify HF_DIR ORBAX_DIR [--seq-len 32] [--batch 2] [--tol T]
 
 ``demo`` (the default) builds an OLMo-Hybrid-shaped model, runs a batch through it with each
 form of the gated delta rule, and prints the parameter count, the logits' shape, each form's
-compile and run time, and how far the forms' logits are apart.
+compile and run time, and how far the forms' logits are apart. ``convert`` moves weights between
+transformers checkpoints and orbax checkpoints, and checks a pair against each other (see
+``hybrid_jax.convert_cli``).
 """
 
 from __future__ import annotations
@@ -94,10 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="recurrent,chunk,assoc_scan")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    from hybrid_jax.convert_cli import add_convert_parser
+
+    add_convert_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         argv = ["demo", *argv]
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        from hybrid_jax.convert_cli import run_convert
+
+        return run_convert(args, parser)
     if args.preset == "olmo_hybrid_7b":
         parser.error("--preset olmo_hybrid_7b does not fit a demo on this machine; use small or tiny")
     if args.batch <= 0 or args.seq_len <= 0:

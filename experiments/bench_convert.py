@@ -1,0 +1,178 @@
+"""Peak resident memory of ``hybrid-jax convert`` in both directions, on a >= 1 GB checkpoint.
+
+    .venv/bin/python experiments/bench_convert.py [--workdir /tmp/hybrid_jax_bench_convert]
+
+1. Builds (or reuses, in --workdir) a random transformers-format OLMo Hybrid checkpoint of about
+   1.6 GB in float32 (~400M parameters). It is written by ``to_hf`` from a pure dict of *lazy*
+   parameters that produce their random values only when ``to_hf`` asks for them (one layer
+   slice at a time), so building it holds about one tensor in memory, not the model.
+2. Runs, each in a fresh child process, ``hybrid-jax convert hf-to-orbax`` and ``orbax-to-hf``.
+   The child imports everything, records its RSS (the baseline), resets the kernel's peak-RSS
+   counter (``/proc/self/clear_refs``), converts, and reports its peak RSS (``VmHWM``); the
+   import-time transient is thus not mistaken for headroom.
+3. Prints peak minus baseline, the output's size, the largest tensor, and the ratio
+   (peak - baseline - output's resident size) / largest tensor against the target 2.
+
+"Output's resident size": hf-to-orbax builds the whole model in memory before orbax writes it
+(that is the output, the parameters' bytes); orbax-to-hf streams to files, so its output is not
+resident and nothing is subtracted (the stricter reading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# ~400M parameters: float32 ~1.6 GB.
+BENCH_CONFIG = dict(
+    vocab_size=50304, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+    num_attention_heads=8, num_key_value_heads=8, linear_num_key_heads=8,
+    linear_num_value_heads=8, linear_key_head_dim=96, linear_value_head_dim=192,
+    pad_token_id=None, eos_token_id=None, max_position_embeddings=4096,
+)
+
+
+class _RandomParam:
+    """A parameter whose values are generated on demand (``p[j]`` or ``np.asarray(p)``)."""
+
+    def __init__(self, seed: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.seed, self.shape, self.dtype = seed, tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+
+    def _gen(self, seed: int, shape: tuple[int, ...]) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(self.dtype, copy=False)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        assert isinstance(j, int)
+        return self._gen(self.seed * 1000 + j, self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self._gen(self.seed, self.shape)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def build_checkpoint(out: Path) -> None:
+    import jax
+    from flax import nnx
+
+    from hybrid_jax import HybridLM, ModelConfig
+    from hybrid_jax.convert import to_hf
+
+    cfg = ModelConfig(**BENCH_CONFIG, layer_types=tuple(
+        "full_attention" if i % 4 == 3 else "linear_attention" for i in range(16)))
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))))
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    lazy = [_RandomParam(i + 1, leaf.shape, leaf.dtype) for i, leaf in enumerate(leaves)]
+    params = jax.tree_util.tree_unflatten(treedef, lazy)
+    to_hf(params, out, config=cfg, max_shard_size="5GB")
+
+
+def _tensors(ckpt: Path) -> dict[str, int]:
+    """name -> bytes of every tensor in the safetensors files of ``ckpt``."""
+    out: dict[str, int] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                a, b = info["data_offsets"]
+                out[name] = b - a
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+_PRELUDE = """
+import json, re, sys
+import jax, flax, orbax.checkpoint, tensorstore, tqdm
+import hybrid_jax.cli, hybrid_jax.convert_cli, hybrid_jax.convert, hybrid_jax.convert.orbax_io
+def _kb(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+base = _kb("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+rc = hybrid_jax.cli.main(ARGV)
+print("RSS_JSON", json.dumps({"base": base * 1024, "peak": _kb("VmHWM") * 1024}))
+sys.exit(rc)
+"""
+
+
+def peak_rss(argv: list[str]) -> tuple[int, int, float]:
+    """(baseline RSS after imports, peak RSS during the conversion, seconds) of a fresh child."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PRELUDE.replace("ARGV", repr(argv))], env=env,
+                          cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    print(proc.stdout, end="")
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed (exit {proc.returncode}): {argv}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RSS_JSON ")][-1]
+    data = json.loads(line.split(" ", 1)[1])
+    return data["base"], data["peak"], seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/tmp/hybrid_jax_bench_convert")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    hf = work / "hf"
+    if not (hf / "config.json").is_file():
+        print(f"building a random float32 checkpoint in {hf} ...", flush=True)
+        start = time.perf_counter()
+        build_checkpoint(hf)
+        print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
+    else:
+        print(f"reusing {hf}")
+    tensors = _tensors(hf)
+    ckpt_bytes = sum(tensors.values())
+    largest_name = max(tensors, key=tensors.get)
+    largest = tensors[largest_name]
+    print(f"checkpoint: {len(tensors)} tensors, {ckpt_bytes / 1e9:.3f} GB; largest tensor "
+          f"{largest_name} {largest / 1e6:.1f} MB")
+
+    orbax, back = work / "orbax", work / "back"
+    for p in (orbax, back):
+        shutil.rmtree(p, ignore_errors=True)
+    runs = {
+        "hf-to-orbax": peak_rss(["convert", "hf-to-orbax", str(hf), str(orbax)]),
+        "orbax-to-hf": peak_rss(["convert", "orbax-to-hf", str(orbax), str(back)]),
+    }
+    same = _tensors(back) == tensors and all(
+        (hf / f.name).read_bytes() == f.read_bytes() for f in sorted(back.glob("*.safetensors")))
+
+    mb = lambda n: f"{n / 1e6:,.0f}"
+    print("\n| direction | time s | baseline RSS MB | peak RSS MB | peak - baseline MB | output on disk MB | "
+          "output resident MB | largest tensor MB | (peak - baseline - resident output) / largest "
+          "| target < 2 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name, (base, peak, secs) in runs.items():
+        out_dir = orbax if name == "hf-to-orbax" else back
+        resident = ckpt_bytes if name == "hf-to-orbax" else 0
+        ratio = (peak - base - resident) / largest
+        print(f"| {name} | {secs:.1f} | {mb(base)} | {mb(peak)} | {mb(peak - base)} | {mb(_dir_bytes(out_dir))} | "
+              f"{mb(resident)} | {mb(largest)} | {ratio:.2f} | {'met' if ratio < 2 else 'NOT met'} |")
+    print(f"\nround trip hf -> orbax -> hf bitwise identical: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Save and restore a ``HybridLM`` as an orbax checkpoint directory, and stream one to transformers.
+
+Layout of a checkpoint written by ``save_orbax(model, path)``::
+
+    path/
+      model_config.json   # {"format": "hybrid_jax.orbax", "version": 1, "config": {ModelConfig fields}}
+      params/             # orbax StandardCheckpointer directory of the parameters' pure dict
+                          # (nnx.to_pure_dict(nnx.state(model)): {"embed": {"embedding": ...}, ...})
+
+Training code restores the parameters with plain orbax::
+
+    cfg = read_orbax_config(path)
+    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          nnx.to_pure_dict(state))
+    pure = ocp.StandardCheckpointer().restore(path / "params", target)
+    nnx.replace_by_pure_dict(state, pure); model = nnx.merge(graphdef, state)
+
+(which is what ``load_orbax`` does; give the abstract arrays a ``sharding`` of the training
+mesh to restore them sharded). The config is stored field for field
+(``dataclasses.asdict``), execution options and dtypes included, so it round-trips exactly.
+
+Stacked layer parameters ([n, ...], see ``hybrid_jax.model.stack``) are chunked one layer per
+chunk (orbax ``SaveArgs(shard_axes=(0,))``) and large arrays in chunks of at most 64 MiB, so that
+``orbax_to_hf`` can read one layer's slice of one parameter at a time (``tensorstore``) and write
+the transformers checkpoint without ever holding the whole model.
+
+As with ``to_hf``, the output is assembled in a temporary directory beside ``path`` and renamed
+into place at the end; an existing non-empty ``path`` is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from hybrid_jax.config import ModelConfig
+from hybrid_jax.model.hybrid_lm import HybridLM
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+FORMAT = "hybrid_jax.orbax"
+VERSION = 1
+_CHUNK_BYTES = 64 * 2**20
+
+Path_ = tuple[str | int, ...]
+
+
+class OrbaxCheckpointError(ValueError):
+    """An orbax checkpoint directory that cannot be read; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _key(k: Any) -> str | int:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def _flat(tree: Any) -> dict[Path_, Any]:
+    return {tuple(_key(k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _set(tree: dict, path: Path_, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def _is_stacked(path: Path_) -> bool:
+    return path[:2] == ("stack", "blocks")
+
+
+def _abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0))))
+
+
+def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["layer_types"] = list(d["layer_types"])
+    return {"format": FORMAT, "version": VERSION, "config": d}
+
+
+def config_from_json(data: Any, where: Path) -> ModelConfig:
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(
+            data.get("config"), dict):
+        raise OrbaxCheckpointError(f"{where}: not a hybrid_jax orbax config (expected an object "
+                                   f"with format {FORMAT!r} and a 'config' object)")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    raw = data["config"]
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise OrbaxCheckpointError(f"{where}: unknown ModelConfig field(s) {unknown}")
+    try:
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise OrbaxCheckpointError(f"{where}: invalid config: {e}") from None
+
+
+def read_orbax_config(path: str | os.PathLike) -> ModelConfig:
+    """The ``ModelConfig`` stored in an orbax checkpoint directory written by ``save_orbax``."""
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise OrbaxCheckpointError(f"{ckpt}: orbax checkpoint directory not found")
+    cfg_path = ckpt / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise OrbaxCheckpointError(f"{cfg_path}: {CONFIG_FILE} not found in orbax checkpoint "
+                                   f"directory {ckpt}")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OrbaxCheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not (ckpt / PARAMS_DIR).is_dir():
+        raise OrbaxCheckpointError(f"{ckpt / PARAMS_DIR}: parameter directory not found in orbax "
+                                   f"checkpoint directory {ckpt}")
+    return config_from_json(data, cfg_path)
+
+
+def _occupied(out: Path) -> bool:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        return True
+    return out.is_dir() and any(out.iterdir())
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
+    if _occupied(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True "
+                                  f"to replace it")
+        backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, backup)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(backup, out)
+            raise
+        if backup.is_dir() and not backup.is_symlink():
+            shutil.rmtree(backup)
+        else:
+            backup.unlink()
+    else:
+        if out.is_dir():
+            out.rmdir()
+        os.rename(tmp, out)
+
+
+# ----------------------------------------------------------------------------- save
+def _save_args(pure: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    args: dict = jax.tree.map(lambda _: None, pure)
+    for path, leaf in _flat(pure).items():
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        stacked = _is_stacked(path) and len(leaf.shape) > 0 and leaf.shape[0] > 1
+        big = nbytes > _CHUNK_BYTES
+        _set(args, path, ocp.SaveArgs(shard_axes=(0,) if stacked else (),
+                                      chunk_byte_size=_CHUNK_BYTES if big else None))
+    return args
+
+
+def save_orbax(model: HybridLM, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model``'s parameters and config as an orbax checkpoint directory ``path``.
+
+    Memory: orbax snapshots the whole parameter tree to host memory before writing (for its
+    asynchronous save), so peak memory is about twice the model (see experiments/RESULTS.md,
+    "Weight conversion memory").
+    Raises FileExistsError when ``path`` exists, is not empty and ``overwrite`` is false (checked
+    before anything is written).
+    """
+    import orbax.checkpoint as ocp
+
+    if not isinstance(model, HybridLM):
+        raise TypeError(f"save_orbax: expected a HybridLM, got {type(model).__name__}")
+    out = Path(path).absolute()
+    if _occupied(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
+                              f"replace it")
+    pure = nnx.to_pure_dict(nnx.state(model))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(model.config), indent=2) + "\n")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, pure, save_args=_save_args(pure))
+            ckptr.wait_until_finished()
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- load
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def load_orbax(path: str | os.PathLike, **config_overrides: Any) -> HybridLM:
+    """Restore a ``HybridLM`` from an orbax checkpoint directory written by ``save_orbax``.
+
+    ``config_overrides`` replace execution options of the stored config (e.g. ``gdn_method``,
+    ``remat``); fields that change parameter shapes or dtypes are rejected by orbax's restore.
+    Raises OrbaxCheckpointError naming the file for a missing or unreadable checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    ckpt = Path(path).absolute()
+    cfg = read_orbax_config(ckpt)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    graphdef, state = _abstract(cfg)
+    # With a sharding, orbax restores jax arrays (without one, the numpy arrays it saved).
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          nnx.to_pure_dict(state))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            pure = ckptr.restore(ckpt / PARAMS_DIR, target)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types; report the file
+        raise OrbaxCheckpointError(f"{ckpt / PARAMS_DIR}: cannot restore the orbax parameters "
+                                   f"({type(e).__name__}: {_first_line(e)})") from None
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------- streaming
+class _LazyParam:
+    """A stored parameter read on demand: ``p[j]`` reads slice j only, ``np.asarray(p)`` all of
+    it. Shape and dtype come from the checkpoint's metadata, so checks need no reads."""
+
+    def __init__(self, opener: Callable[[], Any], path: Path_, shape: tuple[int, ...],
+                 dtype: np.dtype, on_read: Callable[[Path_, Any], None]) -> None:
+        self._opener = opener
+        self._store = None
+        self.path = path
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self._on_read = on_read
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def _open(self) -> Any:
+        if self._store is None:
+            self._store = self._opener()
+        return self._store
+
+    def _read(self, index: Any) -> np.ndarray:
+        try:
+            out = np.asarray(self._open()[index].read().result())
+        except Exception as e:  # noqa: BLE001
+            raise OrbaxCheckpointError(f"cannot read parameter {'.'.join(map(str, self.path))}: "
+                                       f"{type(e).__name__}: {_first_line(e)}") from None
+        self._on_read(self.path, index)
+        return out
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self._read(index)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self._read(Ellipsis)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def lazy_params(path: str | os.PathLike,
+                on_read: Callable[[Path_, Any], None] | None = None) -> tuple[ModelConfig, dict]:
+    """(config, pure dict of lazily read parameters) of an orbax checkpoint from ``save_orbax``.
+
+    Each leaf has ``shape``/``dtype`` and reads from disk only when indexed (``leaf[j]``: layer
+    slice j of a stacked parameter) or converted (``np.asarray(leaf)``), via tensorstore.
+    ``on_read(path, index)`` is called after each read. Falls back to OrbaxCheckpointError when
+    the parameters are not in orbax's tensorstore (zarr / OCDBT) layout.
+    """
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    ckpt = Path(path).absolute()
+    cfg = read_orbax_config(ckpt)
+    params_dir = ckpt / PARAMS_DIR
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(params_dir).item_metadata
+        tree = meta.tree
+        use_zarr3 = bool(getattr(meta, "use_zarr3", False))
+    except Exception as e:  # noqa: BLE001
+        raise OrbaxCheckpointError(f"{params_dir}: cannot read the orbax metadata "
+                                   f"({type(e).__name__}: {_first_line(e)})") from None
+    ocdbt = (params_dir / "manifest.ocdbt").is_file()
+    context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    driver = "zarr3" if use_zarr3 else "zarr"
+
+    def opener(name: str) -> Callable[[], Any]:
+        if ocdbt:
+            kvstore = {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": name + "/"}
+        else:
+            kvstore = {"driver": "file", "path": f"{params_dir}/{name}/"}
+        return lambda: ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True,
+                               context=context).result()
+
+    # Re-key the metadata's string keys ("0") with the model's own (0) from the abstract model.
+    expected = _flat(nnx.to_pure_dict(_abstract(cfg)[1]))
+    stored = {tuple(str(k) for k in p): m for p, m in _flat(tree).items()}
+    notify = on_read or (lambda p, i: None)
+    out: dict = nnx.to_pure_dict(_abstract(cfg)[1])
+    problems = []
+    for p, want in expected.items():
+        m = stored.pop(tuple(str(k) for k in p), None)
+        if m is None:
+            problems.append(f"missing parameter {'.'.join(map(str, p))}")
+            continue
+        name = getattr(m, "name", None) or ".".join(str(k) for k in p)
+        _set(out, p, _LazyParam(opener(name), p, tuple(m.shape), np.dtype(m.dtype), notify))
+    problems += [f"unexpected parameter {'.'.join(k)}" for k in stored]
+    if problems:
+        raise OrbaxCheckpointError(f"{params_dir}: parameters do not match {ckpt / CONFIG_FILE}: "
+                                   + "; ".join(problems[:5])
+                                   + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    return cfg, out
+
+
+def orbax_to_hf(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any = None,
+                max_shard_size: int | str = "5GB", overwrite: bool = False,
+                on_read: Callable[[Path_, Any], None] | None = None) -> Path:
+    """Write the orbax checkpoint ``src`` as a transformers checkpoint ``out_dir`` (``to_hf``),
+    reading one layer slice of one parameter at a time rather than restoring the whole model."""
+    from hybrid_jax.convert.to_hf import to_hf
+
+    cfg, params = lazy_params(src, on_read)
+    return to_hf(params, out_dir, config=cfg, dtype=dtype, max_shard_size=max_shard_size,
+                 overwrite=overwrite)
+
+
+__all__ = ["OrbaxCheckpointError", "lazy_params", "load_orbax", "orbax_to_hf",
+           "read_orbax_config", "save_orbax"]

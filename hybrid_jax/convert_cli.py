@@ -1,0 +1,260 @@
+"""``hybrid-jax convert``: transformers <-> orbax checkpoints, and a logit check between them.
+
+    hybrid-jax convert hf-to-orbax SRC DST [--dtype D] [--overwrite]
+    hybrid-jax convert orbax-to-hf SRC DST [--dtype D] [--max-shard-size 5GB] [--overwrite]
+    hybrid-jax convert verify HF_DIR ORBAX_DIR [--seq-len 32] [--batch 2] [--seed 0] [--tol T]
+
+``hf-to-orbax`` reads a transformers OLMo Hybrid checkpoint (``from_hf``) and writes an orbax
+checkpoint (``save_orbax``: ``model_config.json`` + ``params/``). ``orbax-to-hf`` streams an orbax
+checkpoint into transformers' format (``orbax_to_hf``: one layer slice of one parameter at a time,
+with a progress bar over those tensors). ``from_hf`` exposes no per-tensor callback, so
+``hf-to-orbax``'s progress bar counts its two stages (read + convert, write).
+
+``verify`` runs transformers' model (torch, CPU) and ours on the same random tokens and prints the
+largest absolute logit difference and the relative one, max|ours - torch| / max|torch|. It fails
+(exit 1) above ``--tol``. By default both models compute in float32 whatever the checkpoints'
+dtypes (bf16/fp16 weights are upcast exactly), which isolates the conversion from rounding: the
+default tolerance is then 1e-4. ``--compute-dtype native`` runs each model in its checkpoint's
+dtype instead; with bf16 or fp16 the default tolerance is then 1e-1, because two bf16
+implementations that round intermediate results at different points drift apart by several
+percent of the logits' scale (8e-2 measured on the tests' small random bf16 model, whose weights
+are deliberately perturbed away from their init; real checkpoints are usually closer).
+
+Exit codes: 0 success, 1 verify above tolerance, 2 bad input (missing directory, corrupt or
+mismatched checkpoint, existing output without ``--overwrite``, torch not installed), reported
+as one ``error:`` line naming the file, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DTYPES = ["float32", "bfloat16", "float16"]
+TOL_FLOAT32 = 1e-4
+TOL_LOW_PRECISION = 1e-1
+
+
+def add_convert_parser(sub: Any) -> None:
+    conv = sub.add_parser("convert", help="convert checkpoints between transformers and orbax",
+                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    csub = conv.add_subparsers(dest="convert_command", required=True)
+    p = csub.add_parser("hf-to-orbax", help="transformers checkpoint dir -> orbax checkpoint dir")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="parameter dtype of the output (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p = csub.add_parser("orbax-to-hf", help="orbax checkpoint dir -> transformers checkpoint dir")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="tensor dtype of the output (default: the parameters')")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p = csub.add_parser("verify", help="compare the logits of a transformers and an orbax checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("orbax_dir")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute-dtype", choices=["float32", "native"], default="float32",
+                   help="run both models in float32 (default; low-precision weights upcast "
+                        "exactly) or each in its checkpoint's dtype")
+    p.add_argument("--tol", type=float, default=None,
+                   help=f"relative tolerance (default {TOL_FLOAT32:g}; {TOL_LOW_PRECISION:g} "
+                        f"with --compute-dtype native and a bf16/fp16 checkpoint)")
+
+
+class _Fail(Exception):
+    """A user-facing error: printed as one line, exit 2."""
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _tqdm(**kw: Any):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def _check_dst(dst: Path, overwrite: bool) -> None:
+    occupied = dst.is_symlink() or (dst.exists() and not dst.is_dir()) or (
+        dst.is_dir() and any(dst.iterdir()))
+    if occupied and not overwrite:
+        raise FileExistsError(f"{dst} already exists and is not empty; pass --overwrite to "
+                              f"replace it")
+
+
+def _safetensors_summary(out: Path) -> tuple[int, int]:
+    """(tensors, parameters) in the safetensors files of ``out``, from their headers."""
+    n_tensors = n_params = 0
+    for f in sorted(out.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n_tensors += 1
+                n_params += math.prod(info["shape"])
+    return n_tensors, n_params
+
+
+# ----------------------------------------------------------------------------- commands
+def hf_to_orbax(args: argparse.Namespace) -> int:
+    from hybrid_jax.convert.from_hf import from_hf
+    from hybrid_jax.convert.orbax_io import save_orbax
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.is_dir():
+        raise _Fail(f"{src}: checkpoint directory not found")
+    _check_dst(dst, args.overwrite)
+    start = time.perf_counter()
+    with _tqdm(total=2, unit="stage", desc="hf-to-orbax") as bar:
+        bar.set_postfix_str(f"reading {src}")
+        model = from_hf(src, dtype=args.dtype)
+        bar.update()
+        import jax
+        from flax import nnx
+
+        leaves = jax.tree.leaves(nnx.state(model))
+        n_tensors, n_params = len(leaves), sum(int(x.size) for x in leaves)
+        del leaves
+        bar.set_postfix_str(f"writing {dst}")
+        save_orbax(model, dst, overwrite=args.overwrite)
+        bar.update()
+    print(f"wrote {dst}: {n_tensors} tensors (stacked per layer kind), {n_params:,} parameters, "
+          f"{_fmt_bytes(_dir_bytes(dst))} written in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def orbax_to_hf_cmd(args: argparse.Namespace) -> int:
+    from hybrid_jax.convert.orbax_io import lazy_params, orbax_to_hf
+    from hybrid_jax.convert.to_hf import parse_size
+
+    src, dst = Path(args.src), Path(args.dst)
+    parse_size(args.max_shard_size)  # a ValueError before any reading
+    _check_dst(dst, args.overwrite)
+    _, params = lazy_params(src)  # validates the checkpoint; reads metadata only
+    import jax
+
+    # One progress step per (parameter, layer slice): what to_hf reads for each output tensor.
+    from hybrid_jax.convert.orbax_io import _LazyParam
+
+    total = sum(p.shape[0] if p.path[:2] == ("stack", "blocks") else 1
+                for p in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, _LazyParam)))
+    seen: set = set()
+    start = time.perf_counter()
+    with _tqdm(total=total, unit="tensor", desc="orbax-to-hf") as bar:
+        def on_read(path: tuple, index: Any) -> None:
+            key = (path, index if isinstance(index, int) else None)
+            if key not in seen:
+                seen.add(key)
+                bar.update()
+
+        out = orbax_to_hf(src, dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                          overwrite=args.overwrite, on_read=on_read)
+    n_tensors, n_params = _safetensors_summary(out)
+    print(f"wrote {out}: {n_tensors} tensors, {n_params:,} parameters, "
+          f"{_fmt_bytes(_dir_bytes(out))} written in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    if args.batch <= 0 or args.seq_len <= 0:
+        raise _Fail("--batch and --seq-len must be positive")
+    hf_dir, orbax_dir = Path(args.hf_dir), Path(args.orbax_dir)
+    if not hf_dir.is_dir():
+        raise _Fail(f"{hf_dir}: checkpoint directory not found")
+    if not (hf_dir / "config.json").is_file():
+        raise _Fail(f"{hf_dir / 'config.json'}: config.json not found in checkpoint directory "
+                    f"{hf_dir}")
+    try:
+        import torch
+        from transformers import OlmoHybridForCausalLM
+    except ImportError as e:
+        raise _Fail(f"verify needs torch and transformers to run the reference model ({e}); "
+                    f"install them, e.g. pip install 'hybrid-jax[test]'") from None
+    import jax
+    import numpy as np
+
+    from hybrid_jax.convert.orbax_io import load_orbax
+    from hybrid_jax.model import apply, split
+
+    native = args.compute_dtype == "native"
+    model = load_orbax(orbax_dir) if native else load_orbax(orbax_dir, dtype="float32")
+    cfg = model.config
+    try:
+        hf = OlmoHybridForCausalLM.from_pretrained(
+            hf_dir, dtype="auto" if native else torch.float32).eval()
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise _Fail(f"{hf_dir}: transformers cannot load it ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if hf.config.vocab_size != cfg.vocab_size or hf.config.num_hidden_layers != cfg.num_hidden_layers:
+        raise _Fail(f"{hf_dir} and {orbax_dir} are different models (vocab {hf.config.vocab_size} "
+                    f"vs {cfg.vocab_size}, layers {hf.config.num_hidden_layers} vs "
+                    f"{cfg.num_hidden_layers})")
+    hf_dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
+    low = {hf_dtype, cfg.dtype} - {"float32"}
+    tol = args.tol if args.tol is not None else (TOL_LOW_PRECISION if low else TOL_FLOAT32)
+
+    ids = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (args.batch, args.seq_len))
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+    graphdef, params = split(model)
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(jax.jit(apply, static_argnums=0)(graphdef, params, ids.astype(np.int32)),
+                          np.float32)
+    if ours.shape != ref.shape:
+        raise _Fail(f"logits shapes differ: {ours.shape} (orbax) vs {ref.shape} (transformers)")
+    finite = bool(np.isfinite(ours).all() and np.isfinite(ref).all())
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    max_abs = float(diff.max()) if finite else float("inf")
+    scale = float(np.abs(ref).max())
+    rel = max_abs / scale if scale > 0 else max_abs
+    ok = finite and rel <= tol
+    print(f"verify {hf_dir} (transformers, compute {hf_dtype}) vs {orbax_dir} (hybrid_jax, params "
+          f"{cfg.param_dtype}, compute {cfg.dtype}) on {args.batch}x{args.seq_len} random tokens: "
+          f"max abs logit difference {max_abs:.3e}, relative {rel:.3e} (of max |logit| "
+          f"{scale:.3e}); tolerance {tol:.1e}: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def run_convert(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    from hybrid_jax.convert.from_hf import CheckpointError
+    from hybrid_jax.convert.orbax_io import OrbaxCheckpointError
+
+    commands = {"hf-to-orbax": hf_to_orbax, "orbax-to-hf": orbax_to_hf_cmd, "verify": verify}
+    try:
+        return commands[args.convert_command](args)
+    except (_Fail, CheckpointError, OrbaxCheckpointError, FileExistsError, FileNotFoundError,
+            NotADirectoryError, PermissionError, ValueError) as e:
+        text = str(e).strip()
+        if isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)) and e.filename:
+            text = f"{e.filename}: {e.strerror}"
+        return _err(text)
+    except KeyboardInterrupt:
+        return _err("interrupted; no output was left behind")
+
+
+__all__ = ["add_convert_parser", "run_convert"]

@@ -1,0 +1,162 @@
+"""``hybrid-jax convert``: hf -> orbax -> hf bit for bit, verify, overwrite refusal, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_models import make_hf_model
+from hybrid_jax.cli import main
+from hybrid_jax.config import ModelConfig
+from hybrid_jax.convert.orbax_io import config_from_json, config_to_json
+
+
+def _read_all(ckpt: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        part = load_file(str(f))
+        assert not set(part) & set(tensors)
+        tensors.update(part)
+    return tensors
+
+
+def _assert_bitwise(ours: Path, ref: Path) -> None:
+    a, b = _read_all(ours), _read_all(ref)
+    assert sorted(a) == sorted(b), set(a) ^ set(b)
+    for name in b:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name].contiguous().view(torch.uint8),
+                           b[name].contiguous().view(torch.uint8)), f"{name}: data differs"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A random transformers model saved in shards, converted hf -> orbax -> hf by the CLI."""
+    root = tmp_path_factory.mktemp("convert")
+    hf = make_hf_model(seed=3, eos_token_id=5)
+    hf.save_pretrained(root / "hf", max_shard_size="60KB")
+    assert main(["convert", "hf-to-orbax", str(root / "hf"), str(root / "orbax")]) == 0
+    assert main(["convert", "orbax-to-hf", str(root / "orbax"), str(root / "back"),
+                 "--max-shard-size", "60KB"]) == 0
+    return root
+
+
+def test_round_trip_is_bitwise(converted, capsys):
+    root = converted
+    _assert_bitwise(root / "back", root / "hf")
+    assert (root / "back" / "model.safetensors.index.json").is_file()
+    assert sorted(p.name for p in (root / "orbax").iterdir()) == ["model_config.json", "params"]
+    # No temporary directories left beside the outputs.
+    assert sorted(p.name for p in root.iterdir()) == ["back", "hf", "orbax"]
+
+
+def test_summary_line(tmp_path, converted, capsys):
+    assert main(["convert", "orbax-to-hf", str(converted / "orbax"), str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    n = len(_read_all(converted / "hf"))
+    params = sum(t.numel() for t in _read_all(converted / "hf").values())
+    assert f"{n} tensors, {params:,} parameters" in out, out
+    assert "written" in out
+
+
+def test_verify_passes_then_fails_on_a_perturbed_tensor(converted, tmp_path, capsys):
+    root = converted
+    assert main(["convert", "verify", str(root / "hf"), str(root / "orbax"), "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "max abs logit difference" in out
+
+    # Perturb one tensor of the orbax checkpoint (through a transformers checkpoint copy).
+    tensors = _read_all(root / "hf")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name] + 0.01 * torch.randn_like(tensors[name])
+    bad_hf = tmp_path / "bad_hf"
+    bad_hf.mkdir()
+    for f in ("config.json", "generation_config.json"):
+        (bad_hf / f).write_text((root / "hf" / f).read_text())
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(bad_hf / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["convert", "hf-to-orbax", str(bad_hf), str(tmp_path / "bad_orbax")]) == 0
+    capsys.readouterr()
+    assert main(["convert", "verify", str(root / "hf"), str(tmp_path / "bad_orbax"),
+                 "--seq-len", "16"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_overwrite_is_refused_without_flag(converted, tmp_path, capsys):
+    root = converted
+    dst = tmp_path / "orbax"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["convert", "hf-to-orbax", str(root / "hf"), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert str(dst) in err and "--overwrite" in err and "Traceback" not in err
+    assert (dst / "keep.txt").read_text() == "mine"
+    assert main(["convert", "orbax-to-hf", str(root / "orbax"), str(dst)]) == 2
+    assert (dst / "keep.txt").read_text() == "mine"
+    assert main(["convert", "orbax-to-hf", str(root / "orbax"), str(dst), "--overwrite"]) == 0
+    assert not (dst / "keep.txt").exists()
+    _assert_bitwise(dst, root / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["orbax"]
+
+
+@pytest.mark.parametrize("command", ["hf-to-orbax", "orbax-to-hf", "verify"])
+def test_missing_source_dir_exits_2(command, tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["convert", command, str(missing), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_orbax_checkpoint_exits_2(converted, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(converted / "orbax", bad)
+    (bad / "model_config.json").write_text("{not json")
+    assert main(["convert", "orbax-to-hf", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad / "model_config.json") in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_json_round_trips_exactly():
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2,
+                      linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+                      layer_types=("linear_attention",) * 3 + ("full_attention",),
+                      rope_theta=None, rms_norm_eps=1.2345678901234e-6, dtype="bfloat16",
+                      param_dtype="float16", gdn_method="recurrent", remat="dots",
+                      scan_layers=False, pad_token_id=None)
+    data = json.loads(json.dumps(config_to_json(cfg)))
+    back = config_from_json(data, Path("x"))
+    assert back == cfg
+    assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+
+
+def test_bf16_round_trip_and_verify(tmp_path, capsys):
+    hf = make_hf_model(seed=5).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "o")]) == 0
+    assert main(["convert", "orbax-to-hf", str(tmp_path / "o"), str(tmp_path / "back")]) == 0
+    _assert_bitwise(tmp_path / "back", tmp_path / "hf")
+    capsys.readouterr()
+    # Default: both models in float32 (bf16 weights upcast exactly), the float32 tolerance.
+    rc = main(["convert", "verify", str(tmp_path / "hf"), str(tmp_path / "o"), "--seq-len", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "tolerance 1.0e-04" in out and "params bfloat16, compute float32" in out
+    # Each in bf16: the looser default.
+    rc = main(["convert", "verify", str(tmp_path / "hf"), str(tmp_path / "o"), "--seq-len", "16",
+               "--compute-dtype", "native"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "tolerance 1.0e-01" in out and "compute bfloat16" in out
