@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from hybrid_jax.convert.safetensors_file import (
     SafetensorsError,
     TensorInfo,
     load_tensor,
+    load_tensor_slice,
     read_header,
 )
 from hybrid_jax.convert.torch_file import (
@@ -243,6 +244,31 @@ def _load(info: AnyTensorInfo) -> np.ndarray:
     return load_tensor(info)
 
 
+# A box of a tensor: one [start, stop) per axis.
+Spans = tuple[tuple[int, int], ...]
+
+
+def _read_slice(info: AnyTensorInfo, index: Spans) -> np.ndarray:
+    """A copy of the box ``index`` of checkpoint tensor ``info`` (in its own, torch, layout).
+
+    safetensors: read through a memory map, so only the bytes of that box are read. Torch files
+    cannot be byte-range read in general: the tensor is the one ``torch.load`` gave (memory-mapped
+    for zip-format files, so in practice only the touched pages are read; for legacy-format files
+    it was loaded whole when the file was opened) and is sliced here.
+    """
+    sl = tuple(slice(a, b) for a, b in index)
+    if isinstance(info, TorchTensorInfo):
+        return np.array(load_torch_tensor(info)[sl])
+    return load_tensor_slice(info, sl)
+
+
+def _direct_reader(info: AnyTensorInfo, transposed: bool) -> Callable[[Spans], np.ndarray]:
+    """Box of our parameter -> the same elements of a tensor ours is (the transpose of)."""
+    if transposed:  # ours [in, out] = torch [out, in].T
+        return lambda index: _read_slice(info, index[::-1]).T
+    return lambda index: _read_slice(info, index)
+
+
 @dataclass(frozen=True)
 class _Choice:
     """A resolved source: checkpoint tensor(s) ``infos`` -> our parameter at ``target``."""
@@ -250,6 +276,7 @@ class _Choice:
     target: tuple[str | int, ...]
     infos: tuple[AnyTensorInfo, ...]
     transform: Callable[..., np.ndarray]  # one array per info -> our array
+    read: Callable[[Spans], np.ndarray]  # a box of our array, reading only the tensors' parts in it
 
     def load(self) -> np.ndarray:
         return np.asarray(self.transform(*(_load(i) for i in self.infos)))
@@ -291,7 +318,9 @@ class _Planner:
                                  f"parameter")
             return None
         info = self.tensors[present[0]]
-        return _Choice(target, (info,), want.transform) if self._check(info, want.shape) else None
+        if not self._check(info, want.shape):
+            return None
+        return _Choice(target, (info,), want.transform, _direct_reader(info, want.transposed))
 
     def pick_convs(self, prefix: str, cfg: ModelConfig, target: tuple) -> list[_Choice]:
         """q/k/v convs: split or fused, all read as the concatenation of the q, k and v channels
@@ -355,7 +384,24 @@ class _Planner:
                 return whole[start:start + size]
             return f
 
-        return [_Choice(target + path, infos, cut(start, size))
+        def read_cut(start: int) -> Callable[[Spans], np.ndarray]:
+            def read(index: Spans) -> np.ndarray:
+                # Rows [lo, hi) of the concatenated channels, from the parts that hold them.
+                (lo, hi), taps = index
+                lo, hi = lo + start, hi + start
+                pieces, offset = [], 0
+                for info in infos:
+                    a, b = max(lo, offset), min(hi, offset + info.shape[0])
+                    if a < b:
+                        box = ((a - offset, b - offset),) + ((0, 1),) * (len(info.shape) == 3)
+                        pieces.append(_read_slice(info, box + (taps,)).reshape(b - a, -1))
+                    offset += info.shape[0]
+                if not pieces:
+                    return np.zeros((0, taps[1] - taps[0]), DTYPES[infos[0].dtype])
+                return np.concatenate(pieces)
+            return read
+
+        return [_Choice(target + path, infos, cut(start, size), read_cut(start))
                 for path, start, size in conv_targets(cfg).values()]
 
     def unexpected(self, cfg: ModelConfig) -> None:
@@ -421,7 +467,7 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 
 def _build(cfg: ModelConfig, global_choices: list[_Choice],
-           layers: dict[int, list[_Choice]]) -> HybridLM:
+           layers: dict[int, list[_Choice]], shardings: Any = None) -> HybridLM:
     abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
@@ -430,6 +476,11 @@ def _build(cfg: ModelConfig, global_choices: list[_Choice],
         for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]
     }
     dtype = cfg.params_dtype
+    if shardings is not None:
+        resolved = _resolve_shardings(shardings, {p: tuple(v.shape) for p, v in expected.items()})
+        _build_sharded(cfg, global_choices, layers, pure, expected, resolved)
+        nnx.replace_by_pure_dict(state, pure)
+        return nnx.merge(graphdef, state)
     filled: set[tuple] = set()
 
     def put(path: tuple, array: np.ndarray) -> None:
@@ -457,6 +508,148 @@ def _build(cfg: ModelConfig, global_choices: list[_Choice],
     return nnx.merge(graphdef, state)
 
 
+# ----------------------------------------------------------------------------- sharded building
+ParamPath = tuple[str | int, ...]
+
+
+def _param_name(path: ParamPath) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _key(entry: Any) -> str | int:
+    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return str(entry)
+
+
+def _resolve_shardings(shardings: Any, shapes: dict[ParamPath, tuple[int, ...]]
+                       ) -> dict[ParamPath, jax.sharding.Sharding]:
+    """Per parameter path its Sharding, checked against the parameter's shape.
+
+    Raises ValueError naming every parameter whose sharding is missing, unexpected, not a Sharding
+    or does not divide its shape.
+    """
+    problems: list[str] = []
+    if isinstance(shardings, jax.sharding.Sharding):  # one sharding for every parameter
+        given = dict.fromkeys(shapes, shardings)
+    elif not isinstance(shardings, (Mapping, nnx.State)) and callable(shardings):
+        given = {path: shardings(path, shape) for path, shape in shapes.items()}
+    else:
+        tree = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+        flat = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+        given = {}
+        for path, leaf in flat:
+            key = tuple(_key(k) for k in path)
+            if key not in shapes and key[-1:] == ("value",):  # a Variable's value attribute
+                key = key[:-1]
+            given[key] = leaf
+        for path in shapes:
+            if path not in given:
+                problems.append(f"parameter {_param_name(path)} has no sharding (the shardings "
+                                f"pytree must match the model's parameters)")
+        for path in given:
+            if path not in shapes:
+                problems.append(f"sharding given for {_param_name(path)}, which is not a "
+                                f"parameter of this model")
+    out: dict[ParamPath, jax.sharding.Sharding] = {}
+    for path, shape in shapes.items():
+        if path not in given:
+            continue
+        s, name = given[path], _param_name(path)
+        if not isinstance(s, jax.sharding.Sharding):
+            problems.append(f"parameter {name}: expected a jax.sharding.Sharding, got "
+                            f"{type(s).__name__}")
+            continue
+        problem = _sharding_problem(s, shape)
+        if problem:
+            problems.append(f"parameter {name} {list(shape)}: {problem}")
+            continue
+        out[path] = s
+    if problems:
+        raise ValueError(describe_problems(problems, "shardings do not fit the model's parameters"))
+    return out
+
+
+def _sharding_problem(s: jax.sharding.Sharding, shape: tuple[int, ...]) -> str | None:
+    if isinstance(s, jax.sharding.NamedSharding):
+        spec = tuple(s.spec)
+        if len(spec) > len(shape):
+            return f"partition spec {s.spec} has {len(spec)} entries for {len(shape)} dimensions"
+        for dim, (size, entry) in enumerate(zip(shape, spec)):
+            axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+            unknown = [a for a in axes if a not in s.mesh.shape]
+            if unknown:
+                return f"mesh has no axis {unknown[0]!r} (axes: {list(s.mesh.shape)})"
+            ways = math.prod(s.mesh.shape[a] for a in axes)
+            if size % ways:
+                named = f"axis {axes[0]!r}" if len(axes) == 1 else f"axes {axes!r}"
+                return (f"dimension {dim} ({size}) is not divisible by mesh {named} "
+                        f"({ways} ways)")
+        return None
+    try:
+        s.shard_shape(shape)
+    except Exception as e:  # noqa: BLE001 - any failure means the sharding does not fit
+        return f"sharding {s} does not fit the shape: {e}"
+    return None
+
+
+def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> Spans:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    spans = []
+    for sl, size in zip(index, shape):
+        start, stop, step = sl.indices(size)
+        if step != 1:
+            raise AssertionError(f"internal: strided shard index {index}")
+        spans.append((start, max(start, stop)))
+    return tuple(spans)
+
+
+def _build_sharded(cfg: ModelConfig, global_choices: list[_Choice],
+                   layers: dict[int, list[_Choice]], pure: dict,
+                   expected: dict[ParamPath, Any],
+                   shardings: dict[ParamPath, jax.sharding.Sharding]) -> None:
+    """Fill ``pure`` with arrays made by ``jax.make_array_from_callback``: each device's callback
+    reads only its box of the checkpoint tensors (on the stacked [n, ...] parameters, the box's
+    first axis picks which layers' tensors are read at all)."""
+    readers: dict[ParamPath, Callable[[Spans], np.ndarray]] = {c.target: c.read
+                                                               for c in global_choices}
+    period = cfg.layer_period
+    n_blocks = cfg.num_hidden_layers // period
+    for i in range(period):
+        per_copy = [layers[j * period + i] for j in range(n_blocks)]
+        for slot, first in enumerate(per_copy[0]):
+            reads = [choices[slot].read for choices in per_copy]
+
+            def read(index: Spans, reads=reads) -> np.ndarray:
+                (a, b), rest = index[0], index[1:]
+                return np.stack([reads[j](rest) for j in range(a, b)])
+
+            readers[("stack", "blocks", "layers", i) + first.target] = read
+    if set(readers) != set(expected):
+        raise AssertionError(f"internal: parameters without a source: "
+                             f"{sorted(set(expected) ^ set(readers))}")
+
+    dtype = cfg.params_dtype
+    for path, want in expected.items():
+        shape, read = tuple(want.shape), readers[path]
+        cache: dict[Spans, np.ndarray] = {}  # devices holding the same box share one read
+
+        def callback(index: tuple[slice, ...], shape=shape, read=read, cache=cache,
+                     path=path) -> np.ndarray:
+            spans = _normalize(index, shape)
+            if spans not in cache:
+                box = np.asarray(read(spans)).astype(dtype, copy=False)
+                want_shape = tuple(b - a for a, b in spans)
+                if box.shape != want_shape:
+                    raise AssertionError(f"internal: read {box.shape} for {path} {spans}")
+                cache[spans] = box
+            return cache[spans]
+
+        _set(pure, path, jax.make_array_from_callback(shape, shardings[path], callback))
+
+
 def _config_source(path: Path, config: ModelConfig | str | Path | None) -> ModelConfig | Path:
     if isinstance(config, ModelConfig):
         return config
@@ -479,7 +672,8 @@ def _config_source(path: Path, config: ModelConfig | str | Path | None) -> Model
 
 
 def from_hf(path: str | Path, *, dtype: Any = None,
-            config: ModelConfig | str | Path | None = None, **config_overrides: Any) -> HybridLM:
+            config: ModelConfig | str | Path | None = None, shardings: Any = None,
+            **config_overrides: Any) -> HybridLM:
     """Load an OLMo Hybrid checkpoint (transformers or OLMo-core tensor naming).
 
     Args:
@@ -493,12 +687,28 @@ def from_hf(path: str | Path, *, dtype: Any = None,
         config.json (needed for a weights file without a config.json beside it).
       **config_overrides: ``ModelConfig`` fields to replace (e.g. ``gdn_method``, ``remat``,
         ``scan_layers``, or ``param_dtype`` to store params in a different dtype than ``dtype``).
+      shardings: load straight onto devices. Either a pytree of ``jax.sharding.Sharding``s matching
+        the model's params (the ``nnx.State`` that
+        ``hybrid_jax.split(nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0))))[1]`` gives, mapped
+        to shardings, or its ``nnx.to_pure_dict``), or a callable ``(path, shape) -> Sharding`` with
+        ``path`` a tuple of keys such as ``("stack", "blocks", "layers", 0, "gdn", "q_proj",
+        "kernel")``, or one ``Sharding`` for every parameter. Each parameter is made with
+        ``jax.make_array_from_callback``, each device's callback reading only its own box of the
+        checkpoint: safetensors files are memory-mapped and only those byte ranges are read
+        (kernels map back to the transposed torch box; on the stacked ``stack.blocks`` parameters
+        the box's first axis picks which layers' tensors are read at all; a conv's box is cut from
+        the q/k/v conv tensors that hold it). Devices holding the same box share one read. Torch
+        ``.pt``/``.bin`` sources cannot be byte-range read in general: they are sliced after
+        ``torch.load`` (memory-mapped for zip-format files, whole in memory for legacy ones). The
+        checkpoint and the shardings are fully validated before any array is made. Default:
+        unsharded arrays on the default device.
     Returns:
       A ``HybridLM`` holding the checkpoint's weights.
     Raises:
       CheckpointError (a ValueError) naming the missing/unexpected/misshapen tensor and its file,
       the invalid config field, an absent shard, a corrupt safetensors file, a torch file that is
-      not a state dict (or torch not installed), or tensors mixing namings.
+      not a state dict (or torch not installed), or tensors mixing namings. ValueError naming
+      the parameter when ``shardings`` misses or adds a parameter or does not divide its shape.
     """
     ckpt = Path(path)
     if not ckpt.exists():
@@ -531,4 +741,4 @@ def from_hf(path: str | Path, *, dtype: Any = None,
             raise CheckpointError(f"{source}: invalid config: {e}") from None
 
     global_choices, layers = _plan(cfg, files, ckpt, naming)
-    return _build(cfg, global_choices, layers)
+    return _build(cfg, global_choices, layers, shardings)

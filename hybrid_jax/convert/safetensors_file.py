@@ -118,3 +118,10 @@ def load_tensor(info: TensorInfo) -> np.ndarray:
     data = np.memmap(info.path, dtype=np.uint8, mode="r", offset=info.begin,
                      shape=(info.end - info.begin,))
     return data.view(dtype).reshape(info.shape)
+
+
+def load_tensor_slice(info: TensorInfo, index: tuple[slice, ...]) -> np.ndarray:
+    """A copy of ``tensor[index]``, read through the memory map: only the pages holding the
+    selected elements are read from the file (all of a row-major run of leading-axis rows is one
+    contiguous byte range)."""
+    return np.array(load_tensor(info)[index])
