@@ -1,14 +1,15 @@
 """``hybrid-jax convert``: transformers <-> orbax checkpoints, and a logit check between them.
 
-    hybrid-jax convert hf-to-orbax SRC DST [--dtype D] [--overwrite]
+    hybrid-jax convert hf-to-orbax SRC DST [--dtype D] [--compress] [--overwrite]
     hybrid-jax convert orbax-to-hf SRC DST [--dtype D] [--max-shard-size 5GB] [--overwrite]
     hybrid-jax convert verify HF_DIR ORBAX_DIR [--seq-len 32] [--batch 2] [--seed 0] [--tol T]
 
 ``hf-to-orbax`` reads a transformers OLMo Hybrid checkpoint (``from_hf``) and writes an orbax
-checkpoint (``save_orbax``: ``model_config.json`` + ``params/``). ``orbax-to-hf`` streams an orbax
-checkpoint into transformers' format (``orbax_to_hf``: one layer slice of one parameter at a time,
-with a progress bar over those tensors). ``from_hf`` exposes no per-tensor callback, so
-``hf-to-orbax``'s progress bar counts its two stages (read + convert, write).
+checkpoint in ``save_orbax``'s layout (``model_config.json`` + ``params/``), one parameter at a time
+(``stream_params`` + ``save_orbax_leaves``, see ``orbax_io.hf_to_orbax``), with a progress bar
+over those parameters. ``orbax-to-hf`` streams an orbax checkpoint into transformers' format
+(``orbax_to_hf``: one layer slice of one parameter at a time, with a progress bar over those
+tensors).
 
 ``verify`` runs transformers' model (torch, CPU) and ours on the same random tokens and prints the
 largest absolute logit difference and the relative one, max|ours - torch| / max|torch|. It fails
@@ -49,6 +50,9 @@ def add_convert_parser(sub: Any) -> None:
     p.add_argument("dst")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="parameter dtype of the output (default: the checkpoint's)")
+    p.add_argument("--compress", action="store_true",
+                   help="zstd-compress the orbax chunks (smaller files, but about one more copy "
+                        "of the largest parameter in memory while it is written)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p = csub.add_parser("orbax-to-hf", help="orbax checkpoint dir -> transformers checkpoint dir")
     p.add_argument("src")
@@ -122,27 +126,23 @@ def _safetensors_summary(out: Path) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- commands
 def hf_to_orbax(args: argparse.Namespace) -> int:
-    from hybrid_jax.convert.from_hf import from_hf
-    from hybrid_jax.convert.orbax_io import save_orbax
+    from hybrid_jax.convert.from_hf import stream_params
+    from hybrid_jax.convert.orbax_io import save_orbax_leaves
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise _Fail(f"{src}: checkpoint directory not found")
     _check_dst(dst, args.overwrite)
     start = time.perf_counter()
-    with _tqdm(total=2, unit="stage", desc="hf-to-orbax") as bar:
-        bar.set_postfix_str(f"reading {src}")
-        model = from_hf(src, dtype=args.dtype)
-        bar.update()
-        import jax
-        from flax import nnx
+    cfg, leaves = stream_params(src, dtype=args.dtype)  # validates; reads headers only
+    n_tensors, n_params = len(leaves), sum(math.prod(shape) for _, shape, _ in leaves)
+    with _tqdm(total=n_tensors, unit="tensor", desc="hf-to-orbax") as bar:
+        def progress(name: str) -> None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
 
-        leaves = jax.tree.leaves(nnx.state(model))
-        n_tensors, n_params = len(leaves), sum(int(x.size) for x in leaves)
-        del leaves
-        bar.set_postfix_str(f"writing {dst}")
-        save_orbax(model, dst, overwrite=args.overwrite)
-        bar.update()
+        save_orbax_leaves(cfg, leaves, dst, overwrite=args.overwrite, progress=progress,
+                          compress=args.compress)
     print(f"wrote {dst}: {n_tensors} tensors (stacked per layer kind), {n_params:,} parameters, "
           f"{_fmt_bytes(_dir_bytes(dst))} written in {time.perf_counter() - start:.1f} s")
     return 0

@@ -160,3 +160,30 @@ def test_bf16_round_trip_and_verify(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "tolerance 1.0e-01" in out and "compute bfloat16" in out
+
+
+@pytest.mark.parametrize("dtype,compress", [(None, False), ("bfloat16", True)])
+def test_hf_to_orbax_streams_one_parameter_at_a_time(converted, tmp_path, dtype, compress):
+    """hf_to_orbax writes leaf by leaf (progress once per parameter, in the model's order) and
+    the result restores, through load_orbax and plain orbax, to exactly from_hf's model."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from hybrid_jax.convert.from_hf import from_hf
+    from hybrid_jax.convert.orbax_io import PARAMS_DIR, hf_to_orbax, load_orbax
+
+    names: list[str] = []
+    out = hf_to_orbax(converted / "hf", tmp_path / "o", dtype=dtype, compress=compress,
+                      progress=names.append)
+    ref = from_hf(converted / "hf", dtype=dtype)
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(ref)))[0]
+    assert names == [".".join(str(getattr(k, "key", k)) for k in p) for p, _ in flat]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporaries left
+    got = load_orbax(out)
+    assert got.config == ref.config
+    for (p, want), have in zip(flat, jax.tree.leaves(nnx.to_pure_dict(nnx.state(got)))):
+        assert want.dtype == have.dtype and np.array_equal(np.asarray(want), np.asarray(have)), p
+    with ocp.StandardCheckpointer() as ckptr:  # the layout plain orbax restores
+        plain = ckptr.restore(out / PARAMS_DIR)
+    assert len(jax.tree.leaves(plain)) == len(flat)

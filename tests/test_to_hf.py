@@ -280,3 +280,23 @@ def test_parse_size():
     for bad in ("", "GB", "-1GB", 0, 1.5, True):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_large_tensors_are_written_in_row_blocks(tmp_path, monkeypatch):
+    """With tiny blocks (every tensor split into many row blocks, including the transposed head
+    read as column blocks) the file is byte for byte the one written whole."""
+    from hybrid_jax import HybridLM, ModelConfig
+    from hybrid_jax.convert import to_hf
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=2, linear_num_key_heads=2,
+                      linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=16,
+                      pad_token_id=None, eos_token_id=None, tie_word_embeddings=False,
+                      layer_types=("linear_attention",) * 3 + ("full_attention",))
+    mod = importlib.import_module("hybrid_jax.convert.to_hf")
+    model = HybridLM(cfg, rngs=nnx.Rngs(1))
+    to_hf(model, tmp_path / "whole", dtype="bfloat16")
+    monkeypatch.setattr(mod, "_BLOCK_BYTES", 100)
+    to_hf(model, tmp_path / "blocks", dtype="bfloat16")
+    a = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "blocks" / "model.safetensors").read_bytes()

@@ -46,6 +46,7 @@ from hybrid_jax.convert.hf_names import (
     INDEX_FILE,
     SINGLE_FILE,
     Want,
+    _transpose,
     conv_targets,
     describe_problems,
 )
@@ -710,6 +711,15 @@ def from_hf(path: str | Path, *, dtype: Any = None,
       not a state dict (or torch not installed), or tensors mixing namings. ValueError naming
       the parameter when ``shardings`` misses or adds a parameter or does not divide its shape.
     """
+    cfg, global_choices, layers = _resolve(path, dtype, config, config_overrides)
+    return _build(cfg, global_choices, layers, shardings)
+
+
+def _resolve(path: str | Path, dtype: Any, config: ModelConfig | str | Path | None,
+             config_overrides: dict[str, Any]
+             ) -> tuple[ModelConfig, list[_Choice], dict[int, list[_Choice]]]:
+    """from_hf's validation: the config and, per parameter, where it comes from (nothing read
+    but headers)."""
     ckpt = Path(path)
     if not ckpt.exists():
         what = "weights file" if ckpt.suffix in (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES) else \
@@ -741,4 +751,75 @@ def from_hf(path: str | Path, *, dtype: Any = None,
             raise CheckpointError(f"{source}: invalid config: {e}") from None
 
     global_choices, layers = _plan(cfg, files, ckpt, naming)
-    return _build(cfg, global_choices, layers, shardings)
+    return cfg, global_choices, layers
+
+
+_READ_BLOCK_BYTES = 32 * 2**20
+
+
+def _read_blocked(choice: _Choice, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Our parameter ``shape`` from ``choice``, cast to ``dtype``, read in boxes of at most
+    ~32 MiB that are contiguous in the checkpoint (torch's leading axis: our last axis for a
+    transposed kernel, else our first), so that no more than one box of the file is mapped or
+    copied at a time beside the result."""
+    out = np.empty(shape, dtype)
+    if not out.size:
+        return out
+    infos = choice.infos
+    transposed = len(infos) == 1 and len(shape) == 2 and choice.transform is _transpose
+    axis = 1 if transposed else 0
+    other = math.prod(shape) // shape[axis]
+    step = max(1, _READ_BLOCK_BYTES // max(1, other * np.dtype(dtype).itemsize))
+    full = tuple((0, n) for n in shape)
+    for a in range(0, shape[axis], step):
+        b = min(shape[axis], a + step)
+        spans = full[:axis] + ((a, b),) + full[axis + 1:]
+        box = choice.read(spans)
+        if axis == 0:
+            out[a:b] = box
+        else:
+            out[:, a:b] = box
+        del box
+    return out
+
+
+def stream_params(path: str | Path, *, dtype: Any = None,
+                  config: ModelConfig | str | Path | None = None, **config_overrides: Any
+                  ) -> tuple[ModelConfig, list[tuple[tuple[str | int, ...], tuple[int, ...],
+                                                     Callable[[], np.ndarray]]]]:
+    """The checkpoint's config and, for every parameter of ``HybridLM(config)`` (the model's own
+    paths, in its order), ``(path, shape, read)``: ``read()`` returns that parameter as a host
+    numpy array of ``config.param_dtype``, read from the checkpoint only then (a stacked
+    [n, ...] parameter is filled one layer at a time, each tensor in boxes of <= 32 MiB). Takes
+    the same arguments, and validates the checkpoint as fully, as ``from_hf``; nothing but
+    headers is read before a ``read()``. Lets a writer convert a checkpoint one parameter at a
+    time (see ``hybrid_jax.convert.orbax_io.hf_to_orbax``)."""
+    cfg, global_choices, layers = _resolve(path, dtype, config, config_overrides)
+    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
+    pure = nnx.to_pure_dict(nnx.state(abstract))
+    expected = {tuple(_key(k) for k in p): tuple(leaf.shape)
+                for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    pdtype = np.dtype(cfg.params_dtype)
+    readers: dict[tuple, Callable[[], np.ndarray]] = {}
+    for c in global_choices:
+        shape = expected[c.target]
+        readers[c.target] = lambda c=c, shape=shape: _read_blocked(c, shape, pdtype)
+    period = cfg.layer_period
+    n_blocks = cfg.num_hidden_layers // period
+    for i in range(period):
+        per_copy = [layers[j * period + i] for j in range(n_blocks)]
+        for slot, first in enumerate(per_copy[0]):
+            target = ("stack", "blocks", "layers", i) + first.target
+            shape = expected[target]
+
+            def read(per_copy=per_copy, slot=slot, shape=shape) -> np.ndarray:
+                out = np.empty(shape, pdtype)
+                for j, choices in enumerate(per_copy):
+                    out[j] = _read_blocked(choices[slot], shape[1:], pdtype)
+                return out
+
+            readers[target] = read
+    if set(readers) != set(expected):
+        raise AssertionError(f"internal: parameters without a source: "
+                             f"{sorted(set(expected) ^ set(readers))}")
+    return cfg, [(p, shape, readers[p]) for p, shape in expected.items()]

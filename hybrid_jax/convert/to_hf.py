@@ -9,8 +9,10 @@ reads it back bit for bit.
 
 The parameters are checked against the config before anything is written. Tensors are converted
 (sliced out of the stacked [n, ...] layer parameters, transposed, cast) and written one at a time,
-so at most one converted tensor is held on the host (each shard's header is computed from shapes
-beforehand). The output is assembled in a temporary directory beside ``out_dir`` and renamed into
+each in row blocks of at most 64 MiB: a tensor's source (its layer slice, or the whole parameter
+for the embeddings and head) is read to the host once, and each block is transposed/cast straight
+from it and written, so no full-size converted copy is ever held beside the source (each shard's
+header is computed from shapes beforehand). The output is assembled in a temporary directory beside ``out_dir`` and renamed into
 place at the end.
 """
 
@@ -168,9 +170,14 @@ def _check_params(cfg: ModelConfig, flat: dict[Path_, Any]) -> dict[Path_, Any]:
 
 
 # ----------------------------------------------------------------------------- plan
+_BLOCK_BYTES = 64 * 2**20  # most bytes of converted output made at a time
+
+
 @dataclass(frozen=True)
 class _Tensor:
-    """One checkpoint tensor, produced on demand."""
+    """One checkpoint tensor, produced on demand: ``produce()`` gives an array of the tensor's
+    shape, possibly a strided view (a transposed kernel) and of the source's dtype; the writer
+    casts and copies it to C order in row blocks."""
 
     name: str
     shape: tuple[int, ...]
@@ -186,14 +193,25 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+class _TransposedRows:
+    """The transpose of a 2-D parameter, read a row block at a time: ``rows[a:b]`` reads only
+    the parameter's columns a:b (a lazily stored parameter reads just that box)."""
+
+    def __init__(self, arr: Any) -> None:
+        self._arr = arr
+        self.shape = tuple(arr.shape)[::-1]
+        self.ndim = 2
+        self.size = math.prod(self.shape)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])  # clipped: tensorstore does not clip
+        return _host(self._arr[:, start:max(start, stop)]).T
+
+
 def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None) -> list[_Tensor]:
     """All tensors in checkpoint order: embeddings, layers 0..L-1, final norm, lm head."""
     def dt(array: Any) -> np.dtype:
         return out_dtype if out_dtype is not None else np.dtype(array.dtype)
-
-    def cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        # Cast and make C-contiguous (a transposed kernel) in one copy, or none when possible.
-        return np.asarray(a, dtype=dtype, order="C")
 
     tensors: list[_Tensor] = []
     globals_ = {w.target[0]: w for w in global_wants(cfg)}
@@ -204,8 +222,13 @@ def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None) 
             return
         arr = flat[w.target]
         d = dt(arr)
+        if w.transposed and (isinstance(arr, (np.ndarray, jax.Array))
+                             or getattr(arr, "box_reads", False)):
+            # The head's kernel: its transpose's row blocks are read as column blocks of it.
+            tensors.append(_Tensor(w.disk_name, w.shape, d, lambda arr=arr: _TransposedRows(arr)))
+            return
         tensors.append(_Tensor(w.disk_name, w.shape, d,
-                               lambda w=w, arr=arr, d=d: cast(w.transform(_host(arr)), d)))
+                               lambda w=w, arr=arr: w.transform(_host(arr))))
 
     add_global("embed")
     period = cfg.layer_period
@@ -219,16 +242,16 @@ def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None) 
             d = dt(arr)
             tensors.append(_Tensor(
                 prefix + w.disk_name, w.shape, d,
-                lambda w=w, arr=arr, j=j, d=d: cast(w.transform(_host(arr[j])), d)))
+                lambda w=w, arr=arr, j=j: w.transform(_host(arr[j]))))
         if kind == GDN:
             parts = [flat[base + path] for path, _, _ in conv_targets(cfg).values()]
             d = dt(parts[0])
             k = cfg.linear_conv_kernel_dim
 
-            def chunk(start: int, count: int, parts=parts, j=j, d=d) -> np.ndarray:
+            def chunk(start: int, count: int, parts=parts, j=j) -> np.ndarray:
                 # The fused torch conv [2 Kd + Vd, 1, K]: q, k, v channels concatenated.
                 fused = np.concatenate([_host(p[j]) for p in parts], axis=0)
-                return cast(fused[start:start + count, None, :], d)
+                return fused[start:start + count, None, :]
 
             for name, start, count in conv_disk_split(cfg):
                 tensors.append(_Tensor(prefix + name, (count, 1, k), d,
@@ -270,13 +293,26 @@ def _write_safetensors(path: Path, tensors: list[_Tensor]) -> None:
         f.write(raw)
         for t in tensors:
             a = t.produce()
-            if a.shape != t.shape or a.dtype != t.dtype:
-                raise AssertionError(f"internal: {t.name} came out {a.dtype} {a.shape}, planned "
-                                     f"{t.dtype} {t.shape}")
-            if a.size:
-                a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+            if tuple(a.shape) != t.shape:
+                raise AssertionError(f"internal: {t.name} came out {a.shape}, planned {t.shape}")
+            _write_blocks(f, a, t.dtype.newbyteorder("<"))
             del a
+
+
+def _write_blocks(f: Any, a: np.ndarray, dtype: np.dtype) -> None:
+    """Write ``a`` cast to ``dtype`` in C order, converting at most ``_BLOCK_BYTES`` of output (a
+    run of leading-axis rows, at least one) at a time: the bytes are those of the whole converted
+    array, without ever holding a full-size converted copy."""
+    if not a.size:
+        return
+    if a.ndim == 0:
+        a = a.reshape(1)
+    row_bytes = max(1, math.prod(a.shape[1:]) * dtype.itemsize)
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    for r in range(0, a.shape[0], step):
+        block = np.ascontiguousarray(a[r:r + step], dtype=dtype)
+        f.write(block.reshape(-1).view(np.uint8).data)
+        del block
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
