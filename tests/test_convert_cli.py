@@ -187,3 +187,65 @@ def test_hf_to_orbax_streams_one_parameter_at_a_time(converted, tmp_path, dtype,
     with ocp.StandardCheckpointer() as ckptr:  # the layout plain orbax restores
         plain = ckptr.restore(out / PARAMS_DIR)
     assert len(jax.tree.leaves(plain)) == len(flat)
+
+
+# ----------------------------------------------------------------------------- bad input, end to end
+def _edit_weights(ckpt: Path, edit) -> Path:
+    from safetensors.numpy import load_file as load_np, save_file as save_np
+
+    weights = ckpt / "model.safetensors"
+    tensors = load_np(weights)
+    edit(tensors)
+    save_np(tensors, weights)
+    return weights
+
+
+def _edit_config(ckpt: Path, key: str, value) -> Path:
+    path = ckpt / "config.json"
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _truncate(ckpt: Path) -> Path:
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return weights
+
+
+GDN_Q = "model.layers.0.linear_attn.q_proj.weight"
+BAD_INPUTS = {
+    # name: (how to break a good checkpoint -> the file at fault, words the message must hold)
+    "missing_tensor": (lambda c: _edit_weights(c, lambda t: t.pop(GDN_Q)), [GDN_Q, "missing"]),
+    "unexpected_tensor": (lambda c: _edit_weights(c, lambda t: t.update(
+        {"model.layers.0.linear_attn.extra.weight": np.zeros(3, np.float32)})),
+        ["model.layers.0.linear_attn.extra.weight", "unexpected"]),
+    "wrong_shape": (lambda c: _edit_weights(c, lambda t: t.update({GDN_Q: t[GDN_Q][:-1]})),
+                    [GDN_Q, "shape"]),
+    "wrong_dtype": (lambda c: _edit_weights(c, lambda t: t.update({GDN_Q: t[GDN_Q].astype(np.int32)})),
+                    [GDN_Q, "dtype"]),
+    # The config is read as the truth, so the message names the tensors (and their file) that
+    # disagree with it.
+    "config_disagrees": (lambda c: (_edit_config(c, "intermediate_size", 80), c / "model.safetensors")[1],
+                         ["model.layers.0.mlp.gate_proj.weight", "expected [80, 64]"]),
+    "truncated_file": (_truncate, ["truncated"]),
+    "unknown_model_type": (lambda c: _edit_config(c, "model_type", "llama"), ["model_type", "llama"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_named_and_nothing_is_written(case, tmp_path, capsys):
+    good = tmp_path / "hf"
+    make_hf_model(seed=4).save_pretrained(good)
+    break_it, words = BAD_INPUTS[case]
+    culprit_file = break_it(good)
+    out = tmp_path / "out"
+    assert main(["convert", "hf-to-orbax", str(good), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(culprit_file) in err, err
+    for word in words:
+        assert word in err, (word, err)
+    assert "Traceback" not in err
+    # Nothing left behind: no output, no temporary directory beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
