@@ -53,6 +53,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from hybrid_jax.convert.output_dir import install, occupied
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.hybrid_lm import HybridLM
 
@@ -137,35 +138,6 @@ def read_orbax_config(path: str | os.PathLike) -> ModelConfig:
     return config_from_json(data, cfg_path)
 
 
-def _occupied(out: Path) -> bool:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        return True
-    return out.is_dir() and any(out.iterdir())
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
-    if _occupied(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True "
-                                  f"to replace it")
-        backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, backup)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(backup, out)
-            raise
-        if backup.is_dir() and not backup.is_symlink():
-            shutil.rmtree(backup)
-        else:
-            backup.unlink()
-    else:
-        if out.is_dir():
-            out.rmdir()
-        os.rename(tmp, out)
-
-
 # ----------------------------------------------------------------------------- save
 def _save_args(pure: dict) -> dict:
     import orbax.checkpoint as ocp
@@ -194,7 +166,7 @@ def save_orbax(model: HybridLM, path: str | os.PathLike, overwrite: bool = False
     if not isinstance(model, HybridLM):
         raise TypeError(f"save_orbax: expected a HybridLM, got {type(model).__name__}")
     out = Path(path).absolute()
-    if _occupied(out) and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
                               f"replace it")
     pure = nnx.to_pure_dict(nnx.state(model))
@@ -206,7 +178,7 @@ def save_orbax(model: HybridLM, path: str | os.PathLike, overwrite: bool = False
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, pure, save_args=_save_args(pure))
             ckptr.wait_until_finished()
-        _install(tmp, out, overwrite)
+        install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -253,7 +225,7 @@ def save_orbax_leaves(cfg: ModelConfig,
     import orbax.checkpoint.experimental.v1 as ocpv1
 
     out = Path(path).absolute()
-    if _occupied(out) and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
                               f"replace it")
     shapes = {tuple(str(k) for k in p): (tuple(shape), p) for p, shape, _ in leaves}
@@ -301,7 +273,7 @@ def save_orbax_leaves(cfg: ModelConfig,
             os.rename(partial / "_CHECKPOINT_METADATA", tree / "_CHECKPOINT_METADATA")
         os.rename(tree, tmp / PARAMS_DIR)
         shutil.rmtree(partial)
-        _install(tmp, out, overwrite)
+        install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -319,7 +291,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = 
     from hybrid_jax.convert.from_hf import stream_params
 
     out = Path(dst).absolute()
-    if _occupied(out) and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
                               f"replace it")
     cfg, leaves = stream_params(src, dtype=dtype, **config_overrides)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hybrid_jax.convert.output_dir import install, occupied
 from hybrid_jax.config import GDN, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
@@ -354,40 +355,6 @@ def _write_all(tmp: Path, cfg: ModelConfig, tensors: list[_Tensor], limit: int,
     _write_json(tmp / INDEX_FILE, index)
 
 
-def _occupied(out: Path) -> bool:
-    """Whether ``out`` holds something we would replace (a non-empty directory, or a file)."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        return True
-    return out.is_dir() and any(out.iterdir())
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
-    if _occupied(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True "
-                                  f"to replace it")
-        backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, backup)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(backup, out)
-            raise
-        _remove(backup)
-    else:
-        if out.is_dir():
-            out.rmdir()  # empty
-        os.rename(tmp, out)
-
-
 def to_hf(
     model_or_params: Any,
     out_dir: str | os.PathLike,
@@ -427,7 +394,7 @@ def to_hf(
                          f"name; pass dtype= (float32, bfloat16 or float16)") from None
 
     out = Path(out_dir)
-    if _occupied(out) and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
                               f"replace it")
     tensors = _plan(cfg, flat, out_dtype)
@@ -436,7 +403,7 @@ def to_hf(
     tmp.mkdir()  # (not mkdtemp: its 0700 mode would stay on the renamed out_dir)
     try:
         _write_all(tmp, cfg, tensors, limit, dtype_label)
-        _install(tmp, out, overwrite)
+        install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

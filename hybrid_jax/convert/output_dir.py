@@ -1,0 +1,45 @@
+"""Writing a converter's output directory all at once: build it in a temporary directory beside
+the target, then rename it into place, so a failure never leaves a half-written output and an
+existing output is replaced only when asked and only once the new one is complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def occupied(out: Path) -> bool:
+    """Whether ``out`` holds something we would replace (a non-empty directory, or a file)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        return True
+    return out.is_dir() and any(out.iterdir())
+
+
+def remove(path: Path) -> None:
+    """Delete a file, link or directory tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
+    if occupied(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True "
+                                  f"to replace it")
+        backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, backup)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(backup, out)
+            raise
+        remove(backup)
+    else:
+        if out.is_dir():
+            out.rmdir()  # empty
+        os.rename(tmp, out)
