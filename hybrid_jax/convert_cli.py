@@ -29,7 +29,6 @@ as one ``error:`` line naming the file, without a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -112,16 +111,10 @@ def _check_dst(dst: Path, overwrite: bool) -> None:
 
 def _safetensors_summary(out: Path) -> tuple[int, int]:
     """(tensors, parameters) in the safetensors files of ``out``, from their headers."""
-    n_tensors = n_params = 0
-    for f in sorted(out.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                n_tensors += 1
-                n_params += math.prod(info["shape"])
-    return n_tensors, n_params
+    from hybrid_jax.convert.safetensors_file import read_header
+
+    infos = [i for f in sorted(out.glob("*.safetensors")) for i in read_header(f).values()]
+    return len(infos), sum(math.prod(i.shape) for i in infos)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hybrid_jax.convert.param_paths import path_key
 from hybrid_jax.config import GDN, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
@@ -517,13 +518,6 @@ def _param_name(path: ParamPath) -> str:
     return ".".join(str(k) for k in path)
 
 
-def _key(entry: Any) -> str | int:
-    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    return str(entry)
-
-
 def _resolve_shardings(shardings: Any, shapes: dict[ParamPath, tuple[int, ...]]
                        ) -> dict[ParamPath, jax.sharding.Sharding]:
     """Per parameter path its Sharding, checked against the parameter's shape.
@@ -542,7 +536,7 @@ def _resolve_shardings(shardings: Any, shapes: dict[ParamPath, tuple[int, ...]]
             tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
         given = {}
         for path, leaf in flat:
-            key = tuple(_key(k) for k in path)
+            key = tuple(path_key(k) for k in path)
             if key not in shapes and key[-1:] == ("value",):  # a Variable's value attribute
                 key = key[:-1]
             given[key] = leaf
@@ -797,7 +791,7 @@ def stream_params(path: str | Path, *, dtype: Any = None,
     cfg, global_choices, layers = _resolve(path, dtype, config, config_overrides)
     abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
     pure = nnx.to_pure_dict(nnx.state(abstract))
-    expected = {tuple(_key(k) for k in p): tuple(leaf.shape)
+    expected = {tuple(path_key(k) for k in p): tuple(leaf.shape)
                 for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
     pdtype = np.dtype(cfg.params_dtype)
     readers: dict[tuple, Callable[[], np.ndarray]] = {}

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hybrid_jax.convert.output_dir import install, occupied
+from hybrid_jax.convert.param_paths import path_key
+from hybrid_jax.convert.output_dir import refuse_existing, writing
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.hybrid_lm import HybridLM
 
@@ -71,15 +71,8 @@ class OrbaxCheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _key(k: Any) -> str | int:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return str(k)
-
-
 def _flat(tree: Any) -> dict[Path_, Any]:
-    return {tuple(_key(k) for k in path): leaf
+    return {tuple(path_key(k) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -166,22 +159,13 @@ def save_orbax(model: HybridLM, path: str | os.PathLike, overwrite: bool = False
     if not isinstance(model, HybridLM):
         raise TypeError(f"save_orbax: expected a HybridLM, got {type(model).__name__}")
     out = Path(path).absolute()
-    if occupied(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
-                              f"replace it")
+    refuse_existing(out, overwrite)
     pure = nnx.to_pure_dict(nnx.state(model))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with writing(out, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(model.config), indent=2) + "\n")
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, pure, save_args=_save_args(pure))
             ckptr.wait_until_finished()
-        install(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -225,14 +209,12 @@ def save_orbax_leaves(cfg: ModelConfig,
     import orbax.checkpoint.experimental.v1 as ocpv1
 
     out = Path(path).absolute()
-    if occupied(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
-                              f"replace it")
+    refuse_existing(out, overwrite)
     shapes = {tuple(str(k) for k in p): (tuple(shape), p) for p, shape, _ in leaves}
     pdtype = np.dtype(cfg.params_dtype)
 
     def options(key: Any, value: Any) -> Any:
-        p = tuple(str(_key(k)) for k in key)
+        p = tuple(str(path_key(k)) for k in key)
         return _storage_options(shapes[p][1] if p in shapes else p, tuple(value.shape),
                                 value.dtype)
 
@@ -242,11 +224,8 @@ def save_orbax_leaves(cfg: ModelConfig,
     ctx.memory.deepcopy_host_arrays = False  # each array is ours alone until its save returns
     ctx.array.saving.use_compression = compress
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    partial = tmp / "partial"  # (orbax parses its session's names: no dots in this one)
-    try:
+    with writing(out, overwrite) as tmp:
+        partial = tmp / "partial"  # (orbax parses its session's names: no dots in this one)
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(cfg), indent=2) + "\n")
         with ctx:
             for p, shape, read in leaves:
@@ -273,10 +252,6 @@ def save_orbax_leaves(cfg: ModelConfig,
             os.rename(partial / "_CHECKPOINT_METADATA", tree / "_CHECKPOINT_METADATA")
         os.rename(tree, tmp / PARAMS_DIR)
         shutil.rmtree(partial)
-        install(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -291,9 +266,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = 
     from hybrid_jax.convert.from_hf import stream_params
 
     out = Path(dst).absolute()
-    if occupied(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
-                              f"replace it")
+    refuse_existing(out, overwrite)
     cfg, leaves = stream_params(src, dtype=dtype, **config_overrides)
     return save_orbax_leaves(cfg, leaves, out, overwrite=overwrite, progress=progress,
                              compress=compress)

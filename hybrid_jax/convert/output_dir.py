@@ -4,9 +4,11 @@ existing output is replaced only when asked and only once the new one is complet
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -25,12 +27,17 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """FileExistsError naming ``out`` when it holds something and ``overwrite`` is not set."""
+    if occupied(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
+                              f"replace it")
+
+
 def install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished ``tmp`` to ``out``; an existing ``out`` is removed only afterwards."""
+    refuse_existing(out, overwrite)
     if occupied(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True "
-                                  f"to replace it")
         backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, backup)
         try:
@@ -43,3 +50,18 @@ def install(tmp: Path, out: Path, overwrite: bool) -> None:
         if out.is_dir():
             out.rmdir()  # empty
         os.rename(tmp, out)
+
+
+@contextlib.contextmanager
+def writing(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a new temporary directory beside ``out`` to fill; when the block finishes, rename it
+    into place with ``install``; on any error delete it, leaving ``out`` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # (not mkdtemp: its 0700 mode would stay on the renamed output)
+    try:
+        yield tmp
+        install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

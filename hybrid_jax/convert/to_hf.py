@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hybrid_jax.convert.output_dir import install, occupied
+from hybrid_jax.convert.param_paths import path_key
+from hybrid_jax.convert.output_dir import refuse_existing, writing
 from hybrid_jax.config import GDN, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
@@ -113,13 +112,6 @@ def _resolve(model_or_params: Any, config: ModelConfig | None) -> tuple[ModelCon
     return config, params
 
 
-def _key(k: Any) -> str | int:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return str(k)
-
-
 def _flatten(params: Any) -> dict[Path_, Any]:
     """path tuple -> array (nnx.Variable leaves unwrapped)."""
     if isinstance(params, nnx.State):
@@ -130,7 +122,7 @@ def _flatten(params: Any) -> dict[Path_, Any]:
     for path, leaf in leaves:
         if isinstance(leaf, nnx.Variable):
             leaf = leaf[...]
-        flat[tuple(_key(k) for k in path)] = leaf
+        flat[tuple(path_key(k) for k in path)] = leaf
     return flat
 
 
@@ -394,19 +386,10 @@ def to_hf(
                          f"name; pass dtype= (float32, bfloat16 or float16)") from None
 
     out = Path(out_dir)
-    if occupied(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to "
-                              f"replace it")
+    refuse_existing(out, overwrite)
     tensors = _plan(cfg, flat, out_dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # (not mkdtemp: its 0700 mode would stay on the renamed out_dir)
-    try:
+    with writing(out, overwrite) as tmp:
         _write_all(tmp, cfg, tensors, limit, dtype_label)
-        install(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
