@@ -83,16 +83,10 @@ def build_checkpoint(out: Path) -> None:
 
 def _tensors(ckpt: Path) -> dict[str, int]:
     """name -> bytes of every tensor in the safetensors files of ``ckpt``."""
-    out: dict[str, int] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                a, b = info["data_offsets"]
-                out[name] = b - a
-    return out
+    from hybrid_jax.convert.safetensors_file import read_header
+
+    return {name: info.end - info.begin
+            for f in sorted(ckpt.glob("*.safetensors")) for name, info in read_header(f).items()}
 
 
 def _dir_bytes(path: Path) -> int:
