@@ -10,6 +10,7 @@ from hybrid_jax.config import (
     olmo_hybrid_small,
     olmo_hybrid_tiny,
 )
+from hybrid_jax.inference import generate, init_cache
 from hybrid_jax.model import HybridLM, apply, split
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "apply",
+    "generate",
+    "init_cache",
     "olmo_hybrid_7b",
     "olmo_hybrid_small",
     "olmo_hybrid_tiny",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.model.cache import KVCache
 from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import RMSNorm
-from hybrid_jax.ops.attention import causal_attention
+from hybrid_jax.ops.attention import cached_attention, causal_attention
 from hybrid_jax.ops.rope import apply_rope
 
 
@@ -32,6 +34,19 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(q_dim, eps=config.rms_norm_eps, param_dtype=config.params_dtype)
         self.k_norm = RMSNorm(kv_dim, eps=config.rms_norm_eps, param_dtype=config.params_dtype)
 
+    def _qkv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None):
+        """q [B, T, H, Dh], k and v [B, T, Hkv, Dh]: projected, normed, rotated."""
+        cfg = self.config
+        b, t, _ = x.shape
+        hd = cfg.head_dim
+        q = self.q_norm(self.q_proj(x)).reshape(b, t, cfg.num_attention_heads, hd)
+        k = self.k_norm(self.k_proj(x)).reshape(b, t, cfg.num_key_value_heads, hd)
+        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, hd)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
     def __call__(
         self,
         x: jax.Array,
@@ -44,14 +59,32 @@ class Attention(nnx.Module):
         rope: (cos, sin) [B, T, Dh] float32, or None for NoPE.
         segment_ids: [B, T]; tokens attend only within their segment.
         """
-        cfg = self.config
         b, t, _ = x.shape
-        hd = cfg.head_dim
-        q = self.q_norm(self.q_proj(x)).reshape(b, t, cfg.num_attention_heads, hd)
-        k = self.k_norm(self.k_proj(x)).reshape(b, t, cfg.num_key_value_heads, hd)
-        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, hd)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = causal_attention(q, k, v, segment_ids=segment_ids, scale=hd ** -0.5)
+        q, k, v = self._qkv(x, rope)
+        o = causal_attention(q, k, v, segment_ids=segment_ids, scale=self.config.head_dim ** -0.5)
         return self.o_proj(o.reshape(b, t, -1))
+
+    def extend(
+        self,
+        x: jax.Array,
+        cache: KVCache,
+        *,
+        valid: jax.Array,
+        slots: jax.Array,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Continue from ``cache``: write the new keys and values, attend over the cache.
+
+        x: [B, T, D]; valid: [B, T] bool (False for left padding, which is not written);
+        slots: [B, T] int32, each token's cache slot (= its position); rope as ``__call__``,
+        at those positions. Returns (y [B, T, D], the updated cache).
+        """
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, rope)
+        # Padding writes to slot S, past the end, which the scatter drops.
+        write = jnp.where(valid, slots, cache.k.shape[1])
+        rows = jnp.arange(b)[:, None]
+        cache = KVCache(k=cache.k.at[rows, write].set(k.astype(cache.k.dtype), mode="drop"),
+                        v=cache.v.at[rows, write].set(v.astype(cache.v.dtype), mode="drop"))
+        o = cached_attention(q, cache.k, cache.v, slots, scale=self.config.head_dim ** -0.5)
+        return self.o_proj(o.astype(x.dtype).reshape(b, t, -1)), cache

@@ -7,6 +7,7 @@ from flax import nnx
 
 from hybrid_jax.config import ATTENTION, GDN, ModelConfig
 from hybrid_jax.model.attention import Attention
+from hybrid_jax.model.cache import GDNCache, KVCache
 from hybrid_jax.model.gated_deltanet import GatedDeltaNet
 from hybrid_jax.model.mlp import SwiGLU
 from hybrid_jax.model.norms import RMSNorm
@@ -31,7 +32,16 @@ class GatedDeltaNetLayer(nnx.Module):
     def __call__(self, x: jax.Array, *, rope: Rope = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]; ``rope`` is unused (GDN has no positions)."""
-        h = x + self.gdn(self.pre_gdn_norm(x), segment_ids=segment_ids)
+        return self._finish(x, self.gdn(self.pre_gdn_norm(x), segment_ids=segment_ids))
+
+    def extend(self, x: jax.Array, cache: GDNCache, *, valid: jax.Array, slots: jax.Array,
+               rope: Rope = None) -> tuple[jax.Array, GDNCache]:
+        """Cached form of ``__call__`` (see ``GatedDeltaNet.extend``); ``slots``, ``rope`` unused."""
+        mixed, cache = self.gdn.extend(self.pre_gdn_norm(x), cache, valid=valid)
+        return self._finish(x, mixed), cache
+
+    def _finish(self, x: jax.Array, mixed: jax.Array) -> jax.Array:
+        h = x + mixed
         return h + self.mlp(self.pre_mlp_norm(h))
 
 
@@ -48,7 +58,16 @@ class AttentionLayer(nnx.Module):
     def __call__(self, x: jax.Array, *, rope: Rope = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]; ``rope`` is (cos, sin) or None for NoPE."""
-        h = x + self.post_attn_norm(self.attn(x, rope=rope, segment_ids=segment_ids))
+        return self._finish(x, self.attn(x, rope=rope, segment_ids=segment_ids))
+
+    def extend(self, x: jax.Array, cache: KVCache, *, valid: jax.Array, slots: jax.Array,
+               rope: Rope = None) -> tuple[jax.Array, KVCache]:
+        """Cached form of ``__call__`` (see ``Attention.extend``)."""
+        mixed, cache = self.attn.extend(x, cache, valid=valid, slots=slots, rope=rope)
+        return self._finish(x, mixed), cache
+
+    def _finish(self, x: jax.Array, mixed: jax.Array) -> jax.Array:
+        h = x + self.post_attn_norm(mixed)
         return h + self.post_mlp_norm(self.mlp(h))
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.model.cache import GDNCache
 from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import GatedRMSNorm
 from hybrid_jax.model.short_conv import ShortConvolution
@@ -64,30 +65,67 @@ class GatedDeltaNet(nnx.Module):
         self.o_norm = GatedRMSNorm(config.linear_value_head_dim, eps=O_NORM_EPS,
                                    param_dtype=config.params_dtype)
 
-    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-        """x: [B, T, D] (compute dtype) -> [B, T, D]. ``segment_ids`` [B, T] resets the convs and
-        the recurrent state at each new segment."""
-        cfg = self.config
-        b, t, _ = x.shape
-        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-        dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-
-        q = self.q_conv(self.q_proj(x), segment_ids=segment_ids).reshape(b, t, hk, dk)
-        k = self.k_conv(self.k_proj(x), segment_ids=segment_ids).reshape(b, t, hk, dk)
-        v = self.v_conv(self.v_proj(x), segment_ids=segment_ids).reshape(b, t, hv, dv)
-
+    def _gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(beta, g), each [B, T, Hv] float32, from x [B, T, D]."""
         beta = jax.nn.sigmoid(self.b_proj(x))
-        if cfg.linear_allow_neg_eigval:
+        if self.config.linear_allow_neg_eigval:
             beta = beta * 2.0  # eigenvalues of (I - beta k k^T) in [-1, 1]
         # Log-space decay per value head, in float32: g = -exp(A_log) * softplus(a + dt_bias) <= 0.
         a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
+        return beta.astype(jnp.float32), g
 
+    def _heads(self, q: jax.Array, k: jax.Array, v: jax.Array):
+        """[B, T, C] conv outputs -> q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv]."""
+        cfg = self.config
+        b, t = q.shape[:2]
+        return (q.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim),
+                k.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim),
+                v.reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim))
+
+    def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
+        """Gated RMSNorm (gate = g_proj(x)) of the rule's output o [B, T, Hv, Dv], then o_proj."""
+        b, t, hv, dv = o.shape
+        gate = self.g_proj(x).reshape(b, t, hv, dv)
+        return self.o_proj(self.o_norm(o, gate).reshape(b, t, hv * dv))
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D] (compute dtype) -> [B, T, D]. ``segment_ids`` [B, T] resets the convs and
+        the recurrent state at each new segment."""
+        cfg = self.config
+        q, k, v = self._heads(self.q_conv(self.q_proj(x), segment_ids=segment_ids),
+                              self.k_conv(self.k_proj(x), segment_ids=segment_ids),
+                              self.v_conv(self.v_proj(x), segment_ids=segment_ids))
+        beta, g = self._gates(x)
         o, _ = gated_delta_rule(
-            q, k, v, g, beta.astype(jnp.float32),
-            use_qk_l2norm=True, segment_ids=segment_ids,
+            q, k, v, g, beta, use_qk_l2norm=True, segment_ids=segment_ids,
             method=cfg.gdn_method, chunk_size=cfg.gdn_chunk_size,
         )  # [B, T, Hv, Dv]
-        gate = self.g_proj(x).reshape(b, t, hv, dv)
-        o = self.o_norm(o, gate).reshape(b, t, hv * dv)
-        return self.o_proj(o)
+        return self._output(x, o)
+
+    def extend(self, x: jax.Array, cache: GDNCache, *,
+               valid: jax.Array) -> tuple[jax.Array, GDNCache]:
+        """Continue from ``cache`` (conv windows and recurrent state).
+
+        x: [B, T, D]; valid: [B, T] bool, False for left padding. A padding token is the
+        identity on the cache: its input is zeroed (so the conv windows see zeros, as at a
+        sequence start) and its decay set to 0 (its key is then zero, so the state is unchanged).
+        One token (decode) runs the recurrent step, more (prefill) the chunked form.
+        Returns (y [B, T, D], the updated cache).
+        """
+        cfg = self.config
+        t = x.shape[1]
+        x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+        q, conv_q = self.q_conv.extend(self.q_proj(x), cache.conv_q)
+        k, conv_k = self.k_conv.extend(self.k_proj(x), cache.conv_k)
+        v, conv_v = self.v_conv.extend(self.v_proj(x), cache.conv_v)
+        q, k, v = self._heads(q, k, v)
+        beta, g = self._gates(x)
+        g = jnp.where(valid[..., None], g, 0.0)
+        o, state = gated_delta_rule(
+            q, k, v, g, beta, use_qk_l2norm=True, initial_state=cache.state,
+            output_final_state=True, method="recurrent" if t == 1 else cfg.gdn_method,
+            chunk_size=cfg.gdn_chunk_size,
+        )
+        return self._output(x, o), GDNCache(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v,
+                                            state=state)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax.config import ATTENTION, ModelConfig
+from hybrid_jax.model.cache import DecodeCache
 from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import RMSNorm
 from hybrid_jax.model.stack import DecoderStack
@@ -65,9 +66,8 @@ class HybridLM(nnx.Module):
           and its output is upcast for the loss.
         """
         cfg = self.config
-        x = self.embed(input_ids)
         rope = None
-        if cfg.rope_theta is not None and ATTENTION in cfg.layer_types:
+        if self._uses_rope:
             if positions is None:
                 if segment_ids is not None:
                     positions = segment_positions(segment_ids)
@@ -75,7 +75,58 @@ class HybridLM(nnx.Module):
                     positions = jnp.arange(input_ids.shape[1])
             positions = jnp.broadcast_to(positions, input_ids.shape)
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        x = self.stack(x, rope=rope, segment_ids=segment_ids)
+        x = self.stack(self.embed(input_ids), rope=rope, segment_ids=segment_ids)
+        return self._logits(x)
+
+    @property
+    def _uses_rope(self) -> bool:
+        return self.config.rope_theta is not None and ATTENTION in self.config.layer_types
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: [B, T, D] -> [B, T, V] float32."""
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
+
+    def extend(
+        self,
+        input_ids: jax.Array,
+        cache: DecodeCache,
+        attention_mask: jax.Array | None = None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, DecodeCache]:
+        """Run new tokens through the model, continuing from ``cache`` (prefill and decode).
+
+        Prefilling a prompt at once or in pieces, then decoding one token at a time, gives the
+        logits of a full forward over the same tokens. Each row continues from its own length.
+
+        Args:
+          input_ids: [B, T] int token ids (T = 1 for a decode step).
+          cache: from ``init_cache`` or an earlier ``extend``; rows must have room for their
+            new tokens (``lengths + valid tokens <= cache.max_length``; ``generate`` checks this,
+            here tokens past the end would be dropped).
+          attention_mask: optional [B, T], 0 for left padding: padding is neither written to the
+            cache nor counted in a row's length, and real tokens take positions after the
+            row's length. Padding may only come before a row's first real token.
+          last_only: return only the last position's logits, [B, 1, V] (all a prefill needs).
+        Returns:
+          (logits [B, T, V] or [B, 1, V] float32, the updated cache). Logits at padding
+          positions are meaningless.
+        """
+        cfg = self.config
+        if attention_mask is None:
+            valid = jnp.ones(input_ids.shape, bool)
+        else:
+            valid = attention_mask.astype(bool)
+        # A token's slot (= its position) counts the real tokens before it in its row.
+        slots = cache.lengths[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+        rope = None
+        if self._uses_rope:
+            rope = rope_cos_sin(jnp.maximum(slots, 0), cfg.head_dim, cfg.rope_theta)
+        x, layers = self.stack.extend(self.embed(input_ids), cache.layers, valid=valid,
+                                      slots=slots, rope=rope)
+        if last_only:
+            x = x[:, -1:]
+        lengths = cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)
+        return self._logits(x), DecodeCache(lengths=lengths, layers=layers)

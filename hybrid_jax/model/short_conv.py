@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrid_jax.ops.conv import causal_conv1d
+from hybrid_jax.ops.conv import causal_conv1d, causal_conv1d_continue
 
 
 class ShortConvolution(nnx.Module):
@@ -42,3 +42,11 @@ class ShortConvolution(nnx.Module):
         weight = self.weight[...].astype(self.dtype)
         return causal_conv1d(x.astype(self.dtype), weight, segment_ids=segment_ids,
                              activation=self.activation)
+
+    def extend(self, x: jax.Array, window: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Continue a sequence whose last K-1 inputs were ``window`` [B, K-1, C].
+
+        x: [B, T, C]. Returns (y [B, T, C] in the compute dtype, the new window)."""
+        weight = self.weight[...].astype(self.dtype)
+        return causal_conv1d_continue(x.astype(self.dtype), window, weight,
+                                      activation=self.activation)

@@ -15,6 +15,7 @@ import jax
 from flax import nnx
 
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.model.cache import LayerCache
 from hybrid_jax.model.decoder import Rope, make_layer
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
@@ -80,3 +81,22 @@ class DecoderStack(nnx.Module):
             for j in range(self.num_blocks):
                 x = run_block(x, jax.tree.map(lambda a, j=j: a[j], state))
         return x
+
+    def extend(self, x: jax.Array, caches: tuple[LayerCache, ...], *, valid: jax.Array,
+               slots: jax.Array, rope: Rope = None) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """Cached forward: x [B, T, D] -> [B, T, D] and each layer's updated cache.
+
+        Unrolled over layers even when ``__call__`` scans: every layer's cache is its own
+        buffer, updated in place inside a decode loop. Scanning would pass each key/value cache
+        through the scan's stacked outputs, a full copy of the cache per token.
+        """
+        graphdef, state = nnx.split(self.blocks)
+        period = len(self.blocks.layers)
+        new_caches = []
+        for j in range(self.num_blocks):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
+            for i, layer in enumerate(block.layers):
+                x, cache = layer.extend(x, caches[j * period + i], valid=valid, slots=slots,
+                                        rope=rope)
+                new_caches.append(cache)
+        return x, tuple(new_caches)

@@ -1,7 +1,7 @@
 """Pure functions: the gated delta rule in every form, attention, convolution, norms, rope."""
 
-from hybrid_jax.ops.attention import causal_attention, segment_positions
-from hybrid_jax.ops.conv import causal_conv1d
+from hybrid_jax.ops.attention import cached_attention, causal_attention, segment_positions
+from hybrid_jax.ops.conv import causal_conv1d, causal_conv1d_continue
 from hybrid_jax.ops.gated_delta_rule import METHODS, gated_delta_rule, l2_normalize, segment_resets
 from hybrid_jax.ops.gdn_recurrent import gdn_step
 from hybrid_jax.ops.norms import gated_rms_norm, rms_norm
@@ -10,8 +10,10 @@ from hybrid_jax.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 __all__ = [
     "METHODS",
     "apply_rope",
+    "cached_attention",
     "causal_attention",
     "causal_conv1d",
+    "causal_conv1d_continue",
     "gated_delta_rule",
     "gated_rms_norm",
     "gdn_step",

@@ -60,18 +60,58 @@ def causal_attention(
                                        implementation=implementation)
 
 
+def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                       scale: float) -> jax.Array:
+    """Softmax attention with float32 logits and an explicit boolean mask.
+
+    q: [B, T, H, D]; k, v: [B, S, Hkv, D]; allowed: broadcastable to [B, Hkv, G, T, S] with
+    G = H / Hkv. A query with no allowed key gets a uniform average (finite, never NaN).
+    Returns [B, T, H, D] in v's dtype.
+    """
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, d)  # query head j * G + g uses kv head j
+    logits = jnp.einsum("btjgd,bsjd->bjgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bjgts,bsjd->btjgd", probs, v).reshape(b, t, h, d)
+
+
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                    scale: float) -> jax.Array:
     """The same numerics as ``jax.nn.dot_product_attention``'s XLA path, without its explicit
     ``F16_F16_F32`` dot algorithm, which XLA:CPU rejects under jit (its eager fallback does not
     apply there). Shapes as ``causal_attention``; mask [B, 1, T, S] or None."""
-    b, t, h, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, h // hkv, d)  # query head j * G + g uses kv head j
-    logits = jnp.einsum("btjgd,bsjd->bjgts", qg, k, preferred_element_type=jnp.float32) * scale
-    allowed = jnp.tril(jnp.ones((t, k.shape[1]), bool))
+    allowed = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
     if mask is not None:
         allowed = allowed & mask[:, :, None]  # [B, 1, 1, T, S]
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bjgts,bsjd->btjgd", probs, v).reshape(b, t, h, d)
+    return _grouped_attention(q, k, v, allowed, scale)
+
+
+def cached_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    q_slots: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention of new queries against a key/value cache (prefill pieces and decode steps).
+
+    Query i of row b sits at cache slot ``q_slots[b, i]`` (its position) and sees the slots
+    ``s <= q_slots[b, i]``: its own key, already written there, and every earlier one. Slots past
+    a row's length hold stale values that no query can see.
+
+    Args:
+      q: [B, T, H, D].
+      k_cache, v_cache: [B, S, Hkv, D] with H a multiple of Hkv.
+      q_slots: [B, T] int; a negative slot sees nothing (left padding) and gets a finite average.
+      scale: defaults to D**-0.5.
+    Returns:
+      [B, T, H, D] in v_cache's dtype; logits and softmax in float32.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    s = k_cache.shape[1]
+    allowed = jnp.arange(s, dtype=jnp.int32) <= q_slots[:, :, None]  # [B, T, S]
+    return _grouped_attention(q, k_cache, v_cache, allowed[:, None, None], scale)

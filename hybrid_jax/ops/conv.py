@@ -6,6 +6,37 @@ import jax
 import jax.numpy as jnp
 
 
+def _check_activation(activation: str | None) -> None:
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: unsupported activation {activation!r}")
+
+
+def _taps(x_ext: jax.Array, weight: jax.Array, t: int, same_segment=None) -> jax.Array:
+    """``out[t] = sum_j weight[:, j] * x_ext[t + j]`` for t < T, accumulated in float32.
+
+    x_ext: [B, K-1+T, C] float32 (the K-1 inputs before the first output, then the T inputs).
+    same_segment: optional callable j -> [B, T] bool, False where tap j reads another segment.
+    K is small, so K shifted multiply-adds are cheaper and more exact than a general convolution.
+    """
+    k = weight.shape[1]
+    w32 = weight.astype(jnp.float32)
+    out = jnp.zeros(x_ext.shape[:1] + (t,) + x_ext.shape[2:], jnp.float32)
+    for j in range(k):
+        shifted = x_ext[:, j : j + t]  # x[t - (K-1) + j]
+        if same_segment is not None and j < k - 1:
+            shifted = jnp.where(same_segment(j)[..., None], shifted, 0.0)
+        out = out + shifted * w32[:, j]
+    return out
+
+
+def _finish(out: jax.Array, weight: jax.Array, activation: str | None, dtype) -> jax.Array:
+    """Cast to the weight's dtype as transformers' conv output is, then activate."""
+    out = out.astype(weight.dtype)
+    if activation == "silu":
+        out = jax.nn.silu(out.astype(jnp.float32)).astype(weight.dtype)
+    return out.astype(dtype)
+
+
 def causal_conv1d(
     x: jax.Array,
     weight: jax.Array,
@@ -24,27 +55,47 @@ def causal_conv1d(
       segment_ids: optional [B, T]; a token never sees inputs from a different segment.
       activation: None or "silu".
     Returns:
-      [B, T, C] in x's dtype. Products are accumulated in float32 (K is small, so K shifted
-      multiply-adds are cheaper and more exact than a general convolution), cast to the weight's
-      dtype as transformers' conv output is, then activated.
+      [B, T, C] in x's dtype (products accumulated in float32).
     """
-    if activation not in (None, "silu"):
-        raise ValueError(f"causal_conv1d: unsupported activation {activation!r}")
-    b, t, c = x.shape
-    k = weight.shape[1]
-    w32 = weight.astype(jnp.float32)
+    _check_activation(activation)
+    t, k = x.shape[1], weight.shape[1]
     x_pad = jnp.pad(x.astype(jnp.float32), ((0, 0), (k - 1, 0), (0, 0)))
+    same = None
     if segment_ids is not None:
         # Pad with the first id: padded inputs are zero anyway.
         seg_pad = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), mode="edge")
-    out = jnp.zeros((b, t, c), jnp.float32)
-    for j in range(k):
-        shifted = x_pad[:, j : j + t]  # x[t - (K-1) + j]
-        if segment_ids is not None and j < k - 1:
-            same = seg_pad[:, j : j + t] == segment_ids
-            shifted = jnp.where(same[..., None], shifted, 0.0)
-        out = out + shifted * w32[:, j]
-    out = out.astype(weight.dtype)
-    if activation == "silu":
-        out = jax.nn.silu(out.astype(jnp.float32)).astype(weight.dtype)
-    return out.astype(x.dtype)
+        same = lambda j: seg_pad[:, j : j + t] == segment_ids
+    return _finish(_taps(x_pad, weight, t, same), weight, activation, x.dtype)
+
+
+def causal_conv1d_continue(
+    x: jax.Array,
+    window: jax.Array,
+    weight: jax.Array,
+    *,
+    activation: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``causal_conv1d`` of x continuing a sequence whose last K-1 inputs were ``window``.
+
+    This is the cached form used by prefill and decode: with ``window`` all zeros it equals
+    ``causal_conv1d(x)``, and feeding a sequence in pieces, each with the window the previous
+    piece returned, equals feeding it at once.
+
+    Args:
+      x: [B, T, C] (T >= 1).
+      window: [B, K-1, C], the inputs just before x (zeros at a sequence start).
+      weight: [C, K].
+      activation: None or "silu".
+    Returns:
+      (y [B, T, C] in x's dtype, new window [B, K-1, C] in window's dtype: the last K-1 inputs of
+      window followed by x).
+    """
+    _check_activation(activation)
+    t, k = x.shape[1], weight.shape[1]
+    if window.shape != (x.shape[0], k - 1, x.shape[2]):
+        raise ValueError(f"causal_conv1d_continue: window must be [B, K-1, C] = "
+                         f"{(x.shape[0], k - 1, x.shape[2])}, got {window.shape}")
+    x_ext = jnp.concatenate([window.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
+    y = _finish(_taps(x_ext, weight, t), weight, activation, x.dtype)
+    new_window = jnp.concatenate([window, x.astype(window.dtype)], axis=1)[:, t:]
+    return y, new_window

@@ -1,0 +1,25 @@
+"""Inference: cached prefill and decode, sampling, generation."""
+
+from hybrid_jax.inference.generate import generate
+from hybrid_jax.inference.sampling import SamplingConfig, filter_logits, sample_tokens
+from hybrid_jax.model.cache import (
+    DecodeCache,
+    GDNCache,
+    KVCache,
+    cache_partition_specs,
+    cache_shardings,
+    init_cache,
+)
+
+__all__ = [
+    "DecodeCache",
+    "GDNCache",
+    "KVCache",
+    "SamplingConfig",
+    "cache_partition_specs",
+    "cache_shardings",
+    "filter_logits",
+    "generate",
+    "init_cache",
+    "sample_tokens",
+]

@@ -1,0 +1,220 @@
+"""Text generation: a jitted prefill (whole or in pieces), then a decode loop inside
+``lax.while_loop``: one compile per shape, no Python loop per token.
+
+    tokens = generate(model, input_ids, max_new_tokens=32, attention_mask=mask)
+
+Batches are left-padded, as transformers expects: ``attention_mask`` is 0 on the padding at the
+start of a row. Each row stops at its first EOS and is filled with the pad id after it; the loop
+ends when every row has stopped or ``max_new_tokens`` are out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+
+from hybrid_jax.inference.sampling import SamplingConfig, sample_tokens
+from hybrid_jax.model.cache import DecodeCache, init_cache
+from hybrid_jax.model.hybrid_lm import HybridLM
+
+# on_tokens(step, tokens [B] int32, finished [B] bool): finished rows were already done before
+# this step, and their token is the pad id.
+TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+@partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _prefill_piece(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array,
+                   cache: DecodeCache, attention_mask: jax.Array) -> tuple[jax.Array, DecodeCache]:
+    """One prefill piece: (last-position logits [B, V] float32, updated cache)."""
+    model = nnx.merge(graphdef, params)
+    logits, cache = model.extend(input_ids, cache, attention_mask, last_only=True)
+    return logits[:, 0], cache
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id",
+                                   "on_tokens"), donate_argnames=("cache",))
+def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logits: jax.Array,
+            key: jax.Array, *, max_new_tokens: int, sampling: SamplingConfig,
+            eos_ids: tuple[int, ...], pad_id: int,
+            on_tokens: TokenCallback | None) -> tuple[jax.Array, DecodeCache]:
+    """Sample ``max_new_tokens`` tokens per row from the prefill's last logits [B, V].
+
+    Token i is sampled from the logits after token i-1; N tokens take N-1 decode steps.
+    Returns (tokens [B, max_new_tokens] int32, the cache after the last step, which aliases the
+    donated input cache: the loop updates it in place).
+    """
+    model = nnx.merge(graphdef, params)
+    batch = logits.shape[0]
+    eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
+
+    def pick(i, logits, done):
+        token = sample_tokens(logits, jax.random.fold_in(key, i), sampling)
+        token = jnp.where(done, pad_id, token)
+        if on_tokens is not None:
+            io_callback(lambda *a: on_tokens(int(a[0]), np.asarray(a[1]), np.asarray(a[2])),
+                        None, i, token, done, ordered=True)
+        now_done = done if eos is None else done | jnp.isin(token, eos)
+        return token, now_done
+
+    def body(carry):
+        i, logits, cache, tokens, done = carry
+        token, done = pick(i, logits, done)
+        tokens = tokens.at[:, i].set(token)
+        logits, cache = model.extend(token[:, None], cache, last_only=True)
+        return i + 1, logits[:, 0], cache, tokens, done
+
+    def cond(carry):
+        i, _, _, _, done = carry
+        return (i < max_new_tokens - 1) & ~jnp.all(done)
+
+    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    i, logits, cache, tokens, done = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), logits, cache, tokens, done))
+
+    # The last token needs no decode step after it. If every row stopped early, this writes a
+    # pad over a pad (and skips the callback).
+    def last(tokens):
+        token, _ = pick(i, logits, done)
+        return tokens.at[:, i].set(token)
+
+    return jax.lax.cond(jnp.all(done), lambda t: t, last, tokens), cache
+
+
+def _as_int_list(value, name: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    values = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
+    for v in values:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"generate: {name} must be an int or a sequence of ints, got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+def _check_prompt(input_ids: np.ndarray, attention_mask: np.ndarray | None,
+                  vocab_size: int) -> np.ndarray:
+    """The [B, T] bool mask of real tokens, after checking ids and mask; errors name the culprit."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"generate: input_ids must be [batch, length], got shape {input_ids.shape}")
+    if not np.issubdtype(input_ids.dtype, np.integer):
+        raise TypeError(f"generate: input_ids must hold integers, got {input_ids.dtype}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"generate: the prompt is empty (input_ids shape {input_ids.shape})")
+    if attention_mask is None:
+        valid = np.ones(input_ids.shape, bool)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"generate: attention_mask shape {attention_mask.shape} does not match "
+                             f"input_ids shape {input_ids.shape}")
+        if not np.all((attention_mask == 0) | (attention_mask == 1)):
+            raise ValueError("generate: attention_mask must hold only 0 and 1")
+        valid = attention_mask.astype(bool)
+        # Left padding only: once a row's real tokens start, they do not stop.
+        bad = np.nonzero(np.any(valid[:, :-1] & ~valid[:, 1:], axis=1))[0]
+        if bad.size:
+            raise ValueError(f"generate: attention_mask row {int(bad[0])} has padding after a real "
+                             f"token; pad on the left (tokenizer padding_side='left')")
+    empty = np.nonzero(~valid.any(axis=1))[0]
+    if empty.size:
+        raise ValueError(f"generate: prompt row {int(empty[0])} is empty (no token with "
+                         f"attention_mask 1)")
+    real = input_ids[valid]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+        bad_id = int(real.min() if real.min() < 0 else real.max())
+        raise ValueError(f"generate: input_ids holds token id {bad_id}, outside the vocabulary "
+                         f"[0, {vocab_size})")
+    return valid
+
+
+def generate(
+    model: HybridLM,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    attention_mask=None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    prefill_chunk_size: int | None = None,
+    cache_sharding: DecodeCache | None = None,
+    on_tokens: TokenCallback | None = None,
+) -> jax.Array:
+    """Generate up to ``max_new_tokens`` tokens after each prompt.
+
+    Args:
+      model: a ``HybridLM``.
+      input_ids: [B, T] int prompt ids, left-padded when rows differ in length.
+      max_new_tokens: tokens to add per row (> 0).
+      attention_mask: [B, T] of 0/1, 0 on left padding (default: all 1).
+      temperature: 0 for greedy decoding, else the softmax temperature.
+      top_k, top_p: sampling filters (see ``SamplingConfig``).
+      eos_token_id: id or ids that end a row; None uses ``model.config.eos_token_id``, ``()``
+        never stops early.
+      pad_token_id: fills a row after its EOS; None uses the config's pad id, else the first
+        EOS id, else 0.
+      seed: PRNG seed for sampling (the same seed gives the same tokens).
+      max_length: cache capacity in tokens per row (default: longest prompt + max_new_tokens).
+      prefill_chunk_size: prefill the prompt in pieces of this many tokens (bounds prefill
+        memory: attention logits are [piece, max_length]); default one piece.
+      cache_sharding: optional ``cache_shardings(...)`` tree to place the cache on a mesh.
+      on_tokens: optional host callback ``(step, tokens [B], finished [B])`` called as each
+        token is chosen, for streaming. A new callable compiles a new decode loop.
+    Returns:
+      [B, T + max_new_tokens] int32: the prompt as given, then the new tokens (pad ids after a
+      row's EOS, and for every row once all rows have stopped).
+    """
+    cfg = model.config
+    ids = np.asarray(input_ids)
+    mask = None if attention_mask is None else np.asarray(attention_mask)
+    valid = _check_prompt(ids, mask, cfg.vocab_size)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    sampling = SamplingConfig(temperature=float(temperature), top_k=top_k,
+                              top_p=None if top_p is None else float(top_p))
+    eos_ids = _as_int_list(cfg.eos_token_id if eos_token_id is None else eos_token_id,
+                           "eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
+            eos_ids[0] if eos_ids else 0)
+    longest = int(valid.sum(axis=1).max())
+    needed = longest + int(max_new_tokens)
+    if max_length is None:
+        max_length = needed
+    elif longest > max_length:
+        raise ValueError(f"generate: the prompt has {longest} tokens, longer than max_length "
+                         f"{max_length}")
+    elif needed > max_length:
+        raise ValueError(f"generate: prompt ({longest} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) = {needed} exceeds max_length {max_length}")
+    if prefill_chunk_size is not None and prefill_chunk_size <= 0:
+        raise ValueError(f"generate: prefill_chunk_size must be positive, got {prefill_chunk_size}")
+
+    # Pieces of one size compile once: left-pad the prompt to a multiple of the piece size.
+    b, t = ids.shape
+    piece = t if prefill_chunk_size is None else int(prefill_chunk_size)
+    extra = -t % piece
+    ids_p = np.pad(ids, ((0, 0), (extra, 0))).astype(np.int32)
+    valid_p = np.pad(valid, ((0, 0), (extra, 0)))
+
+    graphdef, params = nnx.split(model)
+    cache = init_cache(cfg, b, max_length)
+    if cache_sharding is not None:
+        cache = jax.device_put(cache, cache_sharding)
+    logits = None
+    for start in range(0, ids_p.shape[1], piece):
+        logits, cache = _prefill_piece(graphdef, params, jnp.asarray(ids_p[:, start:start + piece]),
+                                       cache, jnp.asarray(valid_p[:, start:start + piece]))
+    new, _ = _decode(graphdef, params, cache, logits, jax.random.key(seed),
+                  max_new_tokens=int(max_new_tokens), sampling=sampling, eos_ids=eos_ids,
+                  pad_id=int(pad_token_id), on_tokens=on_tokens)
+    return jnp.concatenate([jnp.asarray(ids, jnp.int32), new], axis=1)
