@@ -4,12 +4,18 @@
     hybrid-jax convert hf-to-orbax SRC DST [--dtype D] [--overwrite]
     hybrid-jax convert orbax-to-hf SRC DST [--dtype D] [--max-shard-size 5GB] [--overwrite]
     hybrid-jax convert verify HF_DIR ORBAX_DIR [--seq-len 32] [--batch 2] [--tol T]
+    hybrid-jax generate --checkpoint DIR --prompt TEXT [--tokenizer FILE] [--max-new-tokens 64]
+        [--temperature 0] [--top-k K] [--top-p P] [--seed 0] [--max-length N]
+        [--prefill-chunk-size N] [--dtype float32|bfloat16] [--eos-token-id [ID ...]]
 
 ``demo`` (the default) builds an OLMo-Hybrid-shaped model, runs a batch through it with each
 form of the gated delta rule, and prints the parameter count, the logits' shape, each form's
 compile and run time, and how far the forms' logits are apart. ``convert`` moves weights between
 transformers checkpoints and orbax checkpoints, and checks a pair against each other (see
-``hybrid_jax.convert_cli``).
+``hybrid_jax.convert_cli``). ``generate`` loads either kind of checkpoint and streams the text it
+generates after a prompt to stdout, encoded with a tokenizer.json (``--tokenizer``, else the
+checkpoint's own) or as UTF-8 bytes, with a one-line timing summary on stderr (see
+``hybrid_jax.generate_cli``).
 """
 
 from __future__ import annotations
@@ -102,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid_jax.convert_cli import add_convert_parser
 
     add_convert_parser(sub)
+    from hybrid_jax.generate_cli import add_generate_parser
+
+    add_generate_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         argv = ["demo", *argv]
@@ -110,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from hybrid_jax.convert_cli import run_convert
 
         return run_convert(args, parser)
+    if args.command == "generate":
+        from hybrid_jax.generate_cli import run_generate
+
+        return run_generate(args)
     if args.preset == "olmo_hybrid_7b":
         parser.error("--preset olmo_hybrid_7b does not fit a demo on this machine; use small or tiny")
     if args.batch <= 0 or args.seq_len <= 0:

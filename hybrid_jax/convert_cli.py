@@ -176,12 +176,12 @@ def orbax_to_hf_cmd(args: argparse.Namespace) -> int:
 def verify(args: argparse.Namespace) -> int:
     if args.batch <= 0 or args.seq_len <= 0:
         raise _Fail("--batch and --seq-len must be positive")
+    from hybrid_jax.convert.checkpoint import ORBAX, checkpoint_format
+
     hf_dir, orbax_dir = Path(args.hf_dir), Path(args.orbax_dir)
-    if not hf_dir.is_dir():
-        raise _Fail(f"{hf_dir}: checkpoint directory not found")
-    if not (hf_dir / "config.json").is_file():
-        raise _Fail(f"{hf_dir / 'config.json'}: config.json not found in checkpoint directory "
-                    f"{hf_dir}")
+    if checkpoint_format(hf_dir) == ORBAX:
+        raise _Fail(f"{hf_dir}: an orbax checkpoint where the transformers one was expected "
+                    f"(verify HF_DIR ORBAX_DIR)")
     try:
         import torch
         from transformers import OlmoHybridForCausalLM

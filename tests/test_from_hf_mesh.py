@@ -11,12 +11,12 @@ findings as JSON, which the tests below check.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from host_devices import run_child
 
 N_DEVICES = 8
 MESH_SHAPE = (2, 4)
@@ -154,13 +154,7 @@ def _child(out: Path) -> None:
 # ----------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def child(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("mesh") / "result.json"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
-    assert proc.returncode == 0, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    return run_child(__file__, tmp_path_factory.mktemp("mesh") / "result.json", N_DEVICES)
 
 
 LOADS = ("pytree", "callable", "torch_pt")

@@ -23,6 +23,10 @@ from hybrid_jax.inference.sampling import SamplingConfig, sample_tokens
 from hybrid_jax.model.cache import DecodeCache, init_cache
 from hybrid_jax.model.hybrid_lm import HybridLM
 
+# Prompts longer than LONG_PROMPT are prefilled in pieces of PREFILL_PIECE tokens by default.
+LONG_PROMPT = 4096
+PREFILL_PIECE = 2048
+
 # on_tokens(step, tokens [B] int32, finished [B] bool): finished rows were already done before
 # this step, and their token is the pad id.
 TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
@@ -50,6 +54,7 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logit
     donated input cache: the loop updates it in place).
     """
     model = nnx.merge(graphdef, params)
+    block_params = model.stack.block_params()  # sliced once, not at every step
     batch = logits.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
 
@@ -66,7 +71,8 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logit
         i, logits, cache, tokens, done = carry
         token, done = pick(i, logits, done)
         tokens = tokens.at[:, i].set(token)
-        logits, cache = model.extend(token[:, None], cache, last_only=True)
+        logits, cache = model.extend(token[:, None], cache, last_only=True,
+                                     block_params=block_params)
         return i + 1, logits[:, 0], cache, tokens, done
 
     def cond(carry):
@@ -164,8 +170,9 @@ def generate(
         EOS id, else 0.
       seed: PRNG seed for sampling (the same seed gives the same tokens).
       max_length: cache capacity in tokens per row (default: longest prompt + max_new_tokens).
-      prefill_chunk_size: prefill the prompt in pieces of this many tokens (bounds prefill
-        memory: attention logits are [piece, max_length]); default one piece.
+      prefill_chunk_size: prefill the prompt in pieces of this many tokens, which bounds prefill
+        memory (attention logits are [B, H, piece, max_length] float32). Default: one piece up
+        to 4096 tokens, pieces of 2048 beyond.
       cache_sharding: optional ``cache_shardings(...)`` tree to place the cache on a mesh.
       on_tokens: optional host callback ``(step, tokens [B], finished [B])`` called as each
         token is chosen, for streaming. A new callable compiles a new decode loop.
@@ -201,7 +208,9 @@ def generate(
 
     # Pieces of one size compile once: left-pad the prompt to a multiple of the piece size.
     b, t = ids.shape
-    piece = t if prefill_chunk_size is None else int(prefill_chunk_size)
+    if prefill_chunk_size is None:
+        prefill_chunk_size = t if t <= LONG_PROMPT else PREFILL_PIECE
+    piece = min(int(prefill_chunk_size), t)
     extra = -t % piece
     ids_p = np.pad(ids, ((0, 0), (extra, 0))).astype(np.int32)
     valid_p = np.pad(valid, ((0, 0), (extra, 0)))
@@ -215,6 +224,6 @@ def generate(
         logits, cache = _prefill_piece(graphdef, params, jnp.asarray(ids_p[:, start:start + piece]),
                                        cache, jnp.asarray(valid_p[:, start:start + piece]))
     new, _ = _decode(graphdef, params, cache, logits, jax.random.key(seed),
-                  max_new_tokens=int(max_new_tokens), sampling=sampling, eos_ids=eos_ids,
-                  pad_id=int(pad_token_id), on_tokens=on_tokens)
+                     max_new_tokens=int(max_new_tokens), sampling=sampling, eos_ids=eos_ids,
+                     pad_id=int(pad_token_id), on_tokens=on_tokens)
     return jnp.concatenate([jnp.asarray(ids, jnp.int32), new], axis=1)

@@ -95,6 +95,7 @@ class HybridLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         *,
         last_only: bool = False,
+        block_params: tuple[nnx.State, ...] | None = None,
     ) -> tuple[jax.Array, DecodeCache]:
         """Run new tokens through the model, continuing from ``cache`` (prefill and decode).
 
@@ -110,11 +111,22 @@ class HybridLM(nnx.Module):
             cache nor counted in a row's length, and real tokens take positions after the
             row's length. Padding may only come before a row's first real token.
           last_only: return only the last position's logits, [B, 1, V] (all a prefill needs).
+          block_params: optional ``self.stack.block_params()``, sliced once before a decode
+            loop so that no step copies the stacked weights again.
         Returns:
           (logits [B, T, V] or [B, 1, V] float32, the updated cache). Logits at padding
           positions are meaningless.
         """
         cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"extend: input_ids must be [B, T], got shape {input_ids.shape}")
+        if cache.lengths.shape != input_ids.shape[:1] or len(cache.layers) != cfg.num_hidden_layers:
+            raise ValueError(f"extend: the cache holds {cache.lengths.shape[0]} rows and "
+                             f"{len(cache.layers)} layers; input_ids has {input_ids.shape[0]} rows "
+                             f"and the model {cfg.num_hidden_layers} layers")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"extend: attention_mask shape {attention_mask.shape} does not match "
+                             f"input_ids shape {input_ids.shape}")
         if attention_mask is None:
             valid = jnp.ones(input_ids.shape, bool)
         else:
@@ -125,7 +137,7 @@ class HybridLM(nnx.Module):
         if self._uses_rope:
             rope = rope_cos_sin(jnp.maximum(slots, 0), cfg.head_dim, cfg.rope_theta)
         x, layers = self.stack.extend(self.embed(input_ids), cache.layers, valid=valid,
-                                      slots=slots, rope=rope)
+                                      slots=slots, rope=rope, block_params=block_params)
         if last_only:
             x = x[:, -1:]
         lengths = cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)

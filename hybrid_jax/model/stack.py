@@ -82,19 +82,35 @@ class DecoderStack(nnx.Module):
                 x = run_block(x, jax.tree.map(lambda a, j=j: a[j], state))
         return x
 
+    def block_params(self) -> tuple[nnx.State, ...]:
+        """Each block's parameters, sliced out of the stacked [n, ...] arrays (a copy).
+
+        A decode loop slices these once, before the loop, and passes them to every ``extend``:
+        slicing inside the loop body copies every weight matrix at every step (XLA:CPU does not
+        hoist the slices out of a while loop), which for a small batch doubles the bytes a
+        step reads. The price is a second copy of the stack's weights while decoding.
+        """
+        state = nnx.state(self.blocks)
+        return tuple(jax.tree.map(lambda a, j=j: a[j], state) for j in range(self.num_blocks))
+
     def extend(self, x: jax.Array, caches: tuple[LayerCache, ...], *, valid: jax.Array,
-               slots: jax.Array, rope: Rope = None) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+               slots: jax.Array, rope: Rope = None,
+               block_params: tuple[nnx.State, ...] | None = None,
+               ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
         """Cached forward: x [B, T, D] -> [B, T, D] and each layer's updated cache.
 
         Unrolled over layers even when ``__call__`` scans: every layer's cache is its own
         buffer, updated in place inside a decode loop. Scanning would pass each key/value cache
         through the scan's stacked outputs, a full copy of the cache per token.
+        ``block_params``: optional ``self.block_params()``, computed once outside a decode loop.
         """
-        graphdef, state = nnx.split(self.blocks)
+        graphdef = nnx.graphdef(self.blocks)
+        if block_params is None:
+            block_params = self.block_params()
         period = len(self.blocks.layers)
         new_caches = []
-        for j in range(self.num_blocks):
-            block = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
+        for j, params in enumerate(block_params):
+            block = nnx.merge(graphdef, params)
             for i, layer in enumerate(block.layers):
                 x, cache = layer.extend(x, caches[j * period + i], valid=valid, slots=slots,
                                         rope=rope)
