@@ -17,9 +17,9 @@ parameter counts match (printed with their ratio).
 
 Decode: the cache is filled with random values (keys and values ~ N(0, 1), like q/k-normed
 activations; conv windows ~ N(0, 0.1); GDN states ~ N(0, 0.01)), every row at length
-``context``, with ``context + steps`` slots. One jitted ``lax.while_loop`` runs ``--steps``
-decode steps of ``model.extend`` (T = 1), feeding back each row's argmax token, with the cache
-donated so it is updated in place: the path ``generate`` uses. Compilation and ``--warmup``
+``context``, with ``context + steps`` slots. ``hybrid_jax.inference.decode``, the loop ``generate`` runs (one
+jitted ``lax.while_loop`` of ``model.extend`` with T = 1, the cache donated and updated in
+place), runs ``--steps`` greedy decode steps with no EOS. Compilation and ``--warmup``
 runs are excluded; the best of ``--repeats`` runs is reported as tokens/s = batch * steps /
 time. Each configuration is compiled for abstract shapes first; one whose estimated peak
 (the executable's arguments + temporaries, or the cache while it is being filled) exceeds
@@ -54,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from hybrid_jax.config import ATTENTION, GDN, ModelConfig, hybrid_layer_types
+from hybrid_jax.inference import decode
 from hybrid_jax.model.cache import DecodeCache, GDNCache, KVCache, init_cache
 from hybrid_jax.model.hybrid_lm import HybridLM
 
@@ -177,23 +178,13 @@ def peak_bytes(compiled) -> int | None:
 
 
 # --------------------------------------------------------------------------- decode
-def decode_fn(graphdef: nnx.GraphDef, steps: int):
-    """jit of (params, cache [donated], token [B]) -> (last token, cache): ``steps`` decode steps
-    in a ``lax.while_loop``, each feeding back the argmax token (as ``generate``'s ``_decode``)."""
-
-    def run(params, cache, token):
-        model = nnx.merge(graphdef, params)
-
-        def body(carry):
-            i, token, cache = carry
-            logits, cache = model.extend(token[:, None], cache, last_only=True)
-            return i + 1, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
-
-        _, token, cache = jax.lax.while_loop(lambda c: c[0] < steps, body,
-                                             (jnp.int32(0), token, cache))
-        return token, cache
-
-    return jax.jit(run, donate_argnums=1)
+def compile_decode_loop(graphdef: nnx.GraphDef, params, cache, batch: int, vocab: int, steps: int):
+    """``hybrid_jax.inference.decode`` (what ``generate`` runs) compiled for ``steps`` greedy decode
+    steps and no EOS: called as (params, cache [donated], logits [B, V], key) -> (tokens, cache).
+    ``steps + 1`` tokens take ``steps`` steps; sampling the last one is negligible."""
+    logits = jax.ShapeDtypeStruct((batch, vocab), jnp.float32)
+    return decode.lower(graphdef, params, cache, logits, jax.random.key(0),
+                        max_new_tokens=steps + 1).compile()
 
 
 @dataclass
@@ -224,8 +215,7 @@ def compile_decode(config: ModelConfig, params: nnx.State, graphdef: nnx.GraphDe
                    max_length: int, steps: int):
     """The decode loop compiled for abstract arguments (nothing allocated), and its peak bytes."""
     shapes = jax.eval_shape(lambda: init_cache(config, batch, max_length))
-    token = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    compiled = decode_fn(graphdef, steps).lower(params, shapes, token).compile()
+    compiled = compile_decode_loop(graphdef, params, shapes, batch, config.vocab_size, steps)
     largest = max(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
     fill_peak = cache_bytes(config, batch, max_length) + 2 * largest
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -236,24 +226,25 @@ def bench_decode(config: ModelConfig, params: nnx.State, compiled, batch: int, c
                  args: argparse.Namespace, bandwidth: float, peak: int,
                  weight_shapes: list[tuple[int, ...]]) -> DecodeResult:
     max_length = context + args.steps
-    kv_shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
+    kv_shape = (batch, config.num_key_value_heads, max_length, config.head_dim)
     hlo = (loop_body_report(compiled.as_text(), kv_shape=kv_shape, weight_shapes=weight_shapes)
            if args.check_hlo and ATTENTION in config.layer_types else {})
     cache = filled_cache(config, batch, context, max_length, seed=args.seed)
     nbytes = cache.nbytes
-    token = jnp.zeros((batch,), jnp.int32)
+    logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+    key = jax.random.key(0)
     best = float("inf")
     for r in range(args.warmup + args.repeats):
         # The same buffers, every row back at `context` (lengths is donated too: a new array).
         cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32).block_until_ready())
         start = time.perf_counter()
-        token, cache = compiled(params, cache, token)
-        jax.block_until_ready((token, cache))
+        tokens, cache = compiled(params, cache, logits, key)
+        jax.block_until_ready((tokens, cache))
         if r >= args.warmup:
             best = min(best, time.perf_counter() - start)
     kv = sum(l.k.nbytes + l.v.nbytes for l in cache.layers if isinstance(l, KVCache))
     n_arrays = len(jax.tree.leaves(cache))
-    del cache, token
+    del cache, tokens
     read = weight_bytes_read(params, config) + nbytes
     stack = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(params)
                 if x.ndim >= 3 and "stack" in jax.tree_util.keystr(path))

@@ -88,8 +88,8 @@ def assert_caches_match(got: DecodeCache, got_row: int, want: DecodeCache, want_
         assert type(g) is type(w), i
         if isinstance(w, KVCache):
             for name in ("k", "v"):
-                _assert_close_leaf(getattr(g, name)[got_row, :n], getattr(w, name)[want_row, :n],
-                                   rtol, f"layer {i} {name}")
+                _assert_close_leaf(getattr(g, name)[got_row, :, :n],
+                                   getattr(w, name)[want_row, :, :n], rtol, f"layer {i} {name}")
         else:
             for name in ("conv_q", "conv_k", "conv_v", "state"):
                 _assert_close_leaf(getattr(g, name)[got_row], getattr(w, name)[want_row],
@@ -166,8 +166,8 @@ def test_prefill_in_pieces_equals_prefill_at_once(hybrid):
     # The slots past the prompt were never written.
     for layer in cache.layers:
         if isinstance(layer, KVCache):
-            assert not np.any(np.asarray(layer.k)[:, T0:])
-            assert not np.any(np.asarray(layer.v)[:, T0:])
+            assert not np.any(np.asarray(layer.k)[:, :, T0:])
+            assert not np.any(np.asarray(layer.v)[:, :, T0:])
 
 
 def test_one_token_at_a_time_equals_prefill_at_once(hybrid, token_by_token):
@@ -214,7 +214,7 @@ def test_left_padded_row_equals_prompt_alone(padded, token_by_token, row):
     # Padding is never written: the row's slots from its length on are still zero.
     for layer in padded["cache"].layers:
         if isinstance(layer, KVCache):
-            assert not np.any(np.asarray(layer.k)[row, n:])
+            assert not np.any(np.asarray(layer.k)[row, :, n:])
 
 
 def test_left_padding_ids_do_not_matter(hybrid, padded):
@@ -283,7 +283,7 @@ def test_init_cache_shapes_and_dtypes():
         if kind == ATTENTION:
             assert isinstance(layer, KVCache)
             for x in (layer.k, layer.v):
-                assert x.shape == (b, s, cfg.num_key_value_heads, cfg.head_dim)
+                assert x.shape == (b, cfg.num_key_value_heads, s, cfg.head_dim)
                 assert x.dtype == jnp.bfloat16
                 expected += x.size * 2
         else:
@@ -348,7 +348,7 @@ def test_cache_partition_specs():
     assert specs.lengths == PartitionSpec("data")
     for layer in specs.layers:
         if isinstance(layer, KVCache):
-            assert layer.k == layer.v == PartitionSpec("data", None, "tensor", None)
+            assert layer.k == layer.v == PartitionSpec("data", "tensor", None, None)
         else:
             conv = PartitionSpec("data", None, "tensor")
             assert layer.conv_q == layer.conv_k == layer.conv_v == conv
@@ -431,9 +431,8 @@ def test_cache_shardings_place_a_cache_on_a_mesh(mesh_child):
     assert all(ok for _, ok, _, _, _ in placed)
     assert all(n == N_DEVICES for _, _, n, _, _ in placed)
     specs = {tuple(spec) for spec, *_ in placed}
-    assert ("data", None, "tensor", None) in specs  # keys/values
+    assert ("data", "tensor", None, None) in specs  # keys/values and GDN states
     assert ("data", None, "tensor") in specs  # conv windows
-    assert ("data", "tensor", None, None) in specs  # GDN states
     for spec, _, _, shard, shape in placed:
         # Rows split 2 ways; heads (and head-major conv channels) 4 ways; the rest whole.
         want = [d // {"data": 2, "tensor": 4, None: 1}[a] for d, a in

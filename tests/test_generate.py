@@ -247,7 +247,7 @@ def test_bad_inputs_fail_before_compiling(nope, name, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("reached a compiled step before the input check")
 
-    monkeypatch.setattr(gen_module, "_prefill_piece", must_not_run)
-    monkeypatch.setattr(gen_module, "_decode", must_not_run)
+    monkeypatch.setattr(gen_module, "prefill", must_not_run)
+    monkeypatch.setattr(gen_module, "decode", must_not_run)
     with pytest.raises(error, match=match):
         generate(nope["model"], ids, max_new, attention_mask=mask, **kw)

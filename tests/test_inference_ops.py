@@ -96,22 +96,33 @@ def _np_cached_attention(q, k, v, slots, scale):
     return out
 
 
-def test_cached_attention_matches_numpy_gqa_per_row_slots():
-    rng = np.random.default_rng(2)
-    b, t, h, hkv, d, s = 3, 4, 6, 2, 8, 12
+def _random_qkv(seed: int, b: int, t: int, h: int, hkv: int, d: int, s: int):
+    """q [b, t, h, d]; k, v [b, s, hkv, d] (sequence-major, as the NumPy reference reads them)."""
+    rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, t, h, d)).astype(np.float32)
     k = rng.standard_normal((b, s, hkv, d)).astype(np.float32)
     v = rng.standard_normal((b, s, hkv, d)).astype(np.float32)
+    return q, k, v
+
+
+def _head_major(x: np.ndarray) -> jax.Array:
+    """[b, s, hkv, d] -> the cache's [b, hkv, s, d]."""
+    return jnp.asarray(np.swapaxes(x, 1, 2))
+
+
+def test_cached_attention_matches_numpy_gqa_per_row_slots():
+    b, t, h, hkv, d, s = 3, 4, 6, 2, 8, 12
+    q, k, v = _random_qkv(2, b, t, h, hkv, d, s)
     # Row 0: a prefill from slot 0; row 1: a piece continuing at slot 7; row 2: reaching the
     # last slot. Slots past each query's own are stale and must not count.
     slots = np.array([[0, 1, 2, 3], [7, 8, 9, 10], [8, 9, 10, 11]], np.int32)
-    out = cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(slots))
+    out = cached_attention(jnp.asarray(q), _head_major(k), _head_major(v), jnp.asarray(slots))
     ref = _np_cached_attention(q, k, v, slots, d ** -0.5)
     assert out.shape == (b, t, h, d) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
 
     # An explicit scale is used as given.
-    out2 = cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(slots),
+    out2 = cached_attention(jnp.asarray(q), _head_major(k), _head_major(v), jnp.asarray(slots),
                             scale=0.3)
     np.testing.assert_allclose(np.asarray(out2), _np_cached_attention(q, k, v, slots, 0.3),
                                rtol=1e-5, atol=1e-5)
@@ -120,20 +131,17 @@ def test_cached_attention_matches_numpy_gqa_per_row_slots():
     k_stale, v_stale = k.copy(), v.copy()
     k_stale[0, 4:] = 100.0
     v_stale[0, 4:] = -100.0
-    out3 = cached_attention(jnp.asarray(q), jnp.asarray(k_stale), jnp.asarray(v_stale),
+    out3 = cached_attention(jnp.asarray(q), _head_major(k_stale), _head_major(v_stale),
                             jnp.asarray(slots))
     np.testing.assert_array_equal(np.asarray(out3)[0], np.asarray(out)[0])
 
 
 def test_cached_attention_negative_slot_is_finite():
-    rng = np.random.default_rng(3)
     b, t, h, hkv, d, s = 2, 3, 4, 4, 8, 6
-    q = rng.standard_normal((b, t, h, d)).astype(np.float32)
-    k = rng.standard_normal((b, s, hkv, d)).astype(np.float32)
-    v = rng.standard_normal((b, s, hkv, d)).astype(np.float32)
+    q, k, v = _random_qkv(3, b, t, h, hkv, d, s)
     # Left padding: slot -1 sees nothing; the real tokens after it are unaffected.
     slots = np.array([[-1, -1, 0], [-1, 0, 1]], np.int32)
-    out = np.asarray(cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+    out = np.asarray(cached_attention(jnp.asarray(q), _head_major(k), _head_major(v),
                                       jnp.asarray(slots)))
     assert np.all(np.isfinite(out))
     real = slots >= 0

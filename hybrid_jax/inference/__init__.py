@@ -1,6 +1,6 @@
 """Inference: cached prefill and decode, sampling, generation."""
 
-from hybrid_jax.inference.generate import generate
+from hybrid_jax.inference.generate import decode, generate, prefill
 from hybrid_jax.inference.sampling import SamplingConfig, filter_logits, sample_tokens
 from hybrid_jax.model.cache import (
     DecodeCache,
@@ -18,8 +18,10 @@ __all__ = [
     "SamplingConfig",
     "cache_partition_specs",
     "cache_shardings",
+    "decode",
     "filter_logits",
     "generate",
     "init_cache",
+    "prefill",
     "sample_tokens",
 ]

@@ -33,9 +33,12 @@ TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _prefill_piece(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array,
-                   cache: DecodeCache, attention_mask: jax.Array) -> tuple[jax.Array, DecodeCache]:
-    """One prefill piece: (last-position logits [B, V] float32, updated cache)."""
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array,
+            cache: DecodeCache, attention_mask: jax.Array) -> tuple[jax.Array, DecodeCache]:
+    """One prefill piece, jitted, the cache donated (updated in place).
+
+    input_ids, attention_mask: [B, T]. Returns (last-position logits [B, V] float32, cache).
+    """
     model = nnx.merge(graphdef, params)
     logits, cache = model.extend(input_ids, cache, attention_mask, last_only=True)
     return logits[:, 0], cache
@@ -43,13 +46,16 @@ def _prefill_piece(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Arr
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id",
                                    "on_tokens"), donate_argnames=("cache",))
-def _decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logits: jax.Array,
-            key: jax.Array, *, max_new_tokens: int, sampling: SamplingConfig,
-            eos_ids: tuple[int, ...], pad_id: int,
-            on_tokens: TokenCallback | None) -> tuple[jax.Array, DecodeCache]:
-    """Sample ``max_new_tokens`` tokens per row from the prefill's last logits [B, V].
+def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logits: jax.Array,
+           key: jax.Array, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+           eos_ids: tuple[int, ...] = (), pad_id: int = 0,
+           on_tokens: TokenCallback | None = None) -> tuple[jax.Array, DecodeCache]:
+    """The decode loop, jitted: sample ``max_new_tokens`` tokens per row, starting from the
+    prefill's last logits [B, V], inside one ``lax.while_loop`` (the cache donated and updated in
+    place; the stack's weights sliced once, before the loop).
 
-    Token i is sampled from the logits after token i-1; N tokens take N-1 decode steps.
+    Token i is sampled from the logits after token i-1; N tokens take N-1 decode steps. The loop
+    ends early once every row has produced one of ``eos_ids``.
     Returns (tokens [B, max_new_tokens] int32, the cache after the last step, which aliases the
     donated input cache: the loop updates it in place).
     """
@@ -221,9 +227,9 @@ def generate(
         cache = jax.device_put(cache, cache_sharding)
     logits = None
     for start in range(0, ids_p.shape[1], piece):
-        logits, cache = _prefill_piece(graphdef, params, jnp.asarray(ids_p[:, start:start + piece]),
-                                       cache, jnp.asarray(valid_p[:, start:start + piece]))
-    new, _ = _decode(graphdef, params, cache, logits, jax.random.key(seed),
-                     max_new_tokens=int(max_new_tokens), sampling=sampling, eos_ids=eos_ids,
-                     pad_id=int(pad_token_id), on_tokens=on_tokens)
+        logits, cache = prefill(graphdef, params, jnp.asarray(ids_p[:, start:start + piece]),
+                                cache, jnp.asarray(valid_p[:, start:start + piece]))
+    new, _ = decode(graphdef, params, cache, logits, jax.random.key(seed),
+                    max_new_tokens=int(max_new_tokens), sampling=sampling, eos_ids=eos_ids,
+                    pad_id=int(pad_token_id), on_tokens=on_tokens)
     return jnp.concatenate([jnp.asarray(ids, jnp.int32), new], axis=1)

@@ -82,9 +82,11 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         q, k, v = self._qkv(x, rope)
         # Padding writes to slot S, past the end, which the scatter drops.
-        write = jnp.where(valid, slots, cache.k.shape[1])
+        write = jnp.where(valid, slots, cache.k.shape[2])
         rows = jnp.arange(b)[:, None]
-        cache = KVCache(k=cache.k.at[rows, write].set(k.astype(cache.k.dtype), mode="drop"),
-                        v=cache.v.at[rows, write].set(v.astype(cache.v.dtype), mode="drop"))
+        # Cache [B, Hkv, S, Dh]: the two index arrays around the head slice put the update's
+        # axes in the order [B, T, Hkv, Dh], k's own.
+        cache = KVCache(k=cache.k.at[rows, :, write].set(k.astype(cache.k.dtype), mode="drop"),
+                        v=cache.v.at[rows, :, write].set(v.astype(cache.v.dtype), mode="drop"))
         o = cached_attention(q, cache.k, cache.v, slots, scale=self.config.head_dim ** -0.5)
         return self.o_proj(o.astype(x.dtype).reshape(b, t, -1)), cache

@@ -28,8 +28,12 @@ from hybrid_jax.config import ATTENTION, GDN, ModelConfig
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    """One attention layer's keys and values: ``k``, ``v`` [B, S, Hkv, Dh] in the compute dtype
-    (keys after q/k-norm and RoPE)."""
+    """One attention layer's keys and values: ``k``, ``v`` [B, Hkv, S, Dh] in the compute dtype
+    (keys after q/k-norm and RoPE).
+
+    Head-major, so that the attention dots' batch dimensions (B, Hkv) lead: with [B, S, Hkv, Dh]
+    XLA transposes the whole cache into that layout at every decode step.
+    """
 
     k: jax.Array
     v: jax.Array
@@ -75,7 +79,7 @@ class DecodeCache:
         """Attention slots per row (0 when the model has no attention layer: no limit)."""
         for layer in self.layers:
             if isinstance(layer, KVCache):
-                return int(layer.k.shape[1])
+                return int(layer.k.shape[2])
         return 0
 
     @property
@@ -90,7 +94,7 @@ class DecodeCache:
 
 def _layer_cache(config: ModelConfig, kind: str, batch: int, max_length: int, dtype) -> LayerCache:
     if kind == ATTENTION:
-        shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, max_length, config.head_dim)
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
     if kind == GDN:
         width = config.linear_conv_kernel_dim - 1
@@ -130,7 +134,7 @@ def cache_partition_specs(cache: DecodeCache, *, batch_axis: str | tuple[str, ..
 
     def layer_specs(layer: LayerCache) -> LayerCache:
         if isinstance(layer, KVCache):
-            return KVCache(k=PartitionSpec(b, None, h, None), v=PartitionSpec(b, None, h, None))
+            return KVCache(k=PartitionSpec(b, h, None, None), v=PartitionSpec(b, h, None, None))
         conv = PartitionSpec(b, None, h)
         return GDNCache(conv_q=conv, conv_k=conv, conv_v=conv,
                         state=PartitionSpec(b, h, None, None))

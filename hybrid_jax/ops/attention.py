@@ -104,7 +104,7 @@ def cached_attention(
 
     Args:
       q: [B, T, H, D].
-      k_cache, v_cache: [B, S, Hkv, D] with H a multiple of Hkv.
+      k_cache, v_cache: [B, Hkv, S, D] (head-major) with H a multiple of Hkv.
       q_slots: [B, T] int; a negative slot sees nothing (left padding) and gets a finite average.
       scale: defaults to D**-0.5.
     Returns:
@@ -112,6 +112,14 @@ def cached_attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    s = k_cache.shape[1]
-    allowed = jnp.arange(s, dtype=jnp.int32) <= q_slots[:, :, None]  # [B, T, S]
-    return _grouped_attention(q, k_cache, v_cache, allowed[:, None, None], scale)
+    b, t, h, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, d)  # query head j * G + g uses kv head j
+    # The cache is the dots' left operand, laid out as they want it ([B, Hkv] batch, then S), so
+    # a decode step reads it in place instead of transposing it first.
+    logits = jnp.einsum("bjsd,btjgd->bjsgt", k_cache, qg,
+                        preferred_element_type=jnp.float32) * scale
+    allowed = jnp.arange(s, dtype=jnp.int32)[:, None] <= q_slots[:, None, :]  # [B, S, T]
+    logits = jnp.where(allowed[:, None, :, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=2).astype(v_cache.dtype)
+    return jnp.einsum("bjsgt,bjsd->btjgd", probs, v_cache).reshape(b, t, h, d)
