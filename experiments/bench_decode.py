@@ -334,7 +334,9 @@ def loop_body_report(text: str, *, kv_shape: tuple[int, ...], weight_shapes: lis
     fused_ops = {name: {_parse(m.group(3))[2] for line in lines if (m := _INSTR_RE.match(line))}
                  for name, lines in comps.items()}
     kv_key = _key(kv_shape)
-    w_keys = {_key(s) for s in weight_shapes}
+    # Exact shapes (or their transposes), not the unit-dim-free key: activations such as
+    # [B, 1, C] would otherwise match a conv weight's [C, K] slice when B == K.
+    w_shapes = {tuple(s) for s in weight_shapes} | {tuple(s)[::-1] for s in weight_shapes}
     todo = [m.group(1) for line in comps.get(entry, [])
             for m in re.finditer(r"(?:body|condition)=%?([\w.\-]+)", line)]
     seen, found, n_instr = set(), {"cache_update": [], "cache_copy": [], "weight_copy": [],
@@ -368,7 +370,8 @@ def loop_body_report(text: str, *, kv_shape: tuple[int, ...], weight_shapes: lis
                 kind = "cache_update"
             elif kv_key in keys:
                 kind = "cache_copy"
-            elif keys & w_keys and inner & {"slice", "dynamic-slice", "copy", "transpose"}:
+            elif ({tuple(d) for d in dims} & w_shapes
+                  and inner & {"slice", "dynamic-slice", "copy", "transpose"}):
                 kind = "weight_copy"
             elif nbytes >= min_bytes:
                 kind = "other"

@@ -120,6 +120,7 @@ def _safetensors_summary(out: Path) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- commands
 def hf_to_orbax(args: argparse.Namespace) -> int:
     from hybrid_jax.convert.from_hf import stream_params
+    from hybrid_jax.convert.hf_names import tokenizer_files
     from hybrid_jax.convert.orbax_io import save_orbax_leaves
 
     src, dst = Path(args.src), Path(args.dst)
@@ -135,7 +136,7 @@ def hf_to_orbax(args: argparse.Namespace) -> int:
             bar.update()
 
         save_orbax_leaves(cfg, leaves, dst, overwrite=args.overwrite, progress=progress,
-                          compress=args.compress)
+                          compress=args.compress, extra_files=tokenizer_files(src))
     print(f"wrote {dst}: {n_tensors} tensors (stacked per layer kind), {n_params:,} parameters, "
           f"{_fmt_bytes(_dir_bytes(dst))} written in {time.perf_counter() - start:.1f} s")
     return 0

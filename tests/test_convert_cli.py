@@ -35,12 +35,19 @@ def _assert_bitwise(ours: Path, ref: Path) -> None:
                            b[name].contiguous().view(torch.uint8)), f"{name}: data differs"
 
 
+TOKENIZER = {"tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"}}\n',
+             "tokenizer_config.json": '{"eos_token": "<eos>"}\n'}
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """A random transformers model saved in shards, converted hf -> orbax -> hf by the CLI."""
     root = tmp_path_factory.mktemp("convert")
     hf = make_hf_model(seed=3, eos_token_id=5)
     hf.save_pretrained(root / "hf", max_shard_size="60KB")
+    # A tokenizer saved beside the weights travels with them (its content is not parsed here).
+    for name, text in TOKENIZER.items():
+        (root / "hf" / name).write_text(text)
     assert main(["convert", "hf-to-orbax", str(root / "hf"), str(root / "orbax")]) == 0
     assert main(["convert", "orbax-to-hf", str(root / "orbax"), str(root / "back"),
                  "--max-shard-size", "60KB"]) == 0
@@ -51,7 +58,11 @@ def test_round_trip_is_bitwise(converted, capsys):
     root = converted
     _assert_bitwise(root / "back", root / "hf")
     assert (root / "back" / "model.safetensors.index.json").is_file()
-    assert sorted(p.name for p in (root / "orbax").iterdir()) == ["model_config.json", "params"]
+    assert sorted(p.name for p in (root / "orbax").iterdir()) == sorted(
+        ["model_config.json", "params", *TOKENIZER])
+    for name, text in TOKENIZER.items():
+        assert (root / "orbax" / name).read_text() == text
+        assert (root / "back" / name).read_text() == text
     # No temporary directories left beside the outputs.
     assert sorted(p.name for p in root.iterdir()) == ["back", "hf", "orbax"]
 

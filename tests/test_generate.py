@@ -199,6 +199,19 @@ def test_sampling_is_seeded(nope):
 def test_top_k_1_sampling_is_greedy(nope):
     ours = _ours(nope["model"], temperature=0.7, top_k=1, seed=4)
     np.testing.assert_array_equal(ours, nope["greedy"])
+    # NumPy scalars are as good as Python ones.
+    ours = _ours(nope["model"], max_new=np.int64(MAX_NEW), temperature=np.float32(0.7),
+                 top_k=np.int32(1), seed=4)
+    np.testing.assert_array_equal(ours, nope["greedy"])
+
+
+def test_each_step_draws_fresh_randomness(nope):
+    # At a high temperature the next-token distribution is nearly uniform over the vocabulary,
+    # so tokens drawn with fresh noise at every step are nearly all distinct. Reusing one key
+    # at every step would repeat the same Gumbel noise and mostly the same token.
+    new = _ours(nope["model"], temperature=100.0, seed=5)[:, T:]
+    for row in new:
+        assert len(set(row.tolist())) >= MAX_NEW - 3, row
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -214,6 +227,10 @@ BAD_INPUTS = {
     "max_new_tokens_zero": (dict(max_new=0), ValueError, r"max_new_tokens must be a positive"),
     "max_new_tokens_negative": (dict(max_new=-3), ValueError, r"max_new_tokens"),
     "max_new_tokens_float": (dict(max_new=2.0), ValueError, r"max_new_tokens"),
+    "max_new_tokens_bool": (dict(max_new=True), ValueError, r"max_new_tokens"),
+    "max_length_float": (dict(max_length=40.5), ValueError, r"max_length must be a positive int"),
+    "top_k_bool": (dict(temperature=1.0, top_k=True), ValueError, r"top_k"),
+    "temperature_string": (dict(temperature="hot"), ValueError, r"temperature"),
     "negative_temperature": (dict(temperature=-0.5), ValueError, r"temperature"),
     "top_p_zero": (dict(temperature=1.0, top_p=0.0), ValueError, r"top_p"),
     "top_p_above_one": (dict(temperature=1.0, top_p=1.5), ValueError, r"top_p"),

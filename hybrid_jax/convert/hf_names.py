@@ -26,6 +26,19 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# A tokenizer saved beside the weights (save_pretrained of a tokenizer); conversions carry these
+# along so that a converted checkpoint still generates text (hybrid-jax generate reads
+# tokenizer.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def tokenizer_files(directory) -> list:
+    """The ``TOKENIZER_FILES`` present in ``directory`` (none if it is not a directory)."""
+    from pathlib import Path
+
+    d = Path(directory)
+    return [d / name for name in TOKENIZER_FILES if (d / name).is_file()]
 
 _MAX_REPORTED = 30
 

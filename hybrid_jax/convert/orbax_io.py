@@ -44,7 +44,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from hybrid_jax.convert.hf_names import tokenizer_files
 from hybrid_jax.convert.param_paths import path_key
 from hybrid_jax.convert.output_dir import refuse_existing, writing
 from hybrid_jax.config import ModelConfig
@@ -189,7 +190,7 @@ def save_orbax_leaves(cfg: ModelConfig,
                       leaves: list[tuple[Path_, tuple[int, ...], Callable[[], np.ndarray]]],
                       path: str | os.PathLike, *, overwrite: bool = False,
                       progress: Callable[[str], None] | None = None,
-                      compress: bool = False) -> Path:
+                      compress: bool = False, extra_files: Sequence[Path] = ()) -> Path:
     """Write an orbax checkpoint directory, in ``save_orbax``'s layout, one parameter at a time.
 
     ``leaves``: every parameter of ``HybridLM(cfg)`` as ``(path, shape, read)``, ``read()``
@@ -205,6 +206,8 @@ def save_orbax_leaves(cfg: ModelConfig,
     one more copy of the largest parameter at peak (measured: +190 MB on a 206 MB parameter,
     against +8 MB uncompressed); float weights compress little (~8% on random float32).
     Readers handle either.
+
+    ``extra_files`` (e.g. the tokenizer's) are copied into the directory, by name.
     """
     import orbax.checkpoint.experimental.v1 as ocpv1
 
@@ -227,6 +230,8 @@ def save_orbax_leaves(cfg: ModelConfig,
     with writing(out, overwrite) as tmp:
         partial = tmp / "partial"  # (orbax parses its session's names: no dots in this one)
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(cfg), indent=2) + "\n")
+        for f in extra_files:
+            shutil.copyfile(f, tmp / Path(f).name)
         with ctx:
             for p, shape, read in leaves:
                 array = np.asarray(read())
@@ -262,14 +267,15 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = 
     checkpoint ``dst``, one parameter at a time (``from_hf.stream_params`` +
     ``save_orbax_leaves``) rather than building the model: about one parameter (a stacked
     [n, ...] one, or the embeddings / head) is held at a time. ``progress(name)`` is called after
-    each parameter is written; ``compress``: see ``save_orbax_leaves``."""
+    each parameter is written; ``compress``: see ``save_orbax_leaves``. Tokenizer files next to
+    the weights (``hf_names.TOKENIZER_FILES``) are copied along."""
     from hybrid_jax.convert.from_hf import stream_params
 
     out = Path(dst).absolute()
     refuse_existing(out, overwrite)
     cfg, leaves = stream_params(src, dtype=dtype, **config_overrides)
     return save_orbax_leaves(cfg, leaves, out, overwrite=overwrite, progress=progress,
-                             compress=compress)
+                             compress=compress, extra_files=tokenizer_files(src))
 
 
 # ----------------------------------------------------------------------------- load
@@ -413,12 +419,13 @@ def orbax_to_hf(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: An
                 max_shard_size: int | str = "5GB", overwrite: bool = False,
                 on_read: Callable[[Path_, Any], None] | None = None) -> Path:
     """Write the orbax checkpoint ``src`` as a transformers checkpoint ``out_dir`` (``to_hf``),
-    reading one layer slice of one parameter at a time rather than restoring the whole model."""
+    reading one layer slice of one parameter at a time rather than restoring the whole model.
+    Tokenizer files in ``src`` are copied along."""
     from hybrid_jax.convert.to_hf import to_hf
 
     cfg, params = lazy_params(src, on_read)
     return to_hf(params, out_dir, config=cfg, dtype=dtype, max_shard_size=max_shard_size,
-                 overwrite=overwrite)
+                 overwrite=overwrite, extra_files=tokenizer_files(src))
 
 
 __all__ = ["OrbaxCheckpointError", "hf_to_orbax", "lazy_params", "load_orbax", "orbax_to_hf",

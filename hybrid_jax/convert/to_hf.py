@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -355,6 +356,7 @@ def to_hf(
     dtype: Any = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    extra_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write a transformers ``OlmoHybridForCausalLM`` checkpoint directory.
 
@@ -368,6 +370,7 @@ def to_hf(
       max_shard_size: bytes per safetensors file (an int, or "5GB", "500MB", "2GiB", ...): one
         ``model.safetensors`` when everything fits, else numbered shards plus an index.
       overwrite: replace an existing non-empty ``out_dir`` (only once the new one is complete).
+      extra_files: files copied into ``out_dir`` by name (e.g. the tokenizer's).
     Returns:
       ``Path(out_dir)``.
     Raises:
@@ -389,6 +392,8 @@ def to_hf(
     refuse_existing(out, overwrite)
     tensors = _plan(cfg, flat, out_dtype)
     with writing(out, overwrite) as tmp:
+        for f in extra_files:
+            shutil.copyfile(f, tmp / Path(f).name)
         _write_all(tmp, cfg, tensors, limit, dtype_label)
     return out
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from hybrid_jax.inference.sampling import SamplingConfig, sample_tokens
+from hybrid_jax.inference.sampling import SamplingConfig, is_int, sample_tokens
 from hybrid_jax.model.cache import DecodeCache, init_cache
 from hybrid_jax.model.hybrid_lm import HybridLM
 
@@ -104,7 +104,7 @@ def _as_int_list(value, name: str) -> tuple[int, ...]:
         return ()
     values = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
     for v in values:
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+        if not is_int(v):
             raise TypeError(f"generate: {name} must be an int or a sequence of ints, got {value!r}")
     return tuple(int(v) for v in values)
 
@@ -190,10 +190,9 @@ def generate(
     ids = np.asarray(input_ids)
     mask = None if attention_mask is None else np.asarray(attention_mask)
     valid = _check_prompt(ids, mask, cfg.vocab_size)
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+    if not is_int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    sampling = SamplingConfig(temperature=float(temperature), top_k=top_k,
-                              top_p=None if top_p is None else float(top_p))
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     eos_ids = _as_int_list(cfg.eos_token_id if eos_token_id is None else eos_token_id,
                            "eos_token_id")
     if pad_token_id is None:
@@ -203,13 +202,16 @@ def generate(
     needed = longest + int(max_new_tokens)
     if max_length is None:
         max_length = needed
+    elif not is_int(max_length) or max_length <= 0:
+        raise ValueError(f"generate: max_length must be a positive int, got {max_length!r}")
     elif longest > max_length:
         raise ValueError(f"generate: the prompt has {longest} tokens, longer than max_length "
                          f"{max_length}")
     elif needed > max_length:
         raise ValueError(f"generate: prompt ({longest} tokens) + max_new_tokens "
                          f"({max_new_tokens}) = {needed} exceeds max_length {max_length}")
-    if prefill_chunk_size is not None and prefill_chunk_size <= 0:
+    if prefill_chunk_size is not None and (not is_int(prefill_chunk_size)
+                                           or prefill_chunk_size <= 0):
         raise ValueError(f"generate: prefill_chunk_size must be positive, got {prefill_chunk_size}")
 
     # Pieces of one size compile once: left-pad the prompt to a multiple of the piece size.

@@ -6,6 +6,17 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def is_real(x) -> bool:
+    """A Python or NumPy int or float, not a bool."""
+    return is_int(x) or isinstance(x, (float, np.floating))
 
 
 @dataclass(frozen=True)
@@ -22,12 +33,19 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
-            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
-        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        # Normalised to Python scalars (NumPy ones welcome): the config is a jit static argument.
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not is_real(t) or not t >= 0:
+            raise ValueError(f"temperature must be a number >= 0, got {t!r}")
+        object.__setattr__(self, "temperature", float(t))
+        if k is not None:
+            if not is_int(k) or k <= 0:
+                raise ValueError(f"top_k must be a positive int or None, got {k!r}")
+            object.__setattr__(self, "top_k", int(k))
+        if p is not None:
+            if not is_real(p) or not 0.0 < p <= 1.0:
+                raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+            object.__setattr__(self, "top_p", float(p))
 
     @property
     def greedy(self) -> bool:
