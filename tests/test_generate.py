@@ -9,6 +9,7 @@ below, so each distinct (shapes, sampling, eos) combination compiles once.
 from __future__ import annotations
 
 import importlib
+import logging
 
 import jax
 import numpy as np
@@ -179,6 +180,25 @@ def test_all_rows_stopping_ends_early(nope):
     np.testing.assert_array_equal(ours[:, T], new[:, 0])
     assert np.all(ours[:, T + 1:] == pad)
     np.testing.assert_array_equal(ours, _hf(nope["hf"], eos_token_id=eos, pad=pad))
+
+
+def _compiled(caplog, fn) -> list[str]:
+    """Names of the jitted functions compiled while running fn()."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        fn()
+    return [m.split()[1] for m in caplog.messages if m.startswith("Compiling ")]
+
+
+def test_compiles_once_per_shape(nope, caplog):
+    model = nope["model"]
+    _ours(model)  # compiled for these shapes already (or now)
+    other = np.where(MASK == 1, (IDS + 1) % model.config.vocab_size, 0)
+    assert not _compiled(caplog, lambda: _ours(model, ids=other))
+    # A new prompt shape compiles one prefill and one decode loop, whatever max_new_tokens says
+    # about the number of steps (the loop is one lax.while_loop, not a Python loop per token).
+    names = _compiled(caplog, lambda: _ours(model, ids=IDS[:, 1:], mask=MASK[:, 1:], max_new=7))
+    assert names.count("jit(prefill)") == 1 and names.count("jit(decode)") == 1, names
 
 
 # ----------------------------------------------------------------------------- sampling
