@@ -56,3 +56,29 @@ def test_scanned_and_unrolled_7b_width_stacks_compile():
     scanned = _compile_seconds(config)
     unrolled = _compile_seconds(config.replace(scan_layers=False))
     print(f"\n7B widths, 8 layers, forward compile: scanned {scanned:.1f} s, unrolled {unrolled:.1f} s")
+
+
+def test_7b_decode_loop_lowers_and_cache_sizes():
+    """The 7B's decode loop traces and lowers from abstract inputs (bf16, a 64k cache), and its
+    cache is what the architecture says: keys and values for 8 of 32 layers plus fixed GDN state."""
+    from hybrid_jax.inference import decode, init_cache
+
+    config = olmo_hybrid_7b(dtype="bfloat16", param_dtype="bfloat16")
+    graphdef, params = _abstract(config)
+    ctx = 65536
+    cache = jax.eval_shape(lambda: init_cache(config, 1, ctx))
+    kv_bytes = 8 * 2 * ctx * 30 * 128 * 2  # layers x (k, v) x slots x heads x head dim x bf16
+    gdn_bytes = 24 * (30 * 96 * 192 * 4 + 3 * (2 * 2880 + 5760) * 2)  # f32 state + bf16 windows
+    nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    assert nbytes == kv_bytes + gdn_bytes + 4  # + lengths
+    all_attention = config.replace(layer_types=("full_attention",) * 32)
+    dense = jax.eval_shape(lambda: init_cache(all_attention, 1, ctx))
+    dense_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(dense))
+    print(f"\n7B bf16 cache at 64k, batch 1: hybrid {nbytes / 2**30:.2f} GiB, all-attention "
+          f"{dense_bytes / 2**30:.2f} GiB ({nbytes / dense_bytes:.3f})")
+    logits = jax.ShapeDtypeStruct((1, config.vocab_size), jnp.float32)
+    lowered = decode.lower(graphdef, params, cache, logits, jax.random.key(0), max_new_tokens=4)
+    tokens, out_cache = lowered.out_info
+    assert tokens.shape == (1, 4) and tokens.dtype == jnp.int32
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), out_cache) == \
+        jax.tree.map(lambda a: (a.shape, a.dtype), cache)
