@@ -83,12 +83,6 @@ class _Printer:
             self.error = e
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
-
-
 def _generate(args: argparse.Namespace) -> int:
     from hybrid_jax.inference.sampling import SamplingConfig
 
@@ -113,13 +107,15 @@ def _generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hybrid_jax.inference import generate
+    from hybrid_jax.inference.generate import token_ids
 
     start = time.perf_counter()
     model = load_checkpoint(ckpt, dtype=args.dtype)
     load_s = time.perf_counter() - start
     cfg = model.config
     codec.check_vocab(cfg.vocab_size)
-    eos = _eos_ids(cfg.eos_token_id if args.eos_token_id is None else args.eos_token_id)
+    eos = token_ids(cfg.eos_token_id if args.eos_token_id is None else args.eos_token_id,
+                    "eos_token_id", cfg.vocab_size)
 
     printer = _Printer(sys.stdout)
     stream = codec.stream()

@@ -217,6 +217,20 @@ def test_left_padded_row_equals_prompt_alone(padded, token_by_token, row):
             assert not np.any(np.asarray(layer.k)[row, :, n:])
 
 
+def test_left_padded_piece_continues_a_filled_cache_exactly(hybrid):
+    """Padding in a later piece (a continued, left-padded batch) leaves the cache as it was: the
+    conv windows run straight into each row's first real token and the GDN state passes
+    through, so each row matches its continuation without padding."""
+    _, cache = hybrid.extend(IDS[:, :6], init_cache(hybrid.config, B, MAX))
+    want_logits, want = hybrid.extend(IDS[:, 6:10], cache)
+    ids = np.concatenate([np.full((B, 2), 5, np.int32), IDS[:, 6:10]], axis=1)
+    mask = np.concatenate([np.zeros((B, 2), bool), np.ones((B, 4), bool)], axis=1)
+    got_logits, got = hybrid.extend(ids, cache, mask)
+    for row in range(B):
+        assert_close(got_logits[row, 2:], want_logits[row], rtol=1e-5)
+        assert_caches_match(got, row, want, row)
+
+
 def test_left_padding_ids_do_not_matter(hybrid, padded):
     ids = np.where(padded["mask"], padded["ids"], 3)
     logits, cache = hybrid.extend(ids, init_cache(hybrid.config, B, MAX), padded["mask"])

@@ -127,6 +127,26 @@ def test_prefill_in_pieces_gives_the_same_tokens(rope):
     np.testing.assert_array_equal(_ours(rope["model"], prefill_chunk_size=5), rope["greedy"])
 
 
+def test_default_pieces_follow_the_logits_budget(rope, monkeypatch, caplog):
+    # A budget of 6 query rows of logits per piece: the 19-token prompt goes in 4 equal pieces
+    # of 5 (one extra padding token), and the tokens do not change.
+    per_token = 4 * len(LENS) * rope["model"].config.num_attention_heads * (T + MAX_NEW - 1)
+    monkeypatch.setattr(gen_module, "PREFILL_LOGITS_BYTES", 6 * per_token)
+    monkeypatch.setattr(gen_module, "MIN_PREFILL_PIECE", 1)
+    shapes = []
+    real = gen_module.prefill
+    monkeypatch.setattr(gen_module, "prefill",
+                        lambda g, p, ids, *a: shapes.append(ids.shape) or real(g, p, ids, *a))
+    np.testing.assert_array_equal(_ours(rope["model"]), rope["greedy"])
+    assert shapes == [(len(LENS), 5)] * 4
+
+
+def test_max_length_is_prompt_plus_new_minus_one(nope):
+    # The last new token is never fed back, so it needs no slot.
+    ours = _ours(nope["model"], max_length=T + MAX_NEW - 1)
+    np.testing.assert_array_equal(ours, nope["greedy"])
+
+
 def _pick_eos(new: np.ndarray) -> tuple[int, int, int]:
     """A token that greedy decoding emits mid-way in some row (first time there), while some
     other row never emits it: (token, row, step)."""
@@ -239,7 +259,8 @@ BAD_INPUTS = {
     "prompt_longer_than_max_length": (dict(max_length=10), ValueError,
                                       r"prompt has 19 tokens, longer than max_length 10"),
     "prompt_plus_new_over_max_length": (dict(max_length=25), ValueError,
-                                        r"max_new_tokens \(10\) = 29 exceeds max_length 25"),
+                                        r"max_new_tokens \(10\) needs 28 cache slots .* more "
+                                        r"than max_length 25"),
     "empty_prompt": (dict(ids=np.zeros((1, 0), np.int64), mask=None), ValueError,
                      r"prompt is empty"),
     "empty_row": (dict(mask=MASK * np.array([[1], [0], [1]])), ValueError,
@@ -272,6 +293,10 @@ BAD_INPUTS = {
                          r"input_ids must hold integers"),
     "prefill_chunk_size_zero": (dict(prefill_chunk_size=0), ValueError, r"prefill_chunk_size"),
     "eos_not_int": (dict(eos_token_id=[2, 1.5]), TypeError, r"eos_token_id"),
+    "eos_outside_vocab": (dict(eos_token_id=[10**12]), ValueError,
+                          r"eos_token_id 1000000000000 is outside the vocabulary"),
+    "pad_not_int": (dict(pad_token_id=1.7), TypeError, r"pad_token_id"),
+    "pad_outside_vocab": (dict(pad_token_id=-1), ValueError, r"pad_token_id -1 is outside"),
 }
 
 

@@ -75,6 +75,28 @@ def test_conv_continue_from_a_nonzero_window():
         causal_conv1d_continue(jnp.asarray(x), jnp.zeros((b, k, c)), jnp.asarray(w))
 
 
+def test_conv_continue_skips_left_padding_after_a_window():
+    rng = np.random.default_rng(4)
+    b, t, c, k = 3, 7, 5, 4
+    w = rng.standard_normal((c, k)).astype(np.float32)
+    window = rng.standard_normal((b, k - 1, c)).astype(np.float32)
+    x = rng.standard_normal((b, t, c)).astype(np.float32)
+    n_pad = np.array([0, 2, 5])
+    valid = np.arange(t)[None, :] >= n_pad[:, None]
+    y, new_window = causal_conv1d_continue(jnp.asarray(x), jnp.asarray(window), jnp.asarray(w),
+                                           valid=jnp.asarray(valid))
+    for row, p in enumerate(n_pad):
+        # The row's real tokens continue the window directly, as if the padding were absent.
+        ref = _np_conv(x[row:row + 1, p:], w, window[row:row + 1])[0]
+        np.testing.assert_allclose(np.asarray(y)[row, p:], ref, rtol=1e-5, atol=1e-5)
+        ext = np.concatenate([window[row], x[row, p:]])
+        np.testing.assert_array_equal(np.asarray(new_window)[row], ext[-(k - 1):])
+    # A row that is all padding keeps its window.
+    _, kept = causal_conv1d_continue(jnp.asarray(x), jnp.asarray(window), jnp.asarray(w),
+                                     valid=jnp.zeros((b, t), bool))
+    np.testing.assert_array_equal(np.asarray(kept), window)
+
+
 # ----------------------------------------------------------------------------- cached attention
 def _np_cached_attention(q, k, v, slots, scale):
     """Softmax over cache slots s <= slots[b, i], float64; query head h uses kv head h // G."""

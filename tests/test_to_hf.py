@@ -217,6 +217,22 @@ def test_existing_out_dir_is_protected(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # no temp dirs left
 
 
+def test_extra_files_are_copied_and_checked(tiny, tmp_path):
+    cfg, model = tiny
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.json").write_text('{"x": 1}')
+    (src / "config.json").write_text("{}")
+    to_hf(model, tmp_path / "ok", extra_files=[src / "tokenizer.json"])
+    assert (tmp_path / "ok" / "tokenizer.json").read_text() == '{"x": 1}'
+    # Nothing is written when an extra file would clobber the checkpoint's own or is missing.
+    with pytest.raises(ValueError, match="may not be named 'config.json'"):
+        to_hf(model, tmp_path / "bad", extra_files=[src / "config.json"])
+    with pytest.raises(ValueError, match="missing.json: extra file not found"):
+        to_hf(model, tmp_path / "bad", extra_files=[src / "missing.json"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_failure_while_writing_leaves_nothing(tiny, tmp_path, monkeypatch):
     # (the package's ``to_hf`` attribute is the function; the module is in sys.modules)
     mod = importlib.import_module("hybrid_jax.convert.to_hf")

@@ -54,7 +54,7 @@ from flax import nnx
 
 from hybrid_jax.convert.hf_names import tokenizer_files
 from hybrid_jax.convert.param_paths import path_key
-from hybrid_jax.convert.output_dir import refuse_existing, writing
+from hybrid_jax.convert.output_dir import check_extra_files, refuse_existing, writing
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.hybrid_lm import HybridLM
 
@@ -213,6 +213,7 @@ def save_orbax_leaves(cfg: ModelConfig,
 
     out = Path(path).absolute()
     refuse_existing(out, overwrite)
+    check_extra_files(extra_files, (CONFIG_FILE, PARAMS_DIR))
     shapes = {tuple(str(k) for k in p): (tuple(shape), p) for p, shape, _ in leaves}
     pdtype = np.dtype(cfg.params_dtype)
 

@@ -65,3 +65,15 @@ def writing(out: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_extra_files(files, reserved) -> None:
+    """Raise ValueError naming the first of ``files`` that is missing, or whose name is one the
+    writer produces itself (``reserved``: names, or suffixes starting with '.')."""
+    for f in files:
+        name = Path(f).name
+        if name in reserved or any(r.startswith(".") and name.endswith(r) for r in reserved):
+            raise ValueError(f"{f}: an extra file may not be named {name!r}, which the "
+                             f"checkpoint writes itself")
+        if not Path(f).is_file():
+            raise ValueError(f"{f}: extra file not found")

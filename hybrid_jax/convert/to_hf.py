@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from hybrid_jax.convert.param_paths import path_key
-from hybrid_jax.convert.output_dir import refuse_existing, writing
+from hybrid_jax.convert.output_dir import check_extra_files, refuse_existing, writing
 from hybrid_jax.config import GDN, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
@@ -390,6 +390,7 @@ def to_hf(
 
     out = Path(out_dir)
     refuse_existing(out, overwrite)
+    check_extra_files(extra_files, (CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, ".safetensors"))
     tensors = _plan(cfg, flat, out_dtype)
     with writing(out, overwrite) as tmp:
         for f in extra_files:

@@ -10,6 +10,7 @@ ends when every row has stopped or ``max_new_tokens`` are out.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -23,9 +24,10 @@ from hybrid_jax.inference.sampling import SamplingConfig, is_int, sample_tokens
 from hybrid_jax.model.cache import DecodeCache, init_cache
 from hybrid_jax.model.hybrid_lm import HybridLM
 
-# Prompts longer than LONG_PROMPT are prefilled in pieces of PREFILL_PIECE tokens by default.
-LONG_PROMPT = 4096
-PREFILL_PIECE = 2048
+# By default a prompt is prefilled in as few equal pieces as keep each attention layer's float32
+# logits ([B, H, piece, max_length]) within this many bytes.
+PREFILL_LOGITS_BYTES = 1 << 30
+MIN_PREFILL_PIECE = 64  # one GDN chunk
 
 # on_tokens(step, tokens [B] int32, finished [B] bool): finished rows were already done before
 # this step, and their token is the pad id.
@@ -45,22 +47,28 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array,
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id",
-                                   "on_tokens"), donate_argnames=("cache",))
+                                   "on_tokens", "slice_weights_once"), donate_argnames=("cache",))
 def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logits: jax.Array,
            key: jax.Array, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
            eos_ids: tuple[int, ...] = (), pad_id: int = 0,
-           on_tokens: TokenCallback | None = None) -> tuple[jax.Array, DecodeCache]:
+           on_tokens: TokenCallback | None = None,
+           slice_weights_once: bool = True) -> tuple[jax.Array, DecodeCache]:
     """The decode loop, jitted: sample ``max_new_tokens`` tokens per row, starting from the
     prefill's last logits [B, V], inside one ``lax.while_loop`` (the cache donated and updated in
-    place; the stack's weights sliced once, before the loop).
+    place).
 
     Token i is sampled from the logits after token i-1; N tokens take N-1 decode steps. The loop
-    ends early once every row has produced one of ``eos_ids``.
-    Returns (tokens [B, max_new_tokens] int32, the cache after the last step, which aliases the
-    donated input cache: the loop updates it in place).
+    ends early once every row has produced one of ``eos_ids``. Keyword arguments are static
+    (hashable: ``eos_ids`` a tuple); ``generate`` checks and normalises them.
+    ``slice_weights_once``: slice the stack's stacked [n, ...] weights once, before the loop
+    (a second copy of them while decoding); False slices them at every step instead, which
+    XLA:CPU does by copying every weight matrix per step.
+    Returns (tokens [B, max_new_tokens] int32, the cache after the loop, aliasing the donated
+    one). That cache holds every token fed back: not the last token sampled, and for rows that
+    had stopped, the pad ids fed after their EOS.
     """
     model = nnx.merge(graphdef, params)
-    block_params = model.stack.block_params()  # sliced once, not at every step
+    block_params = model.stack.block_params() if slice_weights_once else None
     batch = logits.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
 
@@ -99,13 +107,23 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logits
     return jax.lax.cond(jnp.all(done), lambda t: t, last, tokens), cache
 
 
-def _as_int_list(value, name: str) -> tuple[int, ...]:
+@functools.lru_cache(maxsize=16)
+def _cache_allocator(cache_sharding: DecodeCache | None) -> Callable[..., DecodeCache]:
+    """``init_cache`` jitted with these output shardings (one jit per sharding, reused)."""
+    return jax.jit(init_cache, static_argnums=(0, 1, 2), out_shardings=cache_sharding)
+
+
+def token_ids(value, name: str, vocab_size: int) -> tuple[int, ...]:
+    """None, an id or a sequence of ids -> a tuple of ids, each checked against the vocabulary
+    (TypeError / ValueError naming ``name``)."""
     if value is None:
         return ()
-    values = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
+    values = (value,) if np.ndim(value) == 0 else tuple(value)
     for v in values:
         if not is_int(v):
             raise TypeError(f"generate: {name} must be an int or a sequence of ints, got {value!r}")
+        if not 0 <= v < vocab_size:
+            raise ValueError(f"generate: {name} {v} is outside the vocabulary [0, {vocab_size})")
     return tuple(int(v) for v in values)
 
 
@@ -160,6 +178,7 @@ def generate(
     prefill_chunk_size: int | None = None,
     cache_sharding: DecodeCache | None = None,
     on_tokens: TokenCallback | None = None,
+    slice_weights_once: bool = True,
 ) -> jax.Array:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -175,13 +194,15 @@ def generate(
       pad_token_id: fills a row after its EOS; None uses the config's pad id, else the first
         EOS id, else 0.
       seed: PRNG seed for sampling (the same seed gives the same tokens).
-      max_length: cache capacity in tokens per row (default: longest prompt + max_new_tokens).
-      prefill_chunk_size: prefill the prompt in pieces of this many tokens, which bounds prefill
-        memory (attention logits are [B, H, piece, max_length] float32). Default: one piece up
-        to 4096 tokens, pieces of 2048 beyond.
+      max_length: cache capacity in tokens per row (default: longest prompt + max_new_tokens
+        - 1, what generation fills).
+      prefill_chunk_size: prefill the prompt in equal pieces of at most this many tokens, which
+        bounds prefill memory (attention logits are [B, H, piece, max_length] float32). Default:
+        as few pieces as keep those logits within ``PREFILL_LOGITS_BYTES`` (1 GiB).
       cache_sharding: optional ``cache_shardings(...)`` tree to place the cache on a mesh.
       on_tokens: optional host callback ``(step, tokens [B], finished [B])`` called as each
         token is chosen, for streaming. A new callable compiles a new decode loop.
+      slice_weights_once: see ``decode`` (False saves a copy of the stack's weights).
     Returns:
       [B, T + max_new_tokens] int32: the prompt as given, then the new tokens (pad ids after a
       row's EOS, and for every row once all rows have stopped).
@@ -193,13 +214,15 @@ def generate(
     if not is_int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    eos_ids = _as_int_list(cfg.eos_token_id if eos_token_id is None else eos_token_id,
-                           "eos_token_id")
+    eos_ids = token_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id,
+                         "eos_token_id", cfg.vocab_size)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
             eos_ids[0] if eos_ids else 0)
+    (pad_id,) = token_ids(pad_token_id, "pad_token_id", cfg.vocab_size)
     longest = int(valid.sum(axis=1).max())
-    needed = longest + int(max_new_tokens)
+    # The last new token is returned, never fed back: it needs no cache slot.
+    needed = longest + int(max_new_tokens) - 1
     if max_length is None:
         max_length = needed
     elif not is_int(max_length) or max_length <= 0:
@@ -209,7 +232,8 @@ def generate(
                          f"{max_length}")
     elif needed > max_length:
         raise ValueError(f"generate: prompt ({longest} tokens) + max_new_tokens "
-                         f"({max_new_tokens}) = {needed} exceeds max_length {max_length}")
+                         f"({max_new_tokens}) needs {needed} cache slots (the last new token is "
+                         f"not fed back), more than max_length {max_length}")
     if prefill_chunk_size is not None and (not is_int(prefill_chunk_size)
                                            or prefill_chunk_size <= 0):
         raise ValueError(f"generate: prefill_chunk_size must be positive, got {prefill_chunk_size}")
@@ -217,21 +241,22 @@ def generate(
     # Pieces of one size compile once: left-pad the prompt to a multiple of the piece size.
     b, t = ids.shape
     if prefill_chunk_size is None:
-        prefill_chunk_size = t if t <= LONG_PROMPT else PREFILL_PIECE
-    piece = min(int(prefill_chunk_size), t)
+        per_token = 4 * b * cfg.num_attention_heads * max_length  # float32 logits per query
+        prefill_chunk_size = max(MIN_PREFILL_PIECE, PREFILL_LOGITS_BYTES // per_token)
+    n_pieces = -(-t // min(int(prefill_chunk_size), t))
+    piece = -(-t // n_pieces)  # equal pieces: at most n_pieces - 1 tokens of extra padding
     extra = -t % piece
     ids_p = np.pad(ids, ((0, 0), (extra, 0))).astype(np.int32)
     valid_p = np.pad(valid, ((0, 0), (extra, 0)))
 
     graphdef, params = nnx.split(model)
-    cache = init_cache(cfg, b, max_length)
-    if cache_sharding is not None:
-        cache = jax.device_put(cache, cache_sharding)
+    # Allocated by a jit straight into its shards (never whole on one device first).
+    cache = _cache_allocator(cache_sharding)(cfg, b, max_length)
     logits = None
     for start in range(0, ids_p.shape[1], piece):
         logits, cache = prefill(graphdef, params, jnp.asarray(ids_p[:, start:start + piece]),
                                 cache, jnp.asarray(valid_p[:, start:start + piece]))
     new, _ = decode(graphdef, params, cache, logits, jax.random.key(seed),
                     max_new_tokens=int(max_new_tokens), sampling=sampling, eos_ids=eos_ids,
-                    pad_id=int(pad_token_id), on_tokens=on_tokens)
+                    pad_id=pad_id, on_tokens=on_tokens, slice_weights_once=slice_weights_once)
     return jnp.concatenate([jnp.asarray(ids, jnp.int32), new], axis=1)

@@ -69,20 +69,21 @@ class Attention(nnx.Module):
         x: jax.Array,
         cache: KVCache,
         *,
-        valid: jax.Array,
+        valid: jax.Array | None,
         slots: jax.Array,
         rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Continue from ``cache``: write the new keys and values, attend over the cache.
 
-        x: [B, T, D]; valid: [B, T] bool (False for left padding, which is not written);
+        x: [B, T, D]; valid: [B, T] bool, False for left padding, which is not written (None:
+        no padding);
         slots: [B, T] int32, each token's cache slot (= its position); rope as ``__call__``,
         at those positions. Returns (y [B, T, D], the updated cache).
         """
         b, t, _ = x.shape
         q, k, v = self._qkv(x, rope)
         # Padding writes to slot S, past the end, which the scatter drops.
-        write = jnp.where(valid, slots, cache.k.shape[2])
+        write = slots if valid is None else jnp.where(valid, slots, cache.k.shape[2])
         rows = jnp.arange(b)[:, None]
         # Cache [B, Hkv, S, Dh]: the two index arrays around the head slice put the update's
         # axes in the order [B, T, Hkv, Dh], k's own.

@@ -108,6 +108,32 @@ def _layer_cache(config: ModelConfig, kind: str, batch: int, max_length: int, dt
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
+def check_cache(config: ModelConfig, cache: DecodeCache, batch_size: int) -> None:
+    """Raise ValueError naming the first layer (or field) where ``cache`` does not fit a model
+    with ``config`` and a batch of ``batch_size`` rows. Checks shapes only, never values."""
+    if cache.lengths.shape != (batch_size,):
+        raise ValueError(f"cache: lengths has shape {cache.lengths.shape}, expected "
+                         f"({batch_size},) for {batch_size} rows")
+    if len(cache.layers) != config.num_hidden_layers:
+        raise ValueError(f"cache: {len(cache.layers)} layers, the model has "
+                         f"{config.num_hidden_layers}")
+    s = None
+    for i, (kind, layer) in enumerate(zip(config.layer_types, cache.layers)):
+        want = jax.eval_shape(lambda kind=kind: _layer_cache(config, kind, batch_size, 1,
+                                                              config.compute_dtype))
+        if type(layer) is not type(want):
+            raise ValueError(f"cache: layer {i} holds a {type(layer).__name__}, the model's layer "
+                             f"{i} is {kind} (needs a {type(want).__name__})")
+        for name in want.__dataclass_fields__:
+            got, ref = getattr(layer, name), getattr(want, name)
+            if isinstance(layer, KVCache):
+                s = got.shape[2] if s is None else s
+                ref = jax.ShapeDtypeStruct(ref.shape[:2] + (s,) + ref.shape[3:], ref.dtype)
+            if got.shape != ref.shape:
+                raise ValueError(f"cache: layer {i} {name} has shape {tuple(got.shape)}, expected "
+                                 f"{tuple(ref.shape)}")
+
+
 def init_cache(config: ModelConfig, batch_size: int, max_length: int) -> DecodeCache:
     """An empty cache (zeros, lengths 0) for ``batch_size`` rows of up to ``max_length`` tokens.
 

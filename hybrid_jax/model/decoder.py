@@ -34,7 +34,7 @@ class GatedDeltaNetLayer(nnx.Module):
         """x: [B, T, D] -> [B, T, D]; ``rope`` is unused (GDN has no positions)."""
         return self._finish(x, self.gdn(self.pre_gdn_norm(x), segment_ids=segment_ids))
 
-    def extend(self, x: jax.Array, cache: GDNCache, *, valid: jax.Array, slots: jax.Array,
+    def extend(self, x: jax.Array, cache: GDNCache, *, valid: jax.Array | None, slots: jax.Array,
                rope: Rope = None) -> tuple[jax.Array, GDNCache]:
         """Cached form of ``__call__`` (see ``GatedDeltaNet.extend``); ``slots``, ``rope`` unused."""
         mixed, cache = self.gdn.extend(self.pre_gdn_norm(x), cache, valid=valid)
@@ -60,7 +60,7 @@ class AttentionLayer(nnx.Module):
         """x: [B, T, D] -> [B, T, D]; ``rope`` is (cos, sin) or None for NoPE."""
         return self._finish(x, self.attn(x, rope=rope, segment_ids=segment_ids))
 
-    def extend(self, x: jax.Array, cache: KVCache, *, valid: jax.Array, slots: jax.Array,
+    def extend(self, x: jax.Array, cache: KVCache, *, valid: jax.Array | None, slots: jax.Array,
                rope: Rope = None) -> tuple[jax.Array, KVCache]:
         """Cached form of ``__call__`` (see ``Attention.extend``)."""
         mixed, cache = self.attn.extend(x, cache, valid=valid, slots=slots, rope=rope)

@@ -104,24 +104,27 @@ class GatedDeltaNet(nnx.Module):
         return self._output(x, o)
 
     def extend(self, x: jax.Array, cache: GDNCache, *,
-               valid: jax.Array) -> tuple[jax.Array, GDNCache]:
+               valid: jax.Array | None = None) -> tuple[jax.Array, GDNCache]:
         """Continue from ``cache`` (conv windows and recurrent state).
 
-        x: [B, T, D]; valid: [B, T] bool, False for left padding. A padding token is the
-        identity on the cache: its input is zeroed (so the conv windows see zeros, as at a
-        sequence start) and its decay set to 0 (its key is then zero, so the state is unchanged).
+        x: [B, T, D]; valid: optional [B, T] bool, False on left padding (None: no padding).
+        Padding leaves the cache as it was, whatever the cache holds: the convolutions skip it
+        (the window runs straight into the row's first real token) and its decay and write
+        strength are zeroed, so the state passes through unchanged.
         One token (decode) runs the recurrent step, more (prefill) the chunked form.
-        Returns (y [B, T, D], the updated cache).
+        Returns (y [B, T, D], meaningless at padding; the updated cache).
         """
         cfg = self.config
         t = x.shape[1]
-        x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
-        q, conv_q = self.q_conv.extend(self.q_proj(x), cache.conv_q)
-        k, conv_k = self.k_conv.extend(self.k_proj(x), cache.conv_k)
-        v, conv_v = self.v_conv.extend(self.v_proj(x), cache.conv_v)
+        q, conv_q = self.q_conv.extend(self.q_proj(x), cache.conv_q, valid)
+        k, conv_k = self.k_conv.extend(self.k_proj(x), cache.conv_k, valid)
+        v, conv_v = self.v_conv.extend(self.v_proj(x), cache.conv_v, valid)
         q, k, v = self._heads(q, k, v)
         beta, g = self._gates(x)
-        g = jnp.where(valid[..., None], g, 0.0)
+        if valid is not None:
+            # S <- exp(0) S + k (0 * (v - S^T k)) = S.
+            beta = jnp.where(valid[..., None], beta, 0.0)
+            g = jnp.where(valid[..., None], g, 0.0)
         o, state = gated_delta_rule(
             q, k, v, g, beta, use_qk_l2norm=True, initial_state=cache.state,
             output_final_state=True, method="recurrent" if t == 1 else cfg.gdn_method,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax.config import ATTENTION, ModelConfig
-from hybrid_jax.model.cache import DecodeCache
+from hybrid_jax.model.cache import DecodeCache, check_cache
 from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import RMSNorm
 from hybrid_jax.model.stack import DecoderStack
@@ -109,7 +109,8 @@ class HybridLM(nnx.Module):
             here tokens past the end would be dropped).
           attention_mask: optional [B, T], 0 for left padding: padding is neither written to the
             cache nor counted in a row's length, and real tokens take positions after the
-            row's length. Padding may only come before a row's first real token.
+            row's length. Padding may only come before a row's first real token in this call,
+            and may follow earlier tokens in the cache (continuing a padded batch is exact).
           last_only: return only the last position's logits, [B, 1, V] (all a prefill needs).
           block_params: optional ``self.stack.block_params()``, sliced once before a decode
             loop so that no step copies the stacked weights again.
@@ -120,19 +121,19 @@ class HybridLM(nnx.Module):
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"extend: input_ids must be [B, T], got shape {input_ids.shape}")
-        if cache.lengths.shape != input_ids.shape[:1] or len(cache.layers) != cfg.num_hidden_layers:
-            raise ValueError(f"extend: the cache holds {cache.lengths.shape[0]} rows and "
-                             f"{len(cache.layers)} layers; input_ids has {input_ids.shape[0]} rows "
-                             f"and the model {cfg.num_hidden_layers} layers")
+        check_cache(cfg, cache, input_ids.shape[0])
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"extend: attention_mask shape {attention_mask.shape} does not match "
                              f"input_ids shape {input_ids.shape}")
+        # A token's slot (= its position) counts the real tokens before it in its row.
         if attention_mask is None:
-            valid = jnp.ones(input_ids.shape, bool)
+            valid = None  # no padding: the layers skip their masking
+            n_new = jnp.full(input_ids.shape[:1], input_ids.shape[1], jnp.int32)
+            slots = cache.lengths[:, None] + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         else:
             valid = attention_mask.astype(bool)
-        # A token's slot (= its position) counts the real tokens before it in its row.
-        slots = cache.lengths[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+            n_new = jnp.sum(valid, axis=1, dtype=jnp.int32)
+            slots = cache.lengths[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         rope = None
         if self._uses_rope:
             rope = rope_cos_sin(jnp.maximum(slots, 0), cfg.head_dim, cfg.rope_theta)
@@ -140,5 +141,5 @@ class HybridLM(nnx.Module):
                                       slots=slots, rope=rope, block_params=block_params)
         if last_only:
             x = x[:, -1:]
-        lengths = cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)
+        lengths = cache.lengths + n_new
         return self._logits(x), DecodeCache(lengths=lengths, layers=layers)

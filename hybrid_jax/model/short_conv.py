@@ -43,10 +43,12 @@ class ShortConvolution(nnx.Module):
         return causal_conv1d(x.astype(self.dtype), weight, segment_ids=segment_ids,
                              activation=self.activation)
 
-    def extend(self, x: jax.Array, window: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def extend(self, x: jax.Array, window: jax.Array,
+               valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Continue a sequence whose last K-1 inputs were ``window`` [B, K-1, C].
 
-        x: [B, T, C]. Returns (y [B, T, C] in the compute dtype, the new window)."""
+        x: [B, T, C]; valid: optional [B, T], False on left padding (skipped).
+        Returns (y [B, T, C] in the compute dtype, the new window)."""
         weight = self.weight[...].astype(self.dtype)
         return causal_conv1d_continue(x.astype(self.dtype), window, weight,
-                                      activation=self.activation)
+                                      activation=self.activation, valid=valid)

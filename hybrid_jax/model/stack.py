@@ -93,7 +93,7 @@ class DecoderStack(nnx.Module):
         state = nnx.state(self.blocks)
         return tuple(jax.tree.map(lambda a, j=j: a[j], state) for j in range(self.num_blocks))
 
-    def extend(self, x: jax.Array, caches: tuple[LayerCache, ...], *, valid: jax.Array,
+    def extend(self, x: jax.Array, caches: tuple[LayerCache, ...], *, valid: jax.Array | None,
                slots: jax.Array, rope: Rope = None,
                block_params: tuple[nnx.State, ...] | None = None,
                ) -> tuple[jax.Array, tuple[LayerCache, ...]]:

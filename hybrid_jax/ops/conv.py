@@ -74,6 +74,7 @@ def causal_conv1d_continue(
     weight: jax.Array,
     *,
     activation: str | None = None,
+    valid: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``causal_conv1d`` of x continuing a sequence whose last K-1 inputs were ``window``.
 
@@ -86,16 +87,27 @@ def causal_conv1d_continue(
       window: [B, K-1, C], the inputs just before x (zeros at a sequence start).
       weight: [C, K].
       activation: None or "silu".
+      valid: optional [B, T] bool, False on left padding (padding before a row's first real
+        token of this piece). Padding is skipped: the window continues straight into the row's
+        first real token, and the new window is as if the padding were not there.
     Returns:
-      (y [B, T, C] in x's dtype, new window [B, K-1, C] in window's dtype: the last K-1 inputs of
-      window followed by x).
+      (y [B, T, C] in x's dtype, meaningless at padding; new window [B, K-1, C] in window's
+      dtype: the last K-1 inputs of window followed by x's real tokens).
     """
     _check_activation(activation)
-    t, k = x.shape[1], weight.shape[1]
-    if window.shape != (x.shape[0], k - 1, x.shape[2]):
+    b, t, c = x.shape
+    k = weight.shape[1]
+    if window.shape != (b, k - 1, c):
         raise ValueError(f"causal_conv1d_continue: window must be [B, K-1, C] = "
-                         f"{(x.shape[0], k - 1, x.shape[2])}, got {window.shape}")
-    x_ext = jnp.concatenate([window.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
-    y = _finish(_taps(x_ext, weight, t), weight, activation, x.dtype)
-    new_window = jnp.concatenate([window, x.astype(window.dtype)], axis=1)[:, t:]
-    return y, new_window
+                         f"{(b, k - 1, c)}, got {window.shape}")
+    ext = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
+    if valid is not None:
+        # Move row b's n_pad padding positions in front of the window: position e of the
+        # re-ordered row reads 0 (e < n_pad), the window (e < n_pad + K-1), else x as it was.
+        n_pad = (t - jnp.sum(valid, axis=1, dtype=jnp.int32))[:, None]  # [B, 1]
+        e = jnp.arange(k - 1 + t, dtype=jnp.int32)[None, :]
+        src = jnp.where(e < n_pad + k - 1, e - n_pad, e)
+        ext = jnp.take_along_axis(ext, jnp.maximum(src, 0)[..., None], axis=1)
+        ext = jnp.where((src >= 0)[..., None], ext, jnp.zeros((), ext.dtype))
+    y = _finish(_taps(ext.astype(jnp.float32), weight, t), weight, activation, x.dtype)
+    return y, ext[:, t:].astype(window.dtype)
