@@ -1,6 +1,6 @@
 """``hybrid-jax`` command line.
 
-    hybrid-jax demo [--preset small] [--batch 2] [--seq-len 512]
+    hybrid-jax demo [--preset small] [--batch 2] [--seq-len 512] [--new-tokens 32]
     hybrid-jax convert hf-to-orbax SRC DST [--dtype D] [--overwrite]
     hybrid-jax convert orbax-to-hf SRC DST [--dtype D] [--max-shard-size 5GB] [--overwrite]
     hybrid-jax convert verify HF_DIR ORBAX_DIR [--seq-len 32] [--batch 2] [--tol T]
@@ -10,7 +10,8 @@
 
 ``demo`` (the default) builds an OLMo-Hybrid-shaped model, runs a batch through it with each
 form of the gated delta rule, and prints the parameter count, the logits' shape, each form's
-compile and run time, and how far the forms' logits are apart. ``convert`` moves weights between
+compile and run time, and how far the forms' logits are apart, then generates ``--new-tokens``
+greedily after the first half of the batch. ``convert`` moves weights between
 transformers checkpoints and orbax checkpoints, and checks a pair against each other (see
 ``hybrid_jax.convert_cli``). ``generate`` loads either kind of checkpoint and streams the text it
 generates after a prompt to stdout, encoded with a tokenizer.json (``--tokenizer``, else the
@@ -90,7 +91,34 @@ def demo(args: argparse.Namespace) -> int:
             print(f"  logits {name} vs {ref_name}: relative difference {err:.2e}")
     finite = all(np.isfinite(x).all() for x in logits_by_method.values())
     print("logits finite:", finite)
+    if args.new_tokens > 0:
+        finite = _demo_generate(model, tokens, args.new_tokens) and finite
     return 0 if finite else 1
+
+
+def _demo_generate(model, tokens, new_tokens: int) -> bool:
+    """Greedy generation after the batch's first half; True when its first new token is the
+    full forward's argmax there (prefill and forward agree)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hybrid_jax.inference import generate
+
+    prompt = tokens[:, : tokens.shape[1] // 2]
+    start = time.perf_counter()
+    out = np.asarray(generate(model, prompt, new_tokens, eos_token_id=()))
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = np.asarray(generate(model, prompt, new_tokens, eos_token_id=()))
+    run_s = time.perf_counter() - start
+    expected = np.asarray(jnp.argmax(jax.jit(model)(prompt)[:, -1], axis=-1))
+    agree = bool(np.all(out[:, prompt.shape[1]] == expected))
+    print(f"generate: {prompt.shape[0]} x {prompt.shape[1]} prompt tokens + {new_tokens} new "
+          f"(greedy): {first_s:.2f} s with compiling, {run_s:.2f} s after "
+          f"({out.shape[0] * new_tokens / run_s:,.0f} new tokens/s incl. prefill); first new "
+          f"token = forward argmax: {agree}")
+    return agree
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--methods", default="recurrent,chunk,assoc_scan")
+    p.add_argument("--new-tokens", type=int, default=32,
+                   help="then generate this many tokens after half the batch (0: skip)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     from hybrid_jax.convert_cli import add_convert_parser
@@ -127,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--preset olmo_hybrid_7b does not fit a demo on this machine; use small or tiny")
     if args.batch <= 0 or args.seq_len <= 0:
         parser.error("--batch and --seq-len must be positive")
+    if args.new_tokens < 0 or (args.new_tokens > 0 and args.seq_len < 2):
+        parser.error("--new-tokens must be >= 0, and generating needs --seq-len >= 2 (the prompt "
+                     "is the first half)")
     return demo(args)
 
 
