@@ -218,3 +218,30 @@ def test_bytes_need_a_vocabulary_of_256(tmp_path, capsys):
     rc, out, err = _run(capsys, "--checkpoint", str(tmp_path / "small_vocab"), "--prompt", "hi")
     assert rc == 2 and out == ""
     assert "128" in err and "256" in err and "--tokenizer" in err and err.count("\n") == 1, err
+
+
+def _metaspace_tokenizer() -> Tokenizer:
+    """SentencePiece-style BPE: a leading-space marker whose text depends on the token before."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<eos>"])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog",
+                             "hello world, hello there", "café naïve"], trainer)
+    return tok
+
+
+@pytest.mark.parametrize("make", [_make_tokenizer, _metaspace_tokenizer])
+def test_token_stream_joins_to_the_full_decode(make):
+    """Streaming decodes only recent tokens; joined up it must equal decoding all at once, for
+    random token sequences (byte-level pieces of multi-byte characters included)."""
+    from hybrid_jax.inference.text import TokenizerCodec
+
+    codec = TokenizerCodec(make())
+    rng = np.random.default_rng(0)
+    vocab = codec.tokenizer.get_vocab_size()
+    for _ in range(20):
+        ids = rng.integers(0, vocab, 40).tolist()
+        stream = codec.stream()
+        pieces = [stream.push([i]) for i in ids]
+        assert "".join(pieces) + stream.flush() == codec.decode(ids), ids

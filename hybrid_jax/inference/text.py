@@ -8,8 +8,8 @@
     print(stream.flush())
 
 ``TokenizerCodec`` wraps a ``tokenizers.Tokenizer`` (``Tokenizer.from_file``); its stream decodes
-all the tokens so far and returns the suffix not yet returned, holding back while the text ends
-in U+FFFD (a multi-byte character split across tokens). ``ByteCodec`` maps each UTF-8 byte to the
+the tokens since the last returned text (and the few before them, for context) and returns what
+is new, holding back while the text ends in U+FFFD (a multi-byte character split across tokens). ``ByteCodec`` maps each UTF-8 byte to the
 token id of its value (ids >= 256 are not bytes and decode to nothing); its stream is an
 incremental UTF-8 decoder, so a character split across tokens comes out whole. Invalid UTF-8
 decodes to U+FFFD in both, and a stream's output joined up equals ``decode`` of the same ids.
@@ -60,18 +60,27 @@ class TextCodec:
 
 # ----------------------------------------------------------------------------- tokenizer.json
 class _SuffixStream(TextStream):
+    """Decodes a short window of recent tokens, not everything so far, so each push costs O(1).
+
+    ``prefix`` .. ``read`` are tokens whose text was already returned; the text of
+    ``ids[prefix:]`` minus that of ``ids[prefix:read]`` is new. Decoding from a few tokens back,
+    rather than from ``read``, keeps tokenizers whose text for a token depends on the one
+    before it (leading-space markers, byte fallback) right.
+    """
+
     def __init__(self, decode: Any) -> None:
         self._decode = decode
         self._ids: list[int] = []
-        self._sent = 0  # characters of decode(ids) already returned
+        self._prefix = 0
+        self._read = 0
 
     def _new_text(self, final: bool) -> str:
-        text = self._decode(self._ids)
-        if not final and text.endswith(_REPLACEMENT):
-            return ""  # maybe half a character: wait for the next token
-        new = text[self._sent:]
-        self._sent = max(self._sent, len(text))
-        return new
+        before = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(before) or (not final and text.endswith(_REPLACEMENT)):
+            return ""  # nothing yet, or maybe half a character: wait for the next token
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(before):]
 
     def push(self, ids: Sequence[int]) -> str:
         self._ids.extend(int(i) for i in ids)
