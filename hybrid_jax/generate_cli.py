@@ -158,11 +158,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from hybrid_jax.convert.from_hf import CheckpointError
+    from hybrid_jax.convert.orbax_io import OrbaxCheckpointError
+    from hybrid_jax.inference.errors import InputError
+    from hybrid_jax.inference.text import TokenizerError
+
     try:
         return _generate(args)
-    except (_Fail, ValueError, TypeError) as e:
-        # _Fail; CheckpointError / OrbaxCheckpointError / TokenizerError (ValueErrors) naming
-        # the file; generate's and SamplingConfig's own checks naming the argument.
+    except (_Fail, InputError, CheckpointError, OrbaxCheckpointError, TokenizerError) as e:
+        # Bad input only, each naming its culprit: the file (checkpoint, tokenizer) or the
+        # argument (generate's and SamplingConfig's checks). Anything else is a bug: traceback.
         return _err(str(e).strip() or type(e).__name__)
     except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
         return _err(f"{e.filename}: {e.strerror}" if e.filename else str(e))

@@ -213,6 +213,18 @@ def test_bad_input_is_named_exit_2(case, bad_root, capsys):
         assert word in err, (word, err)
 
 
+def test_a_failure_inside_the_library_is_not_reported_as_bad_input(ckpts, monkeypatch, capsys):
+    import hybrid_jax.inference
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal: something inside went wrong")
+
+    monkeypatch.setattr(hybrid_jax.inference, "generate", broken)
+    root = ckpts[0]
+    with pytest.raises(ValueError, match="internal"):
+        main(["generate", "--checkpoint", str(root / "hf"), "--prompt", "hi"])
+
+
 def test_bytes_need_a_vocabulary_of_256(tmp_path, capsys):
     make_hf_model(seed=1).save_pretrained(tmp_path / "small_vocab")  # vocab 128
     rc, out, err = _run(capsys, "--checkpoint", str(tmp_path / "small_vocab"), "--prompt", "hi")

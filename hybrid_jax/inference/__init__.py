@@ -1,5 +1,6 @@
 """Inference: cached prefill and decode, sampling, generation."""
 
+from hybrid_jax.inference.errors import InputError, InputTypeError
 from hybrid_jax.inference.generate import decode, generate, prefill
 from hybrid_jax.inference.sampling import SamplingConfig, filter_logits, sample_tokens
 from hybrid_jax.model.cache import (
@@ -14,6 +15,8 @@ from hybrid_jax.model.cache import (
 __all__ = [
     "DecodeCache",
     "GDNCache",
+    "InputError",
+    "InputTypeError",
     "KVCache",
     "SamplingConfig",
     "cache_partition_specs",

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from hybrid_jax.inference.errors import InputError, InputTypeError
 from hybrid_jax.inference.sampling import SamplingConfig, is_int, sample_tokens
 from hybrid_jax.model.cache import DecodeCache, init_cache
 from hybrid_jax.model.hybrid_lm import HybridLM
@@ -121,9 +122,11 @@ def token_ids(value, name: str, vocab_size: int) -> tuple[int, ...]:
     values = (value,) if np.ndim(value) == 0 else tuple(value)
     for v in values:
         if not is_int(v):
-            raise TypeError(f"generate: {name} must be an int or a sequence of ints, got {value!r}")
+            raise InputTypeError(f"generate: {name} must be an int or a sequence of ints, "
+                                 f"got {value!r}")
         if not 0 <= v < vocab_size:
-            raise ValueError(f"generate: {name} {v} is outside the vocabulary [0, {vocab_size})")
+            raise InputError(f"generate: {name} {v} is outside the vocabulary "
+                             f"[0, {vocab_size})")
     return tuple(int(v) for v in values)
 
 
@@ -131,33 +134,34 @@ def _check_prompt(input_ids: np.ndarray, attention_mask: np.ndarray | None,
                   vocab_size: int) -> np.ndarray:
     """The [B, T] bool mask of real tokens, after checking ids and mask; errors name the culprit."""
     if input_ids.ndim != 2:
-        raise ValueError(f"generate: input_ids must be [batch, length], got shape {input_ids.shape}")
+        raise InputError(f"generate: input_ids must be [batch, length], got shape "
+                         f"{input_ids.shape}")
     if not np.issubdtype(input_ids.dtype, np.integer):
-        raise TypeError(f"generate: input_ids must hold integers, got {input_ids.dtype}")
+        raise InputTypeError(f"generate: input_ids must hold integers, got {input_ids.dtype}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"generate: the prompt is empty (input_ids shape {input_ids.shape})")
+        raise InputError(f"generate: the prompt is empty (input_ids shape {input_ids.shape})")
     if attention_mask is None:
         valid = np.ones(input_ids.shape, bool)
     else:
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"generate: attention_mask shape {attention_mask.shape} does not match "
-                             f"input_ids shape {input_ids.shape}")
+            raise InputError(f"generate: attention_mask shape {attention_mask.shape} does not "
+                             f"match input_ids shape {input_ids.shape}")
         if not np.all((attention_mask == 0) | (attention_mask == 1)):
-            raise ValueError("generate: attention_mask must hold only 0 and 1")
+            raise InputError("generate: attention_mask must hold only 0 and 1")
         valid = attention_mask.astype(bool)
         # Left padding only: once a row's real tokens start, they do not stop.
         bad = np.nonzero(np.any(valid[:, :-1] & ~valid[:, 1:], axis=1))[0]
         if bad.size:
-            raise ValueError(f"generate: attention_mask row {int(bad[0])} has padding after a real "
+            raise InputError(f"generate: attention_mask row {int(bad[0])} has padding after a real "
                              f"token; pad on the left (tokenizer padding_side='left')")
     empty = np.nonzero(~valid.any(axis=1))[0]
     if empty.size:
-        raise ValueError(f"generate: prompt row {int(empty[0])} is empty (no token with "
+        raise InputError(f"generate: prompt row {int(empty[0])} is empty (no token with "
                          f"attention_mask 1)")
     real = input_ids[valid]
     if real.size and (real.min() < 0 or real.max() >= vocab_size):
         bad_id = int(real.min() if real.min() < 0 else real.max())
-        raise ValueError(f"generate: input_ids holds token id {bad_id}, outside the vocabulary "
+        raise InputError(f"generate: input_ids holds token id {bad_id}, outside the vocabulary "
                          f"[0, {vocab_size})")
     return valid
 
@@ -212,7 +216,8 @@ def generate(
     mask = None if attention_mask is None else np.asarray(attention_mask)
     valid = _check_prompt(ids, mask, cfg.vocab_size)
     if not is_int(max_new_tokens) or max_new_tokens <= 0:
-        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        raise InputError(f"generate: max_new_tokens must be a positive int, got "
+                         f"{max_new_tokens!r}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     eos_ids = token_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id,
                          "eos_token_id", cfg.vocab_size)
@@ -226,17 +231,18 @@ def generate(
     if max_length is None:
         max_length = needed
     elif not is_int(max_length) or max_length <= 0:
-        raise ValueError(f"generate: max_length must be a positive int, got {max_length!r}")
+        raise InputError(f"generate: max_length must be a positive int, got {max_length!r}")
     elif longest > max_length:
-        raise ValueError(f"generate: the prompt has {longest} tokens, longer than max_length "
+        raise InputError(f"generate: the prompt has {longest} tokens, longer than max_length "
                          f"{max_length}")
     elif needed > max_length:
-        raise ValueError(f"generate: prompt ({longest} tokens) + max_new_tokens "
+        raise InputError(f"generate: prompt ({longest} tokens) + max_new_tokens "
                          f"({max_new_tokens}) needs {needed} cache slots (the last new token is "
                          f"not fed back), more than max_length {max_length}")
     if prefill_chunk_size is not None and (not is_int(prefill_chunk_size)
                                            or prefill_chunk_size <= 0):
-        raise ValueError(f"generate: prefill_chunk_size must be positive, got {prefill_chunk_size}")
+        raise InputError(f"generate: prefill_chunk_size must be a positive int, got "
+                         f"{prefill_chunk_size!r}")
 
     # Pieces of one size compile once: left-pad the prompt to a multiple of the piece size.
     b, t = ids.shape

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybrid_jax.inference.errors import InputError
+
 
 def is_int(x) -> bool:
     """A Python or NumPy integer, not a bool."""
@@ -36,15 +38,15 @@ class SamplingConfig:
         # Normalised to Python scalars (NumPy ones welcome): the config is a jit static argument.
         t, k, p = self.temperature, self.top_k, self.top_p
         if not is_real(t) or not t >= 0:
-            raise ValueError(f"temperature must be a number >= 0, got {t!r}")
+            raise InputError(f"temperature must be a number >= 0, got {t!r}")
         object.__setattr__(self, "temperature", float(t))
         if k is not None:
             if not is_int(k) or k <= 0:
-                raise ValueError(f"top_k must be a positive int or None, got {k!r}")
+                raise InputError(f"top_k must be a positive int or None, got {k!r}")
             object.__setattr__(self, "top_k", int(k))
         if p is not None:
             if not is_real(p) or not 0.0 < p <= 1.0:
-                raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+                raise InputError(f"top_p must be a number in (0, 1], got {p!r}")
             object.__setattr__(self, "top_p", float(p))
 
     @property

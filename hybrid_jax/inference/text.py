@@ -9,10 +9,11 @@
 
 ``TokenizerCodec`` wraps a ``tokenizers.Tokenizer`` (``Tokenizer.from_file``); its stream decodes
 the tokens since the last returned text (and the few before them, for context) and returns what
-is new, holding back while the text ends in U+FFFD (a multi-byte character split across tokens). ``ByteCodec`` maps each UTF-8 byte to the
-token id of its value (ids >= 256 are not bytes and decode to nothing); its stream is an
-incremental UTF-8 decoder, so a character split across tokens comes out whole. Invalid UTF-8
-decodes to U+FFFD in both, and a stream's output joined up equals ``decode`` of the same ids.
+is new, holding back while the text ends in U+FFFD (a multi-byte character split across tokens).
+``ByteCodec`` maps each UTF-8 byte to the token id of its value (ids >= 256 are not bytes and
+decode to nothing); its stream is an incremental UTF-8 decoder, so a character split across
+tokens comes out whole. Invalid UTF-8 decodes to U+FFFD in both, and a stream's output joined up
+equals ``decode`` of the same ids.
 """
 
 from __future__ import annotations
