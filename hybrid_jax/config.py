@@ -16,7 +16,7 @@ GDN = "linear_attention"
 ATTENTION = "full_attention"
 LAYER_KINDS = (GDN, ATTENTION)
 
-GDN_METHODS = ("recurrent", "chunk", "assoc_scan")
+GDN_METHODS = ("recurrent", "chunk", "assoc_scan", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 _DTYPES = {

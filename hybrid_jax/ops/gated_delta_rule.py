@@ -13,10 +13,11 @@ import jax.numpy as jnp
 
 from hybrid_jax.ops.gdn_assoc_scan import gdn_assoc_scan
 from hybrid_jax.ops.gdn_chunk import gdn_chunk
+from hybrid_jax.ops.gdn_pallas import gdn_pallas
 from hybrid_jax.ops.gdn_recurrent import gdn_recurrent
 
-Method = Literal["recurrent", "chunk", "assoc_scan"]
-METHODS = ("recurrent", "chunk", "assoc_scan")
+Method = Literal["recurrent", "chunk", "assoc_scan", "pallas"]
+METHODS = ("recurrent", "chunk", "assoc_scan", "pallas")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -85,7 +86,9 @@ def gated_delta_rule(
       use_qk_l2norm: normalise q and k as x / sqrt(sum x^2 + 1e-6) first.
       segment_ids: [B, T] ints; the state resets to zero wherever the id changes (packed docs).
       method: "recurrent" (lax.scan over time), "chunk" (WY/UT chunks, sequential over chunks),
-        "assoc_scan" (associative scan over chunks' affine state maps).
+        "assoc_scan" (associative scan over chunks' affine state maps), "pallas" (chunk factors
+        by XLA, the pass across chunks in a Pallas kernel; interpret mode on CPU; backward
+        through the XLA chunk form for now).
       chunk_size: chunk length for the chunked methods.
 
     Returns:
@@ -112,6 +115,8 @@ def gated_delta_rule(
         o, final = gdn_recurrent(q, k, v, g, beta, scale, initial_state, reset)
     elif method == "chunk":
         o, final = gdn_chunk(q, k, v, g, beta, scale, initial_state, reset, chunk_size)
+    elif method == "pallas":
+        o, final = gdn_pallas(q, k, v, g, beta, scale, initial_state, reset, chunk_size)
     else:
         o, final = gdn_assoc_scan(q, k, v, g, beta, scale, initial_state, reset, chunk_size)
     return o.astype(out_dtype), (final if output_final_state else None)
