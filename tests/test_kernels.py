@@ -7,13 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_jax.kernels.gdn_state_pass import state_pass
+from jax.experimental.pallas import tpu as pltpu
+
+from hybrid_jax.kernels.gdn_state_pass import state_pass, state_pass_tpu
 from hybrid_jax.ops.gdn_chunk import _state_step
 from hybrid_jax.ops.gdn_common import ChunkFactors
 
 
+VARIANTS = {
+    "gpu": lambda *a: state_pass(*a, interpret=True),
+    # Mosaic TPU semantics in the interpreter, with race and out-of-bounds detection.
+    "tpu": lambda *a: state_pass_tpu(*a, interpret=pltpu.InterpretParams(detect_races=True)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dk,dv", [(16, 32), (32, 64)])
-def test_state_pass_kernel_matches_the_scan_step(dk, dv):
+def test_state_pass_kernel_matches_the_scan_step(dk, dv, variant):
     """Random factors, a chunk with a reset (decay 0) among them: the kernel's outputs and final
     state equal ``gdn_chunk``'s lax.scan over ``_state_step``."""
     rng = np.random.default_rng(0)
@@ -23,7 +33,7 @@ def test_state_pass_kernel_matches_the_scan_step(dk, dv):
     w, qd, kd = (f(r, n, c, dk) for _ in range(3))
     decay = jnp.asarray(rng.uniform(0.2, 1.0, (r, n)), jnp.float32).at[1, 2].set(0.0)
     s0 = f(r, dk, dv)
-    o, final = state_pass(u, w, qd, kd, intra, decay, s0, interpret=True)
+    o, final = VARIANTS[variant](u, w, qd, kd, intra, decay, s0)
 
     # The twin: chunk-major, [N, B=r, H=1, ...].
     factors = ChunkFactors(*(jnp.moveaxis(x, 1, 0)[:, :, None] for x in (u, w, qd, kd, intra)),
@@ -33,3 +43,33 @@ def test_state_pass_kernel_matches_the_scan_step(dk, dv):
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(final), np.asarray(want_final[:, 0]),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant):
+    """The whole op: OLMo's head-dim ratio (Dk 24 -> padded to 32, Dv 48 -> 64), a partial last
+    chunk, segment resets and an initial state; outputs, final state and gradients."""
+    from hybrid_jax.ops.gdn_chunk import gdn_chunk
+    from hybrid_jax.ops.gdn_pallas import gdn_pallas
+
+    rng = np.random.default_rng(1)
+    b, t, h, dk, dv = 2, 45, 2, 24, 48
+    x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    q, k, v = x(b, t, h, dk), x(b, t, h, dk), x(b, t, h, dv)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    g = -jnp.abs(x(b, t, h)) * 0.5
+    beta = jnp.asarray(rng.uniform(0, 2, (b, t, h)), jnp.float32)
+    s0 = x(b, h, dk, dv) * 0.1
+    reset = jnp.zeros((b, t), bool).at[0, 20].set(True).at[1, 3].set(True)
+    interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
+
+    def loss(fn, **kw):
+        def f(q, k, v, g, beta, s0):
+            o, final = fn(q, k, v, g, beta, dk ** -0.5, s0, reset, 16, **kw)
+            return jnp.sum(o ** 2) + jnp.sum(final * s0), (o, final)
+        return jax.value_and_grad(f, argnums=range(6), has_aux=True)(q, k, v, g, beta, s0)
+
+    (_, got), got_grads = loss(gdn_pallas, variant=variant, interpret=interpret)
+    (_, want), want_grads = loss(gdn_chunk)
+    for a, b_ in zip((*got, *got_grads), (*want, *want_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=2e-5, atol=2e-5)

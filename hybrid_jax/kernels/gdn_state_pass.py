@@ -12,12 +12,16 @@ The per-chunk factors (the WY/UT solve, u, w, the intra-chunk attention, with se
 come from ``hybrid_jax.ops.gdn_common.chunk_factors``, computed for all chunks at once by XLA.
 Its slow, obviously-right twin is ``hybrid_jax.ops.gdn_chunk``'s scan step (``_state_step``).
 
-Structure: written GPU-style (the loop over chunks inside the kernel, one program per row and
-head, whole-array blocks indexed per chunk), which the Triton-lowering Pallas backend and
-interpret mode both take. Head dims are padded to powers of two by the caller, as Triton blocks
-must be. Verified in interpret mode only (no accelerator was available when it was written);
-a TPU variant wants the chunk axis as a sequential grid dimension with the state in a VMEM
-scratch instead, since whole-sequence blocks do not fit VMEM.
+Two variants of one chunk step (``_chunk_step``):
+- ``state_pass`` (GPU-style, Triton-lowering Pallas backend): one program per row and head
+  loops over its chunks inside the kernel, reading each chunk from the whole-sequence arrays.
+  Head dims are padded to powers of two by the caller, as Triton blocks must be.
+- ``state_pass_tpu`` (Mosaic TPU): the chunk axis is a sequential ("arbitrary") grid
+  dimension, each grid step gets one chunk's blocks in VMEM, and the state lives in a VMEM
+  scratch that persists across the steps: whole sequences would not fit VMEM.
+Both are verified in interpret mode only (the TPU one with ``pltpu.InterpretParams``, which
+also detects races and out-of-bounds reads); no accelerator was available when they were
+written.
 """
 
 from __future__ import annotations
@@ -35,14 +39,40 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
+def _chunk_step(u, w, qd, kd, intra, decay, state):
+    """One chunk: (o [C, Dv], next state [Dk, Dv]) from its factors and the state entering it."""
+    v_new = u - _mm(w, state)  # [C, Dv]
+    o = _mm(qd, state) + _mm(intra, v_new)
+    return o, decay * state + _mm(kd.T, v_new)
+
+
 def _kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref, *,
             n_chunks: int):
     def chunk(n, state):
-        v_new = u_ref[n] - _mm(w_ref[n], state)  # [C, Dv]
-        o_ref[n] = _mm(qd_ref[n], state) + _mm(intra_ref[n], v_new)
-        return decay_ref[n] * state + _mm(kd_ref[n].T, v_new)
+        o, state = _chunk_step(u_ref[n], w_ref[n], qd_ref[n], kd_ref[n], intra_ref[n],
+                               decay_ref[n], state)
+        o_ref[n] = o
+        return state
 
     s_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
+
+
+def _tpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref,
+                state_ref):
+    n = pl.program_id(1)
+
+    @pl.when(n == 0)
+    def _():
+        state_ref[...] = s0_ref[...]
+
+    o, state = _chunk_step(u_ref[...], w_ref[...], qd_ref[...], kd_ref[...], intra_ref[...],
+                           decay_ref[...], state_ref[...])
+    o_ref[...] = o
+    state_ref[...] = state
+
+    @pl.when(n == pl.num_programs(1) - 1)
+    def _():
+        s_ref[...] = state
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -74,5 +104,39 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         out_specs=[whole(n, c, dv), whole(dk, dv)],
         out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
                    jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)],
+        interpret=interpret,
+    )(u, w, q_decayed, k_decayed, intra, decay, initial_state)
+
+
+def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.Array,
+                   intra: jax.Array, chunk_decay: jax.Array, initial_state: jax.Array, *,
+                   interpret=False) -> tuple[jax.Array, jax.Array]:
+    """``state_pass`` for Mosaic TPU: grid (sequences, chunks), the state in a VMEM scratch.
+
+    Same arguments and results as ``state_pass``; ``interpret`` may be
+    ``pltpu.InterpretParams(...)`` (race and out-of-bounds detection) or True.
+    """
+    from jax.experimental.pallas import tpu as pltpu
+
+    r, n, c, dv = u.shape
+    dk = w.shape[-1]
+    decay = chunk_decay.astype(jnp.float32)[:, :, None, None]  # [R, N, 1, 1]
+
+    def per_chunk(*shape):
+        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
+
+    def per_seq(*shape):
+        return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * len(shape))
+
+    return pl.pallas_call(
+        _tpu_kernel,
+        grid=(r, n),
+        in_specs=[per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk),
+                  per_chunk(c, c), per_chunk(1, 1), per_seq(dk, dv)],
+        out_specs=[per_chunk(c, dv), per_seq(dk, dv)],
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
+                   jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
     )(u, w, q_decayed, k_decayed, intra, decay, initial_state)
