@@ -74,3 +74,29 @@ def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, 
     (_, want), want_grads = loss(gdn_chunk)
     for a, b_ in zip((*got, *got_grads), (*want, *want_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chunk_factors_kernel_matches_xla(variant):
+    """The fused per-chunk kernel against ``chunk_factors`` (XLA): decays from none (g = 0) to
+    very strong, beta up to 2, resets inside chunks (and one at a chunk's first position)."""
+    from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
+    from hybrid_jax.ops.gdn_common import chunk_factors
+
+    rng = np.random.default_rng(2)
+    r, n, c, dk, dv = 2, 4, 16, 8, 16
+    x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    q, k, v = x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dv)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    g = -jnp.abs(x(r, n, c)) * jnp.asarray([0.0, 0.1, 3.0, 30.0])[None, :, None]
+    beta = jnp.asarray(rng.uniform(0, 2, (r, n, c)), jnp.float32)
+    reset = (rng.uniform(size=(r, n, c)) < 0.15) | (np.arange(c) == 0)[None, None] * (
+        np.arange(n) == 3)[None, :, None]
+    seg = jnp.asarray(np.cumsum(reset, axis=-1), jnp.int32)
+    interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
+    got = chunk_factors_kernel(q, k, v, g, beta, seg, scale=0.3, interpret=interpret)
+    want = chunk_factors(q, k, v, g, beta, seg, 0.3)  # seg [.., N, C]: the "head" axis is N
+    for a, b_, name in zip(got, want, want._fields):
+        assert np.all(np.isfinite(np.asarray(a))), name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)

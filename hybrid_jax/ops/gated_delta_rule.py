@@ -86,9 +86,9 @@ def gated_delta_rule(
       use_qk_l2norm: normalise q and k as x / sqrt(sum x^2 + 1e-6) first.
       segment_ids: [B, T] ints; the state resets to zero wherever the id changes (packed docs).
       method: "recurrent" (lax.scan over time), "chunk" (WY/UT chunks, sequential over chunks),
-        "assoc_scan" (associative scan over chunks' affine state maps), "pallas" (chunk factors
-        by XLA, the pass across chunks in a Pallas kernel; interpret mode on CPU; backward
-        through the XLA chunk form for now).
+        "assoc_scan" (associative scan over chunks' affine state maps), "pallas" (Pallas kernels
+        for the per-chunk factors and for the pass across chunks; interpret mode on CPU;
+        backward through the XLA chunk form for now).
       chunk_size: chunk length for the chunked methods.
 
     Returns:

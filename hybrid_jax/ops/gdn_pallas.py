@@ -1,8 +1,9 @@
 """The chunked gated delta rule with its pass across chunks in a Pallas kernel.
 
-Forward: each chunk's factors by XLA (``chunk_factors``, all chunks at once), then the state
-pass by ``hybrid_jax.kernels.gdn_state_pass`` (the state stays on chip across chunks): its
-Mosaic TPU variant on TPU, its GPU-style variant elsewhere.
+Forward: two Pallas kernels. ``hybrid_jax.kernels.gdn_chunk_factors`` computes everything local
+to each chunk (the solve, w/u, the intra-chunk attention, with segment resets) on a parallel
+grid; ``hybrid_jax.kernels.gdn_state_pass`` then carries the state across chunks on chip (its
+Mosaic TPU variant on TPU, its GPU-style variant elsewhere).
 Backward (``jax.custom_vjp``): recomputes through the XLA ``chunk`` form and differentiates it,
 so nothing per chunk is stored; a backward kernel is still to come.
 """
@@ -14,38 +15,51 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
 from hybrid_jax.kernels.gdn_state_pass import state_pass, state_pass_tpu
 from hybrid_jax.ops.gdn_chunk import gdn_chunk
-from hybrid_jax.ops.gdn_common import chunk_factors, chunk_segments, from_chunks, to_chunks
 
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _sequences(x: jax.Array, chunk_size: int, pad_to: int | None = None) -> jax.Array:
+    """[B, T, H, ...] -> [B*H, N, C, ...]: one row per (batch row, head), T zero-padded to whole
+    chunks (inert: g = beta = k = 0 leave the state alone) and, given ``pad_to``, the last axis
+    zero-padded to that size."""
+    b, t, h = x.shape[:3]
+    widths = [(0, 0), (0, -t % chunk_size)] + [(0, 0)] * (x.ndim - 2)
+    if pad_to is not None:
+        widths[-1] = (0, pad_to - x.shape[-1])
+    x = jnp.pad(x, widths)
+    x = x.reshape(b, -1, chunk_size, h, *x.shape[3:])
+    return jnp.moveaxis(x, 3, 1).reshape(b * h, -1, chunk_size, *x.shape[4:])
+
+
 def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, interpret):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    xs = tuple(to_chunks(x, chunk_size) for x in (q, k, v, g, beta))  # [N, B, H, C, ...]
-    f = chunk_factors(*xs, chunk_segments(reset, chunk_size), scale)
-    n = f.u.shape[0]
-    # Triton blocks want power-of-two sizes: zero-pad the head dims (exact: padded key
-    # dimensions never enter the state, padded value dimensions are sliced off).
-    pk, pv = _pow2(dk) - dk, _pow2(dv) - dv
-
-    def seqs(x, pad):
-        """[N, B, H, C, D] -> [B*H, N, C, D + pad]."""
-        x = jnp.moveaxis(x, 0, 2).reshape(b * h, n, *x.shape[3:])
-        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-
+    # Kernel blocks want power-of-two head dims (Triton requires them): zero-pad (exact:
+    # padded key dimensions never enter the state, padded value dimensions are sliced off).
+    pk, pv = _pow2(dk), _pow2(dv)
+    if reset is None:
+        seg = jnp.zeros((b, t), jnp.int32)
+    else:
+        # Segment index inside each chunk: resets counted from the chunk's start.
+        r = jnp.pad(reset, ((0, 0), (0, -t % chunk_size))).reshape(b, -1, chunk_size)
+        seg = jnp.cumsum(r.astype(jnp.int32), axis=-1).reshape(b, -1)
+    seg = jnp.broadcast_to(seg[:, :, None], (b, seg.shape[1], h))
+    f = chunk_factors_kernel(
+        _sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
+        _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
+        _sequences(beta, chunk_size), _sequences(seg, chunk_size),
+        scale=scale, interpret=interpret)
     kernel = state_pass_tpu if variant == "tpu" else state_pass
-    o, final = kernel(
-        seqs(f.u, pv), seqs(f.w, pk), seqs(f.q_decayed, pk), seqs(f.k_decayed, pk),
-        seqs(f.intra, 0), jnp.moveaxis(f.chunk_decay, 0, 2).reshape(b * h, n),
-        jnp.pad(initial_state.reshape(b * h, dk, dv), ((0, 0), (0, pk), (0, pv))),
-        interpret=interpret)
-    o = jnp.moveaxis(o[..., :dv].reshape(b, h, n, chunk_size, dv), 2, 0)  # [N, B, H, C, Dv]
-    return from_chunks(o, t), final[:, :dk, :dv].reshape(b, h, dk, dv)
+    s0 = jnp.pad(initial_state.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
+    o, final = kernel(*f, s0, interpret=interpret)  # [B*H, N, C, pv], [B*H, pk, pv]
+    o = jnp.moveaxis(o[..., :dv].reshape(b, h, -1, dv), 1, 2)[:, :t]
+    return o, final[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
