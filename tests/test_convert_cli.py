@@ -9,30 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hf_models import make_hf_model
+from safetensors_dirs import assert_same_tensors, read_all
 from hybrid_jax.cli import main
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.convert.orbax_io import config_from_json, config_to_json
-
-
-def _read_all(ckpt: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        part = load_file(str(f))
-        assert not set(part) & set(tensors)
-        tensors.update(part)
-    return tensors
-
-
-def _assert_bitwise(ours: Path, ref: Path) -> None:
-    a, b = _read_all(ours), _read_all(ref)
-    assert sorted(a) == sorted(b), set(a) ^ set(b)
-    for name in b:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert torch.equal(a[name].contiguous().view(torch.uint8),
-                           b[name].contiguous().view(torch.uint8)), f"{name}: data differs"
 
 
 TOKENIZER = {"tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"}}\n',
@@ -56,7 +38,7 @@ def converted(tmp_path_factory):
 
 def test_round_trip_is_bitwise(converted, capsys):
     root = converted
-    _assert_bitwise(root / "back", root / "hf")
+    assert_same_tensors(root / "back", root / "hf")
     assert (root / "back" / "model.safetensors.index.json").is_file()
     assert sorted(p.name for p in (root / "orbax").iterdir()) == sorted(
         ["model_config.json", "params", *TOKENIZER])
@@ -70,8 +52,8 @@ def test_round_trip_is_bitwise(converted, capsys):
 def test_summary_line(tmp_path, converted, capsys):
     assert main(["convert", "orbax-to-hf", str(converted / "orbax"), str(tmp_path / "x")]) == 0
     out = capsys.readouterr().out
-    n = len(_read_all(converted / "hf"))
-    params = sum(t.numel() for t in _read_all(converted / "hf").values())
+    n = len(read_all(converted / "hf"))
+    params = sum(t.numel() for t in read_all(converted / "hf").values())
     assert f"{n} tensors, {params:,} parameters" in out, out
     assert "written" in out
 
@@ -83,7 +65,7 @@ def test_verify_passes_then_fails_on_a_perturbed_tensor(converted, tmp_path, cap
     assert "PASS" in out and "max abs logit difference" in out
 
     # Perturb one tensor of the orbax checkpoint (through a transformers checkpoint copy).
-    tensors = _read_all(root / "hf")
+    tensors = read_all(root / "hf")
     name = "model.layers.1.mlp.down_proj.weight"
     tensors[name] = tensors[name] + 0.01 * torch.randn_like(tensors[name])
     bad_hf = tmp_path / "bad_hf"
@@ -113,7 +95,7 @@ def test_overwrite_is_refused_without_flag(converted, tmp_path, capsys):
     assert (dst / "keep.txt").read_text() == "mine"
     assert main(["convert", "orbax-to-hf", str(root / "orbax"), str(dst), "--overwrite"]) == 0
     assert not (dst / "keep.txt").exists()
-    _assert_bitwise(dst, root / "hf")
+    assert_same_tensors(dst, root / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["orbax"]
 
 
@@ -158,7 +140,7 @@ def test_bf16_round_trip_and_verify(tmp_path, capsys):
     hf.save_pretrained(tmp_path / "hf")
     assert main(["convert", "hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "o")]) == 0
     assert main(["convert", "orbax-to-hf", str(tmp_path / "o"), str(tmp_path / "back")]) == 0
-    _assert_bitwise(tmp_path / "back", tmp_path / "hf")
+    assert_same_tensors(tmp_path / "back", tmp_path / "hf")
     capsys.readouterr()
     # Default: both models in float32 (bf16 weights upcast exactly), the float32 tolerance.
     rc = main(["convert", "verify", str(tmp_path / "hf"), str(tmp_path / "o"), "--seq-len", "16"])

@@ -14,37 +14,15 @@ import pytest
 import torch
 from flax import nnx
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import OlmoHybridForCausalLM
 
 from hf_models import NOPE, assert_close, hf_logits, make_hf_model, random_ids
+from safetensors_dirs import assert_same_tensors, read_all
 from hybrid_jax import HybridLM, apply, olmo_hybrid_tiny, split
 from hybrid_jax.convert import from_hf, to_hf
 from hybrid_jax.convert.to_hf import parse_size
 
 T = 24
-
-
-def _read_all(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory, read with the safetensors library."""
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as handle:
-            assert handle.metadata() == {"format": "pt"}, f
-        part = load_file(str(f))
-        assert not set(part) & set(tensors)
-        tensors.update(part)
-    return tensors
-
-
-def _assert_same_tensors(ours: Path, ref: Path) -> None:
-    a, b = _read_all(ours), _read_all(ref)
-    assert sorted(a) == sorted(b), (set(a) ^ set(b))
-    for name in b:
-        assert a[name].dtype == b[name].dtype, (name, a[name].dtype, b[name].dtype)
-        assert a[name].shape == b[name].shape, (name, a[name].shape, b[name].shape)
-        same = torch.equal(a[name].contiguous().view(torch.uint8), b[name].contiguous().view(torch.uint8))
-        assert same, f"{name}: data differs"
 
 
 def _header(path: Path) -> dict:
@@ -101,7 +79,7 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(case, tmp_path):
     out = to_hf(model, tmp_path / "out", max_shard_size=spec.get("shard", "5GB"))
     assert out == tmp_path / "out"
 
-    _assert_same_tensors(out, ref)
+    assert_same_tensors(out, ref)
     assert _json(out / "config.json") == _json(ref / "config.json")
     assert _json(out / "generation_config.json") == _json(ref / "generation_config.json")
     if "shard" in spec:
@@ -113,7 +91,7 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(case, tmp_path):
     else:
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
     if case == "nope_tied":
-        assert "lm_head.weight" not in _read_all(out)
+        assert "lm_head.weight" not in read_all(out)
 
     ids = random_ids(1, 2, T)
     reloaded = _load_hf(out)
@@ -128,12 +106,12 @@ def test_bfloat16_bitwise_and_cast_like_torch(tmp_path):
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
 
     out = to_hf(from_hf(tmp_path / "bf16"), tmp_path / "out_bf16")
-    _assert_same_tensors(out, tmp_path / "bf16")
+    assert_same_tensors(out, tmp_path / "bf16")
     assert _json(out / "config.json") == _json(tmp_path / "bf16" / "config.json")
     assert {v["dtype"] for v in _header(out / "model.safetensors").values()} == {"BF16"}
 
     cast = to_hf(from_hf(tmp_path / "f32"), tmp_path / "out_cast", dtype=jnp.bfloat16)
-    _assert_same_tensors(cast, tmp_path / "bf16")
+    assert_same_tensors(cast, tmp_path / "bf16")
     assert json.loads((cast / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -160,7 +138,7 @@ def test_jax_model_sharded_export_loads_in_transformers(tmp_path):
                       for i in range(1, len(shards) + 1)]
     assert not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    tensors = _read_all(out)
+    tensors = read_all(out)
     assert sorted(index["weight_map"]) == sorted(tensors)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     for shard in shards:  # each shard within the limit (no single tensor here exceeds it)
@@ -179,8 +157,8 @@ def test_jax_model_sharded_export_loads_in_transformers(tmp_path):
     # back the same parameters.
     by_split = to_hf((graphdef, params), tmp_path / "by_split")
     by_state = to_hf(params, tmp_path / "by_state", config=cfg, max_shard_size=10**9)
-    _assert_same_tensors(by_split, out)
-    _assert_same_tensors(by_state, out)
+    assert_same_tensors(by_split, out)
+    assert_same_tensors(by_state, out)
     back = nnx.state(from_hf(by_state))
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
