@@ -150,34 +150,28 @@ def _oc_prefix(layer: int) -> str:
     return f"blocks.{layer}."
 
 
-OLMO_CORE = Naming(
-    key="olmo-core",
-    description="OLMo-core naming, newer generation (blocks.N.attention.* for GDN blocks)",
-    global_wants=_oc_global_wants,
-    layer_prefix=_oc_prefix,
-    layer_wants=_oc_layer_wants(_OC_GDN_NEW),
-    conv_names=("attention.q_conv1d.weight", "attention.k_conv1d.weight",
-                "attention.v_conv1d.weight"),
-    fused_conv=None,
-    exact_conv_split=True,
-    embed_name="embeddings.weight",
-    head_name="lm_head.w_out.weight",
-)
+def _olmo_core(key: str, description: str, gdn_map: dict[str, str], conv_prefix: str) -> Naming:
+    """An OLMo-core generation: the two differ only in their GDN block names."""
+    return Naming(
+        key=key,
+        description=description,
+        global_wants=_oc_global_wants,
+        layer_prefix=_oc_prefix,
+        layer_wants=_oc_layer_wants(gdn_map),
+        conv_names=tuple(f"{conv_prefix}{c}_conv1d.weight" for c in "qkv"),
+        fused_conv=None,
+        exact_conv_split=True,
+        embed_name="embeddings.weight",
+        head_name="lm_head.w_out.weight",
+    )
 
-OLMO_CORE_FLA = Naming(
-    key="olmo-core-fla",
-    description="OLMo-core naming, older generation (blocks.N.fla.inner.* and blocks.N.fla_norm "
-                "for GDN blocks)",
-    global_wants=_oc_global_wants,
-    layer_prefix=_oc_prefix,
-    layer_wants=_oc_layer_wants(_OC_GDN_OLD),
-    conv_names=("fla.inner.q_conv1d.weight", "fla.inner.k_conv1d.weight",
-                "fla.inner.v_conv1d.weight"),
-    fused_conv=None,
-    exact_conv_split=True,
-    embed_name="embeddings.weight",
-    head_name="lm_head.w_out.weight",
-)
+
+OLMO_CORE = _olmo_core(
+    "olmo-core", "OLMo-core naming, newer generation (blocks.N.attention.* for GDN blocks)",
+    _OC_GDN_NEW, "attention.")
+OLMO_CORE_FLA = _olmo_core(
+    "olmo-core-fla", "OLMo-core naming, older generation (blocks.N.fla.inner.* and "
+    "blocks.N.fla_norm for GDN blocks)", _OC_GDN_OLD, "fla.inner.")
 
 NAMINGS = (TRANSFORMERS, OLMO_CORE, OLMO_CORE_FLA)
 
