@@ -133,11 +133,6 @@ def matched_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
     return {"hybrid": hybrid, "transformer": attn_only.replace(intermediate_size=max(ff, 1))}
 
 
-def cache_bytes(config: ModelConfig, batch: int, max_length: int) -> int:
-    shapes = jax.eval_shape(lambda: init_cache(config, batch, max_length))
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
-
-
 def _normal(key: jax.Array, scale: jax.Array, shape: tuple[int, ...], dtype: str) -> jax.Array:
     return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
@@ -217,7 +212,7 @@ def compile_decode(config: ModelConfig, params: nnx.State, graphdef: nnx.GraphDe
     shapes = jax.eval_shape(lambda: init_cache(config, batch, max_length))
     compiled = compile_decode_loop(graphdef, params, shapes, batch, config.vocab_size, steps)
     largest = max(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
-    fill_peak = cache_bytes(config, batch, max_length) + 2 * largest
+    fill_peak = shapes.nbytes + 2 * largest
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     return compiled, max(peak_bytes(compiled) or 0, fill_peak + params_bytes)
 

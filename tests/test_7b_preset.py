@@ -69,11 +69,11 @@ def test_7b_decode_loop_lowers_and_cache_sizes():
     cache = jax.eval_shape(lambda: init_cache(config, 1, ctx))
     kv_bytes = 8 * 2 * ctx * 30 * 128 * 2  # layers x (k, v) x slots x heads x head dim x bf16
     gdn_bytes = 24 * (30 * 96 * 192 * 4 + 3 * (2 * 2880 + 5760) * 2)  # f32 state + bf16 windows
-    nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    nbytes = cache.nbytes
     assert nbytes == kv_bytes + gdn_bytes + 4  # + lengths
     all_attention = config.replace(layer_types=("full_attention",) * 32)
     dense = jax.eval_shape(lambda: init_cache(all_attention, 1, ctx))
-    dense_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(dense))
+    dense_bytes = dense.nbytes
     print(f"\n7B bf16 cache at 64k, batch 1: hybrid {nbytes / 2**30:.2f} GiB, all-attention "
           f"{dense_bytes / 2**30:.2f} GiB ({nbytes / dense_bytes:.3f})")
     logits = jax.ShapeDtypeStruct((1, config.vocab_size), jnp.float32)
