@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
 from hybrid_jax.kernels.gdn_state_pass import state_pass, state_pass_tpu
 from hybrid_jax.ops.gdn_chunk import gdn_chunk
+from hybrid_jax.ops.gdn_common import chunk_segments
 
 
 def _pow2(n: int) -> int:
@@ -43,18 +44,17 @@ def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant,
     # Kernel blocks want power-of-two head dims (Triton requires them): zero-pad (exact:
     # padded key dimensions never enter the state, padded value dimensions are sliced off).
     pk, pv = _pow2(dk), _pow2(dv)
-    if reset is None:
-        seg = jnp.zeros((b, t), jnp.int32)
+    n = -(-t // chunk_size)
+    seg = chunk_segments(reset, chunk_size)  # [N, B, 1, C] segment index inside each chunk
+    if seg is None:
+        seg = jnp.zeros((b * h, n, chunk_size), jnp.int32)
     else:
-        # Segment index inside each chunk: resets counted from the chunk's start.
-        r = jnp.pad(reset, ((0, 0), (0, -t % chunk_size))).reshape(b, -1, chunk_size)
-        seg = jnp.cumsum(r.astype(jnp.int32), axis=-1).reshape(b, -1)
-    seg = jnp.broadcast_to(seg[:, :, None], (b, seg.shape[1], h))
+        seg = jnp.broadcast_to(jnp.moveaxis(seg, 0, 2), (b, h, n, chunk_size))
+        seg = seg.reshape(b * h, n, chunk_size)
     f = chunk_factors_kernel(
         _sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
         _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
-        _sequences(beta, chunk_size), _sequences(seg, chunk_size),
-        scale=scale, interpret=interpret)
+        _sequences(beta, chunk_size), seg, scale=scale, interpret=interpret)
     kernel = state_pass_tpu if variant == "tpu" else state_pass
     s0 = jnp.pad(initial_state.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
     o, final = kernel(*f, s0, interpret=interpret)  # [B*H, N, C, pv], [B*H, pk, pv]
