@@ -356,6 +356,24 @@ def test_bf16_decode_close_to_bf16_full_forward(hf_dir):
 
 
 # ----------------------------------------------------------------------------- sharding specs
+def test_a_cache_that_does_not_fit_is_named_before_tracing():
+    cfg = _tiny8()
+    model = HybridLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.zeros((2, 3), jnp.int32)
+    cases = {
+        "rows": (init_cache(cfg, 3, 8), r"lengths has shape \(3,\), expected \(2,\)"),
+        "layers": (init_cache(cfg.replace(num_hidden_layers=4, layer_types=cfg.layer_types[:4]),
+                              2, 8), r"4 layers, the model has 8"),
+        "kind": (init_cache(cfg.replace(layer_types=("full_attention",) * 8), 2, 8),
+                 r"layer 0 holds a KVCache, the model's layer 0 is linear_attention"),
+        "heads": (init_cache(cfg.replace(num_key_value_heads=1, num_attention_heads=1), 2, 8),
+                  r"layer 3 k has shape"),
+    }
+    for name, (cache, match) in cases.items():
+        with pytest.raises(ValueError, match=match):
+            model.extend(ids, cache)
+
+
 def test_cache_partition_specs():
     cache = jax.eval_shape(lambda: init_cache(_tiny8(), 2, 8))
     specs = cache_partition_specs(cache)

@@ -117,21 +117,17 @@ def check_cache(config: ModelConfig, cache: DecodeCache, batch_size: int) -> Non
     if len(cache.layers) != config.num_hidden_layers:
         raise ValueError(f"cache: {len(cache.layers)} layers, the model has "
                          f"{config.num_hidden_layers}")
-    s = None
-    for i, (kind, layer) in enumerate(zip(config.layer_types, cache.layers)):
-        want = jax.eval_shape(lambda kind=kind: _layer_cache(config, kind, batch_size, 1,
-                                                              config.compute_dtype))
-        if type(layer) is not type(want):
+    # What init_cache would build, at the cache's own attention length.
+    want = jax.eval_shape(lambda: init_cache(config, batch_size, cache.max_length or 1))
+    for i, (kind, layer, ref) in enumerate(zip(config.layer_types, cache.layers, want.layers)):
+        if type(layer) is not type(ref):
             raise ValueError(f"cache: layer {i} holds a {type(layer).__name__}, the model's layer "
-                             f"{i} is {kind} (needs a {type(want).__name__})")
-        for name in want.__dataclass_fields__:
-            got, ref = getattr(layer, name), getattr(want, name)
-            if isinstance(layer, KVCache):
-                s = got.shape[2] if s is None else s
-                ref = jax.ShapeDtypeStruct(ref.shape[:2] + (s,) + ref.shape[3:], ref.dtype)
-            if got.shape != ref.shape:
-                raise ValueError(f"cache: layer {i} {name} has shape {tuple(got.shape)}, expected "
-                                 f"{tuple(ref.shape)}")
+                             f"{i} is {kind} (needs a {type(ref).__name__})")
+        for name in ref.__dataclass_fields__:
+            got, expected = getattr(layer, name).shape, getattr(ref, name).shape
+            if got != expected:
+                raise ValueError(f"cache: layer {i} {name} has shape {tuple(got)}, expected "
+                                 f"{tuple(expected)}")
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int) -> DecodeCache:
