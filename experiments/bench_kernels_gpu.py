@@ -19,13 +19,18 @@ against FLA measured in the same run; the device is printed with every table.
 from __future__ import annotations
 
 import argparse
+import os
 import time
+import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# JAX and torch share the card in this process: no preallocation.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from hybrid_jax.ops import gated_delta_rule
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hybrid_jax.ops import gated_delta_rule  # noqa: E402
 
 # (B, T, H, Dk, Dv): OLMo Hybrid's layer, a mid-size batch, one long sequence.
 SHAPES = [(1, 8192, 30, 96, 192), (4, 4096, 16, 128, 128), (1, 65536, 8, 128, 128)]
@@ -71,8 +76,9 @@ def best_of(fn, repeats: int) -> float:
     return best * 1e3
 
 
-def fla_times(shape, dtype_name: str, repeats: int) -> tuple[float, float] | str:
-    """(fwd ms, fwd+bwd ms) of FLA's Triton kernel, or why it did not run."""
+def fla_run(data, repeats: int) -> dict | str:
+    """FLA's Triton kernel on the same inputs: its outputs (for a cross-check) and (fwd ms,
+    fwd+bwd ms), or why it did not run."""
     try:
         import torch
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -80,15 +86,14 @@ def fla_times(shape, dtype_name: str, repeats: int) -> tuple[float, float] | str
         return f"not run ({type(e).__name__}: {e})"
     if not torch.cuda.is_available():
         return "not run (no CUDA torch)"
-    b, t, h, dk, dv = shape
-    tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     dev = "cuda"
-    q = torch.randn(b, t, h, dk, dtype=tdt, device=dev, requires_grad=True)
-    k = torch.randn(b, t, h, dk, dtype=tdt, device=dev, requires_grad=True)
-    v = torch.randn(b, t, h, dv, dtype=tdt, device=dev, requires_grad=True)
-    g = torch.nn.functional.logsigmoid(torch.randn(b, t, h, device=dev) + 3.0).requires_grad_()
-    beta = torch.sigmoid(torch.randn(b, t, h, device=dev)).requires_grad_()
-    s0 = (0.1 * torch.randn(b, h, dk, dv, device=dev)).requires_grad_()
+    # Same values as the JAX inputs (bf16 through float32 is exact).
+    q, k, v, g, beta, s0 = (torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(dev)
+                            for x in data)
+    tdt = {jnp.dtype(jnp.bfloat16): torch.bfloat16,
+           jnp.dtype(jnp.float32): torch.float32}[jnp.dtype(data[0].dtype)]
+    q, k, v = (x.to(tdt).requires_grad_() for x in (q, k, v))
+    g, beta, s0 = (x.requires_grad_() for x in (g, beta, s0))
 
     def fwd():
         return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0,
@@ -110,8 +115,46 @@ def fla_times(shape, dtype_name: str, repeats: int) -> tuple[float, float] | str
         return best * 1e3
 
     with torch.no_grad():
-        f = timed(fwd)
-    return f, timed(fwd_bwd)
+        o, final = fwd()
+        out = {"o": o.float().cpu().numpy(), "state": final.float().cpu().numpy()}
+        out["fwd"] = timed(fwd)
+    out["fwd_bwd"] = timed(fwd_bwd)
+    return out
+
+
+def pallas_breakdown(data, repeats: int) -> dict:
+    """Forward time of each Pallas kernel alone (the rest is layout, padding and l2norm)."""
+    from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
+    from hybrid_jax.kernels.gdn_state_pass import state_pass
+    from hybrid_jax.ops.gdn_pallas import _pow2, _sequences
+
+    q, k, v, g, beta, s0 = data
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    pk, pv, c = _pow2(dk), _pow2(dv), 64
+    args = (_sequences(q, c, pk), _sequences(k, c, pk), _sequences(v, c, pv),
+            _sequences(g, c), _sequences(beta, c))
+    seg = jnp.zeros(args[3].shape, jnp.int32)
+    interpret = jax.default_backend() == "cpu"
+    factors = jax.jit(lambda *a: chunk_factors_kernel(*a, seg, scale=dk ** -0.5,
+                                                      interpret=interpret))
+    f = jax.block_until_ready(factors(*args))
+    s0p = jnp.pad(s0.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
+    times = {"factors": best_of(lambda: factors(*args), repeats)}
+    for bv in (32, 64, 128):
+        if bv <= pv:
+            fn = jax.jit(lambda *a, bv=bv: state_pass(*a, block_v=bv, interpret=interpret))
+            times[f"state_pass bv={bv}"] = best_of(lambda: fn(*f, s0p), repeats)
+    return times
+
+
+def guarded(label: str, fn):
+    """Run fn; on failure print the error (the rest of the run goes on) and return None."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - reported, the benchmark goes on
+        print(f"  {label} FAILED:\n" + traceback.format_exc(limit=4), flush=True)
+        return None
 
 
 def main() -> None:
@@ -120,8 +163,14 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each Pallas forward kernel alone")
+    p.add_argument("--shapes", default=None,
+                   help="which of the shapes to run, by index, e.g. 0,2")
     args = p.parse_args()
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    if args.shapes:
+        shapes = [shapes[int(i)] for i in args.shapes.split(",")]
     dtype = jnp.dtype(args.dtype)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {args.dtype}",
@@ -130,27 +179,47 @@ def main() -> None:
     for shape in shapes:
         data = inputs(shape, dtype)
         fns = {m: jax_fns(m) for m in ("pallas", "chunk")}
-        # Correctness on the device first: pallas against chunk.
-        (o_p, s_p), (o_c, s_c) = fns["pallas"][0](*data), fns["chunk"][0](*data)
-        gp, gc = fns["pallas"][1](*data), fns["chunk"][1](*data)
-        check = {"o": rel(o_p, o_c), "state": rel(s_p, s_c),
-                 "grads": max(rel(a, b) for a, b in zip(gp, gc))}
-        print(f"{shape}: pallas vs chunk relative error: " +
-              ", ".join(f"{k} {v:.1e}" for k, v in check.items()), flush=True)
-        row = {"shape": shape, "check": check}
+        row = {"shape": shape}
+        print(f"{shape}:", flush=True)
+        # Correctness on the device first: pallas against chunk (XLA) and against FLA.
+        outs = {m: guarded(f"{m} forward", lambda m=m: fns[m][0](*data)) for m in fns}
+        grads = {m: guarded(f"{m} gradient", lambda m=m: fns[m][1](*data)) for m in fns}
+        if outs["pallas"] is not None and outs["chunk"] is not None:
+            (o_p, s_p), (o_c, s_c) = outs["pallas"], outs["chunk"]
+            check = {"o": rel(o_p, o_c), "state": rel(s_p, s_c)}
+            if grads["pallas"] is not None and grads["chunk"] is not None:
+                check["grads"] = max(rel(a, b) for a, b in zip(grads["pallas"], grads["chunk"]))
+            print("  pallas vs chunk relative error: " +
+                  ", ".join(f"{k} {v:.1e}" for k, v in check.items()), flush=True)
         for m, (fwd, grad) in fns.items():
+            if outs[m] is None:
+                row[m] = (float("nan"), float("nan"))
+                continue
             row[m] = (best_of(lambda: fwd(*data), args.repeats),
-                      best_of(lambda: grad(*data), args.repeats))
+                      guarded(f"{m} fwd+bwd timing",
+                              lambda: best_of(lambda: grad(*data), args.repeats))
+                      or float("nan"))
             print(f"  {m:<7} fwd {row[m][0]:9.3f} ms   fwd+bwd {row[m][1]:9.3f} ms", flush=True)
-        row["fla"] = "not run (--no-fla)" if args.no_fla else fla_times(shape, args.dtype,
-                                                                          args.repeats)
-        if isinstance(row["fla"], tuple):
-            print(f"  fla     fwd {row['fla'][0]:9.3f} ms   fwd+bwd {row['fla'][1]:9.3f} ms",
+        if outs["pallas"] is not None and args.breakdown:
+            parts = guarded("breakdown", lambda: pallas_breakdown(data, args.repeats))
+            if parts:
+                print("  pallas forward parts: " +
+                      ", ".join(f"{k} {v:.3f} ms" for k, v in parts.items()), flush=True)
+        fla = "not run (--no-fla)" if args.no_fla else (
+            guarded("fla", lambda: fla_run(data, args.repeats)) or "failed")
+        if isinstance(fla, dict):
+            row["fla"] = (fla["fwd"], fla["fwd_bwd"])
+            print(f"  fla     fwd {fla['fwd']:9.3f} ms   fwd+bwd {fla['fwd_bwd']:9.3f} ms",
                   flush=True)
+            for m in fns:
+                if outs[m] is not None:
+                    print(f"  {m} vs fla relative error: o {rel(outs[m][0], fla['o']):.1e}, "
+                          f"state {rel(outs[m][1], fla['state']):.1e}", flush=True)
         else:
-            print(f"  fla     {row['fla']}", flush=True)
+            row["fla"] = fla
+            print(f"  fla     {fla}", flush=True)
         rows.append(row)
-        del data, fns
+        del data, fns, outs, grads
 
     print(f"\ndevice: {dev.device_kind}; {args.dtype}; best of {args.repeats}")
     print("| B, T, H, Dk, Dv | pallas fwd ms | chunk fwd ms | fla fwd ms | pallas fwd+bwd ms | "

@@ -76,15 +76,16 @@ def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, 
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_chunk_factors_kernel_matches_xla(variant):
+@pytest.mark.parametrize("variant,c", [("gpu", 16), ("tpu", 16), ("gpu", 64)])
+def test_chunk_factors_kernel_matches_xla(variant, c):
     """The fused per-chunk kernel against ``chunk_factors`` (XLA): decays from none (g = 0) to
-    very strong, beta up to 2, resets inside chunks (and one at a chunk's first position)."""
+    very strong, beta up to 2, resets inside chunks (and one at a chunk's first position).
+    C = 64 (the default chunk) takes the solve's two block merges; C = 16 none."""
     from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
     from hybrid_jax.ops.gdn_common import chunk_factors
 
     rng = np.random.default_rng(2)
-    r, n, c, dk, dv = 2, 4, 16, 8, 16
+    r, n, dk, dv = 2, 4, 8, 16
     x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     q, k, v = x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dv)
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
@@ -94,9 +95,54 @@ def test_chunk_factors_kernel_matches_xla(variant):
         np.arange(n) == 3)[None, :, None]
     seg = jnp.asarray(np.cumsum(reset, axis=-1), jnp.int32)
     interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
-    got = chunk_factors_kernel(q, k, v, g, beta, seg, scale=0.3, interpret=interpret)
+    got = chunk_factors_kernel(q, k, v, g, beta, seg, scale=0.3, backend=variant,
+                               interpret=interpret)
     want = chunk_factors(q, k, v, g, beta, seg, 0.3)  # seg [.., N, C]: the "head" axis is N
     for a, b_, name in zip(got, want, want._fields):
         assert np.all(np.isfinite(np.asarray(a))), name
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_kernels_lower_to_triton_for_cuda(dtype):
+    """The GPU variant goes through jax's Triton lowering for CUDA (cross-lowered on this CPU
+    machine: it catches primitives Triton cannot lower and a fall back to Mosaic GPU, whose
+    whole-block copies would not fit shared memory), at OLMo Hybrid's head dims and a partial
+    chunk."""
+    from hybrid_jax.ops.gdn_pallas import gdn_pallas
+
+    b, t, h, dk, dv = 1, 150, 2, 96, 192
+    s = jax.ShapeDtypeStruct
+    args = (s((b, t, h, dk), dtype), s((b, t, h, dk), dtype), s((b, t, h, dv), dtype),
+            s((b, t, h), jnp.float32), s((b, t, h), jnp.float32), s((b, h, dk, dv), jnp.float32))
+
+    def fwd(q, k, v, g, beta, s0):
+        return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, variant="gpu",
+                          interpret=False)
+
+    text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the factor kernel and the state pass
+
+
+def test_gdn_pallas_bf16_inputs_stay_close_to_float32():
+    """bf16 inputs: matmul operands in bf16 (float32 state, gates and solve), against the
+    float32 chunk form on the same (bf16-rounded) inputs."""
+    from hybrid_jax.ops.gdn_chunk import gdn_chunk
+    from hybrid_jax.ops.gdn_pallas import gdn_pallas
+
+    rng = np.random.default_rng(3)
+    b, t, h, dk, dv = 1, 100, 2, 32, 64
+    x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    q, k, v = x(b, t, h, dk), x(b, t, h, dk), x(b, t, h, dv)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    g = -jnp.abs(x(b, t, h)) * 0.3
+    beta = jnp.asarray(rng.uniform(0, 1, (b, t, h)), jnp.float32)
+    s0 = x(b, h, dk, dv) * 0.1
+    o, final = gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, 32, interpret=True)
+    assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32
+    f32 = lambda a: a.astype(jnp.float32)
+    want_o, want_final = gdn_chunk(f32(q), f32(k), f32(v), g, beta, dk ** -0.5, s0, None, 32)
+    rel = lambda a, b_: float(jnp.linalg.norm(f32(a) - b_) / jnp.linalg.norm(b_))
+    assert rel(o, want_o) < 2e-2 and rel(final, want_final) < 2e-2

@@ -5,16 +5,17 @@ index, what the pass across chunks needs (``hybrid_jax.ops.gdn_common.ChunkFacto
 
     decay_log[i, j] = sum_{j < t <= i} g_t        (one matmul: summed directly, no cancellation)
     A = strict_tril(beta_i (k_i . k_j) exp(decay_log))   masked (causal, same segment) before exp
-    T = (I + A)^-1                                 forward substitution, row by row, never a series
+    T = (I + A)^-1                                 forward substitution in blocks, then exact merges
     u = T (beta v);  w = T (beta exp(gamma) k);  intra = scale (q k^T) exp(decay_log)
     q_decayed = scale exp(gamma) q;  k_decayed = exp(gamma_C - gamma) k;  chunk_decay = exp(gamma_C)
 
 with segment resets zeroing every term that would cross a segment start. Its slow,
 obviously-right twin is ``chunk_factors`` in XLA (tests compare the two).
 
-Written for both Pallas backends: the chunk is the block on a parallel grid, and the
-substitution uses only elementwise work and reductions (no [1, C] dots, which Triton rejects).
-Verified in interpret mode only.
+Written for both Pallas backends: the chunk is the block on a parallel grid, and the solve
+works on whole [C, C] tiles with masks (Triton lowers no slices, and rejects [1, C] dots).
+The GPU variant (Triton lowering) ran on an H200 (experiments/RESULTS.md); the TPU variant is
+verified in interpret mode only.
 """
 
 from __future__ import annotations
@@ -25,17 +26,44 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from hybrid_jax.kernels.common import compiler_params, dot_dtype
+from hybrid_jax.kernels.common import mm as _mm
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+def _unit_lower_inverse(a: jax.Array, row: jax.Array, col: jax.Array, block: int = 16):
+    """(I + A)^-1 for strictly lower triangular A [C, C], float32, exact (no power series, which
+    overflows for large |A|): the twin of ``gdn_common.unit_lower_inverse``, written with masks
+    and whole-tile matmuls because Triton lowers no slices.
+
+    Forward substitution inverts the C / block diagonal blocks together, one local row index
+    per step (row r: e_r - A[r, :] X, with A masked to its diagonal blocks, so one matmul
+    updates that row of every block). Blocks are then merged pairwise, sizes s -> 2s:
+    [[X11, 0], [A21, I + A22]]^-1 = [[X11, 0], [-X22 A21 X11, X22]], i.e. X - X A_off X with
+    A_off the A21 blocks. Requires C = block * 2^m, or C <= block.
+    """
+    c = a.shape[0]
+    block = min(block, c)
+    eye = (row == col).astype(jnp.float32)
+    local = row % block
+    a_diag = jnp.where(row // block == col // block, a, 0.0)
+
+    def substitute(i, x):
+        return jnp.where(local == i, eye - _mm(jnp.where(local == i, a_diag, 0.0), x), x)
+
+    x = jax.lax.fori_loop(1, block, substitute, eye)
+    size = block
+    while size < c:
+        merge = (row // (2 * size) == col // (2 * size)) & (row // size != col // size)
+        x = x - _mm(x, _mm(jnp.where(merge, a, 0.0), x))
+        size *= 2
+    return x
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
             u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, *, scale: float):
     f32 = jnp.float32
-    q, k, v = q_ref[...].astype(f32), k_ref[...].astype(f32), v_ref[...].astype(f32)
+    dt = u_ref.dtype  # matmul operand dtype: the inputs' (bf16) or float32
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
     g, beta, seg = g_ref[...], beta_ref[...], seg_ref[...]  # [C, 1] each
     c = q.shape[0]
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
@@ -43,7 +71,7 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     causal, strict = row >= col, row > col
 
     # decay_log[i, j] = sum_t [t <= i] g_t [t > j]; gamma[i] = sum_{t <= i} g_t;
-    # to_end[j] = sum_{t > j} g_t.
+    # to_end[j] = sum_{t > j} g_t. All float32.
     decay_log = _mm(jnp.where(causal, g.T, 0.0), strict.astype(f32))
     gamma = jnp.sum(jnp.where(causal, g.T, 0.0), axis=1, keepdims=True)  # [C, 1]
     to_end = jnp.sum(jnp.where(row > col, g, 0.0), axis=0, keepdims=True).T  # [C, 1]
@@ -56,38 +84,34 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     from_start = jnp.where(first, jnp.exp(jnp.where(first, gamma, 0.0)), 0.0)
     to_end = jnp.where(last, jnp.exp(to_end), 0.0)
 
-    a = jnp.where(strict, beta * _mm(k, k.T) * decay, 0.0)
-    # (I + A)^-1 by forward substitution: row i = e_i - A[i, :] X, where rows >= i of X are
-    # still identity rows and A[i, j >= i] = 0. A[i, :] is taken as a column of A^T.
-    eye = (row == col).astype(f32)
+    a = jnp.where(strict, beta * _mm(k, k.T) * decay, 0.0)  # float32
+    inv = _unit_lower_inverse(a, row, col)
 
-    def substitute(i, x):
-        a_i = jnp.sum(jnp.where(col == i, a.T, 0.0), axis=1, keepdims=True)  # [C, 1]: A[i, j]
-        new = jnp.where(col == i, 1.0, 0.0)[:1] - jnp.sum(a_i * x, axis=0, keepdims=True)
-        return jnp.where(row == i, new, x)
-
-    inv = jax.lax.fori_loop(1, c, substitute, eye)
-
-    u_ref[...] = _mm(inv, beta * v)
-    w_ref[...] = _mm(inv, beta * from_start * k)
-    intra_ref[...] = scale * _mm(q, k.T) * decay
-    qd_ref[...] = scale * from_start * q
-    kd_ref[...] = to_end * k
+    q, k = q.astype(f32), k.astype(f32)
+    u_ref[...] = _mm(inv, beta * v.astype(f32), dt).astype(dt)
+    w_ref[...] = _mm(inv, beta * from_start * k, dt).astype(dt)
+    intra_ref[...] = (scale * _mm(q_ref[...], k_ref[...].T) * decay).astype(dt)
+    qd_ref[...] = (scale * from_start * q).astype(dt)
+    kd_ref[...] = (to_end * k).astype(dt)
     decay_ref[...] = jnp.where(seg_last == 0, jnp.exp(total), 0.0) * jnp.ones((1, 1), f32)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
 def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
-                         beta: jax.Array, seg: jax.Array, *, scale: float, interpret=False):
+                         beta: jax.Array, seg: jax.Array, *, scale: float, backend: str = "gpu",
+                         interpret=False):
     """Per-chunk factors for every chunk of every sequence.
 
     Args:
       q, k: [R, N, C, Dk]; v: [R, N, C, Dv] (float32 or bfloat16); g, beta: [R, N, C] float32;
       seg: [R, N, C] int32 segment index inside each chunk (all 0 without resets).
+      backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU), see ``common.compiler_params``.
       interpret: True, or ``pltpu.InterpretParams`` (TPU semantics), to run on CPU.
     Returns:
-      (u [R, N, C, Dv], w, q_decayed, k_decayed [R, N, C, Dk], intra [R, N, C, C],
-      chunk_decay [R, N]), float32.
+      (u [R, N, C, Dv], w, q_decayed, k_decayed [R, N, C, Dk], intra [R, N, C, C]) in the
+      matmul operand dtype (``common.dot_dtype(q.dtype)``: bf16 for bf16 inputs, else
+      float32), and chunk_decay [R, N] float32. Everything before (gates, decays, the solve)
+      is float32.
     """
     r, n, c, dk = q.shape
     dv = v.shape[-1]
@@ -96,7 +120,7 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     def per_chunk(*shape):
         return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
 
-    f32 = jnp.float32
+    f32, dt = jnp.float32, dot_dtype(q.dtype)
     u, w, qd, kd, intra, decay = pl.pallas_call(
         functools.partial(_kernel, scale=scale),
         grid=(r, n),
@@ -104,10 +128,11 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                   per_chunk(c, 1), per_chunk(c, 1)],
         out_specs=[per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk),
                    per_chunk(c, c), per_chunk(1, 1)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), f32),
-                   *[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 3,
-                   jax.ShapeDtypeStruct((r, n, c, c), f32),
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), dt),
+                   *[jax.ShapeDtypeStruct((r, n, c, dk), dt)] * 3,
+                   jax.ShapeDtypeStruct((r, n, c, c), dt),
                    jax.ShapeDtypeStruct((r, n, 1, 1), f32)],
+        compiler_params=compiler_params(backend, ("parallel", "parallel")),
         interpret=interpret,
     )(q, k, v, col(g.astype(f32)), col(beta.astype(f32)), col(seg.astype(jnp.int32)))
     return u, w, qd, kd, intra, decay[..., 0, 0]

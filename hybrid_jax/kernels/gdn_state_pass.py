@@ -32,26 +32,26 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+from hybrid_jax.kernels.common import compiler_params
+from hybrid_jax.kernels.common import mm as _mm
 
 
 def _chunk_step(u, w, qd, kd, intra, decay, state):
-    """One chunk: (o [C, Dv], next state [Dk, Dv]) from its factors and the state entering it."""
-    v_new = u - _mm(w, state)  # [C, Dv]
-    o = _mm(qd, state) + _mm(intra, v_new)
-    return o, decay * state + _mm(kd.T, v_new)
+    """One chunk: (o [C, Dv], next state [Dk, Dv]) from its factors and the state entering it.
+    The state and all sums are float32; matmul operands take the factors' dtype (bf16 for bf16
+    inputs: tensor cores)."""
+    dt = u.dtype
+    v_new = u.astype(jnp.float32) - _mm(w, state, dt)  # [C, Dv]
+    o = _mm(qd, state, dt) + _mm(intra, v_new, dt)
+    return o, decay * state + _mm(kd.T, v_new, dt)
 
 
-def _kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref, *,
-            n_chunks: int):
+def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref, *,
+                n_chunks: int):
     def chunk(n, state):
         o, state = _chunk_step(u_ref[n], w_ref[n], qd_ref[n], kd_ref[n], intra_ref[n],
                                decay_ref[n], state)
-        o_ref[n] = o
+        o_ref[n] = o.astype(o_ref.dtype)
         return state
 
     s_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
@@ -67,7 +67,7 @@ def _tpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_re
 
     o, state = _chunk_step(u_ref[...], w_ref[...], qd_ref[...], kd_ref[...], intra_ref[...],
                            decay_ref[...], state_ref[...])
-    o_ref[...] = o
+    o_ref[...] = o.astype(o_ref.dtype)
     state_ref[...] = state
 
     @pl.when(n == pl.num_programs(1) - 1)
@@ -75,35 +75,45 @@ def _tpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_re
         s_ref[...] = state
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+@functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
 def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.Array,
                intra: jax.Array, chunk_decay: jax.Array, initial_state: jax.Array, *,
-               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+               block_v: int = 64, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Run the state across chunks.
 
-    Args (all float32, one leading axis R for the independent (row, head) sequences):
-      u: [R, N, C, Dv]; w, q_decayed, k_decayed: [R, N, C, Dk]; intra: [R, N, C, C];
-      chunk_decay: [R, N]; initial_state: [R, Dk, Dv].
+    Args (one leading axis R for the independent (row, head) sequences):
+      u: [R, N, C, Dv]; w, q_decayed, k_decayed: [R, N, C, Dk]; intra: [R, N, C, C], all in
+        one dtype (bf16 or float32), which the matmul operands take;
+      chunk_decay: [R, N] and initial_state: [R, Dk, Dv], float32.
+      block_v: value columns per program. The rule is independent across value columns, so
+        the grid is (R, Dv / block_v): a [Dk, block_v] state stays in registers, and more
+        programs run at once.
       interpret: run the kernel body as ordinary JAX ops (CPU tests).
     Returns:
-      (o [R, N, C, Dv], final state [R, Dk, Dv]), float32.
+      (o [R, N, C, Dv] in u's dtype, final state [R, Dk, Dv] float32).
     """
     r, n, c, dv = u.shape
     dk = w.shape[-1]
+    bv = min(block_v, dv)
+    if dv % bv:
+        raise ValueError(f"state_pass: Dv={dv} is not a multiple of block_v={bv}")
     decay = chunk_decay.astype(jnp.float32)[:, :, None, None]  # [R, N, 1, 1]: one block per chunk
 
-    def whole(*shape):
-        """The whole per-sequence array, one sequence per program."""
-        return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+    def whole(*shape, split_v=False):
+        """The whole per-sequence array, one sequence (and value block) per program."""
+        last = (lambda j: (j,)) if split_v else (lambda j: (0,))
+        return pl.BlockSpec((None, *shape),
+                            lambda i, j: (i,) + (0,) * (len(shape) - 1) + last(j))
 
     return pl.pallas_call(
-        functools.partial(_kernel, n_chunks=n),
-        grid=(r,),
-        in_specs=[whole(n, c, dv), whole(n, c, dk), whole(n, c, dk), whole(n, c, dk),
-                  whole(n, c, c), whole(n, 1, 1), whole(dk, dv)],
-        out_specs=[whole(n, c, dv), whole(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
+        functools.partial(_gpu_kernel, n_chunks=n),
+        grid=(r, dv // bv),
+        in_specs=[whole(n, c, bv, split_v=True), whole(n, c, dk), whole(n, c, dk),
+                  whole(n, c, dk), whole(n, c, c), whole(n, 1, 1), whole(dk, bv, split_v=True)],
+        out_specs=[whole(n, c, bv, split_v=True), whole(dk, bv, split_v=True)],
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
                    jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)],
+        compiler_params=compiler_params("gpu", ("parallel", "parallel")),
         interpret=interpret,
     )(u, w, q_decayed, k_decayed, intra, decay, initial_state)
 
@@ -134,9 +144,9 @@ def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: 
         in_specs=[per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk),
                   per_chunk(c, c), per_chunk(1, 1), per_seq(dk, dv)],
         out_specs=[per_chunk(c, dv), per_seq(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
                    jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
         interpret=interpret,
     )(u, w, q_decayed, k_decayed, intra, decay, initial_state)

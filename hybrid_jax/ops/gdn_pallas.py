@@ -54,7 +54,7 @@ def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant,
     f = chunk_factors_kernel(
         _sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
         _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
-        _sequences(beta, chunk_size), seg, scale=scale, interpret=interpret)
+        _sequences(beta, chunk_size), seg, scale=scale, backend=variant, interpret=interpret)
     kernel = state_pass_tpu if variant == "tpu" else state_pass
     s0 = jnp.pad(initial_state.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
     o, final = kernel(*f, s0, interpret=interpret)  # [B*H, N, C, pv], [B*H, pk, pv]
@@ -76,9 +76,11 @@ def _fwd(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, int
 
 def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     q, k, v, g, beta, initial_state, reset = saved
-    _, vjp = jax.vjp(
+    out, vjp = jax.vjp(
         lambda q, k, v, g, beta, s0: gdn_chunk(q, k, v, g, beta, scale, s0, reset, chunk_size),
         q, k, v, g, beta, initial_state)
+    # The kernel's o is in the matmul dtype (bf16 for bf16 inputs); chunk's may differ.
+    cotangents = jax.tree.map(lambda c, o: c.astype(o.dtype), cotangents, out)
     return (*vjp(cotangents), None)
 
 
