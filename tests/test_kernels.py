@@ -9,7 +9,12 @@ import pytest
 
 from jax.experimental.pallas import tpu as pltpu
 
-from hybrid_jax.kernels.gdn_state_pass import state_pass, state_pass_tpu
+from hybrid_jax.kernels.gdn_state_pass import (
+    state_pass,
+    state_pass_backward,
+    state_pass_backward_tpu,
+    state_pass_tpu,
+)
 from hybrid_jax.ops.gdn_chunk import _state_step
 from hybrid_jax.ops.gdn_common import ChunkFactors
 
@@ -43,6 +48,52 @@ def test_state_pass_kernel_matches_the_scan_step(dk, dv, variant):
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(final), np.asarray(want_final[:, 0]),
                                rtol=1e-5, atol=1e-5)
+
+
+BACKWARD = {
+    "gpu": lambda *a, **kw: (state_pass(*a, return_states=True, interpret=True, **kw),
+                             lambda *b: state_pass_backward(*b, interpret=True, **kw)),
+    "tpu": lambda *a: (
+        state_pass_tpu(*a, return_states=True, interpret=pltpu.InterpretParams(detect_races=True)),
+        lambda *b: state_pass_backward_tpu(*b,
+                                           interpret=pltpu.InterpretParams(detect_races=True))),
+}
+
+
+@pytest.mark.parametrize("variant,block_v", [("gpu", 16), ("gpu", 64), ("tpu", None)])
+def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v):
+    """The backward kernel's cotangents against jax.vjp of the scan over ``_state_step``: d u
+    (= dv_new), d initial state, and d chunk_decay (= sum(S * G') from the kernel's states and
+    cotangent states); a chunk with decay 0 (a reset) among them; value blocks of 16 split the
+    32 value columns in two."""
+    rng = np.random.default_rng(4)
+    r, n, c, dk, dv = 2, 5, 16, 16, 32
+    f = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
+    u, intra = f(r, n, c, dv), f(r, n, c, c)
+    w, qd, kd = (f(r, n, c, dk) for _ in range(3))
+    decay = jnp.asarray(rng.uniform(0.2, 1.0, (r, n)), jnp.float32).at[1, 2].set(0.0)
+    s0, d_out, d_final = f(r, dk, dv), f(r, n, c, dv), f(r, dk, dv)
+    kw = {} if block_v is None else {"block_v": block_v}
+    (o, final, states), backward = BACKWARD[variant](u, w, qd, kd, intra, decay, s0, **kw)
+    dv_new, grads, d_s0 = backward(d_out, w, qd, kd, intra, decay, d_final)
+
+    def scan(u, decay, s0):
+        factors = ChunkFactors(*(jnp.moveaxis(x, 1, 0)[:, :, None] for x in (u, w, qd, kd, intra)),
+                               chunk_decay=jnp.moveaxis(decay, 1, 0)[:, :, None])
+        final, o = jax.lax.scan(_state_step, s0[:, None], factors)
+        return jnp.moveaxis(o[:, :, 0], 0, 1), final[:, 0]
+
+    (want_o, want_final), vjp = jax.vjp(scan, u, decay, s0)
+    want_du, want_ddecay, want_ds0 = vjp((d_out, d_final))
+    close = lambda a, b_: np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5,
+                                                     atol=1e-5)
+    close(o, want_o)
+    close(final, want_final)
+    close(states[:, 0], s0)
+    close(dv_new, want_du)
+    close(d_s0, want_ds0)
+    close(jnp.sum(states * grads, axis=(-2, -1)), want_ddecay)
+    close(grads[:, -1], d_final)
 
 
 @pytest.mark.parametrize("variant,dk,dv", [("gpu", 24, 48), ("tpu", 24, 48), ("gpu", 96, 192)])
@@ -121,8 +172,14 @@ def test_gpu_kernels_lower_to_triton_for_cuda(dtype):
         return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, variant="gpu",
                           interpret=False)
 
-    text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2  # the factor kernel and the state pass
+    def grads(*args):
+        return jax.grad(lambda *a: jnp.sum(fwd(*a)[0].astype(jnp.float32) ** 2),
+                        argnums=range(6))(*args)
+
+    lower = lambda f: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert lower(fwd).count("__gpu$xla.gpu.triton") == 2  # factor kernel, state pass
+    # Forward kernels, then the state pass again (with states) and backwards.
+    assert lower(grads).count("__gpu$xla.gpu.triton") == 4
 
 
 def test_gdn_pallas_bf16_inputs_stay_close_to_float32():

@@ -1,27 +1,41 @@
-"""Pallas kernel: the chunked gated delta rule's pass across chunks, state kept on chip.
+"""Pallas kernels: the chunked gated delta rule's pass across chunks, forward and backward,
+with the state kept on chip.
 
 The XLA ``chunk`` form (``hybrid_jax.ops.gdn_chunk``) scans over chunks with ``lax.scan``: every
 chunk's [Dk, Dv] state goes back to memory between steps, and each step is several small XLA
 ops. Here one kernel program owns one (batch row, head) and loops over its chunks with the state
 in a loop carry (registers / on-chip memory), so per chunk it reads the chunk's factors once
-and writes its output once:
+and writes its output once. Forward, with S the state entering a chunk:
 
-    v_new = u - w S;   o = q_decayed S + intra v_new;   S = chunk_decay * S + k_decayed^T v_new
+    v_new = u - w S;   o = q_decayed S + intra v_new;   S' = chunk_decay * S + k_decayed^T v_new
 
-The per-chunk factors (the WY/UT solve, u, w, the intra-chunk attention, with segment resets)
-come from ``hybrid_jax.ops.gdn_common.chunk_factors``, computed for all chunks at once by XLA.
-Its slow, obviously-right twin is ``hybrid_jax.ops.gdn_chunk``'s scan step (``_state_step``).
+Backward, from the last chunk to the first, with G' = dL/dS' (starting from the final state's
+cotangent) and dO the output's cotangent:
 
-Two variants of one chunk step (``_chunk_step``):
-- ``state_pass`` (GPU-style, Triton-lowering Pallas backend): one program per row and head
-  loops over its chunks inside the kernel, reading each chunk from the whole-sequence arrays.
-  Head dims are padded to powers of two by the caller, as Triton blocks must be.
-- ``state_pass_tpu`` (Mosaic TPU): the chunk axis is a sequential ("arbitrary") grid
-  dimension, each grid step gets one chunk's blocks in VMEM, and the state lives in a VMEM
-  scratch that persists across the steps: whole sequences would not fit VMEM.
-Both are verified in interpret mode only (the TPU one with ``pltpu.InterpretParams``, which
-also detects races and out-of-bounds reads); no accelerator was available when they were
-written.
+    dv_new = intra^T dO + k_decayed G';   G = chunk_decay * G' + q_decayed^T dO - w^T dv_new
+
+Everything else in the gradient is local to a chunk given S, G' and dv_new (``gdn_pallas``
+computes it). The per-chunk factors (the WY/UT solve, u, w, the intra-chunk attention, with
+segment resets) come from ``gdn_chunk_factors`` (or XLA's ``gdn_common.chunk_factors``). The
+slow, obviously-right twin is ``hybrid_jax.ops.gdn_chunk``'s scan step and its autodiff.
+
+Two variants of each pass, over one chunk step:
+- ``state_pass`` / ``state_pass_backward`` (GPU, Triton lowering): one program per (row and
+  head, block of value columns) loops over its chunks inside the kernel, reading each chunk
+  from the whole-sequence arrays in global memory. The rule is independent across value
+  columns, so splitting them keeps a [Dk, block_v] state in registers and gives the GPU more
+  programs. Head dims are padded to powers of two by the caller, as Triton blocks must be.
+  Triton rather than Mosaic GPU because Mosaic GPU copies each block to shared memory
+  whole, which a whole sequence cannot fit, and jax 0.10/0.11's Mosaic GPU ``pallas_call``
+  path is deprecated in favour of ``plgpu.kernel``, whose structure (warp groups, explicit
+  TMA pipelines) would be a separate kernel.
+- ``state_pass_tpu`` / ``state_pass_backward_tpu`` (Mosaic TPU): the chunk axis is a
+  sequential ("arbitrary") grid dimension (run backwards for the backward pass), each grid
+  step gets one chunk's blocks in VMEM, and the state lives in a VMEM scratch that persists
+  across the steps: whole sequences would not fit VMEM.
+The GPU variants ran on an H200 (experiments/RESULTS.md); the TPU ones are verified in
+interpret mode only (with ``pltpu.InterpretParams``, which also detects races and
+out-of-bounds reads).
 """
 
 from __future__ import annotations
@@ -46,9 +60,19 @@ def _chunk_step(u, w, qd, kd, intra, decay, state):
     return o, decay * state + _mm(kd.T, v_new, dt)
 
 
-def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref, *,
-                n_chunks: int):
+def _chunk_step_backward(do, w, qd, kd, intra, decay, grad):
+    """One chunk backwards: (dv_new [C, Dv], G [Dk, Dv]) from the output's cotangent dO, the
+    factors and G' = dL/d(state leaving the chunk). Float32 sums, operands in w's dtype."""
+    dt = w.dtype
+    dv_new = _mm(intra.T, do, dt) + _mm(kd, grad, dt)
+    return dv_new, decay * grad + _mm(qd.T, do, dt) - _mm(w.T, dv_new, dt)
+
+
+def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref,
+                *states_ref, n_chunks: int):
     def chunk(n, state):
+        if states_ref:
+            states_ref[0][n] = state
         o, state = _chunk_step(u_ref[n], w_ref[n], qd_ref[n], kd_ref[n], intra_ref[n],
                                decay_ref[n], state)
         o_ref[n] = o.astype(o_ref.dtype)
@@ -57,14 +81,30 @@ def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_re
     s_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
 
 
+def _gpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, dfinal_ref,
+                         dv_ref, grads_ref, ds0_ref, *, n_chunks: int):
+    def chunk(j, grad):
+        n = n_chunks - 1 - j
+        grads_ref[n] = grad  # G': the cotangent of the state leaving chunk n
+        dv_new, grad = _chunk_step_backward(do_ref[n], w_ref[n], qd_ref[n], kd_ref[n],
+                                            intra_ref[n], decay_ref[n], grad)
+        dv_ref[n] = dv_new
+        return grad
+
+    ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, dfinal_ref[...])
+
+
 def _tpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref,
-                state_ref):
+                *rest):
+    *states_ref, state_ref = rest
     n = pl.program_id(1)
 
     @pl.when(n == 0)
     def _():
         state_ref[...] = s0_ref[...]
 
+    if states_ref:
+        states_ref[0][...] = state_ref[...]
     o, state = _chunk_step(u_ref[...], w_ref[...], qd_ref[...], kd_ref[...], intra_ref[...],
                            decay_ref[...], state_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
@@ -75,78 +115,180 @@ def _tpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_re
         s_ref[...] = state
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
+def _tpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, dfinal_ref,
+                         dv_ref, grads_ref, ds0_ref, grad_ref):
+    j = pl.program_id(1)  # chunk N-1-j: the index maps run the chunks backwards
+
+    @pl.when(j == 0)
+    def _():
+        grad_ref[...] = dfinal_ref[...]
+
+    grads_ref[...] = grad_ref[...]
+    dv_new, grad = _chunk_step_backward(do_ref[...], w_ref[...], qd_ref[...], kd_ref[...],
+                                        intra_ref[...], decay_ref[...], grad_ref[...])
+    dv_ref[...] = dv_new
+    grad_ref[...] = grad
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _():
+        ds0_ref[...] = grad
+
+
+def _block_v(dv: int, block_v: int, name: str) -> int:
+    bv = min(block_v, dv)
+    if dv % bv:
+        raise ValueError(f"{name}: Dv={dv} is not a multiple of block_v={bv}")
+    return bv
+
+
+def _whole(*shape, split_v=False):
+    """GPU block: the whole per-sequence array, one sequence (and value block) per program."""
+    last = (lambda j: (j,)) if split_v else (lambda j: (0,))
+    return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * (len(shape) - 1) + last(j))
+
+
+def _per_chunk(*shape, n_chunks: int | None = None):
+    """TPU block: one chunk of one sequence; given ``n_chunks``, chunks run last to first."""
+    if n_chunks is None:
+        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
+    return pl.BlockSpec((None, None, *shape),
+                        lambda i, j: (i, n_chunks - 1 - j) + (0,) * len(shape))
+
+
+def _per_seq(*shape):
+    """TPU block: one sequence's [Dk, Dv] state (the same block at every chunk)."""
+    return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * len(shape))
+
+
+def _decay_blocks(chunk_decay: jax.Array) -> jax.Array:
+    return chunk_decay.astype(jnp.float32)[:, :, None, None]  # [R, N, 1, 1]: a block per chunk
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "return_states", "interpret"))
 def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.Array,
                intra: jax.Array, chunk_decay: jax.Array, initial_state: jax.Array, *,
-               block_v: int = 64, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+               block_v: int = 64, return_states: bool = False, interpret: bool = False):
     """Run the state across chunks.
 
     Args (one leading axis R for the independent (row, head) sequences):
       u: [R, N, C, Dv]; w, q_decayed, k_decayed: [R, N, C, Dk]; intra: [R, N, C, C], all in
         one dtype (bf16 or float32), which the matmul operands take;
       chunk_decay: [R, N] and initial_state: [R, Dk, Dv], float32.
-      block_v: value columns per program. The rule is independent across value columns, so
-        the grid is (R, Dv / block_v): a [Dk, block_v] state stays in registers, and more
-        programs run at once.
+      block_v: value columns per program; the grid is (R, Dv / block_v).
+      return_states: also return the state entering each chunk (for the backward pass).
       interpret: run the kernel body as ordinary JAX ops (CPU tests).
     Returns:
-      (o [R, N, C, Dv] in u's dtype, final state [R, Dk, Dv] float32).
+      (o [R, N, C, Dv] in u's dtype, final state [R, Dk, Dv] float32), and with
+      ``return_states`` the states entering each chunk [R, N, Dk, Dv] float32.
     """
     r, n, c, dv = u.shape
     dk = w.shape[-1]
-    bv = min(block_v, dv)
-    if dv % bv:
-        raise ValueError(f"state_pass: Dv={dv} is not a multiple of block_v={bv}")
-    decay = chunk_decay.astype(jnp.float32)[:, :, None, None]  # [R, N, 1, 1]: one block per chunk
-
-    def whole(*shape, split_v=False):
-        """The whole per-sequence array, one sequence (and value block) per program."""
-        last = (lambda j: (j,)) if split_v else (lambda j: (0,))
-        return pl.BlockSpec((None, *shape),
-                            lambda i, j: (i,) + (0,) * (len(shape) - 1) + last(j))
-
-    return pl.pallas_call(
+    bv = _block_v(dv, block_v, "state_pass")
+    out_specs = [_whole(n, c, bv, split_v=True), _whole(dk, bv, split_v=True)]
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
+                 jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
+    if return_states:
+        out_specs.append(_whole(n, dk, bv, split_v=True))
+        out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32))
+    return tuple(pl.pallas_call(
         functools.partial(_gpu_kernel, n_chunks=n),
         grid=(r, dv // bv),
-        in_specs=[whole(n, c, bv, split_v=True), whole(n, c, dk), whole(n, c, dk),
-                  whole(n, c, dk), whole(n, c, c), whole(n, 1, 1), whole(dk, bv, split_v=True)],
-        out_specs=[whole(n, c, bv, split_v=True), whole(dk, bv, split_v=True)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
+        in_specs=[_whole(n, c, bv, split_v=True), _whole(n, c, dk), _whole(n, c, dk),
+                  _whole(n, c, dk), _whole(n, c, c), _whole(n, 1, 1),
+                  _whole(dk, bv, split_v=True)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params("gpu", ("parallel", "parallel")),
+        interpret=interpret,
+    )(u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state))
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
+def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
+                        k_decayed: jax.Array, intra: jax.Array, chunk_decay: jax.Array,
+                        d_final: jax.Array, *, block_v: int = 64, interpret: bool = False):
+    """The state pass backwards, last chunk first.
+
+    Args:
+      d_out: [R, N, C, Dv], the output's cotangent, in the factors' dtype; w, q_decayed,
+        k_decayed: [R, N, C, Dk] and intra [R, N, C, C] as for ``state_pass``;
+      chunk_decay: [R, N] and d_final: [R, Dk, Dv] (the final state's cotangent), float32.
+    Returns (all float32):
+      dv_new [R, N, C, Dv], the cotangent of each chunk's corrected values (u - w S);
+      grads [R, N, Dk, Dv], the cotangent of the state leaving each chunk;
+      d_initial [R, Dk, Dv], the initial state's cotangent.
+    """
+    r, n, c, dv = d_out.shape
+    dk = w.shape[-1]
+    bv = _block_v(dv, block_v, "state_pass_backward")
+    return tuple(pl.pallas_call(
+        functools.partial(_gpu_backward_kernel, n_chunks=n),
+        grid=(r, dv // bv),
+        in_specs=[_whole(n, c, bv, split_v=True), _whole(n, c, dk), _whole(n, c, dk),
+                  _whole(n, c, dk), _whole(n, c, c), _whole(n, 1, 1),
+                  _whole(dk, bv, split_v=True)],
+        out_specs=[_whole(n, c, bv, split_v=True), _whole(n, dk, bv, split_v=True),
+                   _whole(dk, bv, split_v=True)],
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
+                   jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32),
                    jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)],
         compiler_params=compiler_params("gpu", ("parallel", "parallel")),
         interpret=interpret,
-    )(u, w, q_decayed, k_decayed, intra, decay, initial_state)
+    )(d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final))
 
 
 def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.Array,
                    intra: jax.Array, chunk_decay: jax.Array, initial_state: jax.Array, *,
-                   interpret=False) -> tuple[jax.Array, jax.Array]:
+                   return_states: bool = False, interpret=False):
     """``state_pass`` for Mosaic TPU: grid (sequences, chunks), the state in a VMEM scratch.
 
-    Same arguments and results as ``state_pass``; ``interpret`` may be
-    ``pltpu.InterpretParams(...)`` (race and out-of-bounds detection) or True.
+    Same arguments and results as ``state_pass`` (no value blocks: the MXU wants the whole
+    tile); ``interpret`` may be ``pltpu.InterpretParams(...)`` (race and out-of-bounds
+    detection) or True.
     """
     from jax.experimental.pallas import tpu as pltpu
 
     r, n, c, dv = u.shape
     dk = w.shape[-1]
-    decay = chunk_decay.astype(jnp.float32)[:, :, None, None]  # [R, N, 1, 1]
-
-    def per_chunk(*shape):
-        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
-
-    def per_seq(*shape):
-        return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * len(shape))
-
-    return pl.pallas_call(
+    out_specs = [_per_chunk(c, dv), _per_seq(dk, dv)]
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
+                 jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
+    if return_states:
+        out_specs.append(_per_chunk(dk, dv))
+        out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32))
+    return tuple(pl.pallas_call(
         _tpu_kernel,
         grid=(r, n),
-        in_specs=[per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk),
-                  per_chunk(c, c), per_chunk(1, 1), per_seq(dk, dv)],
-        out_specs=[per_chunk(c, dv), per_seq(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
+        in_specs=[_per_chunk(c, dv), _per_chunk(c, dk), _per_chunk(c, dk), _per_chunk(c, dk),
+                  _per_chunk(c, c), _per_chunk(1, 1), _per_seq(dk, dv)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
+        compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+        interpret=interpret,
+    )(u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state))
+
+
+def state_pass_backward_tpu(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
+                            k_decayed: jax.Array, intra: jax.Array, chunk_decay: jax.Array,
+                            d_final: jax.Array, *, interpret=False):
+    """``state_pass_backward`` for Mosaic TPU: the chunk grid axis runs last chunk first (index
+    maps N-1-j), the cotangent state in a VMEM scratch. Same arguments and results."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    r, n, c, dv = d_out.shape
+    dk = w.shape[-1]
+    back = functools.partial(_per_chunk, n_chunks=n)
+    return tuple(pl.pallas_call(
+        _tpu_backward_kernel,
+        grid=(r, n),
+        in_specs=[back(c, dv), back(c, dk), back(c, dk), back(c, dk), back(c, c), back(1, 1),
+                  _per_seq(dk, dv)],
+        out_specs=[back(c, dv), back(dk, dv), _per_seq(dk, dv)],
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
+                   jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32),
                    jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
         compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
         interpret=interpret,
-    )(u, w, q_decayed, k_decayed, intra, decay, initial_state)
+    )(d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final))

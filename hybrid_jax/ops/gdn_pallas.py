@@ -4,8 +4,12 @@ Forward: two Pallas kernels. ``hybrid_jax.kernels.gdn_chunk_factors`` computes e
 to each chunk (the solve, w/u, the intra-chunk attention, with segment resets) on a parallel
 grid; ``hybrid_jax.kernels.gdn_state_pass`` then carries the state across chunks on chip (its
 Mosaic TPU variant on TPU, its GPU-style variant elsewhere).
-Backward (``jax.custom_vjp``): recomputes through the XLA ``chunk`` form and differentiates it,
-so nothing per chunk is stored; a backward kernel is still to come.
+Backward (``jax.custom_vjp``), recomputing rather than storing anything per chunk: the factors
+again in XLA (``gdn_common.chunk_factors``, differentiated by ``jax.vjp``), the state entering
+each chunk with the forward state-pass kernel, then the state's cotangent from the last chunk
+to the first with the backward state-pass kernel. What is left is local to each chunk and
+parallel over all of them (batched matmuls in XLA). The factors' backward (through the solve)
+is still XLA's, not a kernel.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax.kernels.common import dot_dtype
 from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
-from hybrid_jax.kernels.gdn_state_pass import state_pass, state_pass_tpu
-from hybrid_jax.ops.gdn_chunk import gdn_chunk
-from hybrid_jax.ops.gdn_common import chunk_segments
+from hybrid_jax.kernels.gdn_state_pass import (
+    state_pass,
+    state_pass_backward,
+    state_pass_backward_tpu,
+    state_pass_tpu,
+)
+from hybrid_jax.ops.gdn_common import ChunkFactors, chunk_factors, chunk_segments, dot
 
 
 def _pow2(n: int) -> int:
@@ -38,6 +47,28 @@ def _sequences(x: jax.Array, chunk_size: int, pad_to: int | None = None) -> jax.
     return jnp.moveaxis(x, 3, 1).reshape(b * h, -1, chunk_size, *x.shape[4:])
 
 
+def _segments(reset, b: int, h: int, n: int, chunk_size: int) -> jax.Array | None:
+    """[B, T] reset flags -> [B*H, N, C] segment index inside each chunk, or None."""
+    seg = chunk_segments(reset, chunk_size)  # [N, B, 1, C]
+    if seg is None:
+        return None
+    seg = jnp.broadcast_to(jnp.moveaxis(seg, 0, 2), (b, h, n, chunk_size))
+    return seg.reshape(b * h, n, chunk_size)
+
+
+def _kernels(variant: str):
+    """(forward state pass, backward state pass) for the variant."""
+    if variant == "tpu":
+        return state_pass_tpu, state_pass_backward_tpu
+    return state_pass, state_pass_backward
+
+
+def _pad_state(x: jax.Array, pk: int, pv: int) -> jax.Array:
+    """[B, H, Dk, Dv] -> [B*H, pk, pv], zero-padded."""
+    b, h, dk, dv = x.shape
+    return jnp.pad(x.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
+
+
 def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, interpret):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -45,19 +76,15 @@ def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant,
     # padded key dimensions never enter the state, padded value dimensions are sliced off).
     pk, pv = _pow2(dk), _pow2(dv)
     n = -(-t // chunk_size)
-    seg = chunk_segments(reset, chunk_size)  # [N, B, 1, C] segment index inside each chunk
+    seg = _segments(reset, b, h, n, chunk_size)
     if seg is None:
         seg = jnp.zeros((b * h, n, chunk_size), jnp.int32)
-    else:
-        seg = jnp.broadcast_to(jnp.moveaxis(seg, 0, 2), (b, h, n, chunk_size))
-        seg = seg.reshape(b * h, n, chunk_size)
     f = chunk_factors_kernel(
         _sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
         _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
         _sequences(beta, chunk_size), seg, scale=scale, backend=variant, interpret=interpret)
-    kernel = state_pass_tpu if variant == "tpu" else state_pass
-    s0 = jnp.pad(initial_state.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
-    o, final = kernel(*f, s0, interpret=interpret)  # [B*H, N, C, pv], [B*H, pk, pv]
+    forward, _ = _kernels(variant)
+    o, final = forward(*f, _pad_state(initial_state, pk, pv), interpret=interpret)
     o = jnp.moveaxis(o[..., :dv].reshape(b, h, -1, dv), 1, 2)[:, :t]
     return o, final[:, :dk, :dv].reshape(b, h, dk, dv)
 
@@ -75,13 +102,45 @@ def _fwd(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, int
 
 
 def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
+    """Recompute, don't store: the factors again (XLA, differentiated by jax.vjp), the state
+    entering each chunk (forward kernel), then the cotangent states backwards (backward
+    kernel). The rest of the gradient is local to each chunk: batched matmuls in XLA."""
     q, k, v, g, beta, initial_state, reset = saved
-    out, vjp = jax.vjp(
-        lambda q, k, v, g, beta, s0: gdn_chunk(q, k, v, g, beta, scale, s0, reset, chunk_size),
-        q, k, v, g, beta, initial_state)
-    # The kernel's o is in the matmul dtype (bf16 for bf16 inputs); chunk's may differ.
-    cotangents = jax.tree.map(lambda c, o: c.astype(o.dtype), cotangents, out)
-    return (*vjp(cotangents), None)
+    d_out, d_final = cotangents
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    pk, pv = _pow2(dk), _pow2(dv)
+    n = -(-t // chunk_size)
+    seg = _segments(reset, b, h, n, chunk_size)
+
+    def factors_of(q, k, v, g, beta):
+        return chunk_factors(
+            _sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
+            _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
+            _sequences(beta, chunk_size), seg, scale)
+
+    f, factors_vjp = jax.vjp(factors_of, q, k, v, g, beta)  # float32 factors
+    dt = dot_dtype(q.dtype)  # the forward's matmul operand dtype
+    fk = [x.astype(dt) for x in f[:5]]
+    forward, backward = _kernels(variant)
+    _, _, states = forward(*fk, f.chunk_decay, _pad_state(initial_state, pk, pv),
+                           return_states=True, interpret=interpret)
+    d_o = _sequences(d_out, chunk_size, pv)  # [R, N, C, pv], zero past T and past Dv
+    dv_new, grads, d_s0 = backward(d_o.astype(dt), *fk[1:], f.chunk_decay,
+                                   _pad_state(d_final.astype(jnp.float32), pk, pv),
+                                   interpret=interpret)
+    d_o = d_o.astype(jnp.float32)
+    v_new = f.u - dot("rncd,rnde->rnce", f.w, states)
+    d_factors = ChunkFactors(
+        u=dv_new,
+        w=-dot("rnce,rnde->rncd", dv_new, states),
+        q_decayed=dot("rnce,rnde->rncd", d_o, states),
+        k_decayed=dot("rnce,rnde->rncd", v_new, grads),
+        intra=dot("rnce,rnme->rncm", d_o, v_new),
+        chunk_decay=jnp.sum(states * grads, axis=(-2, -1)))
+    dq, dk_, dv_, dg, dbeta = factors_vjp(d_factors)
+    d_initial = d_s0[:, :dk, :dv].reshape(b, h, dk, dv)
+    return dq, dk_, dv_, dg, dbeta, d_initial, None
 
 
 _gdn_pallas.defvjp(_fwd, _bwd)
