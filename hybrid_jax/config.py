@@ -16,7 +16,7 @@ GDN = "linear_attention"
 ATTENTION = "full_attention"
 LAYER_KINDS = (GDN, ATTENTION)
 
-GDN_METHODS = ("recurrent", "chunk", "assoc_scan", "pallas")
+GDN_METHODS = ("auto", "recurrent", "chunk", "assoc_scan", "pallas")  # ops.METHODS
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 _DTYPES = {
@@ -78,7 +78,7 @@ class ModelConfig:
     # Execution options (not part of the transformers config).
     dtype: str = "float32"
     param_dtype: str = "float32"
-    gdn_method: str = "chunk"
+    gdn_method: str = "auto"  # "pallas" on GPU / TPU, "chunk" on CPU
     gdn_chunk_size: int = 64
     remat: str = "none"
     scan_layers: bool = True

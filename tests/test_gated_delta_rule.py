@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gdn_reference import reference_forward, reference_grads
-from hybrid_jax.ops import METHODS, gated_delta_rule
+from hybrid_jax.ops import FORMS, METHODS, gated_delta_rule, resolve_method
 
 
 def rel(a, b) -> float:
@@ -67,7 +67,7 @@ def run(method, x, *, use_qk_l2norm=True, chunk_size=CHUNK, jit=False):
               segment_ids=x["segment_ids"])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FORMS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_matches_float64(method, case):
     x = make_inputs(zlib.crc32(case.encode()) % 1000, **CASES[case])
@@ -89,7 +89,7 @@ class TestJitAndEager(chex.TestCase):
         ref_o, ref_s = reference_forward(x["q"], x["k"], x["v"], x["g"], x["beta"],
                                          initial_state=x["initial_state"],
                                          segment_ids=x["segment_ids"])
-        for method in METHODS:
+        for method in FORMS:
             fn = self.variant(functools.partial(gated_delta_rule, output_final_state=True,
                                                 method=method, chunk_size=16))
             o, s = fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"],
@@ -129,7 +129,7 @@ def test_reference_backward_matches_finite_differences():
 GRAD_CASES = ["t_not_multiple", "strong_decay", "g_zero", "grouped_value_heads", "segments"]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FORMS)
 @pytest.mark.parametrize("case", GRAD_CASES)
 def test_gradients_match_float64(method, case):
     x = make_inputs(zlib.crc32(case.encode()) % 1000 + 7, **CASES[case])
@@ -153,7 +153,7 @@ def test_gradients_match_float64(method, case):
         assert rel(got, want) < 1e-4, (name, rel(got, want))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FORMS)
 def test_state_carry_two_halves_equal_whole(method):
     x = make_inputs(5, t=100)
     o_all, s_all = run(method, x)
@@ -165,7 +165,7 @@ def test_state_carry_two_halves_equal_whole(method):
     assert rel(s2, s_all) < 1e-5
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FORMS)
 def test_bf16_inputs_close_to_float32(method):
     x = make_inputs(6, t=80, hk=2, hv=4)
     o32, s32 = run(method, x)
@@ -181,7 +181,7 @@ def test_segment_reset_equals_separate_sequences():
     x = make_inputs(8, b=1, t=60)
     seg = np.zeros((1, 60), np.int32)
     seg[:, 23:] = 1
-    for method in METHODS:
+    for method in FORMS:
         o, _ = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"],
                                 initial_state=x["initial_state"], segment_ids=seg, method=method,
                                 chunk_size=16)
@@ -227,7 +227,7 @@ def test_long_sequence_finite_and_memory_linear(method):
 def test_extreme_gates_stay_finite_with_gradients():
     x = make_inputs(10, t=64, g_range=(-1e4, 0.0))
     x["g"][:, ::3] = 0.0
-    for method in METHODS:
+    for method in FORMS:
         grads = jax.grad(lambda q, k, v, g, beta: jnp.sum(gated_delta_rule(
             q, k, v, g, beta, use_qk_l2norm=True, method=method, chunk_size=CHUNK)[0]),
             argnums=range(5))(x["q"], x["k"], x["v"], x["g"], x["beta"])
@@ -278,3 +278,16 @@ def test_chunk_factor_placements_match_float64(factors_in_scan, monkeypatch):
                           use_qk_l2norm=True)
     for got, want in zip(grads, ref[2:5]):
         assert rel(got, want) < 1e-4
+
+
+def test_auto_is_the_kernel_on_accelerators_and_chunk_on_cpu(monkeypatch):
+    """"auto" (the model's default) resolves by backend, and the config accepts what the op
+    does."""
+    from hybrid_jax.config import GDN_METHODS, ModelConfig
+
+    assert GDN_METHODS == METHODS and ModelConfig().gdn_method == "auto"
+    assert resolve_method("auto") == "chunk"  # this CPU machine
+    for backend, want in (("gpu", "pallas"), ("tpu", "pallas"), ("cpu", "chunk")):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert resolve_method("auto") == want
+    assert resolve_method("recurrent") == "recurrent"

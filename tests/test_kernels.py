@@ -155,12 +155,15 @@ def test_chunk_factors_kernel_matches_xla(variant, c):
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("variant,platform,marker", [
+    ("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gpu_kernels_lower_to_triton_for_cuda(dtype):
-    """The GPU variant goes through jax's Triton lowering for CUDA (cross-lowered on this CPU
-    machine: it catches primitives Triton cannot lower and a fall back to Mosaic GPU, whose
-    whole-block copies would not fit shared memory), at OLMo Hybrid's head dims and a partial
-    chunk."""
+def test_kernels_lower_for_their_accelerator(variant, platform, marker, dtype):
+    """Cross-lowered on this CPU machine, forward and gradient: the GPU variant through jax's
+    Triton lowering for CUDA (catching primitives Triton cannot lower, and a fall back to
+    Mosaic GPU, whose whole-block copies would not fit shared memory), the TPU variant through
+    Pallas' Mosaic TPU lowering (libtpu's own compile is not run here). OLMo Hybrid's head dims
+    and a partial chunk."""
     from hybrid_jax.ops.gdn_pallas import gdn_pallas
 
     b, t, h, dk, dv = 1, 150, 2, 96, 192
@@ -169,17 +172,17 @@ def test_gpu_kernels_lower_to_triton_for_cuda(dtype):
             s((b, t, h), jnp.float32), s((b, t, h), jnp.float32), s((b, h, dk, dv), jnp.float32))
 
     def fwd(q, k, v, g, beta, s0):
-        return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, variant="gpu",
+        return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, variant=variant,
                           interpret=False)
 
     def grads(*args):
         return jax.grad(lambda *a: jnp.sum(fwd(*a)[0].astype(jnp.float32) ** 2),
                         argnums=range(6))(*args)
 
-    lower = lambda f: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert lower(fwd).count("__gpu$xla.gpu.triton") == 2  # factor kernel, state pass
+    lower = lambda f: jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert lower(fwd).count(marker) == 2  # factor kernel, state pass
     # Forward kernels, then the state pass again (with states) and backwards.
-    assert lower(grads).count("__gpu$xla.gpu.triton") == 4
+    assert lower(grads).count(marker) == 4
 
 
 def test_gdn_pallas_bf16_inputs_stay_close_to_float32():

@@ -2,12 +2,20 @@
 
 from hybrid_jax.ops.attention import cached_attention, causal_attention, segment_positions
 from hybrid_jax.ops.conv import causal_conv1d, causal_conv1d_continue
-from hybrid_jax.ops.gated_delta_rule import METHODS, gated_delta_rule, l2_normalize, segment_resets
+from hybrid_jax.ops.gated_delta_rule import (
+    FORMS,
+    METHODS,
+    gated_delta_rule,
+    l2_normalize,
+    resolve_method,
+    segment_resets,
+)
 from hybrid_jax.ops.gdn_recurrent import gdn_step
 from hybrid_jax.ops.norms import gated_rms_norm, rms_norm
 from hybrid_jax.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = [
+    "FORMS",
     "METHODS",
     "apply_rope",
     "cached_attention",
@@ -18,6 +26,7 @@ __all__ = [
     "gated_rms_norm",
     "gdn_step",
     "l2_normalize",
+    "resolve_method",
     "rms_norm",
     "rope_cos_sin",
     "rope_inv_freq",

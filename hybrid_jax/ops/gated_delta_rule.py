@@ -16,8 +16,18 @@ from hybrid_jax.ops.gdn_chunk import gdn_chunk
 from hybrid_jax.ops.gdn_pallas import gdn_pallas
 from hybrid_jax.ops.gdn_recurrent import gdn_recurrent
 
-Method = Literal["recurrent", "chunk", "assoc_scan", "pallas"]
-METHODS = ("recurrent", "chunk", "assoc_scan", "pallas")
+Method = Literal["auto", "recurrent", "chunk", "assoc_scan", "pallas"]
+FORMS = ("recurrent", "chunk", "assoc_scan", "pallas")  # the implementations
+METHODS = ("auto", *FORMS)
+
+
+def resolve_method(method: str) -> str:
+    """"auto" -> "pallas" where the kernels compile (GPU through Triton, TPU through Mosaic),
+    else "chunk" (on CPU Pallas only interprets, far slower than XLA). Decided by the default
+    backend when traced; any other method is returned as is."""
+    if method != "auto":
+        return method
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "chunk"
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -71,7 +81,7 @@ def gated_delta_rule(
     output_final_state: bool = False,
     use_qk_l2norm: bool = False,
     segment_ids: jax.Array | None = None,
-    method: Method = "chunk",
+    method: Method = "auto",
     chunk_size: int = 64,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Gated delta rule over a sequence (layout as flash-linear-attention and transformers).
@@ -87,14 +97,15 @@ def gated_delta_rule(
       segment_ids: [B, T] ints; the state resets to zero wherever the id changes (packed docs).
       method: "recurrent" (lax.scan over time), "chunk" (WY/UT chunks, sequential over chunks),
         "assoc_scan" (associative scan over chunks' affine state maps), "pallas" (Pallas kernels
-        for the per-chunk factors and for the pass across chunks; interpret mode on CPU;
-        backward through the XLA chunk form for now).
+        for the per-chunk factors and for the state pass across chunks, forward and backward;
+        interpret mode on CPU), or "auto": "pallas" on GPU and TPU, "chunk" on CPU.
       chunk_size: chunk length for the chunked methods.
 
     Returns:
       (o [B, T, Hv, Dv] in q's dtype, final state [B, Hv, Dk, Dv] float32 or None).
     """
     _check(q, k, v, g, beta, initial_state, segment_ids, method, chunk_size)
+    method = resolve_method(method)
     b, t, hk, dk = q.shape
     hv, dv = v.shape[2:]
     out_dtype = q.dtype
