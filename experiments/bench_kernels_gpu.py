@@ -131,9 +131,13 @@ def fla_run(data, repeats: int) -> dict | str:
 
 
 def pallas_breakdown(data, repeats: int) -> dict:
-    """Forward time of each Pallas kernel alone (the rest is layout, padding and l2norm)."""
-    from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
-    from hybrid_jax.kernels.gdn_state_pass import state_pass
+    """Time of each Pallas kernel alone, forward and backward (the rest of ``pallas`` is
+    layout, padding, l2norm and, in the backward, the factors' cotangents in XLA)."""
+    from hybrid_jax.kernels.gdn_chunk_factors import (
+        chunk_factors_backward_kernel,
+        chunk_factors_kernel,
+    )
+    from hybrid_jax.kernels.gdn_state_pass import state_pass, state_pass_backward
     from hybrid_jax.ops.gdn_pallas import _pow2, _sequences
 
     q, k, v, g, beta, s0 = data
@@ -144,15 +148,26 @@ def pallas_breakdown(data, repeats: int) -> dict:
             _sequences(g, c), _sequences(beta, c))
     seg = jnp.zeros(args[3].shape, jnp.int32)
     interpret = jax.default_backend() == "cpu"
-    factors = jax.jit(lambda *a: chunk_factors_kernel(*a, seg, scale=dk ** -0.5,
+    scale = dk ** -0.5
+    factors = jax.jit(lambda *a: chunk_factors_kernel(*a, seg, scale=scale,
                                                       interpret=interpret))
     f = jax.block_until_ready(factors(*args))
     s0p = jnp.pad(s0.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
     times = {"factors": best_of(lambda: factors(*args), repeats)}
-    for bv in (32, 64, 128):
-        if bv <= pv:
-            fn = jax.jit(lambda *a, bv=bv: state_pass(*a, block_v=bv, interpret=interpret))
-            times[f"state_pass bv={bv}"] = best_of(lambda: fn(*f, s0p), repeats)
+    for bv in (32, 64):
+        fn = jax.jit(lambda *a, bv=bv: state_pass(*a, block_v=bv, interpret=interpret))
+        times[f"state_pass bv={bv}"] = best_of(lambda: fn(*f, s0p), repeats)
+        fn = jax.jit(lambda *a, bv=bv: state_pass(*a, block_v=bv, return_states=True,
+                                                  interpret=interpret))
+        times[f"state_pass+states bv={bv}"] = best_of(lambda: fn(*f, s0p), repeats)
+        fn = jax.jit(lambda *a, bv=bv: state_pass_backward(*a, block_v=bv,
+                                                           interpret=interpret))
+        d_o = jnp.ones_like(f[0])
+        times[f"state_pass_backward bv={bv}"] = best_of(lambda: fn(d_o, *f[1:], s0p), repeats)
+    d_f = [jnp.ones(x.shape, jnp.float32) for x in f]
+    fn = jax.jit(lambda *a: chunk_factors_backward_kernel(*a, scale=scale,
+                                                          interpret=interpret))
+    times["factors_backward"] = best_of(lambda: fn(*args, seg, *d_f), repeats)
     return times
 
 
@@ -172,7 +187,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--breakdown", action="store_true",
-                   help="also time each Pallas forward kernel alone")
+                   help="also time each Pallas kernel alone, forward and backward")
     p.add_argument("--shapes", default=None,
                    help="which of the shapes to run, by index, e.g. 0,2")
     args = p.parse_args()
@@ -211,7 +226,7 @@ def main() -> None:
         if outs["pallas"] is not None and args.breakdown:
             parts = guarded("breakdown", lambda: pallas_breakdown(data, args.repeats))
             if parts:
-                print("  pallas forward parts: " +
+                print("  pallas kernels alone: " +
                       ", ".join(f"{k} {v:.3f} ms" for k, v in parts.items()), flush=True)
         fla = "not run (--no-fla)" if args.no_fla else (
             guarded("fla", lambda: fla_run(data, args.repeats)) or "failed")

@@ -155,6 +155,39 @@ def test_chunk_factors_kernel_matches_xla(variant, c):
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("variant,c", [("gpu", 16), ("tpu", 16), ("gpu", 64)])
+def test_chunk_factors_backward_kernel_matches_autodiff_of_xla(variant, c):
+    """The factor kernel's VJP (recomputing gates and solve) against jax.vjp of
+    ``chunk_factors`` (XLA) for random cotangents of all six factors: decays from none to very
+    strong, beta up to 2, resets inside chunks and at a chunk's first position."""
+    from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_backward_kernel
+    from hybrid_jax.ops.gdn_common import chunk_factors
+
+    rng = np.random.default_rng(5)
+    r, n, dk, dv = 2, 4, 8, 16
+    x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    q, k, v = x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dv)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    g = -jnp.abs(x(r, n, c)) * jnp.asarray([0.0, 0.1, 3.0, 30.0])[None, :, None]
+    beta = jnp.asarray(rng.uniform(0, 2, (r, n, c)), jnp.float32)
+    reset = (rng.uniform(size=(r, n, c)) < 0.15) | (np.arange(c) == 0)[None, None] * (
+        np.arange(n) == 3)[None, :, None]
+    reset[0, :3] = False  # some chunks without resets: their chunk_decay is not zero
+    seg = jnp.asarray(np.cumsum(reset, axis=-1), jnp.int32)
+    cot = (x(r, n, c, dv), x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, c),
+           x(r, n))
+    interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
+    got = chunk_factors_backward_kernel(q, k, v, g, beta, seg, *cot, scale=0.3,
+                                        backend=variant, interpret=interpret)
+    _, vjp = jax.vjp(lambda *a: chunk_factors(*a, seg, 0.3), q, k, v, g, beta)
+    want = vjp(ChunkFactors(*cot))
+    for a, b_, name in zip(got, want, ("dq", "dk", "dv", "dg", "dbeta")):
+        assert np.all(np.isfinite(np.asarray(a))), name
+        scale = float(np.max(np.abs(np.asarray(b_)))) + 1e-6
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-5 * scale,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("variant,platform,marker", [
     ("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -181,8 +214,9 @@ def test_kernels_lower_for_their_accelerator(variant, platform, marker, dtype):
 
     lower = lambda f: jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert lower(fwd).count(marker) == 2  # factor kernel, state pass
-    # Forward kernels, then the state pass again (with states) and backwards.
-    assert lower(grads).count(marker) == 4
+    # The forward's two, then for the backward: factors, state pass (with states), state pass
+    # backwards, the factors' VJP.
+    assert lower(grads).count(marker) == 6
 
 
 def test_gdn_pallas_bf16_inputs_stay_close_to_float32():

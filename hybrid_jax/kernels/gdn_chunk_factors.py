@@ -53,41 +53,110 @@ def _unit_lower_inverse(a: jax.Array, row: jax.Array, col: jax.Array) -> jax.Arr
     return jax.lax.fori_loop(1, c, substitute, (row == col).astype(jnp.float32))
 
 
+def _gates(g, seg, row, col):
+    """From a chunk's log gates g [C, 1] and segment indices seg [C, 1] (float32 / int32):
+    (decay [C, C], from_start [C, 1], to_end [C, 1], chunk_decay [1, 1], masks), all float32.
+
+    decay_log[i, j] = sum_t [t <= i] g_t [t > j] (one matmul: summed directly, no
+    cancellation); gamma[i] = sum_{t <= i} g_t; to_end[j] = sum_{t > j} g_t. Every exp is
+    masked first: pairs across a segment start, positions outside the first (last) segment.
+    """
+    f32 = jnp.float32
+    causal, strict = row >= col, row > col
+    decay_log = _mm(jnp.where(causal, g.T, 0.0), strict.astype(f32))
+    gamma = jnp.sum(jnp.where(causal, g.T, 0.0), axis=1, keepdims=True)  # [C, 1]
+    to_end_log = jnp.sum(jnp.where(strict, g, 0.0), axis=0, keepdims=True).T  # [C, 1]
+    seg_last = jnp.max(seg)  # segment indices only grow along a chunk
+    pair = causal & (seg == seg.T)
+    first, last = seg == 0, seg == seg_last
+    decay = jnp.exp(jnp.where(pair, decay_log, -jnp.inf))
+    from_start = jnp.where(first, jnp.exp(jnp.where(first, gamma, 0.0)), 0.0)
+    to_end = jnp.where(last, jnp.exp(jnp.where(last, to_end_log, 0.0)), 0.0)
+    chunk_decay = jnp.where(seg_last == 0, jnp.exp(jnp.sum(g)), 0.0) * jnp.ones((1, 1), f32)
+    return decay, from_start, to_end, chunk_decay
+
+
+def _iotas(c: int):
+    return (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0),
+            jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
+
+
 def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
             u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, *, scale: float):
     f32 = jnp.float32
     dt = u_ref.dtype  # matmul operand dtype: the inputs' (bf16) or float32
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    g, beta, seg = g_ref[...], beta_ref[...], seg_ref[...]  # [C, 1] each
-    c = q.shape[0]
-    row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    causal, strict = row >= col, row > col
+    beta = beta_ref[...]  # [C, 1]
+    row, col = _iotas(q_ref.shape[0])
+    decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
 
-    # decay_log[i, j] = sum_t [t <= i] g_t [t > j]; gamma[i] = sum_{t <= i} g_t;
-    # to_end[j] = sum_{t > j} g_t. All float32.
-    decay_log = _mm(jnp.where(causal, g.T, 0.0), strict.astype(f32))
-    gamma = jnp.sum(jnp.where(causal, g.T, 0.0), axis=1, keepdims=True)  # [C, 1]
-    to_end = jnp.sum(jnp.where(row > col, g, 0.0), axis=0, keepdims=True).T  # [C, 1]
-    total = jnp.sum(g)
-
-    seg_last = jnp.max(seg)  # segment indices only grow along a chunk
-    pair = causal & (seg == seg.T)
-    first, last = seg == 0, seg == seg_last
-    decay = jnp.exp(jnp.where(pair, decay_log, -jnp.inf))  # masked before exp
-    from_start = jnp.where(first, jnp.exp(jnp.where(first, gamma, 0.0)), 0.0)
-    to_end = jnp.where(last, jnp.exp(to_end), 0.0)
-
-    a = jnp.where(strict, beta * _mm(k, k.T) * decay, 0.0)  # float32
+    a = jnp.where(row > col, beta * _mm(k_ref[...], k_ref[...].T) * decay, 0.0)  # float32
     inv = _unit_lower_inverse(a, row, col)
 
-    q, k = q.astype(f32), k.astype(f32)
-    u_ref[...] = _mm(inv, beta * v.astype(f32), dt).astype(dt)
+    q, k, v = q_ref[...].astype(f32), k_ref[...].astype(f32), v_ref[...].astype(f32)
+    u_ref[...] = _mm(inv, beta * v, dt).astype(dt)
     w_ref[...] = _mm(inv, beta * from_start * k, dt).astype(dt)
     intra_ref[...] = (scale * _mm(q_ref[...], k_ref[...].T) * decay).astype(dt)
     qd_ref[...] = (scale * from_start * q).astype(dt)
     kd_ref[...] = (to_end * k).astype(dt)
-    decay_ref[...] = jnp.where(seg_last == 0, jnp.exp(total), 0.0) * jnp.ones((1, 1), f32)
+    decay_ref[...] = chunk_decay
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
+                     du_ref, dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref,
+                     dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, scale: float):
+    """The vector-Jacobian product of ``_kernel``, recomputing the chunk's gates and solve.
+    Cotangents and results are float32; matmuls over head dims take the inputs' dtype, the
+    [C, C] ones through the solve stay float32."""
+    f32 = jnp.float32
+    dt = dot_dtype(q_ref.dtype)
+    g, beta = g_ref[...], beta_ref[...]
+    row, col = _iotas(q_ref.shape[0])
+    causal, strict = row >= col, row > col
+    decay, from_start, to_end, chunk_decay = _gates(g, seg_ref[...], row, col)
+    q, k, v = q_ref[...].astype(f32), k_ref[...].astype(f32), v_ref[...].astype(f32)
+    kk = _mm(k_ref[...], k_ref[...].T)
+    qk = _mm(q_ref[...], k_ref[...].T)
+    inv = _unit_lower_inverse(jnp.where(strict, beta * kk * decay, 0.0), row, col)
+    du, dw = du_ref[...], dw_ref[...]
+
+    # u = T (beta v), w = T (beta from_start k).
+    b_v, b_k = beta * v, beta * from_start * k
+    d_inv = _mm(du, b_v.T, dt) + _mm(dw, b_k.T, dt)  # [C, C]
+    d_bv, d_bk = _mm(inv.T, du, dt), _mm(inv.T, dw, dt)
+    dv = beta * d_bv
+    dk = beta * from_start * d_bk
+    dbeta = (jnp.sum(v * d_bv, axis=1, keepdims=True)
+             + from_start * jnp.sum(k * d_bk, axis=1, keepdims=True))
+    d_from_start = beta * jnp.sum(k * d_bk, axis=1, keepdims=True)
+    # T = (I + A)^-1: dA = -T^T dT T^T, on A's strictly lower support.
+    d_a = jnp.where(strict, -_mm(inv.T, _mm(d_inv, inv.T)), 0.0)
+    # A = beta_i kk_ij decay_ij; intra = scale qk_ij decay_ij.
+    d_kk = beta * d_a * decay
+    dbeta = dbeta + jnp.sum(d_a * kk * decay, axis=1, keepdims=True)
+    d_intra = dintra_ref[...]
+    d_decay = beta * d_a * kk + scale * d_intra * qk
+    d_qk = scale * d_intra * decay
+    dq = _mm(d_qk, k, dt) + scale * from_start * dqd_ref[...]
+    dk = dk + _mm(d_qk.T, q, dt) + _mm(d_kk + d_kk.T, k, dt) + to_end * dkd_ref[...]
+    d_from_start = d_from_start + scale * jnp.sum(q * dqd_ref[...], axis=1, keepdims=True)
+    d_to_end = jnp.sum(k * dkd_ref[...], axis=1, keepdims=True)
+
+    # The gates, through each masked exp (decay, from_start, to_end and chunk_decay are zero
+    # wherever masked, so their cotangents vanish there).
+    d_log = d_decay * decay  # d decay_log[i, j]; decay_log[i, j] sums g_t over j < t <= i
+    per_t = _mm(d_log, (row < col).astype(f32))  # [i, t] = sum_{j < t} d_log[i, j]
+    dg = jnp.sum(jnp.where(causal, per_t, 0.0), axis=0, keepdims=True).T  # sum over i >= t
+    d_gamma = d_from_start * from_start  # gamma[i] sums g_t over t <= i
+    dg = dg + jnp.sum(jnp.where(causal, d_gamma, 0.0), axis=0, keepdims=True).T
+    d_to_end_log = (d_to_end * to_end).T  # [1, C]; to_end_log[j] sums g_t over t > j
+    dg = dg + jnp.sum(jnp.where(strict, d_to_end_log, 0.0), axis=1, keepdims=True)
+    dg = dg + ddecay_ref[...] * chunk_decay
+
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    dv_ref[...] = dv
+    dg_ref[...] = dg
+    dbeta_ref[...] = dbeta
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
@@ -130,3 +199,43 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
         interpret=interpret,
     )(q, k, v, col(g.astype(f32)), col(beta.astype(f32)), col(seg.astype(jnp.int32)))
     return u, w, qd, kd, intra, decay[..., 0, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
+def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                                  beta: jax.Array, seg: jax.Array, d_u: jax.Array,
+                                  d_w: jax.Array, d_q_decayed: jax.Array, d_k_decayed: jax.Array,
+                                  d_intra: jax.Array, d_chunk_decay: jax.Array, *, scale: float,
+                                  backend: str = "gpu", interpret=False):
+    """The VJP of ``chunk_factors_kernel``: recomputes each chunk's gates and solve (nothing was
+    stored) and returns (dq, dk [R, N, C, Dk], dv [R, N, C, Dv], dg, dbeta [R, N, C]),
+    float32. Inputs as for ``chunk_factors_kernel``; the cotangents have the factors' shapes
+    (any float dtype; used as float32)."""
+    r, n, c, dk = q.shape
+    dv = v.shape[-1]
+    f32 = jnp.float32
+    col = lambda x: x[..., None]  # [R, N, C] -> [R, N, C, 1]
+
+    def per_chunk(*shape):
+        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
+
+    dq, dk_, dv_, dg, dbeta = pl.pallas_call(
+        functools.partial(_backward_kernel, scale=scale),
+        grid=(r, n),
+        in_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, 1),
+                  per_chunk(c, 1), per_chunk(c, 1),
+                  per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk),
+                  per_chunk(c, c), per_chunk(1, 1)],
+        out_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, 1),
+                   per_chunk(c, 1)],
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dk), f32),
+                   jax.ShapeDtypeStruct((r, n, c, dk), f32),
+                   jax.ShapeDtypeStruct((r, n, c, dv), f32),
+                   jax.ShapeDtypeStruct((r, n, c, 1), f32),
+                   jax.ShapeDtypeStruct((r, n, c, 1), f32)],
+        compiler_params=compiler_params(backend, ("parallel", "parallel")),
+        interpret=interpret,
+    )(q, k, v, col(g.astype(f32)), col(beta.astype(f32)), col(seg.astype(jnp.int32)),
+      *(x.astype(f32) for x in (d_u, d_w, d_q_decayed, d_k_decayed, d_intra)),
+      d_chunk_decay.astype(f32)[..., None, None])
+    return dq, dk_, dv_, dg[..., 0], dbeta[..., 0]

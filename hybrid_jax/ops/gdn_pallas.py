@@ -5,11 +5,10 @@ to each chunk (the solve, w/u, the intra-chunk attention, with segment resets) o
 grid; ``hybrid_jax.kernels.gdn_state_pass`` then carries the state across chunks on chip (its
 Mosaic TPU variant on TPU, its GPU-style variant elsewhere).
 Backward (``jax.custom_vjp``), recomputing rather than storing anything per chunk: the factors
-again in XLA (``gdn_common.chunk_factors``, differentiated by ``jax.vjp``), the state entering
-each chunk with the forward state-pass kernel, then the state's cotangent from the last chunk
-to the first with the backward state-pass kernel. What is left is local to each chunk and
-parallel over all of them (batched matmuls in XLA). The factors' backward (through the solve)
-is still XLA's, not a kernel.
+again (forward factor kernel), the state entering each chunk (forward state pass), the state's
+cotangent from the last chunk to the first (backward state pass), the factors' cotangents from
+those (local to each chunk: batched matmuls in XLA), and finally the factor kernel's VJP
+(``chunk_factors_backward_kernel``), which recomputes the gates and the solve.
 """
 
 from __future__ import annotations
@@ -20,14 +19,17 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.kernels.common import dot_dtype
-from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
+from hybrid_jax.kernels.gdn_chunk_factors import (
+    chunk_factors_backward_kernel,
+    chunk_factors_kernel,
+)
 from hybrid_jax.kernels.gdn_state_pass import (
     state_pass,
     state_pass_backward,
     state_pass_backward_tpu,
     state_pass_tpu,
 )
-from hybrid_jax.ops.gdn_common import ChunkFactors, chunk_factors, chunk_segments, dot
+from hybrid_jax.ops.gdn_common import chunk_segments, dot
 
 
 def _pow2(n: int) -> int:
@@ -106,10 +108,20 @@ def _fwd(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, int
     return out, (q, k, v, g, beta, initial_state, reset)
 
 
+def _unsequences(x: jax.Array, b: int, t: int, h: int, d: int | None = None) -> jax.Array:
+    """The inverse of ``_sequences``: [B*H, N, C, ...] -> [B, T, H, ...], padding dropped."""
+    x = x.reshape(b, h, -1, *x.shape[3:])[:, :, :t]
+    if d is not None:
+        x = x[..., :d]
+    return jnp.moveaxis(x, 1, 2)
+
+
 def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
-    """Recompute, don't store: the factors again (XLA, differentiated by jax.vjp), the state
-    entering each chunk (forward kernel), then the cotangent states backwards (backward
-    kernel). The rest of the gradient is local to each chunk: batched matmuls in XLA."""
+    """Recompute, don't store: each chunk's factors (forward factor kernel), the state entering
+    each chunk (forward state pass), then the state's cotangent from the last chunk to the first
+    (backward state pass). The factors' cotangents given those states are local to each chunk
+    (batched matmuls in XLA), and the factor kernel's VJP, which recomputes the gates and the
+    solve, takes them back to q, k, v, g and beta."""
     q, k, v, g, beta, initial_state, reset = saved
     d_out, d_final = cotangents
     b, t, h, dk = q.shape
@@ -117,35 +129,37 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     pk, pv = _pow2(dk), _pow2(dv)
     n = -(-t // chunk_size)
     seg = _segments(reset, b, h, n, chunk_size)
-
-    def factors_of(q, k, v, g, beta):
-        return chunk_factors(
-            _sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
-            _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
-            _sequences(beta, chunk_size), seg, scale)
-
-    f, factors_vjp = jax.vjp(factors_of, q, k, v, g, beta)  # float32 factors
-    dt = dot_dtype(q.dtype)  # the forward's matmul operand dtype
-    fk = [x.astype(dt) for x in f[:5]]
+    if seg is None:
+        seg = jnp.zeros((b * h, n, chunk_size), jnp.int32)
+    inputs = (_sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
+              _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
+              _sequences(beta, chunk_size), seg)
+    f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, interpret=interpret)
     forward, backward = _kernels(variant, b * h, pv)
-    _, _, states = forward(*fk, f.chunk_decay, _pad_state(initial_state, pk, pv),
-                           return_states=True, interpret=interpret)
+    _, _, states = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
+                           interpret=interpret)
     d_o = _sequences(d_out, chunk_size, pv)  # [R, N, C, pv], zero past T and past Dv
-    dv_new, grads, d_s0 = backward(d_o.astype(dt), *fk[1:], f.chunk_decay,
+    dv_new, grads, d_s0 = backward(d_o.astype(f[0].dtype), *f[1:],
                                    _pad_state(d_final.astype(jnp.float32), pk, pv),
                                    interpret=interpret)
     d_o = d_o.astype(jnp.float32)
-    v_new = f.u - dot("rncd,rnde->rnce", f.w, states)
-    d_factors = ChunkFactors(
-        u=dv_new,
-        w=-dot("rnce,rnde->rncd", dv_new, states),
-        q_decayed=dot("rnce,rnde->rncd", d_o, states),
-        k_decayed=dot("rnce,rnde->rncd", v_new, grads),
-        intra=dot("rnce,rnme->rncm", d_o, v_new),
-        chunk_decay=jnp.sum(states * grads, axis=(-2, -1)))
-    dq, dk_, dv_, dg, dbeta = factors_vjp(d_factors)
-    d_initial = d_s0[:, :dk, :dv].reshape(b, h, dk, dv)
-    return dq, dk_, dv_, dg, dbeta, d_initial, None
+    u, w = f[0].astype(jnp.float32), f[1].astype(jnp.float32)
+    v_new = u - dot("rncd,rnde->rnce", w, states)
+    d_factors = (
+        dv_new,  # u
+        -dot("rnce,rnde->rncd", dv_new, states),  # w
+        dot("rnce,rnde->rncd", d_o, states),  # q_decayed
+        dot("rnce,rnde->rncd", v_new, grads),  # k_decayed
+        dot("rnce,rnme->rncm", d_o, v_new),  # intra
+        jnp.sum(states * grads, axis=(-2, -1)),  # chunk_decay
+    )
+    dq, dk_, dv_, dg, dbeta = chunk_factors_backward_kernel(
+        *inputs, *d_factors, scale=scale, backend=variant, interpret=interpret)
+    cast = lambda x, like: x.astype(like.dtype)
+    return (cast(_unsequences(dq, b, t, h, dk), q), cast(_unsequences(dk_, b, t, h, dk), k),
+            cast(_unsequences(dv_, b, t, h, dv), v), cast(_unsequences(dg, b, t, h), g),
+            cast(_unsequences(dbeta, b, t, h), beta),
+            d_s0[:, :dk, :dv].reshape(b, h, dk, dv).astype(initial_state.dtype), None)
 
 
 _gdn_pallas.defvjp(_fwd, _bwd)
