@@ -127,16 +127,12 @@ def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, 
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("variant,c", [("gpu", 16), ("tpu", 16), ("gpu", 64)])
-def test_chunk_factors_kernel_matches_xla(variant, c):
-    """The fused per-chunk kernel against ``chunk_factors`` (XLA): decays from none (g = 0) to
-    very strong, beta up to 2, resets inside chunks (and one at a chunk's first position).
-    C = 64 (the default chunk) takes the solve's two block merges; C = 16 none."""
-    from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
-    from hybrid_jax.ops.gdn_common import chunk_factors
-
-    rng = np.random.default_rng(2)
-    r, n, dk, dv = 2, 4, 8, 16
+def _hard_chunks(rng: np.random.Generator, c: int, r: int = 2, n: int = 4, dk: int = 8,
+                 dv: int = 16):
+    """Chunked inputs [R, N, C, ...] for the factor kernels, float32: decays from none (g = 0)
+    to very strong (chunk by chunk), beta up to 2, unit keys, random resets inside chunks, one
+    at chunk 3's first position, and none in row 0's first three chunks (so their chunk_decay
+    is not zero). Returns q, k, v, g, beta and the segment index seg [R, N, C]."""
     x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     q, k, v = x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dv)
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
@@ -144,7 +140,19 @@ def test_chunk_factors_kernel_matches_xla(variant, c):
     beta = jnp.asarray(rng.uniform(0, 2, (r, n, c)), jnp.float32)
     reset = (rng.uniform(size=(r, n, c)) < 0.15) | (np.arange(c) == 0)[None, None] * (
         np.arange(n) == 3)[None, :, None]
-    seg = jnp.asarray(np.cumsum(reset, axis=-1), jnp.int32)
+    reset[0, :3] = False
+    return q, k, v, g, beta, jnp.asarray(np.cumsum(reset, axis=-1), jnp.int32)
+
+
+@pytest.mark.parametrize("variant,c", [("gpu", 16), ("tpu", 16), ("gpu", 64)])
+def test_chunk_factors_kernel_matches_xla(variant, c):
+    """The fused per-chunk kernel against ``chunk_factors`` (XLA): decays from none (g = 0) to
+    very strong, beta up to 2, resets inside chunks (and one at a chunk's first position), at
+    a small chunk and the default one (64)."""
+    from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
+    from hybrid_jax.ops.gdn_common import chunk_factors
+
+    q, k, v, g, beta, seg = _hard_chunks(np.random.default_rng(2), c)
     interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
     got = chunk_factors_kernel(q, k, v, g, beta, seg, scale=0.3, backend=variant,
                                interpret=interpret)
@@ -164,16 +172,9 @@ def test_chunk_factors_backward_kernel_matches_autodiff_of_xla(variant, c):
     from hybrid_jax.ops.gdn_common import chunk_factors
 
     rng = np.random.default_rng(5)
-    r, n, dk, dv = 2, 4, 8, 16
+    q, k, v, g, beta, seg = _hard_chunks(rng, c)
+    (r, n, _, dk), dv = q.shape, v.shape[-1]
     x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    q, k, v = x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dv)
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    g = -jnp.abs(x(r, n, c)) * jnp.asarray([0.0, 0.1, 3.0, 30.0])[None, :, None]
-    beta = jnp.asarray(rng.uniform(0, 2, (r, n, c)), jnp.float32)
-    reset = (rng.uniform(size=(r, n, c)) < 0.15) | (np.arange(c) == 0)[None, None] * (
-        np.arange(n) == 3)[None, :, None]
-    reset[0, :3] = False  # some chunks without resets: their chunk_decay is not zero
-    seg = jnp.asarray(np.cumsum(reset, axis=-1), jnp.int32)
     cot = (x(r, n, c, dv), x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, c),
            x(r, n))
     interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
