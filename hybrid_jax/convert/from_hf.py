@@ -69,6 +69,7 @@ from hybrid_jax.convert.torch_file import (
     read_state_dict,
 )
 from hybrid_jax.model.hybrid_lm import HybridLM
+from hybrid_jax.sharding import sharding_problem
 
 log = logging.getLogger(__name__)
 
@@ -557,7 +558,7 @@ def _resolve_shardings(shardings: Any, shapes: dict[ParamPath, tuple[int, ...]]
             problems.append(f"parameter {name}: expected a jax.sharding.Sharding, got "
                             f"{type(s).__name__}")
             continue
-        problem = _sharding_problem(s, shape)
+        problem = sharding_problem(s, shape)
         if problem:
             problems.append(f"parameter {name} {list(shape)}: {problem}")
             continue
@@ -565,29 +566,6 @@ def _resolve_shardings(shardings: Any, shapes: dict[ParamPath, tuple[int, ...]]
     if problems:
         raise ValueError(describe_problems(problems, "shardings do not fit the model's parameters"))
     return out
-
-
-def _sharding_problem(s: jax.sharding.Sharding, shape: tuple[int, ...]) -> str | None:
-    if isinstance(s, jax.sharding.NamedSharding):
-        spec = tuple(s.spec)
-        if len(spec) > len(shape):
-            return f"partition spec {s.spec} has {len(spec)} entries for {len(shape)} dimensions"
-        for dim, (size, entry) in enumerate(zip(shape, spec)):
-            axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-            unknown = [a for a in axes if a not in s.mesh.shape]
-            if unknown:
-                return f"mesh has no axis {unknown[0]!r} (axes: {list(s.mesh.shape)})"
-            ways = math.prod(s.mesh.shape[a] for a in axes)
-            if size % ways:
-                named = f"axis {axes[0]!r}" if len(axes) == 1 else f"axes {axes!r}"
-                return (f"dimension {dim} ({size}) is not divisible by mesh {named} "
-                        f"({ways} ways)")
-        return None
-    try:
-        s.shard_shape(shape)
-    except Exception as e:  # noqa: BLE001 - any failure means the sharding does not fit
-        return f"sharding {s} does not fit the shape: {e}"
-    return None
 
 
 def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> Spans:

@@ -1,0 +1,216 @@
+"""Device meshes, logical axes and shardings for parameters, optimizer state and batches.
+
+A mesh has four named axes (any of size 1):
+
+    data     pure data parallelism: batch rows split, parameters replicated
+    fsdp     data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
+    tensor   tensor parallelism: heads, MLP width and vocabulary split
+    context  sequence parallelism: positions split (GSPMD inserts the communication)
+
+Every parameter dimension has a logical name (``param_logical_axes``: "embed", "mlp", "heads",
+"kv_heads", "gdn_heads", "gdn_key_heads", "vocab", "layers", ...) and ``LogicalRules`` map
+logical names to mesh axes. Shardings are checked against the shapes before anything compiles:
+a dimension a mesh axis does not divide is an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+class ShardingError(ValueError):
+    """A mesh that does not match the devices, or a sharding that does not fit a shape."""
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """Sizes of the mesh axes; their product must be the number of devices."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    context: int = 1
+
+    def __post_init__(self) -> None:
+        for name in MESH_AXES:
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ShardingError(f"mesh axis {name!r} must be a positive int, got {size!r}")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in MESH_AXES)
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.sizes)
+
+    def __str__(self) -> str:
+        return " x ".join(f"{name}={getattr(self, name)}" for name in MESH_AXES)
+
+
+def make_mesh(shape: MeshShape | None = None, devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
+    """A ``Mesh`` with axes ``MESH_AXES`` over ``devices`` (default: all of them, across
+    processes); ``shape`` None puts every device on ``fsdp``."""
+    devices = list(jax.devices() if devices is None else devices)
+    if shape is None:
+        shape = MeshShape(fsdp=len(devices))
+    if shape.num_devices != len(devices):
+        raise ShardingError(f"mesh {shape} needs {shape.num_devices} devices, but there are "
+                            f"{len(devices)}")
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape.sizes), MESH_AXES)
+
+
+@dataclass(frozen=True)
+class LogicalRules:
+    """Logical axis name -> mesh axis (or axes, or None: replicated). Logical names not listed
+    are replicated."""
+
+    rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: {
+        "batch": ("data", "fsdp"),
+        "length": "context",
+        "embed": "fsdp",
+        "vocab": "tensor",
+        "mlp": "tensor",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "gdn_heads": "tensor",
+        "gdn_key_heads": "tensor",
+        "layers": None,
+        "norm": None,
+        "conv": None,
+    })
+
+    def spec(self, logical: Sequence[str | None]) -> PartitionSpec:
+        """The PartitionSpec of dimensions with these logical names; a mesh axis already used
+        by an earlier dimension is not used again."""
+        used: set[str] = set()
+        out = []
+        for name in logical:
+            axes = self.rules.get(name) if name is not None else None
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            axes = tuple(a for a in axes if a not in used)
+            used.update(axes)
+            out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*out)
+
+
+# Logical axes of each parameter, by the names inside its module (leading "layers" axis added
+# for the scanned stack).
+_GDN = {
+    "q_proj": ("embed", "gdn_key_heads"), "k_proj": ("embed", "gdn_key_heads"),
+    "v_proj": ("embed", "gdn_heads"), "g_proj": ("embed", "gdn_heads"),
+    "a_proj": ("embed", "gdn_heads"), "b_proj": ("embed", "gdn_heads"),
+    "o_proj": ("gdn_heads", "embed"),
+    "A_log": ("gdn_heads",), "dt_bias": ("gdn_heads",),
+    "q_conv": ("gdn_key_heads", "conv"), "k_conv": ("gdn_key_heads", "conv"),
+    "v_conv": ("gdn_heads", "conv"), "o_norm": ("norm",),
+}
+_ATTENTION = {
+    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"), "o_proj": ("heads", "embed"),
+    "q_norm": ("heads",), "k_norm": ("kv_heads",),
+}
+_MLP = {"gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed")}
+_TOP = {"embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("norm",)}
+
+
+def param_logical_axes(path: Sequence[str | int], ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of the parameter at ``path`` (keys as in ``nnx.to_pure_dict``, e.g.
+    ("stack", "blocks", "layers", 0, "gdn", "q_proj", "kernel")) with ``ndim`` dimensions.
+    Raises ShardingError for a parameter it does not know, so none goes unsharded silently."""
+    keys = [k for k in path if k != "value"]
+    axes: tuple[str | None, ...] | None = None
+    if keys and keys[0] in _TOP:
+        axes = _TOP[keys[0]]
+    elif keys[:3] == ["stack", "blocks", "layers"] and len(keys) >= 6:
+        module, name = keys[4], keys[5]
+        if module.endswith("norm"):  # pre_gdn_norm, pre_mlp_norm, ... [n, D]
+            table = {name: ("norm",)}
+        else:
+            table = {"gdn": _GDN, "attn": _ATTENTION, "mlp": _MLP}.get(module, {})
+        if name in table:
+            axes = ("layers", *table[name])
+    if axes is None or len(axes) != ndim:
+        raise ShardingError(f"no logical axes known for parameter {'.'.join(map(str, keys))} "
+                            f"with {ndim} dimensions")
+    return axes
+
+
+def sharding_problem(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> str | None:
+    """Why ``sharding`` cannot hold an array of ``shape`` (unknown mesh axis, too many
+    entries, a dimension the mesh axes do not divide), or None."""
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec)
+        if len(spec) > len(shape):
+            return f"partition spec {sharding.spec} has {len(spec)} entries for {len(shape)} dimensions"
+        for dim, (size, entry) in enumerate(zip(shape, spec)):
+            axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+            unknown = [a for a in axes if a not in sharding.mesh.shape]
+            if unknown:
+                return f"mesh has no axis {unknown[0]!r} (axes: {list(sharding.mesh.shape)})"
+            ways = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % ways:
+                named = f"axis {axes[0]!r}" if len(axes) == 1 else f"axes {axes!r}"
+                return (f"dimension {dim} ({size}) is not divisible by mesh {named} "
+                        f"({ways} ways)")
+        return None
+    try:
+        sharding.shard_shape(shape)
+    except Exception as e:  # noqa: BLE001 - any failure means the sharding does not fit
+        return f"sharding {sharding} does not fit the shape: {e}"
+    return None
+
+
+def _flat_with_paths(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
+    from hybrid_jax.convert.param_paths import path_key  # convert imports this module
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [(tuple(path_key(k) for k in path), leaf) for path, leaf in flat], treedef
+
+
+def param_shardings(params: Any, mesh: Mesh, rules: LogicalRules | None = None) -> Any:
+    """``NamedSharding``s for a parameter pytree (an ``nnx.State``, its pure dict, or abstract
+    ``ShapeDtypeStruct``s of either), the same structure. Raises ShardingError naming every
+    parameter whose dimension a mesh axis does not divide."""
+    rules = rules or LogicalRules()
+    flat, treedef = _flat_with_paths(params)
+    out, problems = [], []
+    for path, leaf in flat:
+        sharding = NamedSharding(mesh, rules.spec(param_logical_axes(path, len(leaf.shape))))
+        problem = sharding_problem(sharding, tuple(leaf.shape))
+        if problem:
+            keys = [k for k in path if k != "value"]
+            problems.append(f"{'.'.join(map(str, keys))} {list(leaf.shape)}: {problem}")
+        out.append(sharding)
+    if problems:
+        raise ShardingError(f"the mesh ({dict(mesh.shape)}) does not divide "
+                            f"{len(problems)} parameter(s):\n  " + "\n  ".join(problems))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def batch_sharding(mesh: Mesh, rules: LogicalRules | None = None, ndim: int = 2
+                   ) -> NamedSharding:
+    """Sharding of [B, T, ...] batch arrays: rows over "batch", positions over "length"."""
+    rules = rules or LogicalRules()
+    return NamedSharding(mesh, rules.spec(("batch", "length") + (None,) * (ndim - 2)))
+
+
+def check_batch(shape: tuple[int, ...], sharding: NamedSharding, name: str = "batch") -> None:
+    """Raise ShardingError when ``sharding`` does not divide a batch array of ``shape``."""
+    problem = sharding_problem(sharding, shape)
+    if problem:
+        raise ShardingError(f"{name} {list(shape)}: {problem}")

@@ -1,0 +1,37 @@
+"""Training: sharded state, the loss, AdamW as OLMo sets it up, and the train step."""
+
+from hybrid_jax.train.loss import lm_loss_sums, next_token_targets
+from hybrid_jax.train.optimizer import (
+    OptimizerConfig,
+    make_optimizer,
+    make_schedule,
+    weight_decay_mask,
+)
+from hybrid_jax.train.state import (
+    ModelTemplate,
+    TrainState,
+    abstract_train_state,
+    init_train_state,
+    lower_sharded_init,
+    model_template,
+    train_state_shardings,
+)
+from hybrid_jax.train.step import jit_train_step, make_train_step
+
+__all__ = [
+    "ModelTemplate",
+    "OptimizerConfig",
+    "TrainState",
+    "abstract_train_state",
+    "init_train_state",
+    "jit_train_step",
+    "lm_loss_sums",
+    "lower_sharded_init",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "model_template",
+    "next_token_targets",
+    "train_state_shardings",
+    "weight_decay_mask",
+]

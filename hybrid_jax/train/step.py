@@ -1,0 +1,100 @@
+"""One training step: gradient accumulation over micro-batches, AdamW, and skipping of
+non-finite steps, as a pure function to jit with shardings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hybrid_jax.sharding import LogicalRules, batch_sharding
+from hybrid_jax.train.loss import lm_loss_sums, next_token_targets
+from hybrid_jax.train.state import ModelTemplate, TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransformation, *,
+                    z_loss_weight: float = 0.0, schedule: optax.Schedule | None = None,
+                    micro_batch_sharding: NamedSharding | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """``step(state, batch) -> (state, metrics)``, pure.
+
+    ``batch``: "tokens" [A, B, T] int and optionally "segment_ids" [A, B, T] (packed documents;
+    segment 0 is padding), A micro-batches accumulated into one update. The loss is summed over
+    every micro-batch's unmasked tokens and divided by their total, so A micro-batches of B rows
+    give the same update as one batch of A*B rows.
+
+    A step whose loss or gradient norm is not finite leaves parameters and optimizer state as
+    they were and counts in ``bad_steps``; a good step resets that count.
+    Metrics: loss (cross-entropy + z-loss), ce, z_loss, tokens, grad_norm, skipped, and lr
+    when ``schedule`` is given.
+    """
+
+    def loss_fn(params: dict, micro: Batch):
+        tokens = micro["tokens"]
+        segment_ids = micro.get("segment_ids")
+        if micro_batch_sharding is not None:
+            tokens = jax.lax.with_sharding_constraint(tokens, micro_batch_sharding)
+        logits = template.model(params)(tokens, segment_ids=segment_ids)
+        targets, mask = next_token_targets(tokens, segment_ids)
+        sums = lm_loss_sums(logits, targets, mask, z_loss_weight)
+        return sums["ce"] + sums["z"], sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "tokens")}
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+        def micro_step(carry, micro):
+            grads, sums = carry
+            g, s = grad_fn(state.params, micro)
+            return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g),
+                    jax.tree.map(jnp.add, sums, s)), None
+
+        (grads, sums), _ = jax.lax.scan(micro_step, (zero_grads, zero_sums), batch)
+        n = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        loss = (sums["ce"] + sums["z"]) / n
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state),
+                               bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
+        metrics = {"loss": loss, "ce": sums["ce"] / n, "z_loss": sums["z"] / n,
+                   "tokens": sums["tokens"], "grad_norm": grad_norm, "skipped": ~ok}
+        if schedule is not None:
+            metrics["lr"] = schedule(optax.tree_utils.tree_get(state.opt_state, "count")
+                                     if _has_count(state.opt_state) else state.step)
+        return new_state, metrics
+
+    return step
+
+
+def _has_count(opt_state) -> bool:
+    try:
+        optax.tree_utils.tree_get(opt_state, "count")
+        return True
+    except (KeyError, ValueError):
+        return False
+
+
+def jit_train_step(step: Callable, state_shardings: TrainState | None = None,
+                   mesh: Mesh | None = None, rules: LogicalRules | None = None):
+    """``jax.jit`` of a train step: the state donated (updated in place), and with
+    ``state_shardings`` and ``mesh`` the state and the [A, B, T] batch pinned to their
+    shardings (batch rows over "batch", positions over "length") and metrics replicated."""
+    if state_shardings is None or mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    rows = batch_sharding(mesh, rules)
+    batch = NamedSharding(mesh, PartitionSpec(None, *rows.spec))
+    return jax.jit(step, in_shardings=(state_shardings, batch),
+                   out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+                   donate_argnums=0)
