@@ -1,5 +1,7 @@
-"""Training: sharded state, the loss, AdamW as OLMo sets it up, and the train step."""
+"""Training: sharded state, packed data, the loss, AdamW as OLMo sets it up, and the train
+step."""
 
+from hybrid_jax.train.data import DataError, PackedDataset, token_file, tokenize_text
 from hybrid_jax.train.loss import lm_loss_sums, next_token_targets
 from hybrid_jax.train.optimizer import (
     OptimizerConfig,
@@ -19,6 +21,8 @@ from hybrid_jax.train.state import (
 from hybrid_jax.train.step import jit_train_step, make_train_step
 
 __all__ = [
+    "DataError",
+    "PackedDataset",
     "ModelTemplate",
     "OptimizerConfig",
     "TrainState",
@@ -31,6 +35,8 @@ __all__ = [
     "make_schedule",
     "make_train_step",
     "model_template",
+    "token_file",
+    "tokenize_text",
     "next_token_targets",
     "train_state_shardings",
     "weight_decay_mask",
