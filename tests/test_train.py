@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +232,14 @@ def test_parameters_and_moments_are_sharded(mesh_child):
     assert mesh_child["count_spec"] == []
 
 
+def test_checkpoint_restores_onto_another_mesh(mesh_child):
+    """Saved from fsdp=4 x tensor=2, restored onto fsdp=2 x tensor=4: every leaf equal, the
+    projection now split 2 x 4."""
+    assert mesh_child["remesh_equal"]
+    q = mesh_child["q_proj"]["shape"]
+    assert mesh_child["remesh_q_shard"] == [q[0], q[1] // 2, q[2] // 4]
+
+
 def test_7b_initialises_into_shards(mesh_child):
     """The 7B preset's train state (parameters and Adam moments, 89 GB in float32) compiles to
     initialise on 8 devices at one eighth each, with temporaries under one eighth: no device
@@ -292,6 +301,20 @@ def _child(out: str) -> None:
         state, metrics = step(state, b)
         losses.append(float(metrics["loss"]))
     result["sharded_losses"] = losses
+
+    # Save on this mesh, restore onto another (tensor=4 x fsdp=2): the same values.
+    from hybrid_jax.train.checkpoint import TrainCheckpoints
+
+    other = make_mesh(MeshShape(fsdp=2, tensor=4))
+    targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           abstract_train_state(cfg, opt), train_state_shardings(state, other))
+    with TrainCheckpoints(Path(out).parent / "ckpt", asynchronous=False) as ckpts:
+        ckpts.save(state)
+        restored = ckpts.restore_latest(targets)
+    leaves = list(zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
+    result["remesh_equal"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in leaves)
+    q = restored.params["stack"]["blocks"]["layers"][0]["gdn"]["q_proj"]["kernel"]
+    result["remesh_q_shard"] = list(q.addressable_shards[0].data.shape)
 
     big = olmo_hybrid_7b()
     memory = lower_sharded_init(big, opt, mesh).compile().memory_analysis()

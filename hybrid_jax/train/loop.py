@@ -1,0 +1,142 @@
+"""The training loop: resume from the newest readable checkpoint, step through the dataset,
+log every step, checkpoint every few steps, stop on repeated non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from hybrid_jax.config import ModelConfig
+from hybrid_jax.sharding import LogicalRules, batch_sharding
+from hybrid_jax.train.checkpoint import TrainCheckpoints
+from hybrid_jax.train.data import PackedDataset
+from hybrid_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from hybrid_jax.train.state import (
+    TrainState,
+    abstract_train_state,
+    init_train_state,
+    model_template,
+    train_state_shardings,
+)
+from hybrid_jax.train.step import jit_train_step, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: too many non-finite steps in a row."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """``steps``: total steps (a resumed run stops there too); ``micro_batches``: gradient
+    accumulation, splitting each process's rows into this many micro-batches;
+    ``checkpoint_every``: steps between checkpoints (and one at the end);
+    ``max_bad_steps``: consecutive non-finite steps tolerated before stopping."""
+
+    steps: int
+    micro_batches: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    z_loss_weight: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batches", "checkpoint_every", "keep_checkpoints",
+                     "max_bad_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LoopConfig.{name}: must be a positive int, got {value!r}")
+
+
+def _targets(abstract: TrainState, shardings: TrainState | None) -> TrainState:
+    """Abstract arrays carrying where each restored leaf goes."""
+    if shardings is None:
+        one = SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                            abstract)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
+          dataset: PackedDataset, loop: LoopConfig, *,
+          checkpoint_dir: str | Path | None = None, mesh: Mesh | None = None,
+          rules: LogicalRules | None = None, log_file: str | Path | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainState:
+    """Train to ``loop.steps``, resuming from ``checkpoint_dir``'s newest readable checkpoint.
+
+    Every step appends {"step", "loss", "ce", "z_loss", "grad_norm", "lr", "tokens",
+    "skipped", "tokens_per_s"} as a JSON line to ``log_file`` and passes it to ``on_step``.
+    Raises ``TrainingError`` after ``loop.max_bad_steps`` non-finite steps in a row (their
+    parameters are never applied, and never saved).
+    """
+    optimizer = make_optimizer(optimizer_config)
+    template = model_template(model_config)
+    abstract = abstract_train_state(model_config, optimizer, loop.seed)
+    shardings = train_state_shardings(abstract, mesh, rules) if mesh is not None else None
+    checkpoints = (TrainCheckpoints(checkpoint_dir, keep=loop.keep_checkpoints)
+                   if checkpoint_dir is not None else None)
+    state = checkpoints.restore_latest(_targets(abstract, shardings)) if checkpoints else None
+    if state is None:
+        state = init_train_state(model_config, optimizer, mesh=mesh, rules=rules,
+                                 seed=loop.seed)
+    rows = batch_sharding(mesh, rules) if mesh is not None else None
+    step_fn = jit_train_step(
+        make_train_step(template, optimizer, z_loss_weight=loop.z_loss_weight,
+                        schedule=make_schedule(optimizer_config), micro_batch_sharding=rows),
+        shardings, mesh, rules)
+    stacked = NamedSharding(mesh, PartitionSpec(None, *rows.spec)) if mesh is not None else None
+    index, count = jax.process_index(), jax.process_count()
+    log = open(log_file, "a") if log_file is not None else None  # noqa: SIM115 - closed below
+    try:
+        for step in range(int(state.step), loop.steps):
+            start = time.perf_counter()
+            host = dataset.batch(step, index, count)
+            a = loop.micro_batches
+            local = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in host.items()}
+            if stacked is None:
+                batch = jax.tree.map(jnp.asarray, local)
+            else:
+                batch = {k: jax.make_array_from_process_local_data(stacked, v)
+                         for k, v in local.items()}
+            state, metrics = step_fn(state, batch)
+            record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+            record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if on_step is not None:
+                on_step(step, record)
+            if int(state.bad_steps) >= loop.max_bad_steps:
+                raise TrainingError(f"step {step}: {int(state.bad_steps)} non-finite losses or "
+                                    f"gradients in a row; stopping (parameters of step "
+                                    f"{step + 1 - int(state.bad_steps)} kept)")
+            done = step + 1
+            if checkpoints is not None and (done % loop.checkpoint_every == 0
+                                            or done == loop.steps):
+                checkpoints.save(state)
+    finally:
+        if log is not None:
+            log.close()
+        if checkpoints is not None:
+            checkpoints.close()
+    return state
+
+
+def read_log(path: str | Path) -> dict[int, dict]:
+    """A JSONL training log by step; a step logged twice (re-run after a resume) keeps its
+    last record."""
+    out: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out[int(record["step"])] = record
+    return out
+
