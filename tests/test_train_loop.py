@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax import olmo_hybrid_tiny
+from hybrid_jax.config import ATTENTION, GDN
 from hybrid_jax.train import OptimizerConfig, PackedDataset, init_train_state, make_optimizer
 from hybrid_jax.train.checkpoint import TrainCheckpoints
 from hybrid_jax.train.loop import LoopConfig, TrainingError, read_log, train
@@ -25,7 +26,7 @@ STEPS = 8
 
 
 def _setup(z_loss_weight: float = 1e-4, **loop):
-    cfg = olmo_hybrid_tiny()
+    cfg = olmo_hybrid_tiny(num_hidden_layers=2, layer_types=(GDN, ATTENTION))  # fast compile
     tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, 4000)
     tokens[::37] = 0  # documents end every 37 tokens
     data = PackedDataset(tokens, seq_len=32, global_batch=4, eos_id=0,
