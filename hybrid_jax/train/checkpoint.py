@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from hybrid_jax.train.state import TrainState
@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was required, or a state that must not be saved."""
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    """One device-side reduction (no parameter leaves its devices, on any number of hosts)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
 class TrainCheckpoints:
@@ -48,9 +54,7 @@ class TrainCheckpoints:
     def save(self, state: TrainState, *, force: bool = False) -> None:
         """Start saving ``state`` under its step (returns before the write finishes unless the
         manager is synchronous). Refuses parameters that are not all finite."""
-        finite = jax.tree.reduce(lambda a, b: a & b, jax.tree.map(
-            lambda x: bool(np.all(np.isfinite(np.asarray(x)))), state.params), True)
-        if not finite:
+        if not bool(_all_finite(state.params)):
             raise CheckpointError(f"step {int(state.step)}: parameters are not all finite; "
                                   f"not saving them")
         self._manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
