@@ -73,7 +73,9 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
     """Train to ``loop.steps``, resuming from ``checkpoint_dir``'s newest readable checkpoint.
 
     Every step appends {"step", "loss", "ce", "z_loss", "grad_norm", "lr", "tokens",
-    "skipped", "tokens_per_s"} as a JSON line to ``log_file`` and passes it to ``on_step``.
+    "skipped", "tokens_per_s"} as a JSON line to ``log_file`` (process 0 only) and passes it to
+    ``on_step``. With several processes (``hybrid_jax.distributed.initialize_distributed``),
+    each reads only its slice of every global batch.
     Raises ``TrainingError`` after ``loop.max_bad_steps`` non-finite steps in a row (their
     parameters are never applied, and never saved).
     """
@@ -94,7 +96,9 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
         shardings, mesh, rules)
     stacked = NamedSharding(mesh, PartitionSpec(None, *rows.spec)) if mesh is not None else None
     index, count = jax.process_index(), jax.process_count()
-    log = open(log_file, "a") if log_file is not None else None  # noqa: SIM115 - closed below
+    # One log for the run: process 0 writes it (every process sees the same global metrics).
+    log = (open(log_file, "a")  # noqa: SIM115 - closed below
+           if log_file is not None and index == 0 else None)
     try:
         for step in range(int(state.step), loop.steps):
             start = time.perf_counter()
