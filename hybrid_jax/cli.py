@@ -7,6 +7,8 @@
     hybrid-jax generate --checkpoint DIR --prompt TEXT [--tokenizer FILE] [--max-new-tokens 64]
         [--temperature 0] [--top-k K] [--top-p P] [--seed 0] [--max-length N]
         [--prefill-chunk-size N] [--dtype float32|bfloat16] [--eos-token-id [ID ...]]
+    hybrid-jax train (--text FILE | --data TOKENS) [--preset tiny] [--config RUN.yaml]
+        [--set SECTION.KEY=VALUE ...] [--mesh fsdp=8] [--checkpoint-dir DIR] [--export-hf DIR]
 
 ``demo`` (the default) builds an OLMo-Hybrid-shaped model, runs a batch through it with each
 form of the gated delta rule, and prints the parameter count, the logits' shape, each form's
@@ -16,7 +18,8 @@ transformers checkpoints and orbax checkpoints, and checks a pair against each o
 ``hybrid_jax.convert_cli``). ``generate`` loads either kind of checkpoint and streams the text it
 generates after a prompt to stdout, encoded with a tokenizer.json (``--tokenizer``, else the
 checkpoint's own) or as UTF-8 bytes, with a one-line timing summary on stderr (see
-``hybrid_jax.generate_cli``).
+``hybrid_jax.generate_cli``). ``train`` trains (and resumes) a model on a token file or text
+(see ``hybrid_jax.train_cli``).
 """
 
 from __future__ import annotations
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid_jax.generate_cli import add_generate_parser
 
     add_generate_parser(sub)
+    from hybrid_jax.train_cli import add_train_parser
+
+    add_train_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         argv = ["demo", *argv]
@@ -153,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         from hybrid_jax.generate_cli import run_generate
 
         return run_generate(args)
+    if args.command == "train":
+        from hybrid_jax.train_cli import run_train
+
+        return run_train(args)
     if args.preset == "olmo_hybrid_7b":
         parser.error("--preset olmo_hybrid_7b does not fit a demo on this machine; use small or tiny")
     if args.batch <= 0 or args.seq_len <= 0:

@@ -1,0 +1,234 @@
+"""`hybrid-jax train`: train a model from a preset, a YAML file and command-line overrides.
+
+The run's configuration has six sections, each merged in order (later wins): the preset,
+``--config FILE.yaml``, the flags, then ``--set section.key=value`` (values parsed as YAML):
+
+    model      ModelConfig fields (preset chosen by --preset)
+    optimizer  OptimizerConfig fields (lr, warmup_steps, total_steps, schedule, ...)
+    loop       LoopConfig fields (steps, micro_batches, checkpoint_every, ...)
+    data       path + dtype (a token file) or text (+ tokenizer); seq_len, global_batch, seed
+    mesh       data, fsdp, tensor, context (default: every device on fsdp)
+    run        checkpoint_dir, log_file, export_hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("model", "optimizer", "loop", "data", "mesh", "run")
+DATA_KEYS = ("path", "dtype", "text", "tokenizer", "seq_len", "global_batch", "seed")
+RUN_KEYS = ("checkpoint_dir", "log_file", "export_hf")
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message names the section and key."""
+
+
+def add_train_parser(sub: Any) -> None:
+    from hybrid_jax.config import PRESETS
+
+    p = sub.add_parser("train", help="train a model (resumes from --checkpoint-dir)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--config", type=Path, help="YAML file with any of the six sections")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting (repeatable), e.g. optimizer.lr=1e-3")
+    p.add_argument("--data", help="token file (OLMo-core numpy format)")
+    p.add_argument("--data-dtype", choices=["uint16", "uint32"])
+    p.add_argument("--text", help="UTF-8 text file (documents separated by blank lines)")
+    p.add_argument("--tokenizer", help="tokenizer.json for --text (default: UTF-8 bytes)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--global-batch", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--mesh", help="axis sizes, e.g. fsdp=4,tensor=2")
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--export-hf", help="write the final model in transformers format here")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak TFLOP/s, for an MFU estimate")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _yaml_load(text: str) -> Any:
+    """yaml.safe_load, except that 3e-4 is a float (YAML 1.2), not PyYAML's string."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def run_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The merged configuration (sections of plain values), before validation."""
+    cfg: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ConfigError(f"{args.config}: config file not found")
+        loaded = _yaml_load(args.config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of sections, got "
+                              f"{type(loaded).__name__}")
+        for section, values in loaded.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{args.config}: unknown section {section!r} (sections: "
+                                  f"{list(SECTIONS)})")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{args.config}: section {section!r} must be a mapping")
+            cfg[section].update(values)
+    flags = {("data", "path"): args.data, ("data", "dtype"): args.data_dtype,
+             ("data", "text"): args.text, ("data", "tokenizer"): args.tokenizer,
+             ("data", "seq_len"): args.seq_len, ("data", "global_batch"): args.global_batch,
+             ("loop", "steps"): args.steps, ("optimizer", "lr"): args.lr,
+             ("run", "checkpoint_dir"): args.checkpoint_dir,
+             ("run", "export_hf"): args.export_hf}
+    for (section, key), value in flags.items():
+        if value is not None:
+            cfg[section][key] = value
+    if args.mesh:
+        for part in args.mesh.split(","):
+            name, _, size = part.partition("=")
+            if not size.strip().isdigit():
+                raise ConfigError(f"--mesh: expected axis=size, got {part!r}")
+            cfg["mesh"][name.strip()] = int(size)
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot or section not in SECTIONS or not name:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE with a section in "
+                              f"{list(SECTIONS)}")
+        cfg[section][name] = _yaml_load(value)
+    return cfg
+
+
+def _dataclass(cls: type, section: str, values: dict[str, Any], base: Any = None) -> Any:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{section}: unknown setting(s) {unknown}")
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{section}: {e}") from e
+
+
+def _flops_per_token(model_cfg: Any, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per non-embedding parameter, plus attention's 12 L H Dh T
+    (PaLM's estimate); the GDN state updates are left out (small at these widths)."""
+    embed = model_cfg.vocab_size * model_cfg.hidden_size
+    n_attn = sum(kind == "full_attention" for kind in model_cfg.layer_types)
+    return 6 * (n_params - embed) + 12 * n_attn * model_cfg.num_attention_heads * \
+        model_cfg.head_dim * seq_len
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from hybrid_jax.config import PRESETS
+    from hybrid_jax.inference.text import ByteCodec, load_tokenizer
+    from hybrid_jax.sharding import MeshShape, ShardingError, make_mesh
+    from hybrid_jax.train import OptimizerConfig, PackedDataset, token_file, tokenize_text
+    from hybrid_jax.train.data import DataError
+    from hybrid_jax.train.loop import LoopConfig, TrainingError, train
+
+    try:
+        cfg = run_config(args)
+        model_cfg = _dataclass(type(PRESETS[args.preset]()), "model", cfg["model"],
+                               PRESETS[args.preset]())
+        data = {"dtype": "uint16", "seq_len": 256, "global_batch": 8, "seed": 0, **cfg["data"]}
+        unknown = sorted(set(data) - set(DATA_KEYS)) + sorted(set(cfg["run"]) - set(RUN_KEYS))
+        if unknown:
+            raise ConfigError(f"data/run: unknown setting(s) {unknown}")
+        steps = cfg["loop"].get("steps", 100)
+        opt_cfg = _dataclass(OptimizerConfig, "optimizer", {
+            "warmup_steps": min(100, max(steps // 10, 1)), "total_steps": steps,
+            **cfg["optimizer"]})
+        loop_cfg = _dataclass(LoopConfig, "loop", {"steps": steps, **cfg["loop"]})
+        mesh = make_mesh(MeshShape(**cfg["mesh"])) if cfg["mesh"] else None
+        if bool(data.get("path")) == bool(data.get("text")):
+            raise ConfigError("data: give exactly one of path (a token file) or text")
+        if data.get("path"):
+            tokens = token_file(data["path"], data["dtype"])
+            eos = model_cfg.eos_token_id
+        else:
+            codec = load_tokenizer(data["tokenizer"]) if data.get("tokenizer") else ByteCodec()
+            eos = model_cfg.eos_token_id if model_cfg.eos_token_id is not None else 0
+            codec.check_vocab(model_cfg.vocab_size)
+            tokens = tokenize_text(Path(data["text"]).read_text(encoding="utf-8"), codec, eos)
+        if eos is None:
+            raise ConfigError("model.eos_token_id: needed to split documents in a token file")
+        dataset = PackedDataset(np.asarray(tokens) if data.get("text") else tokens,
+                                data["seq_len"], data["global_batch"], eos_id=eos,
+                                vocab_size=model_cfg.vocab_size, seed=data["seed"])
+    except (ConfigError, DataError, ShardingError, OSError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # config dataclasses' own checks
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    run = cfg["run"]
+    ckpt = run.get("checkpoint_dir")
+    log_file = run.get("log_file") or (str(Path(ckpt) / "log.jsonl") if ckpt else None)
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    from hybrid_jax.train.state import abstract_train_state
+    from hybrid_jax.train.optimizer import make_optimizer
+
+    abstract = abstract_train_state(model_cfg, make_optimizer(opt_cfg))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    flops_tok = _flops_per_token(model_cfg, n_params, data["seq_len"])
+    print(f"hybrid-jax train: {args.preset} ({n_params / 1e6:.2f}M parameters), "
+          f"{dataset.num_rows} rows of {data['seq_len']} tokens, batch {data['global_batch']}, "
+          f"{steps} steps, mesh {dict(mesh.shape) if mesh else 'one device'}", file=sys.stderr)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr)
+    started = time.perf_counter()
+    last = {}
+
+    def on_step(step: int, record: dict) -> None:
+        last.update(record)
+        if bar is not None:
+            if bar.n == 0 and step > 0:
+                bar.update(step)  # resumed
+            bar.update(1)
+            tflops = record["tokens_per_s"] * flops_tok / 1e12
+            post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}",
+                    "TFLOP/s": f"{tflops:.3g}"}
+            if args.peak_tflops:
+                post["MFU"] = f"{tflops / args.peak_tflops:.1%}"
+            bar.set_postfix(post)
+
+    try:
+        state = train(model_cfg, opt_cfg, dataset, loop_cfg, checkpoint_dir=ckpt, mesh=mesh,
+                      log_file=log_file, on_step=on_step)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+    if last:
+        print(f"done: step {int(state.step)}, loss {last['loss']:.4f}, "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if run.get("export_hf"):
+        from hybrid_jax.convert import to_hf
+        from hybrid_jax.train.state import model_template
+
+        to_hf(model_template(model_cfg).model(state.params), run["export_hf"])
+        print(f"exported to {run['export_hf']}", file=sys.stderr)
+    return 0

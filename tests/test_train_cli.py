@@ -1,0 +1,73 @@
+"""`hybrid-jax train`: a run from text, its resume, config merging, export, and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from hybrid_jax.cli import main
+from hybrid_jax.train_cli import ConfigError, run_config
+
+TWO_LAYERS = ["--set", "model.num_hidden_layers=2",
+              "--set", "model.layer_types=[linear_attention, full_attention]"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    docs = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 3)
+            for i in range(60)]
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def _train(corpus, ckpt, steps, *extra):
+    return main(["train", "--text", str(corpus), "--seq-len", "32", "--global-batch", "4",
+                 "--steps", str(steps), "--checkpoint-dir", str(ckpt), "--no-progress",
+                 "--set", "loop.checkpoint_every=2", *TWO_LAYERS, *extra])
+
+
+def test_trains_from_text_resumes_and_exports(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert _train(corpus, ckpt, 4) == 0
+    assert _train(corpus, ckpt, 6, "--export-hf", str(tmp_path / "hf")) == 0
+    records = [json.loads(line) for line in (ckpt / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]  # the second run began at 4
+    assert records[-1]["loss"] < records[0]["loss"]
+    from hybrid_jax.convert import from_hf
+
+    model = from_hf(tmp_path / "hf")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_config_merges_preset_yaml_flags_and_sets(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("optimizer: {lr: 1e-2, schedule: wsd, min_lr_ratio: 1e-1}\n"
+                         "loop: {steps: 50}\ndata: {seq_len: 64}\n")
+    args = argparse.Namespace(
+        config=yaml_file, data=None, data_dtype=None, text="t.txt", tokenizer=None,
+        seq_len=None, global_batch=16, steps=None, lr=0.02, checkpoint_dir=None,
+        export_hf=None, mesh="fsdp=2,tensor=1", set=["optimizer.lr=3e-3", "loop.steps=7"])
+    cfg = run_config(args)
+    # --set over the flag over YAML; 1e-1 and 3e-3 are floats, as YAML 1.2 reads them.
+    assert cfg["optimizer"] == {"lr": 3e-3, "schedule": "wsd", "min_lr_ratio": 0.1}
+    assert cfg["loop"] == {"steps": 7}
+    assert cfg["data"] == {"seq_len": 64, "text": "t.txt", "global_batch": 16}
+    assert cfg["mesh"] == {"fsdp": 2, "tensor": 1}
+    yaml_file.write_text("optimiser: {lr: 0.01}\n")
+    with pytest.raises(ConfigError, match="unknown section 'optimiser'"):
+        run_config(args)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--set", "model.hidden=3"], "model: unknown setting(s) ['hidden']"),
+    (["--set", "models.x=1"], "expected SECTION.KEY=VALUE"),
+    (["--set", "optimizer.schedule=linear"], "OptimizerConfig.schedule"),
+    (["--mesh", "fsdp=3"], "needs 3 devices, but there are 1"),
+    (["--data", "tokens.bin"], "exactly one of path"),
+])
+def test_bad_settings_exit_2_naming_them(corpus, tmp_path, capsys, extra, message):
+    assert _train(corpus, tmp_path / "ckpt", 2, *extra) == 2
+    assert message in capsys.readouterr().err
