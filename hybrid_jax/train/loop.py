@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.sharding import LogicalRules, batch_sharding
+from hybrid_jax.sharding import LogicalRules, batch_sharding, check_batch
 from hybrid_jax.train.checkpoint import TrainCheckpoints
 from hybrid_jax.train.data import PackedDataset
 from hybrid_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
@@ -95,6 +95,13 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
                         schedule=make_schedule(optimizer_config), micro_batch_sharding=rows),
         shardings, mesh, rules)
     stacked = NamedSharding(mesh, PartitionSpec(None, *rows.spec)) if mesh is not None else None
+    a = loop.micro_batches
+    if dataset.global_batch % a:
+        raise ValueError(f"LoopConfig.micro_batches: {a} does not divide the global batch "
+                         f"{dataset.global_batch}")
+    if stacked is not None:  # before anything compiles
+        check_batch((a, dataset.global_batch // a, dataset.seq_len), stacked,
+                    "batch [micro-batches, rows, positions]")
     index, count = jax.process_index(), jax.process_count()
     # One log for the run: process 0 writes it (every process sees the same global metrics).
     log = (open(log_file, "a")  # noqa: SIM115 - closed below
@@ -103,7 +110,6 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
         for step in range(int(state.step), loop.steps):
             start = time.perf_counter()
             host = dataset.batch(step, index, count)
-            a = loop.micro_batches
             local = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in host.items()}
             if stacked is None:
                 batch = jax.tree.map(jnp.asarray, local)

@@ -1,0 +1,193 @@
+"""Benchmark: training throughput against PyTorch, and the 7B sharded train step's compile time.
+
+    python experiments/bench_train.py                # the small preset: JAX vs torch, tokens/s
+    python experiments/bench_train.py --compile-7b   # 7B train step on 8 simulated devices
+
+Throughput: the same model (the config converted to transformers' OlmoHybridConfig), the same
+batch shape, AdamW with the same settings, float32, on this machine's CPU, in one run:
+  - jax: ``hybrid_jax.train``'s jitted step (loss, backward, clipping, AdamW), donated state;
+  - torch: transformers' ``OlmoHybridForCausalLM`` (its pure-torch GDN fallback on CPU) with
+    ``torch.optim.AdamW`` and ``clip_grad_norm_``.
+Each is timed over ``--steps`` steps after ``--warmup`` (compilation excluded), median per step.
+MFU-style numbers use 6 x (non-embedding parameters) + attention FLOPs per token.
+
+Compile: lowers and compiles the full train step (forward, backward, AdamW) of the 7B preset
+for a global batch of ``--batch`` x ``--seq-len`` on a simulated fsdp x tensor mesh of 8 CPU
+devices from abstract inputs (nothing is allocated), and reports the compile time and XLA's
+per-device memory estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def _jax_throughput(cfg, batch, seq_len, steps, warmup):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hybrid_jax.train import (
+        OptimizerConfig,
+        init_train_state,
+        jit_train_step,
+        make_optimizer,
+        make_train_step,
+        model_template,
+    )
+
+    opt = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=1, total_steps=10_000,
+                                         weight_decay=0.1, clip_norm=1.0))
+    state = init_train_state(cfg, opt, seed=0)
+    step = jit_train_step(make_train_step(model_template(cfg), opt))
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(warmup + steps):
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, batch, seq_len)), jnp.int32)
+        start = time.perf_counter()
+        state, metrics = step(state, {"tokens": tokens})
+        jax.block_until_ready(metrics["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), float(metrics["loss"])
+
+
+def _torch_throughput(cfg, batch, seq_len, steps, warmup):
+    import numpy as np
+    import torch
+    from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
+
+    torch.manual_seed(0)
+    model = OlmoHybridForCausalLM(OlmoHybridConfig(**cfg.to_hf_dict())).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(warmup + steps):
+        tokens = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, seq_len)))
+        start = time.perf_counter()
+        loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), float(loss)
+
+
+def throughput(args) -> None:
+    import jax
+
+    from hybrid_jax import PRESETS
+
+    from hybrid_jax.train import OptimizerConfig, abstract_train_state, make_optimizer
+    from hybrid_jax.train_cli import _flops_per_token
+
+    cfg = PRESETS[args.preset](gdn_method=args.gdn_method)
+    n_params = sum(x.size for x in jax.tree.leaves(
+        abstract_train_state(cfg, make_optimizer(OptimizerConfig())).params))
+
+    flops = _flops_per_token(cfg, n_params, args.seq_len)
+    tokens = args.batch * args.seq_len
+    print(f"{args.preset}: {n_params / 1e6:.2f}M parameters, batch {args.batch} x "
+          f"{args.seq_len}, float32, CPU ({os.cpu_count()} cores), jax {jax.__version__}, "
+          f"gdn_method={args.gdn_method}", flush=True)
+    rows = {}
+    rows["jax"] = _jax_throughput(cfg, args.batch, args.seq_len, args.steps, args.warmup)
+    print(f"  jax   {rows['jax'][0] * 1e3:9.1f} ms/step  {tokens / rows['jax'][0]:9.0f} tok/s",
+          flush=True)
+    if not args.no_torch:
+        import torch
+
+        rows["torch"] = _torch_throughput(cfg, args.batch, args.seq_len, args.steps,
+                                          args.warmup)
+        print(f"  torch {rows['torch'][0] * 1e3:9.1f} ms/step  "
+              f"{tokens / rows['torch'][0]:9.0f} tok/s  (torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads)", flush=True)
+    print("\n| framework | ms/step | tokens/s | GFLOP/s (6N + attention) | vs torch |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (sec, _) in rows.items():
+        ratio = rows["torch"][0] / sec if "torch" in rows else float("nan")
+        print(f"| {name} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | "
+              f"{tokens * flops / sec / 1e9:.1f} | {ratio:.2f}x |")
+
+
+def compile_7b(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from hybrid_jax import olmo_hybrid_7b
+    from hybrid_jax.sharding import MeshShape, batch_sharding, make_mesh
+    from hybrid_jax.train import (
+        OptimizerConfig,
+        abstract_train_state,
+        jit_train_step,
+        make_optimizer,
+        make_train_step,
+        model_template,
+        train_state_shardings,
+    )
+
+    cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="float32", remat=args.remat)
+    mesh = make_mesh(MeshShape(fsdp=args.fsdp, tensor=8 // args.fsdp))
+    opt = make_optimizer(OptimizerConfig())
+    abstract = abstract_train_state(cfg, opt)
+    shardings = train_state_shardings(abstract, mesh)
+    rows = batch_sharding(mesh)
+    step = jit_train_step(make_train_step(model_template(cfg), opt,
+                                          micro_batch_sharding=rows), shardings, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         abstract, shardings)
+    batch = {"tokens": jax.ShapeDtypeStruct(
+        (1, args.batch, args.seq_len), jnp.int32,
+        sharding=NamedSharding(mesh, PartitionSpec(None, *rows.spec)))}
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    gib = 1 << 30
+    print(f"7B train step, global batch {args.batch} x {args.seq_len}, bf16 compute / float32 "
+          f"master, remat={args.remat}, mesh fsdp={args.fsdp} x tensor={8 // args.fsdp} "
+          f"(8 simulated CPU devices), jax {jax.__version__}")
+    print(f"  lower {lower_s:.1f} s, compile {compile_s:.1f} s")
+    print(f"  per device: arguments {mem.argument_size_in_bytes / gib:.2f} GiB, outputs "
+          f"{mem.output_size_in_bytes / gib:.2f} GiB (aliased {mem.alias_size_in_bytes / gib:.2f}),"
+          f" temporaries {mem.temp_size_in_bytes / gib:.2f} GiB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, help="default 4 (throughput), 8 (--compile-7b)")
+    p.add_argument("--seq-len", type=int, help="default 512 (throughput), 4096 (--compile-7b)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--gdn-method", default="auto", help="the JAX model's GDN form")
+    p.add_argument("--compile-7b", action="store_true")
+    p.add_argument("--fsdp", type=int, default=8, choices=[1, 2, 4, 8])
+    p.add_argument("--remat", default="full")
+    args = p.parse_args()
+    args.batch = args.batch or (8 if args.compile_7b else 4)
+    args.seq_len = args.seq_len or (4096 if args.compile_7b else 512)
+    if args.compile_7b:
+        compile_7b(args)
+    else:
+        throughput(args)
+
+
+if __name__ == "__main__":
+    if "--compile-7b" in sys.argv and "xla_force_host_platform_device_count" not in \
+            os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_force_host_platform_device_count=8")
+    main()
