@@ -100,6 +100,8 @@ def test_non_finite_losses_stop_training_without_touching_parameters(tmp_path):
         train(cfg, opt, data, loop, checkpoint_dir=tmp_path / "ckpt", log_file=log)
     records = read_log(log)
     assert sorted(records) == [0, 1, 2] and all(r["skipped"] == 1.0 for r in records.values())
+    # No update was applied, so the schedule never advanced (warmup: step 1 would differ).
+    assert len({r["lr"] for r in records.values()}) == 1
     with TrainCheckpoints(tmp_path / "ckpt") as ckpts:
         saved = ckpts.restore_latest(abstract_train_state(cfg, make_optimizer(opt)))
     # Step 2's checkpoint holds the initial parameters: no non-finite update was applied.

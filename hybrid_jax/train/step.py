@@ -71,19 +71,13 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         metrics = {"loss": loss, "ce": sums["ce"] / n, "z_loss": sums["z"] / n,
                    "tokens": sums["tokens"], "grad_norm": grad_norm, "skipped": ~ok}
         if schedule is not None:
-            metrics["lr"] = schedule(optax.tree_utils.tree_get(state.opt_state, "count")
-                                     if _has_count(state.opt_state) else state.step)
+            # The optimizer's own update count (skipped steps do not advance it), as its
+            # schedule sees it; the step count without one.
+            counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+            metrics["lr"] = schedule(counts[-1][1] if counts else state.step)
         return new_state, metrics
 
     return step
-
-
-def _has_count(opt_state) -> bool:
-    try:
-        optax.tree_utils.tree_get(opt_state, "count")
-        return True
-    except (KeyError, ValueError):
-        return False
 
 
 def jit_train_step(step: Callable, state_shardings: TrainState | None = None,
