@@ -8,7 +8,8 @@ The run's configuration has six sections, each merged in order (later wins): the
     loop       LoopConfig fields (steps, micro_batches, checkpoint_every, ...)
     data       path + dtype (a token file) or text (+ tokenizer); seq_len, global_batch, seed
     mesh       data, fsdp, tensor, context (default: every device on fsdp)
-    run        checkpoint_dir, log_file, export_hf
+    run        checkpoint_dir, log_file (default: in the checkpoint dir), tensorboard_dir,
+               export_hf
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 SECTIONS = ("model", "optimizer", "loop", "data", "mesh", "run")
 DATA_KEYS = ("path", "dtype", "text", "tokenizer", "seq_len", "global_batch", "seed")
-RUN_KEYS = ("checkpoint_dir", "log_file", "export_hf")
+RUN_KEYS = ("checkpoint_dir", "log_file", "tensorboard_dir", "export_hf")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,7 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--mesh", help="axis sizes, e.g. fsdp=4,tensor=2")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--export-hf", help="write the final model in transformers format here")
+    p.add_argument("--tensorboard", help="write TensorBoard scalars (event files) here")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak TFLOP/s, for an MFU estimate")
     p.add_argument("--no-progress", action="store_true")
@@ -91,7 +93,8 @@ def run_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
              ("data", "seq_len"): args.seq_len, ("data", "global_batch"): args.global_batch,
              ("loop", "steps"): args.steps, ("optimizer", "lr"): args.lr,
              ("run", "checkpoint_dir"): args.checkpoint_dir,
-             ("run", "export_hf"): args.export_hf}
+             ("run", "export_hf"): args.export_hf,
+             ("run", "tensorboard_dir"): getattr(args, "tensorboard", None)}
     for (section, key), value in flags.items():
         if value is not None:
             cfg[section][key] = value
@@ -215,7 +218,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         state = train(model_cfg, opt_cfg, dataset, loop_cfg, checkpoint_dir=ckpt, mesh=mesh,
-                      log_file=log_file, on_step=on_step)
+                      log_file=log_file, tensorboard_dir=run.get("tensorboard_dir"),
+                      on_step=on_step)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

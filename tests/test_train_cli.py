@@ -29,13 +29,36 @@ def _train(corpus, ckpt, steps, *extra):
                  "--set", "loop.checkpoint_every=2", *TWO_LAYERS, *extra])
 
 
+def _scalars(path) -> dict[str, list[float]]:
+    """Scalar values by tag, in step order, from a TensorBoard event file: TFRecord frames
+    (length u64, its crc u32, data, data crc u32) of ``Event`` protos."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        for value in event.summary.value:
+            out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return {tag: [v for _, v in sorted(pairs)] for tag, pairs in out.items()}
+
+
 def test_trains_from_text_resumes_and_exports(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
-    assert _train(corpus, ckpt, 4) == 0
+    assert _train(corpus, ckpt, 4, "--tensorboard", str(tmp_path / "tb")) == 0
     assert _train(corpus, ckpt, 6, "--export-hf", str(tmp_path / "hf")) == 0
     records = [json.loads(line) for line in (ckpt / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]  # the second run began at 4
     assert records[-1]["loss"] < records[0]["loss"]
+    # The TensorBoard event file holds the same losses (read back as TFRecord frames of
+    # protobuf Events).
+    board = _scalars(next((tmp_path / "tb").glob("events.out.tfevents.*")))
+    assert board["train/loss"] == pytest.approx([r["loss"] for r in records[:4]], rel=1e-6)
     from hybrid_jax.convert import from_hf
 
     model = from_hf(tmp_path / "hf")

@@ -69,13 +69,16 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
           dataset: PackedDataset, loop: LoopConfig, *,
           checkpoint_dir: str | Path | None = None, mesh: Mesh | None = None,
           rules: LogicalRules | None = None, log_file: str | Path | None = None,
+          tensorboard_dir: str | Path | None = None,
           on_step: Callable[[int, dict], None] | None = None) -> TrainState:
     """Train to ``loop.steps``, resuming from ``checkpoint_dir``'s newest readable checkpoint.
 
     Every step appends {"step", "loss", "ce", "z_loss", "grad_norm", "lr", "tokens",
     "skipped", "tokens_per_s"} as a JSON line to ``log_file`` (process 0 only) and passes it to
-    ``on_step``. With several processes (``hybrid_jax.distributed.initialize_distributed``),
-    each reads only its slice of every global batch.
+    ``on_step``, and, given ``tensorboard_dir``, writes each as a TensorBoard scalar
+    (tensorboardX event files, process 0 only). With several processes
+    (``hybrid_jax.distributed.initialize_distributed``), each reads only its slice of every
+    global batch.
     Raises ``TrainingError`` after ``loop.max_bad_steps`` non-finite steps in a row (their
     parameters are never applied, and never saved).
     """
@@ -106,6 +109,11 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
     # One log for the run: process 0 writes it (every process sees the same global metrics).
     log = (open(log_file, "a")  # noqa: SIM115 - closed below
            if log_file is not None and index == 0 else None)
+    board = None
+    if tensorboard_dir is not None and index == 0:
+        from tensorboardX import SummaryWriter
+
+        board = SummaryWriter(str(tensorboard_dir))
     try:
         for step in range(int(state.step), loop.steps):
             start = time.perf_counter()
@@ -122,6 +130,10 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if board is not None:
+                for name, value in record.items():
+                    if name != "step":
+                        board.add_scalar(f"train/{name}", value, global_step=step)
             if on_step is not None:
                 on_step(step, record)
             if int(state.bad_steps) >= loop.max_bad_steps:
@@ -135,6 +147,8 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
     finally:
         if log is not None:
             log.close()
+        if board is not None:
+            board.close()
         if checkpoints is not None:
             checkpoints.close()
     return state
