@@ -138,21 +138,17 @@ def pallas_breakdown(data, repeats: int) -> dict:
         chunk_factors_kernel,
     )
     from hybrid_jax.kernels.gdn_state_pass import state_pass, state_pass_backward
-    from hybrid_jax.ops.gdn_pallas import _pow2, _sequences
+    from hybrid_jax.ops.gdn_pallas import _kernel_inputs, _pad_state
 
     q, k, v, g, beta, s0 = data
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    pk, pv, c = _pow2(dk), _pow2(dv), 64
-    args = (_sequences(q, c, pk), _sequences(k, c, pk), _sequences(v, c, pv),
-            _sequences(g, c), _sequences(beta, c))
-    seg = jnp.zeros(args[3].shape, jnp.int32)
+    dk = q.shape[-1]
+    (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64)
     interpret = jax.default_backend() == "cpu"
     scale = dk ** -0.5
     factors = jax.jit(lambda *a: chunk_factors_kernel(*a, seg, scale=scale,
                                                       interpret=interpret))
     f = jax.block_until_ready(factors(*args))
-    s0p = jnp.pad(s0.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
+    s0p = _pad_state(s0, pk, pv)
     times = {"factors": best_of(lambda: factors(*args), repeats)}
     for bv in (32, 64):
         fn = jax.jit(lambda *a, bv=bv: state_pass(*a, block_v=bv, interpret=interpret))

@@ -81,6 +81,12 @@ def _iotas(c: int):
             jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
 
 
+def _keys_and_inverse(k, beta, decay, row, col):
+    """(k k^T, (I + A)^-1) in float32, A = strict_tril(beta_i (k_i . k_j) decay_ij)."""
+    kk = _mm(k, k.T)
+    return kk, _unit_lower_inverse(jnp.where(row > col, beta * kk * decay, 0.0), row, col)
+
+
 def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
             u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, *, scale: float):
     f32 = jnp.float32
@@ -89,13 +95,13 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     row, col = _iotas(q_ref.shape[0])
     decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
 
-    a = jnp.where(row > col, beta * _mm(k_ref[...], k_ref[...].T) * decay, 0.0)  # float32
-    inv = _unit_lower_inverse(a, row, col)
+    q_in, k_in = q_ref[...], k_ref[...]  # the inputs' dtype, for the [C, C] products
+    _, inv = _keys_and_inverse(k_in, beta, decay, row, col)
 
-    q, k, v = q_ref[...].astype(f32), k_ref[...].astype(f32), v_ref[...].astype(f32)
+    q, k, v = q_in.astype(f32), k_in.astype(f32), v_ref[...].astype(f32)
     u_ref[...] = _mm(inv, beta * v, dt).astype(dt)
     w_ref[...] = _mm(inv, beta * from_start * k, dt).astype(dt)
-    intra_ref[...] = (scale * _mm(q_ref[...], k_ref[...].T) * decay).astype(dt)
+    intra_ref[...] = (scale * _mm(q_in, k_in.T) * decay).astype(dt)
     qd_ref[...] = (scale * from_start * q).astype(dt)
     kd_ref[...] = (to_end * k).astype(dt)
     decay_ref[...] = chunk_decay
@@ -113,11 +119,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     row, col = _iotas(q_ref.shape[0])
     causal, strict = row >= col, row > col
     decay, from_start, to_end, chunk_decay = _gates(g, seg_ref[...], row, col)
-    q, k, v = q_ref[...].astype(f32), k_ref[...].astype(f32), v_ref[...].astype(f32)
-    kk = _mm(k_ref[...], k_ref[...].T)
-    qk = _mm(q_ref[...], k_ref[...].T)
-    inv = _unit_lower_inverse(jnp.where(strict, beta * kk * decay, 0.0), row, col)
-    du, dw = du_ref[...], dw_ref[...]
+    q_in, k_in = q_ref[...], k_ref[...]
+    q, k, v = q_in.astype(f32), k_in.astype(f32), v_ref[...].astype(f32)
+    kk, inv = _keys_and_inverse(k_in, beta, decay, row, col)
+    qk = _mm(q_in, k_in.T)
+    du, dw, dqd, dkd = du_ref[...], dw_ref[...], dqd_ref[...], dkd_ref[...]
 
     # u = T (beta v), w = T (beta from_start k).
     b_v, b_k = beta * v, beta * from_start * k
@@ -136,10 +142,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     d_intra = dintra_ref[...]
     d_decay = beta * d_a * kk + scale * d_intra * qk
     d_qk = scale * d_intra * decay
-    dq = _mm(d_qk, k, dt) + scale * from_start * dqd_ref[...]
-    dk = dk + _mm(d_qk.T, q, dt) + _mm(d_kk + d_kk.T, k, dt) + to_end * dkd_ref[...]
-    d_from_start = d_from_start + scale * jnp.sum(q * dqd_ref[...], axis=1, keepdims=True)
-    d_to_end = jnp.sum(k * dkd_ref[...], axis=1, keepdims=True)
+    dq = _mm(d_qk, k, dt) + scale * from_start * dqd
+    dk = dk + _mm(d_qk.T, q, dt) + _mm(d_kk + d_kk.T, k, dt) + to_end * dkd
+    d_from_start = d_from_start + scale * jnp.sum(q * dqd, axis=1, keepdims=True)
+    d_to_end = jnp.sum(k * dkd, axis=1, keepdims=True)
 
     # The gates, through each masked exp (decay, from_start, to_end and chunk_decay are zero
     # wherever masked, so their cotangents vanish there).

@@ -147,6 +147,13 @@ def _whole(*shape, split_v=False):
     return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * (len(shape) - 1) + last(j))
 
 
+def _gpu_in_specs(n: int, c: int, dk: int, bv: int) -> list:
+    """Both GPU passes read a [C, block_v] slice per chunk (u or dO), the [C, Dk] / [C, C]
+    factors whole, the per-chunk decay, and a [Dk, block_v] state (initial or final)."""
+    return [_whole(n, c, bv, split_v=True), _whole(n, c, dk), _whole(n, c, dk),
+            _whole(n, c, dk), _whole(n, c, c), _whole(n, 1, 1), _whole(dk, bv, split_v=True)]
+
+
 def _per_chunk(*shape, n_chunks: int | None = None):
     """TPU block: one chunk of one sequence; given ``n_chunks``, chunks run last to first."""
     if n_chunks is None:
@@ -193,9 +200,7 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
     return tuple(pl.pallas_call(
         functools.partial(_gpu_kernel, n_chunks=n),
         grid=(r, dv // bv),
-        in_specs=[_whole(n, c, bv, split_v=True), _whole(n, c, dk), _whole(n, c, dk),
-                  _whole(n, c, dk), _whole(n, c, c), _whole(n, 1, 1),
-                  _whole(dk, bv, split_v=True)],
+        in_specs=_gpu_in_specs(n, c, dk, bv),
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=compiler_params("gpu", ("parallel", "parallel")),
@@ -224,9 +229,7 @@ def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
     return tuple(pl.pallas_call(
         functools.partial(_gpu_backward_kernel, n_chunks=n),
         grid=(r, dv // bv),
-        in_specs=[_whole(n, c, bv, split_v=True), _whole(n, c, dk), _whole(n, c, dk),
-                  _whole(n, c, dk), _whole(n, c, c), _whole(n, 1, 1),
-                  _whole(dk, bv, split_v=True)],
+        in_specs=_gpu_in_specs(n, c, dk, bv),
         out_specs=[_whole(n, c, bv, split_v=True), _whole(n, dk, bv, split_v=True),
                    _whole(dk, bv, split_v=True)],
         out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),

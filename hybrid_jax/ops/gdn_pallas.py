@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.kernels.common import dot_dtype
+from hybrid_jax.kernels.common import BACKENDS
 from hybrid_jax.kernels.gdn_chunk_factors import (
     chunk_factors_backward_kernel,
     chunk_factors_kernel,
@@ -49,13 +49,33 @@ def _sequences(x: jax.Array, chunk_size: int, pad_to: int | None = None) -> jax.
     return jnp.moveaxis(x, 3, 1).reshape(b * h, -1, chunk_size, *x.shape[4:])
 
 
-def _segments(reset, b: int, h: int, n: int, chunk_size: int) -> jax.Array | None:
-    """[B, T] reset flags -> [B*H, N, C] segment index inside each chunk, or None."""
-    seg = chunk_segments(reset, chunk_size)  # [N, B, 1, C]
+def _unsequences(x: jax.Array, b: int, t: int, h: int, d: int | None = None) -> jax.Array:
+    """The inverse of ``_sequences``: [B*H, N, C, ...] -> [B, T, H, ...], padding dropped."""
+    x = x.reshape(b, h, -1, *x.shape[3:])[:, :, :t]
+    if d is not None:
+        x = x[..., :d]
+    return jnp.moveaxis(x, 1, 2)
+
+
+def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int):
+    """The factor kernels' inputs and the padded head dims: (q, k, v, g, beta, seg) as
+    [B*H, N, C, ...] sequences, seg the [B*H, N, C] segment index inside each chunk (zeros
+    without resets); pk, pv. Kernel blocks want power-of-two head dims (Triton requires them):
+    the zero padding is exact, since padded key dimensions never enter the state and padded
+    value dimensions are sliced off."""
+    b, t, h, dk = q.shape
+    pk, pv = _pow2(dk), _pow2(v.shape[-1])
+    n = -(-t // chunk_size)
+    seg = chunk_segments(reset, chunk_size)  # [N, B, 1, C] or None
     if seg is None:
-        return None
-    seg = jnp.broadcast_to(jnp.moveaxis(seg, 0, 2), (b, h, n, chunk_size))
-    return seg.reshape(b * h, n, chunk_size)
+        seg = jnp.zeros((b * h, n, chunk_size), jnp.int32)
+    else:
+        seg = jnp.broadcast_to(jnp.moveaxis(seg, 0, 2), (b, h, n, chunk_size))
+        seg = seg.reshape(b * h, n, chunk_size)
+    inputs = (_sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
+              _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
+              _sequences(beta, chunk_size), seg)
+    return inputs, pk, pv
 
 
 def _kernels(variant: str, r: int, dv: int):
@@ -76,24 +96,19 @@ def _pad_state(x: jax.Array, pk: int, pv: int) -> jax.Array:
     return jnp.pad(x.reshape(b * h, dk, dv), ((0, 0), (0, pk - dk), (0, pv - dv)))
 
 
+def _unpad_state(x: jax.Array, like: jax.Array) -> jax.Array:
+    """The inverse of ``_pad_state``, shaped and typed like ``like`` [B, H, Dk, Dv]."""
+    b, h, dk, dv = like.shape
+    return x[:, :dk, :dv].reshape(b, h, dk, dv).astype(like.dtype)
+
+
 def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, interpret):
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    # Kernel blocks want power-of-two head dims (Triton requires them): zero-pad (exact:
-    # padded key dimensions never enter the state, padded value dimensions are sliced off).
-    pk, pv = _pow2(dk), _pow2(dv)
-    n = -(-t // chunk_size)
-    seg = _segments(reset, b, h, n, chunk_size)
-    if seg is None:
-        seg = jnp.zeros((b * h, n, chunk_size), jnp.int32)
-    f = chunk_factors_kernel(
-        _sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
-        _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
-        _sequences(beta, chunk_size), seg, scale=scale, backend=variant, interpret=interpret)
+    b, t, h, _ = q.shape
+    inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size)
+    f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, interpret=interpret)
     forward, _ = _kernels(variant, b * h, pv)
     o, final = forward(*f, _pad_state(initial_state, pk, pv), interpret=interpret)
-    o = jnp.moveaxis(o[..., :dv].reshape(b, h, -1, dv), 1, 2)[:, :t]
-    return o, final[:, :dk, :dv].reshape(b, h, dk, dv)
+    return _unsequences(o, b, t, h, v.shape[-1]), _unpad_state(final, initial_state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -108,14 +123,6 @@ def _fwd(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, int
     return out, (q, k, v, g, beta, initial_state, reset)
 
 
-def _unsequences(x: jax.Array, b: int, t: int, h: int, d: int | None = None) -> jax.Array:
-    """The inverse of ``_sequences``: [B*H, N, C, ...] -> [B, T, H, ...], padding dropped."""
-    x = x.reshape(b, h, -1, *x.shape[3:])[:, :, :t]
-    if d is not None:
-        x = x[..., :d]
-    return jnp.moveaxis(x, 1, 2)
-
-
 def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     """Recompute, don't store: each chunk's factors (forward factor kernel), the state entering
     each chunk (forward state pass), then the state's cotangent from the last chunk to the first
@@ -126,14 +133,7 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     d_out, d_final = cotangents
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    pk, pv = _pow2(dk), _pow2(dv)
-    n = -(-t // chunk_size)
-    seg = _segments(reset, b, h, n, chunk_size)
-    if seg is None:
-        seg = jnp.zeros((b * h, n, chunk_size), jnp.int32)
-    inputs = (_sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
-              _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
-              _sequences(beta, chunk_size), seg)
+    inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size)
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, interpret=interpret)
     forward, backward = _kernels(variant, b * h, pv)
     _, _, states = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
@@ -158,8 +158,7 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     cast = lambda x, like: x.astype(like.dtype)
     return (cast(_unsequences(dq, b, t, h, dk), q), cast(_unsequences(dk_, b, t, h, dk), k),
             cast(_unsequences(dv_, b, t, h, dv), v), cast(_unsequences(dg, b, t, h), g),
-            cast(_unsequences(dbeta, b, t, h), beta),
-            d_s0[:, :dk, :dv].reshape(b, h, dk, dv).astype(initial_state.dtype), None)
+            cast(_unsequences(dbeta, b, t, h), beta), _unpad_state(d_s0, initial_state), None)
 
 
 _gdn_pallas.defvjp(_fwd, _bwd)
@@ -185,8 +184,8 @@ def gdn_pallas(
     variant); None means on CPU only, where Pallas cannot compile."""
     if variant is None:
         variant = "tpu" if jax.default_backend() == "tpu" else "gpu"
-    if variant not in ("gpu", "tpu"):
-        raise ValueError(f"gdn_pallas: variant must be 'gpu' or 'tpu', got {variant!r}")
+    if variant not in BACKENDS:
+        raise ValueError(f"gdn_pallas: variant must be one of {BACKENDS}, got {variant!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     return _gdn_pallas(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant,
