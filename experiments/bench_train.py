@@ -120,10 +120,9 @@ def throughput(args) -> None:
 def compile_7b(args) -> None:
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from hybrid_jax import olmo_hybrid_7b
-    from hybrid_jax.sharding import MeshShape, batch_sharding, make_mesh
+    from hybrid_jax.sharding import MeshShape, batch_sharding, make_mesh, micro_batches_sharding
     from hybrid_jax.train import (
         OptimizerConfig,
         abstract_train_state,
@@ -132,6 +131,7 @@ def compile_7b(args) -> None:
         make_train_step,
         model_template,
         train_state_shardings,
+        with_shardings,
     )
 
     cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="float32", remat=args.remat)
@@ -142,11 +142,9 @@ def compile_7b(args) -> None:
     rows = batch_sharding(mesh)
     step = jit_train_step(make_train_step(model_template(cfg), opt,
                                           micro_batch_sharding=rows), shardings, mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         abstract, shardings)
-    batch = {"tokens": jax.ShapeDtypeStruct(
-        (1, args.batch, args.seq_len), jnp.int32,
-        sharding=NamedSharding(mesh, PartitionSpec(None, *rows.spec)))}
+    state = with_shardings(abstract, shardings)
+    batch = {"tokens": jax.ShapeDtypeStruct((1, args.batch, args.seq_len), jnp.int32,
+                                            sharding=micro_batches_sharding(mesh))}
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     lower_s = time.perf_counter() - start

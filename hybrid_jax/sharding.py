@@ -209,6 +209,12 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules | None = None, ndim: int = 2
     return NamedSharding(mesh, rules.spec(("batch", "length") + (None,) * (ndim - 2)))
 
 
+def micro_batches_sharding(mesh: Mesh, rules: LogicalRules | None = None) -> NamedSharding:
+    """Sharding of [A, B, T] stacked micro-batches: the A axis whole on every device, rows and
+    positions as ``batch_sharding``."""
+    return NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, rules).spec))
+
+
 def check_batch(shape: tuple[int, ...], sharding: NamedSharding, name: str = "batch") -> None:
     """Raise ShardingError when ``sharding`` does not divide a batch array of ``shape``."""
     problem = sharding_problem(sharding, shape)

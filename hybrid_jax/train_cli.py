@@ -140,9 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from hybrid_jax.config import PRESETS
     from hybrid_jax.inference.text import ByteCodec, load_tokenizer
-    from hybrid_jax.sharding import MeshShape, ShardingError, make_mesh
+    from hybrid_jax.sharding import MeshShape, make_mesh
     from hybrid_jax.train import OptimizerConfig, PackedDataset, token_file, tokenize_text
-    from hybrid_jax.train.data import DataError
     from hybrid_jax.train.loop import LoopConfig, TrainingError, train
 
     try:
@@ -171,13 +170,11 @@ def run_train(args: argparse.Namespace) -> int:
             tokens = tokenize_text(Path(data["text"]).read_text(encoding="utf-8"), codec, eos)
         if eos is None:
             raise ConfigError("model.eos_token_id: needed to split documents in a token file")
-        dataset = PackedDataset(np.asarray(tokens) if data.get("text") else tokens,
-                                data["seq_len"], data["global_batch"], eos_id=eos,
+        dataset = PackedDataset(tokens, data["seq_len"], data["global_batch"], eos_id=eos,
                                 vocab_size=model_cfg.vocab_size, seed=data["seed"])
-    except (ConfigError, DataError, ShardingError, OSError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # config dataclasses' own checks
+    # ConfigError, DataError and ShardingError are ValueErrors, as are the config dataclasses'
+    # own checks.
+    except (ValueError, OSError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -268,7 +268,7 @@ def _child(out: str) -> None:
         check_batch,
         make_mesh,
     )
-    from hybrid_jax.train import lower_sharded_init, train_state_shardings
+    from hybrid_jax.train import lower_sharded_init, train_state_shardings, with_shardings
     from hybrid_jax.train.state import abstract_train_state
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -280,13 +280,15 @@ def _child(out: str) -> None:
     batches = [_packed_batch(rng, 2, 4, 32, cfg.vocab_size) for _ in range(3)]
     result = {}
 
+    def run(step, state):
+        losses = []
+        for b in batches:
+            state, metrics = step(state, b)
+            losses.append(float(metrics["loss"]))
+        return state, losses
+
     step = jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4))
-    state = init_train_state(cfg, opt, seed=0)
-    losses = []
-    for b in batches:
-        state, metrics = step(state, b)
-        losses.append(float(metrics["loss"]))
-    result["single_losses"] = losses
+    _, result["single_losses"] = run(step, init_train_state(cfg, opt, seed=0))
 
     mesh = make_mesh(MeshShape(fsdp=4, tensor=2))
     state = init_train_state(cfg, opt, mesh=mesh, seed=0)
@@ -300,18 +302,13 @@ def _child(out: str) -> None:
     mu = state.opt_state[1][0].mu["stack"]["blocks"]["layers"][0]["gdn"]["q_proj"]["kernel"]
     result["q_proj_mu_spec"] = list(mu.sharding.spec)
     result["count_spec"] = list(state.opt_state[1][0].count.sharding.spec)
-    losses = []
-    for b in batches:
-        state, metrics = step(state, b)
-        losses.append(float(metrics["loss"]))
-    result["sharded_losses"] = losses
+    state, result["sharded_losses"] = run(step, state)
 
     # Save on this mesh, restore onto another (tensor=4 x fsdp=2): the same values.
     from hybrid_jax.train.checkpoint import TrainCheckpoints
 
     other = make_mesh(MeshShape(fsdp=2, tensor=4))
-    targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           abstract_train_state(cfg, opt), train_state_shardings(state, other))
+    targets = with_shardings(abstract_train_state(cfg, opt), train_state_shardings(state, other))
     with TrainCheckpoints(Path(out).parent / "ckpt", asynchronous=False) as ckpts:
         ckpts.save(state)
         restored = ckpts.restore_latest(targets)

@@ -17,6 +17,7 @@ from hybrid_jax.train.state import (
     lower_sharded_init,
     model_template,
     train_state_shardings,
+    with_shardings,
 )
 from hybrid_jax.train.step import jit_train_step, make_train_step
 
@@ -40,4 +41,5 @@ __all__ = [
     "next_token_targets",
     "train_state_shardings",
     "weight_decay_mask",
+    "with_shardings",
 ]

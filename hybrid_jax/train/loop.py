@@ -11,10 +11,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.sharding import LogicalRules, batch_sharding, check_batch
+from hybrid_jax.sharding import (
+    LogicalRules,
+    batch_sharding,
+    check_batch,
+    micro_batches_sharding,
+)
 from hybrid_jax.train.checkpoint import TrainCheckpoints
 from hybrid_jax.train.data import PackedDataset
 from hybrid_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
@@ -24,6 +29,7 @@ from hybrid_jax.train.state import (
     init_train_state,
     model_template,
     train_state_shardings,
+    with_shardings,
 )
 from hybrid_jax.train.step import jit_train_step, make_train_step
 
@@ -56,13 +62,11 @@ class LoopConfig:
 
 
 def _targets(abstract: TrainState, shardings: TrainState | None) -> TrainState:
-    """Abstract arrays carrying where each restored leaf goes."""
+    """Abstract arrays carrying where each restored leaf goes (one device without a mesh)."""
     if shardings is None:
         one = SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
-                            abstract)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings)
+        shardings = jax.tree.map(lambda _: one, abstract)
+    return with_shardings(abstract, shardings)
 
 
 def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
@@ -97,7 +101,7 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
         make_train_step(template, optimizer, z_loss_weight=loop.z_loss_weight,
                         schedule=make_schedule(optimizer_config), micro_batch_sharding=rows),
         shardings, mesh, rules)
-    stacked = NamedSharding(mesh, PartitionSpec(None, *rows.spec)) if mesh is not None else None
+    stacked = micro_batches_sharding(mesh, rules) if mesh is not None else None
     a = loop.micro_batches
     if dataset.global_batch % a:
         raise ValueError(f"LoopConfig.micro_batches: {a} does not divide the global batch "

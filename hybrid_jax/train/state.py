@@ -77,6 +77,19 @@ def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: LogicalRules 
     return TrainState(step=replicated, params=params, opt_state=opt, bad_steps=replicated)
 
 
+def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
+    """Abstract arrays that carry where each leaf goes: targets for restoring a checkpoint or
+    for lowering a step without allocating anything."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def _sharded_init(config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                  rules: LogicalRules | None, seed: int):
+    init = _init_fn(config, optimizer, seed)
+    return jax.jit(init, out_shardings=train_state_shardings(jax.eval_shape(init), mesh, rules))
+
+
 def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransformation,
                          seed: int = 0) -> TrainState:
     """The ``TrainState``'s shapes and dtypes, computing nothing."""
@@ -89,17 +102,13 @@ def init_train_state(config: ModelConfig, optimizer: optax.GradientTransformatio
     """A fresh ``TrainState``. With ``mesh``, initialised under jit straight into its shards:
     no device (or host) ever holds a whole parameter that the mesh splits. Shardings that do
     not divide a parameter raise ``ShardingError`` before anything compiles."""
-    init = _init_fn(config, optimizer, seed)
     if mesh is None:
-        return jax.jit(init)()
-    shardings = train_state_shardings(jax.eval_shape(init), mesh, rules)
-    return jax.jit(init, out_shardings=shardings)()
+        return jax.jit(_init_fn(config, optimizer, seed))()
+    return _sharded_init(config, optimizer, mesh, rules, seed)()
 
 
 def lower_sharded_init(config: ModelConfig, optimizer: optax.GradientTransformation,
                        mesh: Mesh, rules: LogicalRules | None = None, seed: int = 0):
     """The sharded initialisation lowered for ``mesh`` without running it (for memory checks
     of large presets: ``.compile().memory_analysis()``)."""
-    init = _init_fn(config, optimizer, seed)
-    shardings = train_state_shardings(jax.eval_shape(init), mesh, rules)
-    return jax.jit(init, out_shardings=shardings).lower()
+    return _sharded_init(config, optimizer, mesh, rules, seed).lower()

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hybrid_jax.sharding import LogicalRules, batch_sharding
+from hybrid_jax.sharding import LogicalRules, micro_batches_sharding
 from hybrid_jax.train.loss import lm_loss_sums, next_token_targets
 from hybrid_jax.train.state import ModelTemplate, TrainState
 
@@ -87,8 +87,7 @@ def jit_train_step(step: Callable, state_shardings: TrainState | None = None,
     shardings (batch rows over "batch", positions over "length") and metrics replicated."""
     if state_shardings is None or mesh is None:
         return jax.jit(step, donate_argnums=0)
-    rows = batch_sharding(mesh, rules)
-    batch = NamedSharding(mesh, PartitionSpec(None, *rows.spec))
+    batch = micro_batches_sharding(mesh, rules)
     return jax.jit(step, in_shardings=(state_shardings, batch),
                    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
                    donate_argnums=0)
