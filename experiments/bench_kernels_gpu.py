@@ -167,6 +167,84 @@ def pallas_breakdown(data, repeats: int) -> dict:
     return times
 
 
+def _rows_inverse(a, row, col, matmul):
+    """The factor kernels' previous solve (until 2026-11-27), kept here for the ablation: forward
+    substitution one row per step with masked reductions on [C, C] tiles."""
+    del matmul
+    c = a.shape[0]
+    a_t = a.T
+    col_1 = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+
+    def substitute(i, x):
+        a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)
+        new = jnp.where(col_1 == i, 1.0, 0.0) - jnp.sum(a_i * x, axis=0, keepdims=True)
+        return jnp.where(row == i, new, x)
+
+    return jax.lax.fori_loop(1, c, substitute, (row == col).astype(jnp.float32))
+
+
+def ablation(data, repeats: int) -> dict:
+    """The factor kernels (forward and VJP) and the state pass under variants, each swapped in
+    by patching the kernel module and clearing jax's caches: the solve (doubling with split
+    bf16 matmuls, the same with float32 matmuls, the previous row-by-row substitution, none at
+    all: the floor of everything else), and 8 warps instead of 4."""
+    import hybrid_jax.kernels.common as common
+    import hybrid_jax.kernels.gdn_chunk_factors as cf
+    import hybrid_jax.kernels.gdn_state_pass as sp
+    from hybrid_jax.ops.gdn_pallas import _kernel_inputs, _pad_state
+
+    q, k, v, g, beta, s0 = data
+    (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64)
+    interpret = jax.default_backend() == "cpu"
+    scale = q.shape[-1] ** -0.5
+    warps8 = lambda *a, **kw: common.compiler_params(*a, **{**kw, "num_warps": 8})
+    variants = {
+        "doubling (split bf16)": {},
+        "doubling, float32 dots": {"solve_matmul": lambda dt: common.mm},
+        "rows (previous)": {"_unit_lower_inverse": _rows_inverse},
+        "no solve (floor)": {"_unit_lower_inverse": lambda a, row, col, mm: a},
+        "doubling, 8 warps": {"compiler_params": warps8},
+    }
+    times = {}
+    s0p = _pad_state(s0, pk, pv)
+    for name, patch in variants.items():
+        saved = {attr: getattr(cf, attr) for attr in patch}
+        try:
+            for attr, value in patch.items():
+                setattr(cf, attr, value)
+            jax.clear_caches()
+            fwd = jax.jit(lambda *a: cf.chunk_factors_kernel(*a, seg, scale=scale,
+                                                             interpret=interpret))
+            f = jax.block_until_ready(fwd(*args))
+            times[f"factors {name}"] = best_of(lambda: fwd(*args), repeats)
+            d_f = [jnp.ones(x.shape, jnp.float32) for x in f]
+            bwd = jax.jit(lambda *a: cf.chunk_factors_backward_kernel(
+                *a, scale=scale, interpret=interpret))
+            times[f"factors_backward {name}"] = best_of(lambda: bwd(*args, seg, *d_f), repeats)
+        finally:
+            for attr, value in saved.items():
+                setattr(cf, attr, value)
+    jax.clear_caches()
+    f = cf.chunk_factors_kernel(*args, seg, scale=scale, interpret=interpret)
+    for warps in (4, 8):
+        saved = sp.compiler_params
+        try:
+            sp.compiler_params = lambda *a, w=warps, **kw: saved(*a, **{**kw, "num_warps": w})
+            jax.clear_caches()
+            for bv in (32, 64):
+                fn = jax.jit(lambda *a, bv=bv: sp.state_pass(*a, block_v=bv, interpret=interpret))
+                times[f"state_pass bv={bv} warps={warps}"] = best_of(lambda: fn(*f, s0p), repeats)
+                fn = jax.jit(lambda *a, bv=bv: sp.state_pass_backward(*a, block_v=bv,
+                                                                      interpret=interpret))
+                d_o = jnp.ones_like(f[0])
+                times[f"state_pass_backward bv={bv} warps={warps}"] = best_of(
+                    lambda: fn(d_o, *f[1:], s0p), repeats)
+        finally:
+            sp.compiler_params = saved
+    jax.clear_caches()
+    return times
+
+
 def guarded(label: str, fn):
     """Run fn; on failure print the error (the rest of the run goes on) and return None."""
     try:
@@ -184,6 +262,8 @@ def main() -> None:
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each Pallas kernel alone, forward and backward")
+    p.add_argument("--ablation", action="store_true",
+                   help="also time the kernels under variants (solve, warps, value blocks)")
     p.add_argument("--shapes", default=None,
                    help="which of the shapes to run, by index, e.g. 0,2")
     args = p.parse_args()
@@ -224,6 +304,10 @@ def main() -> None:
             if parts:
                 print("  pallas kernels alone: " +
                       ", ".join(f"{k} {v:.3f} ms" for k, v in parts.items()), flush=True)
+        if outs["pallas"] is not None and args.ablation:
+            parts = guarded("ablation", lambda: ablation(data, args.repeats))
+            for name, ms in (parts or {}).items():
+                print(f"  ablation: {name:<40} {ms:8.3f} ms", flush=True)
         fla = "not run (--no-fla)" if args.no_fla else (
             guarded("fla", lambda: fla_run(data, args.repeats)) or "failed")
         if isinstance(fla, dict):

@@ -144,6 +144,47 @@ def _hard_chunks(rng: np.random.Generator, c: int, r: int = 2, n: int = 4, dk: i
     return q, k, v, g, beta, jnp.asarray(np.cumsum(reset, axis=-1), jnp.int32)
 
 
+def test_split_matmuls_against_float64():
+    """The kernels' bf16-unit matmuls: ``mm_split`` keeps about 16 significant bits (a plain
+    bf16 product keeps 8), and ``mm_exact_mask`` sums as float32 does (a cumulative sum of
+    values spanning many magnitudes)."""
+    from hybrid_jax.kernels.common import mm, mm_exact_mask, mm_split
+
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
+    want = a @ b
+    rel = lambda x: float(np.linalg.norm(np.asarray(x, np.float64) - want) / np.linalg.norm(want))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    assert rel(mm_split(f32(a), f32(b))) < 3e-5
+    assert rel(mm(f32(a), f32(b), jnp.bfloat16)) > 1e-3  # what the split is for
+
+    x = rng.standard_normal((64, 64)) * np.logspace(-3, 3, 64)
+    mask = np.tril(np.ones((64, 64)), -1).T  # [t, j] = t < j: sums over t < j
+    got = np.asarray(mm_exact_mask(f32(x), jnp.asarray(mask > 0)), np.float64)
+    np.testing.assert_allclose(got, np.asarray(f32(x), np.float64) @ mask, rtol=0,
+                               atol=64 * 6e-8 * np.abs(x).sum(axis=1, keepdims=True).max())
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_kernel_solve_against_float64_inverse(split):
+    """The factor kernels' doubling solve for (I + A)^-1 against NumPy's float64 inverse, on a
+    hard A (unit keys, beta up to 2, no decay: every pair interacts), with the
+    float32 and the split-bf16 matmuls."""
+    from hybrid_jax.kernels.common import mm, mm_split
+    from hybrid_jax.kernels.gdn_chunk_factors import _iotas, _unit_lower_inverse
+
+    rng = np.random.default_rng(7)
+    c = 64
+    k = rng.standard_normal((c, 16))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    a = np.tril(rng.uniform(0, 2, (c, 1)) * (k @ k.T), -1)
+    want = np.linalg.inv(np.eye(c) + a)
+    row, col = _iotas(c)
+    got = _unit_lower_inverse(jnp.asarray(a, jnp.float32), row, col, mm_split if split else mm)
+    err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+    assert err < (1e-4 if split else 1e-5), err
+
+
 @pytest.mark.parametrize("variant,c", [("gpu", 16), ("tpu", 16), ("gpu", 64)])
 def test_chunk_factors_kernel_matches_xla(variant, c):
     """The fused per-chunk kernel against ``chunk_factors`` (XLA): decays from none (g = 0) to

@@ -18,6 +18,37 @@ def mm(a: jax.Array, b: jax.Array, dtype=None) -> jax.Array:
     return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
+def mm_split(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b for float32 a, b as three bf16 matmuls with float32 accumulation (hi.hi + hi.lo +
+    lo.hi, each operand split as hi = bf16(x), lo = bf16(x - hi)): about 16 significant bits,
+    on the tensor cores / MXU. Triton runs float32 dots on the FMA units instead, several times
+    slower for the [C, C] products of the solve."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    a_hi, b_hi = a.astype(bf16), b.astype(bf16)
+    a_lo, b_lo = (a - a_hi.astype(f32)).astype(bf16), (b - b_hi.astype(f32)).astype(bf16)
+    small = mm(a_hi, b_lo) + mm(a_lo, b_hi)  # the small terms first
+    return small + mm(a_hi, b_hi)
+
+
+def mm_exact_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x @ mask for float32 x and a 0/1 mask, summed as exactly as float32 adds: x is split
+    into three bf16 pieces carrying all 24 bits, each product with the mask is exact, and the
+    sums accumulate in float32. Cumulative sums as matmuls, on bf16 units."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    m = mask.astype(bf16)
+    x1 = x.astype(bf16)
+    r1 = x - x1.astype(f32)
+    x2 = r1.astype(bf16)
+    x3 = (r1 - x2.astype(f32)).astype(bf16)
+    return (mm(x3, m) + mm(x2, m)) + mm(x1, m)
+
+
+def solve_matmul(input_dtype):
+    """The matmul for float32 data derived from inputs of ``input_dtype`` inside a solve:
+    ``mm_split`` for 16-bit inputs (its error is far below theirs), full float32 otherwise."""
+    return mm_split if dot_dtype(input_dtype) != jnp.float32 else mm
+
+
 def dot_dtype(input_dtype) -> jnp.dtype:
     """The operand dtype of a kernel's matmuls on data derived from inputs of ``input_dtype``:
     16-bit inputs keep 16-bit operands (as flash-linear-attention does), anything else float32.

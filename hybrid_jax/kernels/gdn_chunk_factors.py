@@ -5,7 +5,7 @@ index, what the pass across chunks needs (``hybrid_jax.ops.gdn_common.ChunkFacto
 
     decay_log[i, j] = sum_{j < t <= i} g_t        (one matmul: summed directly, no cancellation)
     A = strict_tril(beta_i (k_i . k_j) exp(decay_log))   masked (causal, same segment) before exp
-    T = (I + A)^-1                                 forward substitution, row by row, never a series
+    T = (I + A)^-1                                 exact block inverses, doubled level by level
     u = T (beta v);  w = T (beta exp(gamma) k);  intra = scale (q k^T) exp(decay_log)
     q_decayed = scale exp(gamma) q;  k_decayed = exp(gamma_C - gamma) k;  chunk_decay = exp(gamma_C)
 
@@ -26,31 +26,38 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hybrid_jax.kernels.common import compiler_params, dot_dtype
+from hybrid_jax.kernels.common import compiler_params, dot_dtype, mm_exact_mask, solve_matmul
 from hybrid_jax.kernels.common import mm as _mm
 
 
-def _unit_lower_inverse(a: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
-    """(I + A)^-1 for strictly lower triangular A [C, C], float32, exact (no power series, which
-    overflows for large |A|): the twin of ``gdn_common.unit_lower_inverse``.
+def _unit_lower_inverse(a: jax.Array, row: jax.Array, col: jax.Array, matmul) -> jax.Array:
+    """(I + A)^-1 for strictly lower triangular A [C, C] (C a power of two), float32: the twin
+    of ``gdn_common.unit_lower_inverse``.
 
-    Forward substitution, one row per step: row i = e_i - A[i, :] X, where rows >= i of X are
-    still identity rows and A[i, j >= i] = 0. Only masked elementwise work and reductions on
-    whole [C, C] tiles (Triton lowers no slices and rejects [1, C] dots); A[i, :] is read as a
-    column of A^T. A blocked form (16-row diagonal blocks substituted together, then merged by
-    matmuls, as the XLA twin does) measured 3x slower on an H200: Triton runs float32 dots
-    without tensor cores, and the solve must stay float32.
+    Recursive doubling of exact block inverses, all on whole [C, C] tiles with masks (Triton
+    lowers no slices): X starts as the inverse of I + A's 2x2 diagonal blocks, then each level
+    inverts the diagonal blocks twice as large from the two halves' inverses,
+
+        [[D1, 0], [L, D2]]^-1 = [[D1^-1, 0], [-D2^-1 L D1^-1, D2^-1]]:  X <- X - (X L) X,
+
+    with L the next level's off-diagonal block (X is block diagonal, so one pair of [C, C]
+    matmuls does every block). log2(C) - 1 levels (10 matmuls for C = 64) replace C - 1
+    sequential substitution steps, and no intermediate exceeds the inverse's own entries (no
+    power series, which overflows for large |A|). ``matmul`` is ``common.solve_matmul``: three
+    bf16 passes for 16-bit inputs, float32 otherwise.
     """
     c = a.shape[0]
-    a_t = a.T
-    col_1 = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
-
-    def substitute(i, x):
-        a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)  # [C, 1]: A[i, j]
-        new = jnp.where(col_1 == i, 1.0, 0.0) - jnp.sum(a_i * x, axis=0, keepdims=True)
-        return jnp.where(row == i, new, x)
-
-    return jax.lax.fori_loop(1, c, substitute, (row == col).astype(jnp.float32))
+    if c & (c - 1):
+        raise ValueError(f"chunk size must be a power of two for the kernels, got {c}")
+    block = lambda x, level: jax.lax.shift_right_logical(x, jnp.int32(level))
+    x = jnp.where(row == col, 1.0, 0.0) - jnp.where(block(row, 1) == block(col, 1), a, 0.0)
+    level = 2
+    while (1 << level) <= c:
+        off = (block(row, level) == block(col, level)) & (
+            block(row, level - 1) != block(col, level - 1))
+        x = x - matmul(matmul(x, jnp.where(off, a, 0.0)), x)
+        level += 1
+    return x
 
 
 def _gates(g, seg, row, col):
@@ -63,7 +70,7 @@ def _gates(g, seg, row, col):
     """
     f32 = jnp.float32
     causal, strict = row >= col, row > col
-    decay_log = _mm(jnp.where(causal, g.T, 0.0), strict.astype(f32))
+    decay_log = mm_exact_mask(jnp.where(causal, g.T, 0.0), strict)
     gamma = jnp.sum(jnp.where(causal, g.T, 0.0), axis=1, keepdims=True)  # [C, 1]
     to_end_log = jnp.sum(jnp.where(strict, g, 0.0), axis=0, keepdims=True).T  # [C, 1]
     seg_last = jnp.max(seg)  # segment indices only grow along a chunk
@@ -84,7 +91,8 @@ def _iotas(c: int):
 def _keys_and_inverse(k, beta, decay, row, col):
     """(k k^T, (I + A)^-1) in float32, A = strict_tril(beta_i (k_i . k_j) decay_ij)."""
     kk = _mm(k, k.T)
-    return kk, _unit_lower_inverse(jnp.where(row > col, beta * kk * decay, 0.0), row, col)
+    a = jnp.where(row > col, beta * kk * decay, 0.0)
+    return kk, _unit_lower_inverse(a, row, col, solve_matmul(k.dtype))
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
@@ -135,7 +143,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
              + from_start * jnp.sum(k * d_bk, axis=1, keepdims=True))
     d_from_start = beta * jnp.sum(k * d_bk, axis=1, keepdims=True)
     # T = (I + A)^-1: dA = -T^T dT T^T, on A's strictly lower support.
-    d_a = jnp.where(strict, -_mm(inv.T, _mm(d_inv, inv.T)), 0.0)
+    solve_mm = solve_matmul(q_ref.dtype)
+    d_a = jnp.where(strict, -solve_mm(inv.T, solve_mm(d_inv, inv.T)), 0.0)
     # A = beta_i kk_ij decay_ij; intra = scale qk_ij decay_ij.
     d_kk = beta * d_a * decay
     dbeta = dbeta + jnp.sum(d_a * kk * decay, axis=1, keepdims=True)
@@ -150,7 +159,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     # The gates, through each masked exp (decay, from_start, to_end and chunk_decay are zero
     # wherever masked, so their cotangents vanish there).
     d_log = d_decay * decay  # d decay_log[i, j]; decay_log[i, j] sums g_t over j < t <= i
-    per_t = _mm(d_log, (row < col).astype(f32))  # [i, t] = sum_{j < t} d_log[i, j]
+    per_t = mm_exact_mask(d_log, row < col)  # [i, t] = sum_{j < t} d_log[i, j]
     dg = jnp.sum(jnp.where(causal, per_t, 0.0), axis=0, keepdims=True).T  # sum over i >= t
     d_gamma = d_from_start * from_start  # gamma[i] sums g_t over t <= i
     dg = dg + jnp.sum(jnp.where(causal, d_gamma, 0.0), axis=0, keepdims=True).T
