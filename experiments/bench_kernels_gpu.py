@@ -3,6 +3,7 @@ Triton kernel, forward and forward+backward, on one accelerator, in one run.
 
     python experiments/bench_kernels_gpu.py                 # the issue's three shapes, bf16
     python experiments/bench_kernels_gpu.py --smoke         # tiny shapes; on CPU in interpret mode
+    python experiments/bench_kernels_gpu.py --shapes 0 --ablation   # + each kernel, variants
 
 For each shape it first checks ``method="pallas"`` against ``method="chunk"`` on the device
 (outputs, final state and gradients, relative error), then times, best of ``--repeats`` after a
@@ -130,118 +131,100 @@ def fla_run(data, repeats: int) -> dict | str:
     return out
 
 
-def pallas_breakdown(data, repeats: int) -> dict:
-    """Time of each Pallas kernel alone, forward and backward (the rest of ``pallas`` is
-    layout, padding, l2norm and, in the backward, the factors' cotangents in XLA)."""
-    from hybrid_jax.kernels.gdn_chunk_factors import (
-        chunk_factors_backward_kernel,
-        chunk_factors_kernel,
-    )
-    from hybrid_jax.kernels.gdn_state_pass import state_pass, state_pass_backward
-    from hybrid_jax.ops.gdn_pallas import _kernel_inputs, _pad_state
+def _xla_step_cotangents(u, w, d_out, dv_new, states, grads, *, backend, interpret):
+    """The factors' cotangents as five float32 XLA einsums (what the backward used before
+    ``step_cotangents``), for the ablation."""
+    from hybrid_jax.ops.gdn_common import dot
 
-    q, k, v, g, beta, s0 = data
-    dk = q.shape[-1]
-    (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64)
-    interpret = jax.default_backend() == "cpu"
-    scale = dk ** -0.5
-    factors = jax.jit(lambda *a: chunk_factors_kernel(*a, seg, scale=scale,
-                                                      interpret=interpret))
-    f = jax.block_until_ready(factors(*args))
-    s0p = _pad_state(s0, pk, pv)
-    times = {"factors": best_of(lambda: factors(*args), repeats)}
-    for bv in (32, 64):
-        fn = jax.jit(lambda *a, bv=bv: state_pass(*a, block_v=bv, interpret=interpret))
-        times[f"state_pass bv={bv}"] = best_of(lambda: fn(*f, s0p), repeats)
-        fn = jax.jit(lambda *a, bv=bv: state_pass(*a, block_v=bv, return_states=True,
-                                                  interpret=interpret))
-        times[f"state_pass+states bv={bv}"] = best_of(lambda: fn(*f, s0p), repeats)
-        fn = jax.jit(lambda *a, bv=bv: state_pass_backward(*a, block_v=bv,
-                                                           interpret=interpret))
-        d_o = jnp.ones_like(f[0])
-        times[f"state_pass_backward bv={bv}"] = best_of(lambda: fn(d_o, *f[1:], s0p), repeats)
-    d_f = [jnp.ones(x.shape, jnp.float32) for x in f]
-    fn = jax.jit(lambda *a: chunk_factors_backward_kernel(*a, scale=scale,
-                                                          interpret=interpret))
-    times["factors_backward"] = best_of(lambda: fn(*args, seg, *d_f), repeats)
-    return times
+    del backend, interpret
+    d_o, u, w = (x.astype(jnp.float32) for x in (d_out, u, w))
+    v_new = u - dot("rncd,rnde->rnce", w, states)
+    return (-dot("rnce,rnde->rncd", dv_new, states), dot("rnce,rnde->rncd", d_o, states),
+            dot("rnce,rnde->rncd", v_new, grads), dot("rnce,rnme->rncm", d_o, v_new),
+            jnp.sum(states * grads, axis=(-2, -1)))
 
 
-def _rows_inverse(a, row, col, matmul):
-    """The factor kernels' previous solve (until 2026-11-27), kept here for the ablation: forward
-    substitution one row per step with masked reductions on [C, C] tiles."""
-    del matmul
-    c = a.shape[0]
-    a_t = a.T
-    col_1 = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+def _patched(module, attrs: dict, fn):
+    """fn() with module attributes replaced (and jax's caches cleared, so kernels retrace)."""
+    saved = {name: getattr(module, name) for name in attrs}
+    try:
+        for name, value in attrs.items():
+            setattr(module, name, value)
+        jax.clear_caches()
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+        jax.clear_caches()
 
-    def substitute(i, x):
-        a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)
-        new = jnp.where(col_1 == i, 1.0, 0.0) - jnp.sum(a_i * x, axis=0, keepdims=True)
-        return jnp.where(row == i, new, x)
 
-    return jax.lax.fori_loop(1, c, substitute, (row == col).astype(jnp.float32))
+def _with_params(saved, **overrides):
+    return lambda *a, **kw: saved(*a, **{**kw, **overrides})
 
 
 def ablation(data, repeats: int) -> dict:
-    """The factor kernels (forward and VJP) and the state pass under variants, each swapped in
-    by patching the kernel module and clearing jax's caches: the solve (doubling with split
-    bf16 matmuls, the same with float32 matmuls, the previous row-by-row substitution, none at
-    all: the floor of everything else), and 8 warps instead of 4."""
-    import hybrid_jax.kernels.common as common
+    """Kernels alone, and under variants swapped in by patching their modules: the factor
+    kernels (forward and VJP) as they are and with no solve at all (the floor of everything
+    else; 8 warps measured slower on an H200); the factors' cotangents as one kernel (8 or 4 warps) or as the XLA
+    einsums before it, alone and inside the whole fwd+bwd; the state passes by value block and
+    software-pipelining stages."""
     import hybrid_jax.kernels.gdn_chunk_factors as cf
     import hybrid_jax.kernels.gdn_state_pass as sp
+    import hybrid_jax.kernels.gdn_step_cotangents as sc
+    import hybrid_jax.ops.gdn_pallas as gp
     from hybrid_jax.ops.gdn_pallas import _kernel_inputs, _pad_state
 
     q, k, v, g, beta, s0 = data
     (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64)
     interpret = jax.default_backend() == "cpu"
     scale = q.shape[-1] ** -0.5
-    warps8 = lambda *a, **kw: common.compiler_params(*a, **{**kw, "num_warps": 8})
-    variants = {
-        "doubling (split bf16)": {},
-        "doubling, float32 dots": {"solve_matmul": lambda dt: common.mm},
-        "rows (previous)": {"_unit_lower_inverse": _rows_inverse},
-        "no solve (floor)": {"_unit_lower_inverse": lambda a, row, col, mm: a},
-        "doubling, 8 warps": {"compiler_params": warps8},
-    }
     times = {}
-    s0p = _pad_state(s0, pk, pv)
-    for name, patch in variants.items():
-        saved = {attr: getattr(cf, attr) for attr in patch}
-        try:
-            for attr, value in patch.items():
-                setattr(cf, attr, value)
-            jax.clear_caches()
-            fwd = jax.jit(lambda *a: cf.chunk_factors_kernel(*a, seg, scale=scale,
-                                                             interpret=interpret))
-            f = jax.block_until_ready(fwd(*args))
-            times[f"factors {name}"] = best_of(lambda: fwd(*args), repeats)
-            d_f = [jnp.ones(x.shape, jnp.float32) for x in f]
-            bwd = jax.jit(lambda *a: cf.chunk_factors_backward_kernel(
-                *a, scale=scale, interpret=interpret))
-            times[f"factors_backward {name}"] = best_of(lambda: bwd(*args, seg, *d_f), repeats)
-        finally:
-            for attr, value in saved.items():
-                setattr(cf, attr, value)
-    jax.clear_caches()
+
+    def factors():
+        fwd = jax.jit(lambda *a: cf.chunk_factors_kernel(*a, seg, scale=scale,
+                                                         interpret=interpret))
+        f = jax.block_until_ready(fwd(*args))
+        d_f = [jnp.ones(x.shape, jnp.float32) for x in f]
+        bwd = jax.jit(lambda *a: cf.chunk_factors_backward_kernel(*a, scale=scale,
+                                                                  interpret=interpret))
+        return best_of(lambda: fwd(*args), repeats), best_of(lambda: bwd(*args, seg, *d_f),
+                                                             repeats)
+
+    for name, patch in {"as is": {},
+                        "no solve (floor)": {"_unit_lower_inverse": lambda a, r, c, mm: a}}.items():
+        times[f"factors, factors_backward {name}"] = _patched(cf, patch, factors)
+
     f = cf.chunk_factors_kernel(*args, seg, scale=scale, interpret=interpret)
-    for warps in (4, 8):
-        saved = sp.compiler_params
-        try:
-            sp.compiler_params = lambda *a, w=warps, **kw: saved(*a, **{**kw, "num_warps": w})
-            jax.clear_caches()
-            for bv in (32, 64):
-                fn = jax.jit(lambda *a, bv=bv: sp.state_pass(*a, block_v=bv, interpret=interpret))
-                times[f"state_pass bv={bv} warps={warps}"] = best_of(lambda: fn(*f, s0p), repeats)
-                fn = jax.jit(lambda *a, bv=bv: sp.state_pass_backward(*a, block_v=bv,
-                                                                      interpret=interpret))
-                d_o = jnp.ones_like(f[0])
-                times[f"state_pass_backward bv={bv} warps={warps}"] = best_of(
-                    lambda: fn(d_o, *f[1:], s0p), repeats)
-        finally:
-            sp.compiler_params = saved
-    jax.clear_caches()
+    s0p = _pad_state(s0, pk, pv)
+    _, _, states = sp.state_pass(*f, s0p, return_states=True, interpret=interpret)
+    d_o = jnp.ones_like(f[0])
+    dv_new, grads, _ = sp.state_pass_backward(d_o, *f[1:], s0p, interpret=interpret)
+
+    def cotangents():
+        fn = jax.jit(lambda *a: gp.step_cotangents(*a, backend="gpu", interpret=interpret))
+        return best_of(lambda: fn(f[0], f[1], d_o, dv_new, states, grads), repeats)
+
+    times["step_cotangents kernel (8 warps)"] = cotangents()
+    times["step_cotangents kernel, 4 warps"] = _patched(
+        sc, {"compiler_params": _with_params(sc.compiler_params, num_warps=4)}, cotangents)
+    times["step_cotangents XLA einsums (previous)"] = _patched(
+        gp, {"step_cotangents": _xla_step_cotangents}, cotangents)
+    def whole():
+        grad = jax_fns("pallas")[1]  # built inside the patch: traced with the XLA cotangents
+        return best_of(lambda: grad(*data), repeats)
+
+    times["whole pallas fwd+bwd, XLA cotangents (previous)"] = _patched(
+        gp, {"step_cotangents": _xla_step_cotangents}, whole)
+
+    for bv, stages in ((64, 2), (64, 3), (32, 3)):
+        def passes(bv=bv):
+            fwd = jax.jit(lambda *a: sp.state_pass(*a, block_v=bv, interpret=interpret))
+            bwd = jax.jit(lambda *a: sp.state_pass_backward(*a, block_v=bv,
+                                                            interpret=interpret))
+            return (best_of(lambda: fwd(*f, s0p), repeats),
+                    best_of(lambda: bwd(d_o, *f[1:], s0p), repeats))
+        times[f"state_pass, backward bv={bv} stages={stages}"] = _patched(
+            sp, {"compiler_params": _with_params(sp.compiler_params, num_stages=stages)}, passes)
     return times
 
 
@@ -254,36 +237,44 @@ def guarded(label: str, fn):
         return None
 
 
+def nan_pair(x) -> tuple[float, float]:
+    return x if isinstance(x, tuple) else (float("nan"), float("nan"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: interpret mode)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-fla", action="store_true")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time each Pallas kernel alone, forward and backward")
+    p.add_argument("--methods", default="pallas,chunk",
+                   help="jax methods to time beside FLA (chunk is slow at long T)")
     p.add_argument("--ablation", action="store_true",
-                   help="also time the kernels under variants (solve, warps, value blocks)")
+                   help="after the table, time each kernel alone and under variants (warps, "
+                        "no solve, cotangents in XLA, value blocks, pipelining), first shape")
     p.add_argument("--shapes", default=None,
                    help="which of the shapes to run, by index, e.g. 0,2")
     args = p.parse_args()
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.shapes:
         shapes = [shapes[int(i)] for i in args.shapes.split(",")]
+    methods = args.methods.split(",")
     dtype = jnp.dtype(args.dtype)
     dev = jax.devices()[0]
+    start = time.perf_counter()
+    stamp = lambda: f"[{time.perf_counter() - start:5.0f} s]"
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {args.dtype}",
           flush=True)
     rows = []
     for shape in shapes:
         data = inputs(shape, dtype)
-        fns = {m: jax_fns(m) for m in ("pallas", "chunk")}
+        fns = {m: jax_fns(m) for m in methods}
         row = {"shape": shape}
-        print(f"{shape}:", flush=True)
+        print(f"{stamp()} {shape}:", flush=True)
         # Correctness on the device first: pallas against chunk (XLA) and against FLA.
         outs = {m: guarded(f"{m} forward", lambda m=m: fns[m][0](*data)) for m in fns}
         grads = {m: guarded(f"{m} gradient", lambda m=m: fns[m][1](*data)) for m in fns}
-        if outs["pallas"] is not None and outs["chunk"] is not None:
+        if outs.get("pallas") is not None and outs.get("chunk") is not None:
             (o_p, s_p), (o_c, s_c) = outs["pallas"], outs["chunk"]
             check = {"o": rel(o_p, o_c), "state": rel(s_p, s_c)}
             if grads["pallas"] is not None and grads["chunk"] is not None:
@@ -292,22 +283,12 @@ def main() -> None:
                   ", ".join(f"{k} {v:.1e}" for k, v in check.items()), flush=True)
         for m, (fwd, grad) in fns.items():
             if outs[m] is None:
-                row[m] = (float("nan"), float("nan"))
                 continue
             row[m] = (best_of(lambda: fwd(*data), args.repeats),
                       guarded(f"{m} fwd+bwd timing",
                               lambda: best_of(lambda: grad(*data), args.repeats))
                       or float("nan"))
             print(f"  {m:<7} fwd {row[m][0]:9.3f} ms   fwd+bwd {row[m][1]:9.3f} ms", flush=True)
-        if outs["pallas"] is not None and args.breakdown:
-            parts = guarded("breakdown", lambda: pallas_breakdown(data, args.repeats))
-            if parts:
-                print("  pallas kernels alone: " +
-                      ", ".join(f"{k} {v:.3f} ms" for k, v in parts.items()), flush=True)
-        if outs["pallas"] is not None and args.ablation:
-            parts = guarded("ablation", lambda: ablation(data, args.repeats))
-            for name, ms in (parts or {}).items():
-                print(f"  ablation: {name:<40} {ms:8.3f} ms", flush=True)
         fla = "not run (--no-fla)" if args.no_fla else (
             guarded("fla", lambda: fla_run(data, args.repeats)) or "failed")
         if isinstance(fla, dict):
@@ -319,20 +300,26 @@ def main() -> None:
                     print(f"  {m} vs fla relative error: o {rel(outs[m][0], fla['o']):.1e}, "
                           f"state {rel(outs[m][1], fla['state']):.1e}", flush=True)
         else:
-            row["fla"] = fla
             print(f"  fla     {fla}", flush=True)
         rows.append(row)
         del data, fns, outs, grads
 
-    print(f"\ndevice: {dev.device_kind}; {args.dtype}; best of {args.repeats}")
+    print(f"\n{stamp()} device: {dev.device_kind}; {args.dtype}; best of {args.repeats}")
     print("| B, T, H, Dk, Dv | pallas fwd ms | chunk fwd ms | fla fwd ms | pallas fwd+bwd ms | "
           "chunk fwd+bwd ms | fla fwd+bwd ms | fla/pallas fwd | fla/pallas fwd+bwd |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        fla = r["fla"] if isinstance(r["fla"], tuple) else (float("nan"), float("nan"))
-        print(f"| {', '.join(map(str, r['shape']))} | {r['pallas'][0]:.3f} | {r['chunk'][0]:.3f} | "
-              f"{fla[0]:.3f} | {r['pallas'][1]:.3f} | {r['chunk'][1]:.3f} | {fla[1]:.3f} | "
-              f"{fla[0] / r['pallas'][0]:.2f}x | {fla[1] / r['pallas'][1]:.2f}x |")
+        (pf, pb), (cf, cb), (ff, fb) = (nan_pair(r.get(m)) for m in ("pallas", "chunk", "fla"))
+        print(f"| {', '.join(map(str, r['shape']))} | {pf:.3f} | {cf:.3f} | {ff:.3f} | "
+              f"{pb:.3f} | {cb:.3f} | {fb:.3f} | {ff / pf:.2f}x | {fb / pb:.2f}x |", flush=True)
+
+    if args.ablation:
+        print(f"\n{stamp()} ablation at {shapes[0]}:", flush=True)
+        parts = guarded("ablation", lambda: ablation(inputs(shapes[0], dtype), args.repeats))
+        for name, ms in (parts or {}).items():
+            ms = " / ".join(f"{x:.3f}" for x in (ms if isinstance(ms, tuple) else (ms,)))
+            print(f"  {name:<52} {ms} ms", flush=True)
+        print(f"{stamp()} done", flush=True)
 
 
 if __name__ == "__main__":

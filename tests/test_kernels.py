@@ -96,6 +96,32 @@ def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v):
     close(grads[:, -1], d_final)
 
 
+@pytest.mark.parametrize("variant,dk,dv", [("gpu", 32, 160), ("tpu", 16, 32)])
+def test_step_cotangents_kernel_matches_autodiff_of_the_step(variant, dk, dv):
+    """The factors' cotangents given the states (one kernel) against jax.vjp of ``gdn_chunk``'s
+    chunk step at those states, for random output and next-state cotangents: d_w, d_q_decayed,
+    d_k_decayed, d_intra, d_chunk_decay (d_u, = dv_new, is the kernel's input). 160 value
+    columns make three GPU blocks, the last narrower."""
+    from hybrid_jax.kernels.gdn_step_cotangents import step_cotangents
+
+    rng = np.random.default_rng(8)
+    r, n, c = 2, 3, 16
+    f = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
+    factors = ChunkFactors(u=f(r, n, c, dv), w=f(r, n, c, dk), q_decayed=f(r, n, c, dk),
+                           k_decayed=f(r, n, c, dk), intra=f(r, n, c, c),
+                           chunk_decay=jnp.asarray(rng.uniform(0, 1, (r, n)), jnp.float32))
+    states, d_out, grads = f(r, n, dk, dv), f(r, n, c, dv), f(r, n, dk, dv)
+    # The step's batch axes [B, H] are this test's [R, N]: every chunk at its own state.
+    _, vjp = jax.vjp(lambda fs: _state_step(states, fs), factors)
+    (want,) = vjp((grads, d_out))
+    interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
+    got = step_cotangents(factors.u, factors.w, d_out, want.u, states, grads, backend=variant,
+                          interpret=interpret)
+    for a, b_, name in zip(got, want[1:], ChunkFactors._fields[1:]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("variant,dk,dv", [("gpu", 24, 48), ("tpu", 24, 48), ("gpu", 96, 192)])
 def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, dv):
     """The whole op: OLMo's head-dim ratio, padded to powers of two (24 -> 32, 48 -> 64; OLMo's
@@ -185,15 +211,17 @@ def test_kernel_solve_against_float64_inverse(split):
     assert err < (1e-4 if split else 1e-5), err
 
 
-@pytest.mark.parametrize("variant,c", [("gpu", 16), ("tpu", 16), ("gpu", 64)])
-def test_chunk_factors_kernel_matches_xla(variant, c):
+@pytest.mark.parametrize("variant,c,dk,dv", [("gpu", 16, 8, 16), ("tpu", 16, 8, 16),
+                                             ("gpu", 64, 128, 160)])
+def test_chunk_factors_kernel_matches_xla(variant, c, dk, dv):
     """The fused per-chunk kernel against ``chunk_factors`` (XLA): decays from none (g = 0) to
     very strong, beta up to 2, resets inside chunks (and one at a chunk's first position), at
-    a small chunk and the default one (64)."""
+    a small chunk and the default one (64); head dims wider than the GPU kernels' 64-column
+    blocks, one not a multiple of it."""
     from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
     from hybrid_jax.ops.gdn_common import chunk_factors
 
-    q, k, v, g, beta, seg = _hard_chunks(np.random.default_rng(2), c)
+    q, k, v, g, beta, seg = _hard_chunks(np.random.default_rng(2), c, dk=dk, dv=dv)
     interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
     got = chunk_factors_kernel(q, k, v, g, beta, seg, scale=0.3, backend=variant,
                                interpret=interpret)
@@ -204,16 +232,18 @@ def test_chunk_factors_kernel_matches_xla(variant, c):
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("variant,c", [("gpu", 16), ("tpu", 16), ("gpu", 64)])
-def test_chunk_factors_backward_kernel_matches_autodiff_of_xla(variant, c):
+@pytest.mark.parametrize("variant,c,dk,dv", [("gpu", 16, 8, 16), ("tpu", 16, 8, 16),
+                                             ("gpu", 64, 128, 160)])
+def test_chunk_factors_backward_kernel_matches_autodiff_of_xla(variant, c, dk, dv):
     """The factor kernel's VJP (recomputing gates and solve) against jax.vjp of
     ``chunk_factors`` (XLA) for random cotangents of all six factors: decays from none to very
-    strong, beta up to 2, resets inside chunks and at a chunk's first position."""
+    strong, beta up to 2, resets inside chunks and at a chunk's first position; head dims in
+    several 64-column blocks."""
     from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_backward_kernel
     from hybrid_jax.ops.gdn_common import chunk_factors
 
     rng = np.random.default_rng(5)
-    q, k, v, g, beta, seg = _hard_chunks(rng, c)
+    q, k, v, g, beta, seg = _hard_chunks(rng, c, dk=dk, dv=dv)
     (r, n, _, dk), dv = q.shape, v.shape[-1]
     x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     cot = (x(r, n, c, dv), x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, c),
@@ -257,8 +287,8 @@ def test_kernels_lower_for_their_accelerator(variant, platform, marker, dtype):
     lower = lambda f: jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert lower(fwd).count(marker) == 2  # factor kernel, state pass
     # The forward's two, then for the backward: factors, state pass (with states), state pass
-    # backwards, the factors' VJP.
-    assert lower(grads).count(marker) == 6
+    # backwards, the factors' cotangents, the factors' VJP.
+    assert lower(grads).count(marker) == 7
 
 
 def test_gdn_pallas_bf16_inputs_stay_close_to_float32():

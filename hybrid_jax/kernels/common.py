@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 HIGHEST = jax.lax.Precision.HIGHEST
 BACKENDS = ("gpu", "tpu")
+# Head-dim columns a kernel handles at a time: on GPU whole [C, 256] float32 tiles would spill
+# out of a program's registers; Mosaic TPU takes whole tiles (VMEM, the MXU's width).
+BLOCK_COLUMNS = {"gpu": 64, "tpu": 1 << 30}
+
+
+def column_blocks(d: int, width: int) -> list:
+    """Static slices of ``width`` columns (the last one possibly narrower) covering a head dim
+    of ``d``: the whole dim when ``width`` >= d."""
+    return [pl.ds(start, min(width, d - start)) for start in range(0, d, width)]
 
 
 def mm(a: jax.Array, b: jax.Array, dtype=None) -> jax.Array:

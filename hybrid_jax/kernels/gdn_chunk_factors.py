@@ -26,7 +26,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hybrid_jax.kernels.common import compiler_params, dot_dtype, mm_exact_mask, solve_matmul
+from hybrid_jax.kernels.common import (
+    BLOCK_COLUMNS,
+    column_blocks,
+    compiler_params,
+    dot_dtype,
+    mm_exact_mask,
+    solve_matmul,
+)
 from hybrid_jax.kernels.common import mm as _mm
 
 
@@ -88,73 +95,86 @@ def _iotas(c: int):
             jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
 
 
-def _keys_and_inverse(k, beta, decay, row, col):
-    """(k k^T, (I + A)^-1) in float32, A = strict_tril(beta_i (k_i . k_j) decay_ij)."""
-    kk = _mm(k, k.T)
+def _products_and_inverse(q_ref, k_ref, beta, decay, row, col, width: int):
+    """(q k^T, k k^T, (I + A)^-1) [C, C] float32, A = strict_tril(beta_i (k_i . k_j) decay_ij),
+    the products summed over blocks of ``width`` key columns (operands in the inputs' dtype)."""
+    qk = kk = 0.0
+    for cols in column_blocks(k_ref.shape[-1], width):
+        q, k = q_ref[:, cols], k_ref[:, cols]
+        qk, kk = qk + _mm(q, k.T), kk + _mm(k, k.T)
     a = jnp.where(row > col, beta * kk * decay, 0.0)
-    return kk, _unit_lower_inverse(a, row, col, solve_matmul(k.dtype))
+    return qk, kk, _unit_lower_inverse(a, row, col, solve_matmul(k_ref.dtype))
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
-            u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, *, scale: float):
+            u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, *, scale: float, width: int):
     f32 = jnp.float32
     dt = u_ref.dtype  # matmul operand dtype: the inputs' (bf16) or float32
     beta = beta_ref[...]  # [C, 1]
     row, col = _iotas(q_ref.shape[0])
     decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
+    qk, _, inv = _products_and_inverse(q_ref, k_ref, beta, decay, row, col, width)
 
-    q_in, k_in = q_ref[...], k_ref[...]  # the inputs' dtype, for the [C, C] products
-    _, inv = _keys_and_inverse(k_in, beta, decay, row, col)
-
-    q, k, v = q_in.astype(f32), k_in.astype(f32), v_ref[...].astype(f32)
-    u_ref[...] = _mm(inv, beta * v, dt).astype(dt)
-    w_ref[...] = _mm(inv, beta * from_start * k, dt).astype(dt)
-    intra_ref[...] = (scale * _mm(q_in, k_in.T) * decay).astype(dt)
-    qd_ref[...] = (scale * from_start * q).astype(dt)
-    kd_ref[...] = (to_end * k).astype(dt)
+    # Head dims in blocks of ``width`` columns: whole [C, 256] float32 tiles would not fit a
+    # GPU program's registers.
+    for cols in column_blocks(v_ref.shape[-1], width):
+        u_ref[:, cols] = _mm(inv, beta * v_ref[:, cols].astype(f32), dt).astype(dt)
+    for cols in column_blocks(k_ref.shape[-1], width):
+        k = k_ref[:, cols].astype(f32)
+        w_ref[:, cols] = _mm(inv, beta * from_start * k, dt).astype(dt)
+        qd_ref[:, cols] = (scale * from_start * q_ref[:, cols].astype(f32)).astype(dt)
+        kd_ref[:, cols] = (to_end * k).astype(dt)
+    intra_ref[...] = (scale * qk * decay).astype(dt)
     decay_ref[...] = chunk_decay
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
                      du_ref, dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref,
-                     dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, scale: float):
+                     dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, scale: float, width: int):
     """The vector-Jacobian product of ``_kernel``, recomputing the chunk's gates and solve.
     Cotangents and results are float32; matmuls over head dims take the inputs' dtype, the
-    [C, C] ones through the solve stay float32."""
+    [C, C] ones through the solve ``common.solve_matmul``. Head dims go in blocks of ``width``
+    columns: first the [C, C] cotangents' sums over them, then each block's results."""
     f32 = jnp.float32
     dt = dot_dtype(q_ref.dtype)
+    sum_cols = lambda x: jnp.sum(x, axis=1, keepdims=True)
     g, beta = g_ref[...], beta_ref[...]
     row, col = _iotas(q_ref.shape[0])
     causal, strict = row >= col, row > col
     decay, from_start, to_end, chunk_decay = _gates(g, seg_ref[...], row, col)
-    q_in, k_in = q_ref[...], k_ref[...]
-    q, k, v = q_in.astype(f32), k_in.astype(f32), v_ref[...].astype(f32)
-    kk, inv = _keys_and_inverse(k_in, beta, decay, row, col)
-    qk = _mm(q_in, k_in.T)
-    du, dw, dqd, dkd = du_ref[...], dw_ref[...], dqd_ref[...], dkd_ref[...]
+    qk, kk, inv = _products_and_inverse(q_ref, k_ref, beta, decay, row, col, width)
 
-    # u = T (beta v), w = T (beta from_start k).
-    b_v, b_k = beta * v, beta * from_start * k
-    d_inv = _mm(du, b_v.T, dt) + _mm(dw, b_k.T, dt)  # [C, C]
-    d_bv, d_bk = _mm(inv.T, du, dt), _mm(inv.T, dw, dt)
-    dv = beta * d_bv
-    dk = beta * from_start * d_bk
-    dbeta = (jnp.sum(v * d_bv, axis=1, keepdims=True)
-             + from_start * jnp.sum(k * d_bk, axis=1, keepdims=True))
-    d_from_start = beta * jnp.sum(k * d_bk, axis=1, keepdims=True)
+    # u = T (beta v), w = T (beta from_start k): d_inv sums over every value and key column.
+    d_inv = dbeta = d_from_start = d_to_end = 0.0
+    for cols in column_blocks(v_ref.shape[-1], width):
+        v, du = v_ref[:, cols].astype(f32), du_ref[:, cols]
+        d_inv = d_inv + _mm(du, (beta * v).T, dt)
+        d_bv = _mm(inv.T, du, dt)
+        dv_ref[:, cols] = beta * d_bv
+        dbeta = dbeta + sum_cols(v * d_bv)
+    for cols in column_blocks(k_ref.shape[-1], width):
+        q, k, dw = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32), dw_ref[:, cols]
+        d_inv = d_inv + _mm(dw, (beta * from_start * k).T, dt)
+        k_d_bk = sum_cols(k * _mm(inv.T, dw, dt))
+        dbeta = dbeta + from_start * k_d_bk
+        d_from_start = d_from_start + beta * k_d_bk + scale * sum_cols(q * dqd_ref[:, cols])
+        d_to_end = d_to_end + sum_cols(k * dkd_ref[:, cols])
     # T = (I + A)^-1: dA = -T^T dT T^T, on A's strictly lower support.
     solve_mm = solve_matmul(q_ref.dtype)
     d_a = jnp.where(strict, -solve_mm(inv.T, solve_mm(d_inv, inv.T)), 0.0)
     # A = beta_i kk_ij decay_ij; intra = scale qk_ij decay_ij.
     d_kk = beta * d_a * decay
-    dbeta = dbeta + jnp.sum(d_a * kk * decay, axis=1, keepdims=True)
+    d_kk = d_kk + d_kk.T
+    dbeta = dbeta + sum_cols(d_a * kk * decay)
     d_intra = dintra_ref[...]
     d_decay = beta * d_a * kk + scale * d_intra * qk
     d_qk = scale * d_intra * decay
-    dq = _mm(d_qk, k, dt) + scale * from_start * dqd
-    dk = dk + _mm(d_qk.T, q, dt) + _mm(d_kk + d_kk.T, k, dt) + to_end * dkd
-    d_from_start = d_from_start + scale * jnp.sum(q * dqd, axis=1, keepdims=True)
-    d_to_end = jnp.sum(k * dkd, axis=1, keepdims=True)
+    for cols in column_blocks(k_ref.shape[-1], width):
+        q, k = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32)
+        dq_ref[:, cols] = _mm(d_qk, k, dt) + scale * from_start * dqd_ref[:, cols]
+        d_bk = _mm(inv.T, dw_ref[:, cols], dt)  # again: cheaper than keeping it live
+        dk_ref[:, cols] = (beta * from_start * d_bk + _mm(d_qk.T, q, dt) + _mm(d_kk, k, dt)
+                           + to_end * dkd_ref[:, cols])
 
     # The gates, through each masked exp (decay, from_start, to_end and chunk_decay are zero
     # wherever masked, so their cotangents vanish there).
@@ -167,9 +187,6 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     dg = dg + jnp.sum(jnp.where(strict, d_to_end_log, 0.0), axis=1, keepdims=True)
     dg = dg + ddecay_ref[...] * chunk_decay
 
-    dq_ref[...] = dq
-    dk_ref[...] = dk
-    dv_ref[...] = dv
     dg_ref[...] = dg
     dbeta_ref[...] = dbeta
 
@@ -200,7 +217,7 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
 
     f32, dt = jnp.float32, dot_dtype(q.dtype)
     u, w, qd, kd, intra, decay = pl.pallas_call(
-        functools.partial(_kernel, scale=scale),
+        functools.partial(_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
         in_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, 1),
                   per_chunk(c, 1), per_chunk(c, 1)],
@@ -235,7 +252,7 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
         return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
 
     dq, dk_, dv_, dg, dbeta = pl.pallas_call(
-        functools.partial(_backward_kernel, scale=scale),
+        functools.partial(_backward_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
         in_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, 1),
                   per_chunk(c, 1), per_chunk(c, 1),

@@ -7,7 +7,7 @@ Mosaic TPU variant on TPU, its GPU-style variant elsewhere).
 Backward (``jax.custom_vjp``), recomputing rather than storing anything per chunk: the factors
 again (forward factor kernel), the state entering each chunk (forward state pass), the state's
 cotangent from the last chunk to the first (backward state pass), the factors' cotangents from
-those (local to each chunk: batched matmuls in XLA), and finally the factor kernel's VJP
+those (local to each chunk: ``gdn_step_cotangents``), and finally the factor kernel's VJP
 (``chunk_factors_backward_kernel``), which recomputes the gates and the solve.
 """
 
@@ -29,7 +29,8 @@ from hybrid_jax.kernels.gdn_state_pass import (
     state_pass_backward_tpu,
     state_pass_tpu,
 )
-from hybrid_jax.ops.gdn_common import chunk_segments, dot
+from hybrid_jax.kernels.gdn_step_cotangents import step_cotangents
+from hybrid_jax.ops.gdn_common import chunk_segments
 
 
 def _pow2(n: int) -> int:
@@ -127,8 +128,8 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     """Recompute, don't store: each chunk's factors (forward factor kernel), the state entering
     each chunk (forward state pass), then the state's cotangent from the last chunk to the first
     (backward state pass). The factors' cotangents given those states are local to each chunk
-    (batched matmuls in XLA), and the factor kernel's VJP, which recomputes the gates and the
-    solve, takes them back to q, k, v, g and beta."""
+    (``step_cotangents``, one kernel), and the factor kernel's VJP, which recomputes the gates
+    and the solve, takes them back to q, k, v, g and beta."""
     q, k, v, g, beta, initial_state, reset = saved
     d_out, d_final = cotangents
     b, t, h, dk = q.shape
@@ -138,21 +139,12 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     forward, backward = _kernels(variant, b * h, pv)
     _, _, states = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
                            interpret=interpret)
-    d_o = _sequences(d_out, chunk_size, pv)  # [R, N, C, pv], zero past T and past Dv
-    dv_new, grads, d_s0 = backward(d_o.astype(f[0].dtype), *f[1:],
+    d_o = _sequences(d_out, chunk_size, pv).astype(f[0].dtype)  # zero past T and past Dv
+    dv_new, grads, d_s0 = backward(d_o, *f[1:],
                                    _pad_state(d_final.astype(jnp.float32), pk, pv),
                                    interpret=interpret)
-    d_o = d_o.astype(jnp.float32)
-    u, w = f[0].astype(jnp.float32), f[1].astype(jnp.float32)
-    v_new = u - dot("rncd,rnde->rnce", w, states)
-    d_factors = (
-        dv_new,  # u
-        -dot("rnce,rnde->rncd", dv_new, states),  # w
-        dot("rnce,rnde->rncd", d_o, states),  # q_decayed
-        dot("rnce,rnde->rncd", v_new, grads),  # k_decayed
-        dot("rnce,rnme->rncm", d_o, v_new),  # intra
-        jnp.sum(states * grads, axis=(-2, -1)),  # chunk_decay
-    )
+    d_factors = (dv_new, *step_cotangents(f[0], f[1], d_o, dv_new, states, grads,
+                                          backend=variant, interpret=interpret))
     dq, dk_, dv_, dg, dbeta = chunk_factors_backward_kernel(
         *inputs, *d_factors, scale=scale, backend=variant, interpret=interpret)
     cast = lambda x, like: x.astype(like.dtype)

@@ -1,0 +1,92 @@
+"""Pallas kernel: the factors' cotangents of the state pass, local to each chunk once the states
+are known.
+
+The state pass (``gdn_state_pass``) runs, per chunk with S the state entering it,
+
+    v_new = u - w S;   o = q_decayed S + intra v_new;   S' = chunk_decay * S + k_decayed^T v_new.
+
+Given S, G' = dL/dS' and dv_new = dL/dv_new (the backward state pass's results) and the
+output's cotangent dO, the rest of the VJP has no dependence across chunks:
+
+    d_w = -dv_new S^T;   d_q_decayed = dO S^T;   d_k_decayed = v_new G'^T;
+    d_intra = dO v_new^T;   d_chunk_decay = sum(S * G');   d_u = dv_new.
+
+One program per (sequence, chunk) reads S and G' once and forms all five, the value columns in
+blocks (on GPU) so the [C, Dk] float32 sums stay in registers. Matmul operands take the factors'
+dtype (bf16 for bf16 inputs, as the state pass does) with float32 sums; on the XLA side these
+were five separate float32 einsums, each reading the [R, N, Dk, Dv] states again. The twin is
+``jax.vjp`` of ``hybrid_jax.ops.gdn_chunk``'s step (tests). GPU (Triton) and Mosaic TPU share the
+body: a parallel grid over (sequence, chunk).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from hybrid_jax.kernels.common import BLOCK_COLUMNS, column_blocks, compiler_params
+from hybrid_jax.kernels.common import mm as _mm
+
+
+def _kernel(u_ref, w_ref, do_ref, dvn_ref, s_ref, g_ref,
+            dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int):
+    f32 = jnp.float32
+    dt = w_ref.dtype
+    w = w_ref[...]
+    d_w = d_qd = d_kd = d_intra = d_decay = 0.0
+    for cols in column_blocks(u_ref.shape[-1], width):
+        state, grad = s_ref[:, cols], g_ref[:, cols]  # [Dk, block] float32
+        do, dvn = do_ref[:, cols], dvn_ref[:, cols]  # [C, block]
+        v_new = u_ref[:, cols].astype(f32) - _mm(w, state, dt)
+        d_w = d_w - _mm(dvn, state.T, dt)
+        d_qd = d_qd + _mm(do, state.T, dt)
+        d_kd = d_kd + _mm(v_new, grad.T, dt)
+        d_intra = d_intra + _mm(do, v_new.T, dt)
+        d_decay = d_decay + jnp.sum(state * grad)
+    dw_ref[...] = d_w
+    dqd_ref[...] = d_qd
+    dkd_ref[...] = d_kd
+    dintra_ref[...] = d_intra
+    ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "interpret"))
+def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Array,
+                    states: jax.Array, grads: jax.Array, *, backend: str = "gpu",
+                    interpret=False):
+    """The factors' cotangents from the states and the backward state pass.
+
+    Args:
+      u: [R, N, C, Dv] and w: [R, N, C, Dk], the factors (their dtype is the matmul operands');
+      d_out: [R, N, C, Dv], the output's cotangent; dv_new: [R, N, C, Dv] float32;
+      states: [R, N, Dk, Dv], the state entering each chunk, and grads: [R, N, Dk, Dv], the
+        cotangent of the state leaving it, float32.
+      backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU); interpret: as for the others.
+    Returns (float32): d_w, d_q_decayed, d_k_decayed [R, N, C, Dk], d_intra [R, N, C, C],
+      d_chunk_decay [R, N]. (d_u is dv_new itself.)
+    """
+    r, n, c, dv = u.shape
+    dk = w.shape[-1]
+    f32 = jnp.float32
+
+    def per_chunk(*shape):
+        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
+
+    d_w, d_qd, d_kd, d_intra, d_decay = pl.pallas_call(
+        functools.partial(_kernel, width=BLOCK_COLUMNS[backend]),
+        grid=(r, n),
+        in_specs=[per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, dv),
+                  per_chunk(dk, dv), per_chunk(dk, dv)],
+        out_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, c),
+                   per_chunk(1, 1)],
+        out_shape=[*[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 3,
+                   jax.ShapeDtypeStruct((r, n, c, c), f32),
+                   jax.ShapeDtypeStruct((r, n, 1, 1), f32)],
+        compiler_params=compiler_params(backend, ("parallel", "parallel"), num_warps=8),
+        interpret=interpret,
+    )(u, w, d_out.astype(w.dtype), dv_new.astype(f32), states.astype(f32),
+      grads.astype(f32))
+    return d_w, d_qd, d_kd, d_intra, d_decay[..., 0, 0]
