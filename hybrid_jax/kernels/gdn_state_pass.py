@@ -203,7 +203,9 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         in_specs=_gpu_in_specs(n, c, dk, bv),
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=compiler_params("gpu", ("parallel", "parallel")),
+        # Three pipelining stages prefetch further ahead: 0.55 -> 0.39 ms at OLMo's layer on an
+        # H200 (bv=64); the backward pass measured slower with three (0.60 -> 0.65 ms).
+        compiler_params=compiler_params("gpu", ("parallel", "parallel"), num_stages=3),
         interpret=interpret,
     )(u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state))
 
