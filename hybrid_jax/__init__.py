@@ -7,6 +7,7 @@ from hybrid_jax.config import (
     ModelConfig,
     PRESETS,
     olmo_hybrid_7b,
+    olmo_hybrid_bytes,
     olmo_hybrid_small,
     olmo_hybrid_tiny,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "generate",
     "init_cache",
     "olmo_hybrid_7b",
+    "olmo_hybrid_bytes",
     "olmo_hybrid_small",
     "olmo_hybrid_tiny",
     "split",

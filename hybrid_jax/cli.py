@@ -1,5 +1,6 @@
 """``hybrid-jax`` command line.
 
+    hybrid-jax main [--steps 300] [--resume] [any train option]
     hybrid-jax demo [--preset small] [--batch 2] [--seq-len 512] [--new-tokens 32]
     hybrid-jax convert hf-to-orbax SRC DST [--dtype D] [--overwrite]
     hybrid-jax convert orbax-to-hf SRC DST [--dtype D] [--max-shard-size 5GB] [--overwrite]
@@ -10,10 +11,12 @@
     hybrid-jax train (--text FILE | --data TOKENS) [--preset tiny] [--config RUN.yaml]
         [--set SECTION.KEY=VALUE ...] [--mesh fsdp=8] [--checkpoint-dir DIR] [--export-hf DIR]
 
-``demo`` (the default) builds an OLMo-Hybrid-shaped model, runs a batch through it with each
-form of the gated delta rule, and prints the parameter count, the logits' shape, each form's
-compile and run time, and how far the forms' logits are apart, then generates ``--new-tokens``
-greedily after the first half of the batch. ``convert`` moves weights between
+``main`` (the default) is the main job: it trains a small hybrid model on the embedded corpus
+for a few minutes, then prints a sample of its text (see ``hybrid_jax.main_job``). ``demo``
+builds an OLMo-Hybrid-shaped model, runs a batch through it with each form of the gated delta
+rule, and prints the parameter count, the logits' shape, each form's compile and run time, and
+how far the forms' logits are apart, then generates ``--new-tokens`` greedily after the first
+half of the batch. ``convert`` moves weights between
 transformers checkpoints and orbax checkpoints, and checks a pair against each other (see
 ``hybrid_jax.convert_cli``). ``generate`` loads either kind of checkpoint and streams the text it
 generates after a prompt to stdout, encoded with a tokenizer.json (``--tokenizer``, else the
@@ -147,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid_jax.train_cli import add_train_parser
 
     add_train_parser(sub)
+    from hybrid_jax.main_job import add_main_parser
+
+    add_main_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        argv = ["demo", *argv]
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["main", *argv]
     args = parser.parse_args(argv)
     if args.command == "convert":
         from hybrid_jax.convert_cli import run_convert
@@ -163,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         from hybrid_jax.train_cli import run_train
 
         return run_train(args)
+    if args.command == "main":
+        from hybrid_jax.main_job import run_main
+
+        return run_main(args)
     if args.preset == "olmo_hybrid_7b":
         parser.error("--preset olmo_hybrid_7b does not fit a demo on this machine; use small or tiny")
     if args.batch <= 0 or args.seq_len <= 0:

@@ -327,7 +327,19 @@ def olmo_hybrid_small(**overrides: Any) -> ModelConfig:
     return ModelConfig(**kwargs)
 
 
+def olmo_hybrid_bytes(**overrides: Any) -> ModelConfig:
+    """About 3.5M parameters over raw UTF-8 bytes: the tiny preset (vocabulary 256) widened to
+    hidden 256 and cut to one hybrid block (3 GDN layers, then attention); the main job trains
+    it on a CPU in minutes."""
+    return olmo_hybrid_tiny(**{
+        "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "layer_types": hybrid_layer_types(4),
+        "linear_num_key_heads": 4, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
+        "linear_value_head_dim": 64, **overrides})
+
+
 PRESETS = {
+    "bytes": olmo_hybrid_bytes,
     "olmo_hybrid_7b": olmo_hybrid_7b,
     "small": olmo_hybrid_small,
     "tiny": olmo_hybrid_tiny,

@@ -6,10 +6,17 @@ The run's configuration has six sections, each merged in order (later wins): the
     model      ModelConfig fields (preset chosen by --preset)
     optimizer  OptimizerConfig fields (lr, warmup_steps, total_steps, schedule, ...)
     loop       LoopConfig fields (steps, micro_batches, checkpoint_every, ...)
-    data       path + dtype (a token file) or text (+ tokenizer); seq_len, global_batch, seed
+    data       path + dtype (a token file) or text (+ tokenizer, doc_separator: where the
+               text splits into documents, default a blank line, null for one document);
+               seq_len, global_batch, seed
     mesh       data, fsdp, tensor, context (default: every device on fsdp)
     run        checkpoint_dir, log_file (default: in the checkpoint dir), tensorboard_dir,
                export_hf
+
+``--sample N`` then generates N tokens from the trained model after ``--prompt`` (default: the
+first line of the training text), prints prompt and continuation to stdout and, with a
+checkpoint dir, writes them to its sample.txt. Generation never stops early; an EOS (a
+document's end) is shown as the document separator.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("model", "optimizer", "loop", "data", "mesh", "run")
-DATA_KEYS = ("path", "dtype", "text", "tokenizer", "seq_len", "global_batch", "seed")
+DATA_KEYS = ("path", "dtype", "text", "tokenizer", "doc_separator", "seq_len", "global_batch",
+             "seed")
 RUN_KEYS = ("checkpoint_dir", "log_file", "tensorboard_dir", "export_hf")
 
 
@@ -30,11 +38,14 @@ class ConfigError(ValueError):
     """A bad run configuration; the message names the section and key."""
 
 
-def add_train_parser(sub: Any) -> None:
+def add_train_parser(sub: Any, name: str = "train",
+                     help: str = "train a model (resumes from --checkpoint-dir)",
+                     description: str | None = None) -> argparse.ArgumentParser:
+    """The ``train`` subcommand's parser (also the base of ``main``, which changes defaults)."""
     from hybrid_jax.config import PRESETS
 
-    p = sub.add_parser("train", help="train a model (resumes from --checkpoint-dir)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(name, help=help, description=description or __doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--config", type=Path, help="YAML file with any of the six sections")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -54,6 +65,12 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak TFLOP/s, for an MFU estimate")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sample", type=int, default=0, metavar="N",
+                   help="after training, generate N tokens and print them (0: skip)")
+    p.add_argument("--prompt", help="text to sample after (default: the text's first line)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature for --sample (0: greedy)")
+    return p
 
 
 def _yaml_load(text: str) -> Any:
@@ -148,10 +165,15 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = run_config(args)
         model_cfg = _dataclass(type(PRESETS[args.preset]()), "model", cfg["model"],
                                PRESETS[args.preset]())
-        data = {"dtype": "uint16", "seq_len": 256, "global_batch": 8, "seed": 0, **cfg["data"]}
+        data = {"dtype": "uint16", "seq_len": 256, "global_batch": 8, "seed": 0,
+                "doc_separator": "\n\n", **cfg["data"]}
         unknown = sorted(set(data) - set(DATA_KEYS)) + sorted(set(cfg["run"]) - set(RUN_KEYS))
         if unknown:
             raise ConfigError(f"data/run: unknown setting(s) {unknown}")
+        separator = data["doc_separator"]
+        if separator is not None and (not isinstance(separator, str) or not separator):
+            raise ConfigError(f"data.doc_separator: expected a non-empty string or null (one "
+                              f"document), got {separator!r}")
         steps = cfg["loop"].get("steps", 100)
         opt_cfg = _dataclass(OptimizerConfig, "optimizer", {
             "warmup_steps": min(100, max(steps // 10, 1)), "total_steps": steps,
@@ -160,18 +182,22 @@ def run_train(args: argparse.Namespace) -> int:
         mesh = make_mesh(MeshShape(**cfg["mesh"])) if cfg["mesh"] else None
         if bool(data.get("path")) == bool(data.get("text")):
             raise ConfigError("data: give exactly one of path (a token file) or text")
+        # The codec encodes --text, and the prompt and sample of --sample.
+        codec = load_tokenizer(data["tokenizer"]) if data.get("tokenizer") else ByteCodec()
         if data.get("path"):
             tokens = token_file(data["path"], data["dtype"])
             eos = model_cfg.eos_token_id
         else:
-            codec = load_tokenizer(data["tokenizer"]) if data.get("tokenizer") else ByteCodec()
             eos = model_cfg.eos_token_id if model_cfg.eos_token_id is not None else 0
             codec.check_vocab(model_cfg.vocab_size)
-            tokens = tokenize_text(Path(data["text"]).read_text(encoding="utf-8"), codec, eos)
+            tokens = tokenize_text(Path(data["text"]).read_text(encoding="utf-8"), codec, eos,
+                                   separator)
         if eos is None:
             raise ConfigError("model.eos_token_id: needed to split documents in a token file")
         dataset = PackedDataset(tokens, data["seq_len"], data["global_batch"], eos_id=eos,
                                 vocab_size=model_cfg.vocab_size, seed=data["seed"])
+        # Checked before training, so that a bad option does not cost a run.
+        prompt_ids = _sample_prompt(args, codec, tokens, eos, model_cfg.vocab_size)
     # ConfigError, DataError and ShardingError are ValueErrors, as are the config dataclasses'
     # own checks.
     except (ValueError, OSError, TypeError) as e:
@@ -198,9 +224,14 @@ def run_train(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr)
     started = time.perf_counter()
-    last = {}
+    first: dict = {}
+    last: dict = {}
 
     def on_step(step: int, record: dict) -> None:
+        if not first:
+            first.update(record)
+            if step > 0:
+                _note(f"resuming {ckpt} at step {step}", bar)
         last.update(record)
         if bar is not None:
             if bar.n == 0 and step > 0:
@@ -224,12 +255,79 @@ def run_train(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if last:
-        print(f"done: step {int(state.step)}, loss {last['loss']:.4f}, "
-              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+        print(f"done: step {int(state.step)}, loss {first['loss']:.4f} at step "
+              f"{first['step']} -> {last['loss']:.4f}, {time.perf_counter() - started:.1f} s",
+              file=sys.stderr)
+    else:
+        print(f"{ckpt} already holds step {int(state.step)} of {steps}: nothing to train",
+              file=sys.stderr)
     if run.get("export_hf"):
         from hybrid_jax.convert import to_hf
         from hybrid_jax.train.state import model_template
 
         to_hf(model_template(model_cfg).model(state.params), run["export_hf"])
         print(f"exported to {run['export_hf']}", file=sys.stderr)
+    if prompt_ids is not None:
+        text = _sample(model_cfg, state.params, codec, prompt_ids, args.sample,
+                       args.temperature, loop_cfg.seed, eos,
+                       separator if separator is not None else "\n\n")
+        print(text)
+        if ckpt:
+            (Path(ckpt) / "sample.txt").write_text(text + "\n", encoding="utf-8")
     return 0
+
+
+def _note(message: str, bar: Any) -> None:
+    """A line on stderr that does not break the progress bar."""
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _sample_prompt(args: argparse.Namespace, codec: Any, tokens: Any, eos: int,
+                   vocab_size: int) -> list[int] | None:
+    """--sample's prompt as token ids (None without --sample): --prompt, else the first line of
+    the training stream's first document."""
+    from hybrid_jax.inference.sampling import SamplingConfig
+
+    if args.sample < 0:
+        raise ConfigError(f"--sample: must be >= 0, got {args.sample}")
+    if args.sample == 0:
+        return None
+    import jax
+
+    if jax.process_count() > 1:  # generate places the prompt and cache on one host's device
+        raise ConfigError("--sample: works in a single-process run only")
+    SamplingConfig(temperature=args.temperature)  # its ValueError names the bad option
+    codec.check_vocab(vocab_size)
+    prompt = args.prompt
+    if prompt is None:
+        head = [int(t) for t in tokens[:256]]
+        head = head[:head.index(eos)] if eos in head else head
+        text = codec.decode(head).lstrip("\n")
+        prompt = text[:text.index("\n") + 1] if "\n" in text else text
+    ids = codec.encode(prompt)
+    if not ids:
+        raise ConfigError(f"--prompt {prompt!r}: encodes to no tokens with {codec.description}")
+    return ids
+
+
+def _sample(model_cfg: Any, params: Any, codec: Any, prompt_ids: list[int], n: int,
+            temperature: float, seed: int, eos: int, separator: str) -> str:
+    """Prompt and ``n`` generated tokens as text, an EOS shown as ``separator``."""
+    import numpy as np
+
+    from hybrid_jax.inference import generate
+    from hybrid_jax.train.state import model_template
+
+    model = model_template(model_cfg).model(params)
+    start = time.perf_counter()
+    # Never stop early: the sample has the length asked for.
+    ids = np.asarray(generate(model, np.asarray([prompt_ids], np.int32), n,
+                              temperature=temperature, eos_token_id=(), seed=seed))[0]
+    print(f"sample: {len(ids) - len(prompt_ids)} tokens after {len(prompt_ids)} prompt tokens, "
+          f"temperature {temperature}, {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    ends = [i for i, t in enumerate(ids.tolist()) if t == eos]
+    pieces = np.split(ids, ends)
+    return separator.join(codec.decode(p[p != eos].tolist()) for p in pieces)

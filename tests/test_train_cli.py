@@ -90,6 +90,9 @@ def test_config_merges_preset_yaml_flags_and_sets(tmp_path):
     (["--set", "optimizer.schedule=linear"], "OptimizerConfig.schedule"),
     (["--mesh", "fsdp=3"], "needs 3 devices, but there are 1"),
     (["--data", "tokens.bin"], "exactly one of path"),
+    (["--set", "data.doc_separator=3"], "data.doc_separator: expected a non-empty string"),
+    (["--sample", "-1"], "--sample: must be >= 0"),
+    (["--sample", "4", "--temperature", "-1"], "temperature"),
 ])
 def test_bad_settings_exit_2_naming_them(corpus, tmp_path, capsys, extra, message):
     assert _train(corpus, tmp_path / "ckpt", 2, *extra) == 2
