@@ -122,7 +122,7 @@ def compile_7b(args) -> None:
     import jax.numpy as jnp
 
     from hybrid_jax import olmo_hybrid_7b
-    from hybrid_jax.sharding import MeshShape, batch_sharding, make_mesh, micro_batches_sharding
+    from hybrid_jax.sharding import MeshShape, make_mesh, micro_batches_sharding
     from hybrid_jax.train import (
         OptimizerConfig,
         abstract_train_state,
@@ -139,9 +139,7 @@ def compile_7b(args) -> None:
     opt = make_optimizer(OptimizerConfig())
     abstract = abstract_train_state(cfg, opt)
     shardings = train_state_shardings(abstract, mesh)
-    rows = batch_sharding(mesh)
-    step = jit_train_step(make_train_step(model_template(cfg), opt,
-                                          micro_batch_sharding=rows), shardings, mesh)
+    step = jit_train_step(make_train_step(model_template(cfg), opt, mesh=mesh), shardings, mesh)
     state = with_shardings(abstract, shardings)
     batch = {"tokens": jax.ShapeDtypeStruct((1, args.batch, args.seq_len), jnp.int32,
                                             sharding=micro_batches_sharding(mesh))}

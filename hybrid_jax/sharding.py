@@ -11,13 +11,21 @@ Every parameter dimension has a logical name (``param_logical_axes``: "embed", "
 "kv_heads", "gdn_heads", "gdn_key_heads", "vocab", "layers", ...) and ``LogicalRules`` map
 logical names to mesh axes. Shardings are checked against the shapes before anything compiles:
 a dimension a mesh axis does not divide is an error naming the parameter.
+
+Activations get logical names too ("batch", "length", "act_embed", "mlp", "heads", ...): inside
+``activation_sharding(mesh, rules)`` (entered while a step is traced), the model's
+``constrain`` calls pin them with sharding constraints, so GSPMD gathers weights for FSDP
+instead of resharding the residual stream, keeps heads and MLP columns on their tensor shard,
+and splits positions over "context". Outside that context ``constrain`` does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +100,7 @@ class LogicalRules:
         "layers": None,
         "norm": None,
         "conv": None,
+        "act_embed": None,  # the residual stream's features stay whole on every device
     })
 
     def spec(self, logical: Sequence[str | None]) -> PartitionSpec:
@@ -106,6 +115,45 @@ class LogicalRules:
             used.update(axes)
             out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return PartitionSpec(*out)
+
+
+# Logical axes of activations: the residual stream between layers, and each layer's inputs.
+RESIDUAL = ("batch", "length", "act_embed")
+
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar(
+    "hybrid_jax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: LogicalRules | None = None) -> Iterator[None]:
+    """Make ``constrain`` pin activations to ``mesh`` by ``rules`` while this context is open.
+    Enter it inside the function being traced (the train step does); ``mesh`` None turns the
+    constraints off."""
+    token = _ACTIVATIONS.set(None if mesh is None else (mesh, rules or LogicalRules()))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """``x`` with a sharding constraint by the logical names of its dimensions, under the
+    current ``activation_sharding``; unchanged outside one. A mesh axis that does not divide its
+    dimension is dropped from it (a constraint is a layout hint, not a requirement)."""
+    current = _ACTIVATIONS.get()
+    if current is None:
+        return x
+    mesh, rules = current
+    if len(logical) != x.ndim:
+        raise ValueError(f"constrain: {len(logical)} logical names {tuple(logical)} for an "
+                         f"array of shape {x.shape}")
+    dims = []
+    for size, axes in zip(x.shape, rules.spec(logical)):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        dims.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*dims)))
 
 
 # Logical axes of each parameter, by the names inside its module (leading "layers" axis added

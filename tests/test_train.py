@@ -219,6 +219,17 @@ def mesh_child(tmp_path_factory) -> dict:
                      N_DEVICES, timeout=600)
 
 
+def test_activations_are_pinned_and_context_parallel_training_matches(mesh_child):
+    """Inside the sharded step the model's activations carry sharding constraints (none
+    without a mesh); fsdp=2 x tensor=2 x context=2 (positions split) trains with the same
+    losses as one device; ``constrain`` drops a mesh axis that does not divide."""
+    assert mesh_child["constraints"] >= 10 and mesh_child["constraints_single"] == 0
+    np.testing.assert_allclose(mesh_child["context_losses"], mesh_child["single_losses"],
+                               rtol=1e-5, atol=1e-5)
+    assert mesh_child["constrain_sharded"]
+    assert "SingleDeviceSharding" in mesh_child["constrain_off"]
+
+
 def test_sharded_training_matches_one_device(mesh_child):
     """fsdp=4 x tensor=2 against one device, three steps of packed batches: same losses."""
     np.testing.assert_allclose(mesh_child["sharded_losses"], mesh_child["single_losses"],
@@ -264,8 +275,9 @@ def _child(out: str) -> None:
     from hybrid_jax.sharding import (
         MeshShape,
         ShardingError,
-        batch_sharding,
+        activation_sharding,
         check_batch,
+        constrain,
         make_mesh,
     )
     from hybrid_jax.train import lower_sharded_init, train_state_shardings, with_shardings
@@ -293,8 +305,7 @@ def _child(out: str) -> None:
     mesh = make_mesh(MeshShape(fsdp=4, tensor=2))
     state = init_train_state(cfg, opt, mesh=mesh, seed=0)
     shardings = train_state_shardings(state, mesh)
-    step = jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4,
-                                          micro_batch_sharding=batch_sharding(mesh)),
+    step = jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4, mesh=mesh),
                           shardings, mesh)
     q = state.params["stack"]["blocks"]["layers"][0]["gdn"]["q_proj"]["kernel"]
     result["q_proj"] = {"spec": list(q.sharding.spec), "shape": list(q.shape),
@@ -303,6 +314,30 @@ def _child(out: str) -> None:
     result["q_proj_mu_spec"] = list(mu.sharding.spec)
     result["count_spec"] = list(state.opt_state[1][0].count.sharding.spec)
     state, result["sharded_losses"] = run(step, state)
+    batch = jax.ShapeDtypeStruct((2, 4, 32), jnp.int32)
+    lowered = lambda fn, st: fn.lower(st, {"tokens": batch, "segment_ids": batch}).as_text()
+    result["constraints"] = lowered(step, state).count("sharding_constraint")
+    single = init_train_state(cfg, opt, seed=0)
+    result["constraints_single"] = lowered(
+        jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4)), single).count(
+        "sharding_constraint")
+
+    # Sequence parallelism: positions over "context" as well, the same losses.
+    ctx = make_mesh(MeshShape(fsdp=2, tensor=2, context=2))
+    state_ctx = init_train_state(cfg, opt, mesh=ctx, seed=0)
+    step_ctx = jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4, mesh=ctx),
+                              train_state_shardings(state_ctx, ctx), ctx)
+    _, result["context_losses"] = run(step_ctx, state_ctx)
+
+    # constrain: the rules' axes, less any that does not divide its dimension (3 MLP columns
+    # on tensor=2 stay whole); outside activation_sharding, nothing.
+    x = jnp.ones((4, 6, 3))
+    with activation_sharding(mesh):
+        pinned = jax.jit(lambda a: constrain(a, ("batch", "length", "mlp")))(x)
+    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    result["constrain_sharded"] = pinned.sharding.is_equivalent_to(want, 3)
+    result["constrain_off"] = repr(jax.jit(lambda a: constrain(a, ("batch", None, "mlp")))(
+        x).sharding)
 
     # Save on this mesh, restore onto another (tensor=4 x fsdp=2): the same values.
     from hybrid_jax.train.checkpoint import TrainCheckpoints

@@ -12,6 +12,7 @@ from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import RMSNorm
 from hybrid_jax.ops.attention import cached_attention, causal_attention
 from hybrid_jax.ops.rope import apply_rope
+from hybrid_jax.sharding import constrain
 
 
 class Attention(nnx.Module):
@@ -45,7 +46,9 @@ class Attention(nnx.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+        return (constrain(q, ("batch", "length", "heads", None)),
+                constrain(k, ("batch", "length", "kv_heads", None)),
+                constrain(v, ("batch", "length", "kv_heads", None)))
 
     def __call__(
         self,

@@ -14,6 +14,7 @@ from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import GatedRMSNorm
 from hybrid_jax.model.short_conv import ShortConvolution
 from hybrid_jax.ops.gated_delta_rule import gated_delta_rule
+from hybrid_jax.sharding import constrain
 
 # FLA's fused gated RMSNorm default, which the released model was trained with.
 O_NORM_EPS = 1e-5
@@ -79,9 +80,13 @@ class GatedDeltaNet(nnx.Module):
         """[B, T, C] conv outputs -> q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv]."""
         cfg = self.config
         b, t = q.shape[:2]
-        return (q.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim),
-                k.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim),
-                v.reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim))
+        key_heads = ("batch", "length", "gdn_key_heads", None)
+        return (constrain(q.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim),
+                          key_heads),
+                constrain(k.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim),
+                          key_heads),
+                constrain(v.reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim),
+                          ("batch", "length", "gdn_heads", None)))
 
     def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
         """Gated RMSNorm (gate = g_proj(x)) of the rule's output o [B, T, Hv, Dv], then o_proj."""

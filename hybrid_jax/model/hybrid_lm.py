@@ -13,6 +13,7 @@ from hybrid_jax.model.norms import RMSNorm
 from hybrid_jax.model.stack import DecoderStack
 from hybrid_jax.ops.attention import segment_positions
 from hybrid_jax.ops.rope import rope_cos_sin
+from hybrid_jax.sharding import RESIDUAL, constrain
 
 
 class HybridLM(nnx.Module):
@@ -75,8 +76,9 @@ class HybridLM(nnx.Module):
                     positions = jnp.arange(input_ids.shape[1])
             positions = jnp.broadcast_to(positions, input_ids.shape)
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        x = self.stack(self.embed(input_ids), rope=rope, segment_ids=segment_ids)
-        return self._logits(x)
+        x = self.stack(constrain(self.embed(input_ids), RESIDUAL), rope=rope,
+                       segment_ids=segment_ids)
+        return constrain(self._logits(x), ("batch", "length", "vocab"))
 
     @property
     def _uses_rope(self) -> bool:

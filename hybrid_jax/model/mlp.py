@@ -7,6 +7,7 @@ from flax import nnx
 
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.linear import linear
+from hybrid_jax.sharding import constrain
 
 
 class SwiGLU(nnx.Module):
@@ -20,4 +21,5 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, D] in the compute dtype."""
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, ("batch", "length", "mlp")))

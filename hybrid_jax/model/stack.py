@@ -17,6 +17,7 @@ from flax import nnx
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.cache import LayerCache
 from hybrid_jax.model.decoder import Rope, make_layer
+from hybrid_jax.sharding import RESIDUAL, constrain
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -68,7 +69,8 @@ class DecoderStack(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
 
         def run_block(h: jax.Array, block_state: nnx.State) -> jax.Array:
-            return nnx.merge(graphdef, block_state)(h, rope=rope, segment_ids=segment_ids)
+            h = nnx.merge(graphdef, block_state)(h, rope=rope, segment_ids=segment_ids)
+            return constrain(h, RESIDUAL)
 
         remat = self.config.remat
         if remat != "none":

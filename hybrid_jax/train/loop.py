@@ -16,7 +16,6 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.sharding import (
     LogicalRules,
-    batch_sharding,
     check_batch,
     micro_batches_sharding,
 )
@@ -96,10 +95,9 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
     if state is None:
         state = init_train_state(model_config, optimizer, mesh=mesh, rules=rules,
                                  seed=loop.seed)
-    rows = batch_sharding(mesh, rules) if mesh is not None else None
     step_fn = jit_train_step(
         make_train_step(template, optimizer, z_loss_weight=loop.z_loss_weight,
-                        schedule=make_schedule(optimizer_config), micro_batch_sharding=rows),
+                        schedule=make_schedule(optimizer_config), mesh=mesh, rules=rules),
         shardings, mesh, rules)
     stacked = micro_batches_sharding(mesh, rules) if mesh is not None else None
     a = loop.micro_batches

@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hybrid_jax.sharding import LogicalRules, micro_batches_sharding
+from hybrid_jax.sharding import (
+    LogicalRules,
+    activation_sharding,
+    batch_sharding,
+    micro_batches_sharding,
+)
 from hybrid_jax.train.loss import lm_loss_sums, next_token_targets
 from hybrid_jax.train.state import ModelTemplate, TrainState
 
@@ -19,7 +24,7 @@ Batch = dict[str, jax.Array]
 
 def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransformation, *,
                     z_loss_weight: float = 0.0, schedule: optax.Schedule | None = None,
-                    micro_batch_sharding: NamedSharding | None = None
+                    mesh: Mesh | None = None, rules: LogicalRules | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)``, pure.
 
@@ -32,14 +37,20 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     they were and counts in ``bad_steps``; a good step resets that count.
     Metrics: loss (cross-entropy + z-loss), ce, z_loss, tokens, grad_norm, skipped, and lr
     when ``schedule`` is given.
+
+    With ``mesh``, each micro-batch's rows and positions and the model's activations are
+    pinned by ``rules`` (``sharding.activation_sharding``): batch over data x fsdp, positions
+    over context, heads / MLP columns / vocabulary over tensor.
     """
+    rows = batch_sharding(mesh, rules) if mesh is not None else None
 
     def loss_fn(params: dict, micro: Batch):
         tokens = micro["tokens"]
         segment_ids = micro.get("segment_ids")
-        if micro_batch_sharding is not None:
-            tokens = jax.lax.with_sharding_constraint(tokens, micro_batch_sharding)
-        logits = template.model(params)(tokens, segment_ids=segment_ids)
+        if rows is not None:
+            tokens = jax.lax.with_sharding_constraint(tokens, rows)
+        with activation_sharding(mesh, rules):
+            logits = template.model(params)(tokens, segment_ids=segment_ids)
         targets, mask = next_token_targets(tokens, segment_ids)
         sums = lm_loss_sums(logits, targets, mask, z_loss_weight)
         return sums["ce"] + sums["z"], sums
