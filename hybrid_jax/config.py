@@ -322,6 +322,9 @@ def olmo_hybrid_small(**overrides: Any) -> ModelConfig:
         linear_num_key_heads=6, linear_num_value_heads=6, linear_key_head_dim=48,
         linear_value_head_dim=96, rope_theta=500000.0, max_position_embeddings=8192,
         pad_token_id=None, eos_token_id=None,
+        # Two blocks compile quickly unrolled, and XLA:CPU runs the unrolled backward faster
+        # than its loop (train-step gradient at 4 x 512: 1340 against 1739 ms).
+        scan_layers=False,
     )
     kwargs.update(overrides)
     return ModelConfig(**kwargs)

@@ -158,6 +158,35 @@ def test_cached_attention_matches_numpy_gqa_per_row_slots():
     np.testing.assert_array_equal(np.asarray(out3)[0], np.asarray(out)[0])
 
 
+@pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2)])
+def test_causal_attention_matches_numpy_with_segments(h, hkv):
+    """The training/prefill attention (head-major XLA form) against float64 NumPy: causal,
+    within segments (two documents per row, different boundaries), GQA; and in bf16 against
+    ``jax.nn.dot_product_attention``'s XLA path, whose numerics it keeps."""
+    from hybrid_jax.ops.attention import causal_attention
+
+    b, t, d = 2, 10, 8
+    q, k, v = _random_qkv(3, b, t, h, hkv, d, t)
+    segments = np.array([[0] * 4 + [1] * 6, [5] * 7 + [6] * 3])
+    ref = np.zeros((b, t, h, d))
+    for bi in range(b):
+        for i in range(t):
+            allowed = (np.arange(t) <= i) & (segments[bi] == segments[bi, i])
+            last = np.array([[allowed.sum() - 1]])  # the allowed keys, as slots 0..last
+            ref[bi, i] = _np_cached_attention(q[bi:bi + 1, i:i + 1], k[bi:bi + 1, allowed],
+                                              v[bi:bi + 1, allowed], last, d ** -0.5)[0, 0]
+    out = causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                           segment_ids=jnp.asarray(segments))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    mask = jnp.asarray(segments[:, :, None] == segments[:, None, :])[:, None]
+    want = jax.nn.dot_product_attention(bf(q), bf(k), bf(v), mask=mask, is_causal=True)
+    got = causal_attention(bf(q), bf(k), bf(v), segment_ids=jnp.asarray(segments))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=1e-2)
+
+
 def test_cached_attention_negative_slot_is_finite():
     b, t, h, hkv, d, s = 2, 3, 4, 4, 8, 6
     q, k, v = _random_qkv(3, b, t, h, hkv, d, s)

@@ -41,8 +41,10 @@ def causal_attention(
       k, v: [B, T, Hkv, D] with H a multiple of Hkv (query heads h*G .. h*G+G-1 share kv head h).
       segment_ids: optional [B, T] integers; tokens attend only to equal ids.
       scale: defaults to D**-0.5.
-      implementation: passed to ``jax.nn.dot_product_attention`` (None/"xla" materialises the
-        [B, H, T, T] float32 logits; "cudnn" is the fused GPU kernel for bf16/fp16).
+      implementation: None/"xla" materialises the [B, H, T, T] float32 logits (our own XLA
+        form, with ``jax.nn.dot_product_attention``'s numerics and head-major matmuls);
+        anything else goes to ``jax.nn.dot_product_attention`` ("cudnn": the fused GPU kernel
+        for bf16/fp16).
     Returns:
       [B, T, H, D] in q's dtype. Logits and softmax are float32 (``jax.nn.dot_product_attention``'s
       XLA path); transformers' eager attention rounds bf16 logits to bf16 before its float32
@@ -54,7 +56,7 @@ def causal_attention(
     if segment_ids is not None:
         # [B, 1, T, S]: broadcast over heads; the causal part comes from is_causal.
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    if q.dtype == jnp.float16 and implementation in (None, "xla"):
+    if implementation in (None, "xla"):
         return _xla_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                        implementation=implementation)
@@ -70,18 +72,31 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Ar
     """
     b, t, h, d = q.shape
     hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, h // hkv, d)  # query head j * G + g uses kv head j
-    logits = jnp.einsum("btjgd,bsjd->bjgts", qg, k, preferred_element_type=jnp.float32) * scale
+    g = h // hkv
+    s = k.shape[1]
+    # Plain batched matmuls over head-major operands, transposed once: q as [B, Hkv, G*T, D]
+    # (query head j*G+g uses kv head j), k and v as [B, Hkv, S, D]. XLA:CPU runs these about
+    # 3x faster forward and 1.7x with the gradient than the same einsums over [B, T, H, D].
+    qg = jnp.transpose(q.reshape(b, t, hkv, g, d), (0, 2, 3, 1, 4)).reshape(b, hkv, g * t, d)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    logits = jnp.einsum("bjqd,bjsd->bjqs", qg, kh, preferred_element_type=jnp.float32) * scale
+    # The mask merged the same way, [., ., G*T, S]: 5-D logits would slow XLA:CPU's softmax 3x.
+    allowed = jnp.asarray(allowed)
+    allowed = allowed.reshape((1,) * (5 - allowed.ndim) + allowed.shape)
+    allowed = jnp.broadcast_to(allowed, (*allowed.shape[:2], g, t, s))
+    allowed = allowed.reshape(*allowed.shape[:2], g * t, s)
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bjgts,bsjd->btjgd", probs, v).reshape(b, t, h, d)
+    o = jnp.einsum("bjqs,bjsd->bjqd", probs, vh).reshape(b, hkv, g, t, d)
+    return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                    scale: float) -> jax.Array:
-    """The same numerics as ``jax.nn.dot_product_attention``'s XLA path, without its explicit
-    ``F16_F16_F32`` dot algorithm, which XLA:CPU rejects under jit (its eager fallback does not
-    apply there). Shapes as ``causal_attention``; mask [B, 1, T, S] or None."""
+    """The same numerics as ``jax.nn.dot_product_attention``'s XLA path, with head-major
+    matmuls (its [B, T, H, D] einsums run 3x slower on XLA:CPU) and without its explicit
+    ``F16_F16_F32`` dot algorithm, which XLA:CPU rejects under jit. Shapes as
+    ``causal_attention``; mask [B, 1, T, S] or None."""
     allowed = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
     if mask is not None:
         allowed = allowed & mask[:, :, None]  # [B, 1, 1, T, S]
