@@ -291,3 +291,27 @@ def test_auto_is_the_kernel_on_accelerators_and_chunk_on_cpu(monkeypatch):
         monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
         assert resolve_method("auto") == want
     assert resolve_method("recurrent") == "recurrent"
+
+
+@pytest.mark.parametrize("c", [16, 64])
+def test_unit_lower_inverse_vjp_matches_autodiff_of_substitution(c):
+    """The solve's VJP (dA = -T^T dT T^T on the strictly lower part) against jax's autodiff
+    through the forward substitution it replaces, on unit keys with beta up to 2. Only the
+    strictly lower part is A's (the callers mask the rest before the solve); autodiff of the
+    substitution also reports the zero entries it multiplies, which the VJP leaves at 0."""
+    from hybrid_jax.ops.gdn_common import substitution_inverse, unit_lower_inverse
+
+    rng = np.random.default_rng(9)
+    k = rng.standard_normal((3, c, 8))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    a = jnp.asarray(np.tril(rng.uniform(0, 2, (3, c, 1)) * (k @ np.swapaxes(k, 1, 2)), -1),
+                    jnp.float32)
+    d_inv = jnp.asarray(rng.standard_normal((3, c, c)), jnp.float32)
+    got_inv, vjp = jax.vjp(unit_lower_inverse, a)
+    want_inv, want_vjp = jax.vjp(substitution_inverse, a)
+    np.testing.assert_array_equal(np.asarray(got_inv), np.asarray(want_inv))
+    (got,), (want,) = vjp(d_inv), want_vjp(d_inv)
+    want = np.tril(np.asarray(want), -1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(want).max()))
+    assert not np.any(np.triu(np.asarray(got)))  # nothing on or above the diagonal

@@ -15,6 +15,7 @@ Segment resets zero every term that would cross a segment start.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -28,7 +29,34 @@ def dot(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(subscripts, a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def unit_lower_inverse(a: jax.Array, block: int = 16) -> jax.Array:
+    """(I + A)^-1 for strictly lower triangular A [..., C, C], by forward substitution
+    (``substitution_inverse``), with the inverse's own derivative as its VJP:
+    dA = -T^T dT T^T on A's strictly lower support, two matmuls. Autodiff through the
+    substitution's row updates took XLA:CPU 20 ms of a 37 ms chunk-factor gradient (small
+    preset); the twin test compares the two."""
+    return substitution_inverse(a, block)
+
+
+def _inverse_fwd(a: jax.Array, block: int):
+    inv = substitution_inverse(a, block)
+    return inv, inv
+
+
+def _inverse_bwd(block: int, inv: jax.Array, d_inv: jax.Array):
+    del block
+    c = inv.shape[-1]
+    strict = jnp.arange(c)[:, None] > jnp.arange(c)[None, :]
+    inv_t = jnp.swapaxes(inv, -1, -2)
+    d_a = -dot("...ij,...jk->...ik", dot("...ij,...jk->...ik", inv_t, d_inv), inv_t)
+    return (jnp.where(strict, d_a, 0.0),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
+def substitution_inverse(a: jax.Array, block: int = 16) -> jax.Array:
     """(I + A)^-1 for strictly lower triangular A [..., C, C], by forward substitution.
 
     Exact (no power series, which overflows for large |A|). The diagonal blocks of size
@@ -40,7 +68,7 @@ def unit_lower_inverse(a: jax.Array, block: int = 16) -> jax.Array:
     block = min(block, c)
     nb = c // block
     if nb * block != c or nb & (nb - 1):
-        raise ValueError(f"unit_lower_inverse: size {c} is not {block} times a power of two")
+        raise ValueError(f"substitution_inverse: size {c} is not {block} times a power of two")
     lead = a.shape[:-2]
     # Diagonal blocks [..., nb, block, block].
     ab = a.reshape(*lead, nb, block, nb, block)
