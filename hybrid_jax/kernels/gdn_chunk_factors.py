@@ -15,10 +15,11 @@ obviously-right twin is ``chunk_factors`` in XLA (tests compare the two).
 Written for both Pallas backends: the chunk is the block on a parallel grid, and the solve
 works on whole [C, C] tiles with masks (Triton lowers no slices, and rejects [1, C] dots).
 The GPU variant (Triton lowering) ran on an H200 (experiments/RESULTS.md): at OLMo Hybrid's
-layer the forward takes 0.59 ms (0.56 without any solve), the VJP 4.0 ms (2.7 without its
-solve), far above what its memory traffic needs: it holds many [C, C] float32 tiles at once
-and most likely spills registers; splitting it in two, as FLA does, is the next step. The TPU
-variant is verified in interpret mode only.
+layer the forward takes 0.59 ms (0.56 without any solve). The VJP took 4.0 ms as one kernel
+(2.7 without its solve), far above what its memory traffic needs: compiled for sm_90a it
+spilled 3 KB of registers per thread (experiments/kernel_registers.py). It is now three
+kernels that spill 0.4 KB, 0.3 KB and nothing; their speed is not yet measured on a GPU. The
+TPU variant is verified in interpret mode only.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def _unit_lower_inverse(a: jax.Array, row: jax.Array, col: jax.Array, matmul) ->
 
     with L the next level's off-diagonal block (X is block diagonal, so one pair of [C, C]
     matmuls does every block). log2(C) - 1 levels (10 matmuls for C = 64) replace C - 1
-    sequential substitution steps, and no intermediate exceeds the inverse's own entries (no
-    power series, which overflows for large |A|). ``matmul`` is ``common.solve_matmul``: three
-    bf16 passes for 16-bit inputs, float32 otherwise.
+    sequential substitution steps, and every intermediate is a product of the inverse's own
+    blocks with A's (no power series, which overflows for large |A|). ``matmul`` is
+    ``common.solve_matmul``: three bf16 passes for 16-bit inputs, float32 otherwise.
     """
     c = a.shape[0]
     if c & (c - 1):
@@ -131,23 +132,34 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     decay_ref[...] = chunk_decay
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
-                     du_ref, dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref,
-                     dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, scale: float, width: int):
-    """The vector-Jacobian product of ``_kernel``, recomputing the chunk's gates and solve.
-    Cotangents and results are float32; matmuls over head dims take the inputs' dtype, the
-    [C, C] ones through the solve ``common.solve_matmul``. Head dims go in blocks of ``width``
-    columns: first the [C, C] cotangents' sums over them, then each block's results."""
+def _products(a_ref, b_ref, width: int) -> jax.Array:
+    """a b^T [C, C] float32 over blocks of ``width`` columns, from fresh loads (so a product
+    used twice can be recomputed instead of kept live)."""
+    out = 0.0
+    for cols in column_blocks(a_ref.shape[-1], width):
+        out = out + _mm(a_ref[:, cols], b_ref[:, cols].T)
+    return out
+
+
+def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref, dw_ref,
+                           dqd_ref, dkd_ref, dv_ref, d_a_ref, inv_t_ref, dbeta_ref, d_fs_ref,
+                           d_te_ref, *, scale: float, width: int):
+    """The VJP's first part, through the solve: recomputes the gates and (I + A)^-1 = T;
+    u = T (beta v), w = T (beta fs k) give dv, dA = -T^T dT T^T (on A's strictly lower
+    support), and the per-row sums: dbeta's u/w terms, d from_start, d to_end. Cotangents and
+    results are float32 (d_u and d_w come as matmul operands in the inputs' dtype); T^T goes
+    out as a matmul operand for ``_backward_columns_kernel``."""
     f32 = jnp.float32
     dt = dot_dtype(q_ref.dtype)
     sum_cols = lambda x: jnp.sum(x, axis=1, keepdims=True)
-    g, beta = g_ref[...], beta_ref[...]
+    beta = beta_ref[...]
     row, col = _iotas(q_ref.shape[0])
-    causal, strict = row >= col, row > col
-    decay, from_start, to_end, chunk_decay = _gates(g, seg_ref[...], row, col)
-    qk, kk, inv = _products_and_inverse(q_ref, k_ref, beta, decay, row, col, width)
-
-    # u = T (beta v), w = T (beta from_start k): d_inv sums over every value and key column.
+    strict = row > col
+    decay, from_start, _, _ = _gates(g_ref[...], seg_ref[...], row, col)
+    solve_mm = solve_matmul(q_ref.dtype)
+    inv = _unit_lower_inverse(jnp.where(strict, beta * _products(k_ref, k_ref, width) * decay,
+                                        0.0), row, col, solve_mm)
+    # d_inv sums over every value and key column.
     d_inv = dbeta = d_from_start = d_to_end = 0.0
     for cols in column_blocks(v_ref.shape[-1], width):
         v, du = v_ref[:, cols].astype(f32), du_ref[:, cols]
@@ -162,36 +174,64 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
         dbeta = dbeta + from_start * k_d_bk
         d_from_start = d_from_start + beta * k_d_bk + scale * sum_cols(q * dqd_ref[:, cols])
         d_to_end = d_to_end + sum_cols(k * dkd_ref[:, cols])
-    # T = (I + A)^-1: dA = -T^T dT T^T, on A's strictly lower support.
-    solve_mm = solve_matmul(q_ref.dtype)
-    d_a = jnp.where(strict, -solve_mm(inv.T, solve_mm(d_inv, inv.T)), 0.0)
-    # A = beta_i kk_ij decay_ij; intra = scale qk_ij decay_ij.
-    d_kk = beta * d_a * decay
-    d_kk = d_kk + d_kk.T
-    dbeta = dbeta + sum_cols(d_a * kk * decay)
-    d_intra = dintra_ref[...]
-    d_decay = beta * d_a * kk + scale * d_intra * qk
-    d_qk = scale * d_intra * decay
-    for cols in column_blocks(k_ref.shape[-1], width):
-        q, k = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32)
-        dq_ref[:, cols] = _mm(d_qk, k, dt) + scale * from_start * dqd_ref[:, cols]
-        d_bk = _mm(inv.T, dw_ref[:, cols], dt)  # again: cheaper than keeping it live
-        dk_ref[:, cols] = (beta * from_start * d_bk + _mm(d_qk.T, q, dt) + _mm(d_kk, k, dt)
-                           + to_end * dkd_ref[:, cols])
+    d_a_ref[...] = jnp.where(strict, -solve_mm(inv.T, solve_mm(d_inv, inv.T)), 0.0)
+    inv_t_ref[...] = inv.T.astype(inv_t_ref.dtype)
+    dbeta_ref[...] = dbeta
+    d_fs_ref[...] = d_from_start
+    d_te_ref[...] = d_to_end
 
-    # The gates, through each masked exp (decay, from_start, to_end and chunk_decay are zero
-    # wherever masked, so their cotangents vanish there).
+
+def _backward_gates_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, dintra_ref, ddecay_ref,
+                           d_a_ref, dbeta_ref, d_fs_ref, d_te_ref, dg_ref, dbeta_out_ref,
+                           d_qk_ref, d_kk_ref, beta_fs_ref, scale_fs_ref, to_end_ref, *,
+                           scale: float, width: int):
+    """The VJP's second part: from dA and d intra, through A = strict(beta kk decay) and
+    intra = scale qk decay: dbeta, d(k k^T), d(q k^T), then the gates (dg) through each
+    masked exp (masked entries are zero, so their cotangents vanish there). Writes d_qk and
+    d_kk + d_kk^T as matmul operands, and the per-row factors, for
+    ``_backward_columns_kernel``."""
+    f32 = jnp.float32
+    sum_cols = lambda x: jnp.sum(x, axis=1, keepdims=True)
+    beta = beta_ref[...]
+    row, col = _iotas(q_ref.shape[0])
+    causal, strict = row >= col, row > col
+    decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
+    d_a = d_a_ref[...]
+    kk = _products(k_ref, k_ref, width)
+    dbeta_out_ref[...] = dbeta_ref[...] + sum_cols(d_a * kk * decay)
+    d_decay = beta * d_a * kk
+    d_kk = beta * d_a * decay
+    d_kk_ref[...] = (d_kk + d_kk.T).astype(d_kk_ref.dtype)
+    d_intra = dintra_ref[...]
+    d_decay = d_decay + scale * d_intra * _products(q_ref, k_ref, width)
+    d_qk_ref[...] = (scale * d_intra * decay).astype(d_qk_ref.dtype)
+
     d_log = d_decay * decay  # d decay_log[i, j]; decay_log[i, j] sums g_t over j < t <= i
     per_t = mm_exact_mask(d_log, row < col)  # [i, t] = sum_{j < t} d_log[i, j]
     dg = jnp.sum(jnp.where(causal, per_t, 0.0), axis=0, keepdims=True).T  # sum over i >= t
-    d_gamma = d_from_start * from_start  # gamma[i] sums g_t over t <= i
+    d_gamma = d_fs_ref[...] * from_start  # gamma[i] sums g_t over t <= i
     dg = dg + jnp.sum(jnp.where(causal, d_gamma, 0.0), axis=0, keepdims=True).T
-    d_to_end_log = (d_to_end * to_end).T  # [1, C]; to_end_log[j] sums g_t over t > j
+    d_to_end_log = (d_te_ref[...] * to_end).T  # [1, C]; to_end_log[j] sums g_t over t > j
     dg = dg + jnp.sum(jnp.where(strict, d_to_end_log, 0.0), axis=1, keepdims=True)
-    dg = dg + ddecay_ref[...] * chunk_decay
+    dg_ref[...] = dg + ddecay_ref[...] * chunk_decay
+    beta_fs_ref[...] = beta * from_start
+    scale_fs_ref[...] = scale * from_start
+    to_end_ref[...] = to_end
 
-    dg_ref[...] = dg
-    dbeta_ref[...] = dbeta
+
+def _backward_columns_kernel(q_ref, k_ref, dw_ref, dqd_ref, dkd_ref, inv_t_ref, d_qk_ref,
+                             d_kk_ref, beta_fs_ref, scale_fs_ref, to_end_ref, dq_ref, dk_ref):
+    """dq and dk for one block of key columns, from the chunk's [C, C] cotangents
+    (``_backward_solve_kernel``, ``_backward_gates_kernel``): dq = d_qk k + scale fs dqd;
+    dk = beta fs T^T dw + d_qk^T q + (d_kk + d_kk^T) k + te dkd."""
+    f32 = jnp.float32
+    dt = d_qk_ref.dtype
+    q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)
+    d_qk = d_qk_ref[...]
+    dq_ref[...] = _mm(d_qk, k, dt) + scale_fs_ref[...] * dqd_ref[...]
+    dk_ref[...] = (beta_fs_ref[...] * _mm(inv_t_ref[...], dw_ref[...], dt)
+                   + _mm(d_qk.T, q, dt) + _mm(d_kk_ref[...], k, dt)
+                   + to_end_ref[...] * dkd_ref[...])
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
@@ -245,7 +285,11 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     """The VJP of ``chunk_factors_kernel``: recomputes each chunk's gates and solve (nothing was
     stored) and returns (dq, dk [R, N, C, Dk], dv [R, N, C, Dv], dg, dbeta [R, N, C]),
     float32. Inputs as for ``chunk_factors_kernel``; the cotangents have the factors' shapes
-    (any float dtype; used as float32)."""
+    (any float dtype; d_u and d_w are only matmul operands and are cast to the matmul dtype,
+    the rest used as float32). Three kernels, each small enough to stay in a GPU program's
+    registers: per chunk, through the solve (dv, dA); per chunk, through the gates (dg,
+    dbeta, and the [C, C] cotangents of q k^T and k k^T); per (chunk, block of key columns),
+    dq and dk."""
     r, n, c, dk = q.shape
     dv = v.shape[-1]
     f32 = jnp.float32
@@ -254,23 +298,58 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     def per_chunk(*shape):
         return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
 
-    dq, dk_, dv_, dg, dbeta = pl.pallas_call(
-        functools.partial(_backward_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
+    dt = dot_dtype(q.dtype)
+    width = min(BLOCK_COLUMNS[backend], dk)
+    if dk % width:
+        raise ValueError(f"chunk_factors_backward_kernel: Dk={dk} is not a multiple of {width}")
+    params = compiler_params(backend, ("parallel", "parallel"))
+    g_col, beta_col = col(g.astype(f32)), col(beta.astype(f32))
+    seg_col = col(seg.astype(jnp.int32))
+    d_u, d_w = d_u.astype(dt), d_w.astype(dt)
+    d_q_decayed, d_k_decayed = d_q_decayed.astype(f32), d_k_decayed.astype(f32)
+    rows = lambda: jax.ShapeDtypeStruct((r, n, c, 1), f32)
+    dv_, d_a, inv_t, dbeta, d_fs, d_te = pl.pallas_call(
+        functools.partial(_backward_solve_kernel, scale=scale, width=width),
         grid=(r, n),
         in_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, 1),
                   per_chunk(c, 1), per_chunk(c, 1),
-                  per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk),
-                  per_chunk(c, c), per_chunk(1, 1)],
-        out_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, 1),
-                   per_chunk(c, 1)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dk), f32),
-                   jax.ShapeDtypeStruct((r, n, c, dk), f32),
-                   jax.ShapeDtypeStruct((r, n, c, dv), f32),
-                   jax.ShapeDtypeStruct((r, n, c, 1), f32),
-                   jax.ShapeDtypeStruct((r, n, c, 1), f32)],
-        compiler_params=compiler_params(backend, ("parallel", "parallel")),
+                  per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk)],
+        out_specs=[per_chunk(c, dv), per_chunk(c, c), per_chunk(c, c),
+                   *[per_chunk(c, 1)] * 3],
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), f32),
+                   jax.ShapeDtypeStruct((r, n, c, c), f32),
+                   jax.ShapeDtypeStruct((r, n, c, c), dt), rows(), rows(), rows()],
+        compiler_params=params,
         interpret=interpret,
-    )(q, k, v, col(g.astype(f32)), col(beta.astype(f32)), col(seg.astype(jnp.int32)),
-      *(x.astype(f32) for x in (d_u, d_w, d_q_decayed, d_k_decayed, d_intra)),
-      d_chunk_decay.astype(f32)[..., None, None])
+    )(q, k, v, g_col, beta_col, seg_col, d_u, d_w, d_q_decayed, d_k_decayed)
+    dg, dbeta, d_qk, d_kk, beta_fs, scale_fs, to_end = pl.pallas_call(
+        functools.partial(_backward_gates_kernel, scale=scale, width=width),
+        grid=(r, n),
+        in_specs=[per_chunk(c, dk), per_chunk(c, dk), *[per_chunk(c, 1)] * 3,
+                  per_chunk(c, c), per_chunk(1, 1), per_chunk(c, c), *[per_chunk(c, 1)] * 3],
+        out_specs=[per_chunk(c, 1), per_chunk(c, 1), per_chunk(c, c), per_chunk(c, c),
+                   *[per_chunk(c, 1)] * 3],
+        out_shape=[rows(), rows(), *[jax.ShapeDtypeStruct((r, n, c, c), dt)] * 2,
+                   rows(), rows(), rows()],
+        compiler_params=params,
+        interpret=interpret,
+    )(q, k, g_col, beta_col, seg_col, d_intra.astype(f32),
+      d_chunk_decay.astype(f32)[..., None, None], d_a, dbeta, d_fs, d_te)
+
+    def columns(shape_c):  # a [C, width] block of key columns, grid (R, N, Dk / width)
+        return pl.BlockSpec((None, None, shape_c, width), lambda i, j, b: (i, j, 0, b))
+
+    def whole(*shape):
+        return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
+
+    dq, dk_ = pl.pallas_call(
+        _backward_columns_kernel,
+        grid=(r, n, dk // width),
+        in_specs=[columns(c), columns(c), columns(c), columns(c), columns(c),
+                  *[whole(c, c)] * 3, *[whole(c, 1)] * 3],
+        out_specs=[columns(c), columns(c)],
+        out_shape=[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2,
+        compiler_params=compiler_params(backend, ("parallel", "parallel", "parallel")),
+        interpret=interpret,
+    )(q, k, d_w, d_q_decayed, d_k_decayed, inv_t, d_qk, d_kk, beta_fs, scale_fs, to_end)
     return dq, dk_, dv_, dg[..., 0], dbeta[..., 0]

@@ -11,11 +11,13 @@ output's cotangent dO, the rest of the VJP has no dependence across chunks:
     d_w = -dv_new S^T;   d_q_decayed = dO S^T;   d_k_decayed = v_new G'^T;
     d_intra = dO v_new^T;   d_chunk_decay = sum(S * G');   d_u = dv_new.
 
-One program per (sequence, chunk) reads S and G' once and forms all five, the value columns in
-blocks (on GPU). On an H200 at OLMo Hybrid's layer it takes 2.4 ms against 2.9 ms for the five
-XLA einsums it replaced (4 warps; 8 measured 2.5 ms), far from the 0.2 ms that reading S and
-G' costs: its three [C, Dk] float32 sums likely spill out of registers (next to try: a grid
-axis over key blocks). Matmul operands take the factors' dtype (bf16 for bf16 inputs, as the
+One program per (sequence, chunk) forms all five, in blocks of value and key columns (on GPU)
+and in separate passes (d_intra; d_w, d_q_decayed and d_chunk_decay; d_k_decayed), so that
+few float32 sums are live at once. With all five accumulated together it took 2.4 ms on an
+H200 at OLMo Hybrid's layer (against 2.9 ms for the five XLA einsums it replaced), far from
+the 0.2 ms that reading S and G' costs: compiled for sm_90a it spilled 4.7 KB of registers
+per thread; the passes spill 0.2 KB (experiments/kernel_registers.py), speed not yet
+measured on a GPU. Matmul operands take the factors' dtype (bf16 for bf16 inputs, as the
 state pass does) with float32 sums. The twin is ``jax.vjp`` of ``hybrid_jax.ops.gdn_chunk``'s
 step (tests). GPU (Triton) and Mosaic TPU share the body: a parallel grid over (sequence,
 chunk).
@@ -37,21 +39,31 @@ def _kernel(u_ref, w_ref, do_ref, dvn_ref, s_ref, g_ref,
             dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int):
     f32 = jnp.float32
     dt = w_ref.dtype
-    w = w_ref[...]
-    d_w = d_qd = d_kd = d_intra = d_decay = 0.0
-    for cols in column_blocks(u_ref.shape[-1], width):
-        state, grad = s_ref[:, cols], g_ref[:, cols]  # [Dk, block] float32
-        do, dvn = do_ref[:, cols], dvn_ref[:, cols]  # [C, block]
-        v_new = u_ref[:, cols].astype(f32) - _mm(w, state, dt)
-        d_w = d_w - _mm(dvn, state.T, dt)
-        d_qd = d_qd + _mm(do, state.T, dt)
-        d_kd = d_kd + _mm(v_new, grad.T, dt)
-        d_intra = d_intra + _mm(do, v_new.T, dt)
-        d_decay = d_decay + jnp.sum(state * grad)
-    dw_ref[...] = d_w
-    dqd_ref[...] = d_qd
-    dkd_ref[...] = d_kd
+    value_blocks = column_blocks(u_ref.shape[-1], width)
+
+    def v_new(cols):  # [C, block]: recomputed per pass rather than kept live
+        return u_ref[:, cols].astype(f32) - _mm(w_ref[...], s_ref[:, cols], dt)
+
+    # Separate passes keep few sums live at once: all of them together ([C, Dk] x 3 plus
+    # [C, C] float32) spilled registers. First d_intra, then one block of key columns at a
+    # time.
+    d_intra = 0.0
+    for cols in value_blocks:
+        d_intra = d_intra + _mm(do_ref[:, cols], v_new(cols).T, dt)
     dintra_ref[...] = d_intra
+    d_decay = 0.0
+    for keys in column_blocks(w_ref.shape[-1], width):
+        d_w = d_qd = d_kd = 0.0
+        for cols in value_blocks:
+            state, grad = s_ref[keys, cols], g_ref[keys, cols]  # [block, block] float32
+            d_w = d_w - _mm(dvn_ref[:, cols], state.T, dt)
+            d_qd = d_qd + _mm(do_ref[:, cols], state.T, dt)
+            d_decay = d_decay + jnp.sum(state * grad)
+        dw_ref[:, keys] = d_w
+        dqd_ref[:, keys] = d_qd
+        for cols in value_blocks:
+            d_kd = d_kd + _mm(v_new(cols), g_ref[keys, cols].T, dt)
+        dkd_ref[:, keys] = d_kd
     ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
 
 
@@ -63,7 +75,8 @@ def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Ar
 
     Args:
       u: [R, N, C, Dv] and w: [R, N, C, Dk], the factors (their dtype is the matmul operands');
-      d_out: [R, N, C, Dv], the output's cotangent; dv_new: [R, N, C, Dv] float32;
+      d_out: [R, N, C, Dv], the output's cotangent, and dv_new: [R, N, C, Dv], both only
+        matmul operands (cast to the factors' dtype, as the products would anyway);
       states: [R, N, Dk, Dv], the state entering each chunk, and grads: [R, N, Dk, Dv], the
         cotangent of the state leaving it, float32.
       backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU); interpret: as for the others.
@@ -89,6 +102,6 @@ def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Ar
                    jax.ShapeDtypeStruct((r, n, 1, 1), f32)],
         compiler_params=compiler_params(backend, ("parallel", "parallel")),
         interpret=interpret,
-    )(u, w, d_out.astype(w.dtype), dv_new.astype(f32), states.astype(f32),
+    )(u, w, d_out.astype(w.dtype), dv_new.astype(w.dtype), states.astype(f32),
       grads.astype(f32))
     return d_w, d_qd, d_kd, d_intra, d_decay[..., 0, 0]

@@ -1,0 +1,161 @@
+"""Registers and spills of the GPU (Triton) kernels, compiled for Hopper on a machine without a GPU.
+
+    python experiments/kernel_registers.py --triton-python /path/to/venv/bin/python
+
+A kernel whose tiles do not fit its registers spills to local memory, which costs far more than
+its arithmetic; ptxas reports it. This script lowers ``gdn_pallas`` (forward and gradient, bf16,
+OLMo Hybrid's head dims) for CUDA on this CPU machine, captures the Triton IR of every Pallas
+kernel as jax's Triton lowering emits it, then compiles each for sm_90a with the ``triton``
+package (in the interpreter given by ``--triton-python``: triton is not a dependency of this
+project; ``python -m venv /tmp/tv && /tmp/tv/bin/pip install triton`` is enough) and runs its
+bundled ptxas with ``-v``. It prints each kernel's registers per thread and spill bytes at its
+own num_warps and num_stages, and at ``--warps`` if given.
+
+The IR is captured by wrapping ``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``
+(a private jax function; this is a developer tool, not library code). The Triton that compiles
+it here is the pip package's, not the one inside jaxlib that compiles it on a GPU, so treat the
+figures as close, not exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+# The compile step, run by the interpreter that has triton: argv = [meta.json, warps or ""].
+_COMPILE = r'''
+import json, os, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+ptxas = next(os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")
+             if os.path.exists(os.path.join(bin_dir, n)))
+for k in json.load(open(sys.argv[1])):
+    warps = int(sys.argv[2]) if sys.argv[2] else k["num_warps"]
+    try:
+        c = triton.compile(k["path"], target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": k["num_stages"]})
+        ptx = k["path"] + ".ptx"
+        open(ptx, "w").write(c.asm["ptx"])
+        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".cubin"],
+                             capture_output=True, text=True).stderr
+        regs = [l for l in out.splitlines() if "registers" in l]
+        spills = [l for l in out.splitlines() if "spill" in l]
+        k.update(warps=warps, registers=regs[-1].split("Used ")[1].split(" registers")[0],
+                 spill_stores=spills[-1].split("bytes stack frame, ")[1].split(" bytes spill")[0])
+    except Exception as e:  # reported per kernel
+        k.update(warps=warps, error=f"{type(e).__name__}: {str(e)[:200]}")
+    print(json.dumps(k), flush=True)
+'''
+
+
+def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int) -> list[dict]:
+    """Lower gdn_pallas's forward and gradient for CUDA; the Triton IR of each kernel call
+    (in call order) with its num_warps and num_stages."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src.pallas.triton import lowering
+
+    from hybrid_jax.ops.gdn_pallas import gdn_pallas
+
+    texts = []
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        texts.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = wrapped
+    try:
+        s = jax.ShapeDtypeStruct
+        bf = jnp.bfloat16
+        args = (s((b, t, h, dk), bf), s((b, t, h, dk), bf), s((b, t, h, dv), bf),
+                s((b, t, h), jnp.float32), s((b, t, h), jnp.float32),
+                s((b, h, dk, dv), jnp.float32))
+
+        def fwd(q, k, v, g, beta, s0):
+            return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, variant="gpu",
+                              interpret=False)
+
+        def grads(*a):
+            return jax.grad(lambda *x: jnp.sum(fwd(*x)[0].astype(jnp.float32) ** 2),
+                            argnums=range(6))(*a)
+
+        lowered = jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+
+    # num_warps / num_stages from the custom calls' backend configs, in the same order.
+    configs = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    attrs = child.operation.attributes
+                    if (child.operation.name == "stablehlo.custom_call"
+                            and str(attrs["call_target_name"]).strip('"')
+                            == "__gpu$xla.gpu.triton"):
+                        cfg = attrs["mhlo.backend_config"]
+                        configs.append({"name": cfg["name"].value,
+                                        "num_warps": int(str(cfg["num_warps"]).split(":")[0]),
+                                        "num_stages": int(str(cfg["num_stages"]).split(":")[0])})
+                    walk(child.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    if len(configs) != len(texts):
+        raise RuntimeError(f"{len(texts)} kernels lowered but {len(configs)} custom calls found")
+    kernels = []
+    for i, (text, cfg) in enumerate(zip(texts, configs)):
+        path = os.path.join(out_dir, f"{i}_{cfg['name']}.ttir")
+        with open(path, "w") as f:
+            f.write(text)
+        kernels.append({"path": path, **cfg})
+    return kernels
+
+
+# The calls of one gradient, in order (see gdn_pallas's _fwd and _bwd).
+ROLES = ["factors (forward)", "state pass (forward)", "factors (backward's recompute)",
+         "state pass with states", "state pass backward", "step cotangents",
+         "factors VJP: through the solve", "factors VJP: through the gates",
+         "factors VJP: dq, dk by key columns"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--triton-python", default=sys.executable,
+                   help="a Python interpreter with the triton package")
+    p.add_argument("--warps", type=int, default=None, help="compile every kernel at this")
+    p.add_argument("--shape", default="1,256,2,96,192", help="B,T,H,Dk,Dv")
+    args = p.parse_args()
+    b, t, h, dk, dv = (int(x) for x in args.shape.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels = capture(tmp, b, t, h, dk, dv)
+        meta = os.path.join(tmp, "meta.json")
+        with open(meta, "w") as f:
+            json.dump(kernels, f)
+        out = subprocess.run([args.triton_python, "-c", _COMPILE, meta, str(args.warps or "")],
+                             capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"the triton compile step failed:\n{out.stderr[-2000:]}")
+        results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    print(f"gdn_pallas gradient, bf16, (B, T, H, Dk, Dv) = {(b, t, h, dk, dv)}, sm_90a")
+    print("| kernel | name | warps | stages | registers | spill stores (bytes) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for role, r in zip(ROLES + [""] * len(results), results):
+        if "error" in r:
+            print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
+                  f"failed: {r['error']} | |")
+        else:
+            print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
+                  f"{r['registers']} | {r['spill_stores']} |")
+
+
+if __name__ == "__main__":
+    main()
