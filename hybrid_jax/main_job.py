@@ -4,15 +4,18 @@ corpus shipped in ``hybrid_jax/corpus`` for a few minutes on a CPU, with a progr
 print a sample of its text.
 
 Every ``train`` option still applies and overrides these defaults (``--steps 50``,
-``--text other.txt``, ``--set model.num_hidden_layers=8 ...``). The run goes to
-``--checkpoint-dir`` (default ``out/main``, relative to the working directory). A run already
-there is deleted first, saying so, unless ``--resume`` is given; then training continues from
-its newest checkpoint (a finished run only samples again).
+``--text other.txt``, ``--config run.yaml``, ``--set model.num_hidden_layers=8 ...``): they are
+the lowest layer of the run's configuration. The run goes to the checkpoint dir (default
+``out/main``, relative to the working directory). Once every option has been checked, a run
+already there is deleted, saying so, unless ``--resume`` is given; then training continues
+from its newest checkpoint (a finished run only samples again). A directory holding anything
+a run does not write is never deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import textwrap
@@ -22,16 +25,16 @@ from typing import Any
 DEFAULT_DIR = "out/main"
 # Sized by runs on the project's 2-core CPU machine: 0.65 s a step (6,400 tokens/s), 3.5 min in
 # all, the loss from 5.57 to 1.46 (lr 6e-3 ended no lower). One checkpoint kept: each is 38 MB.
-DEFAULTS: dict[str, Any] = {
-    "preset": "bytes", "seq_len": 256, "global_batch": 16, "steps": 300, "lr": 3e-3,
-    "checkpoint_dir": DEFAULT_DIR, "sample": 600,
-    "set": [
-        # One document: speeches run on into each other, as char-rnn trained on this text; a
-        # sample then flows across them.
-        "data.doc_separator=null",
-        "loop.checkpoint_every=100", "loop.keep_checkpoints=1",
-    ],
+# The lowest layer of the run's configuration: --config, flags and --set all override it.
+BASE_CONFIG: dict[str, dict[str, Any]] = {
+    # One document: speeches run on into each other, as char-rnn trained on this text; a
+    # sample then flows across them.
+    "data": {"seq_len": 256, "global_batch": 16, "doc_separator": None},
+    "loop": {"steps": 300, "checkpoint_every": 100, "keep_checkpoints": 1},
+    "optimizer": {"lr": 3e-3},
+    "run": {"checkpoint_dir": DEFAULT_DIR},
 }
+FLAG_DEFAULTS: dict[str, Any] = {"preset": "bytes", "sample": 600}
 
 
 def add_main_parser(sub: Any) -> None:
@@ -39,42 +42,67 @@ def add_main_parser(sub: Any) -> None:
     from hybrid_jax.corpus import corpus_path
     from hybrid_jax.train_cli import add_train_parser
 
-    shown = [f"--{k.replace('_', '-')} {v}" for k, v in DEFAULTS.items() if k != "set"]
-    shown += [f"--set {item}" for item in DEFAULTS["set"]]
+    shown = [f"--{k} {v}" for k, v in FLAG_DEFAULTS.items()]
+    shown += [f"{section}.{key}={value}" for section, values in BASE_CONFIG.items()
+              for key, value in values.items()]
     p = add_train_parser(sub, "main", help="the main job: train a small model on the "
                          "embedded corpus, then sample from it",
                          description=__doc__ + "\n" + textwrap.fill(
-                             f"Defaults: --text {corpus_path()} {' '.join(shown)}", 95,
-                             break_on_hyphens=False))
-    p.set_defaults(text=str(corpus_path()), **DEFAULTS)
+                             f"Defaults (any option overrides them): --text {corpus_path()} "
+                             f"{' '.join(shown)}", 95, break_on_hyphens=False))
+    p.set_defaults(fallback_text=str(corpus_path()), base_config=BASE_CONFIG, **FLAG_DEFAULTS)
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --checkpoint-dir instead of starting afresh")
+                   help="continue the run in the checkpoint dir instead of starting afresh")
+
+
+# What a training run writes in its checkpoint dir: orbax's step directories (named by the
+# step, or a step's temporary while it is written), log.jsonl and sample.txt.
+_RUN_DIR = re.compile(r"\d+(\.orbax-checkpoint-tmp-\d+)?")
 
 
 def _is_run_entry(path: Path) -> bool:
-    """What a training run writes in its checkpoint dir: step directories (orbax's, named by
-    the step), log.jsonl and sample.txt."""
-    return path.name in ("log.jsonl", "sample.txt") or path.name[:1].isdigit()
+    if path.is_dir() and not path.is_symlink():
+        return _RUN_DIR.fullmatch(path.name) is not None
+    return path.name in ("log.jsonl", "sample.txt") and path.is_file()
+
+
+def _start_afresh(ckpt: str | None) -> int | None:
+    """Delete the previous run in ``ckpt`` (saying so); refuse, with exit code 2, when it
+    holds anything a run does not write."""
+    if ckpt is None:
+        return None
+    path = Path(ckpt)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        print(f"error: checkpoint dir {ckpt} is a link or a file; not deleting it (choose "
+              f"another directory, or --resume)", file=sys.stderr)
+        return 2
+    if not path.is_dir() or not any(path.iterdir()):
+        return None
+    strangers = sorted(p.name for p in path.iterdir() if not _is_run_entry(p))
+    if strangers:
+        print(f"error: checkpoint dir {ckpt} holds {strangers[:5]}, which a training run "
+              f"does not write; not deleting it (choose another directory, or --resume)",
+              file=sys.stderr)
+        return 2
+    print(f"{ckpt}: deleting the previous run to start afresh (--resume continues it)",
+          file=sys.stderr)
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        print(f"error: deleting {ckpt}: {e}", file=sys.stderr)
+        return 2
+    return None
 
 
 def run_main(args: argparse.Namespace) -> int:
-    """Start afresh (or resume with --resume), then ``hybrid-jax train``'s run."""
+    """``hybrid-jax train``'s run, which first validates every option; then, unless --resume,
+    the previous run in the (merged) checkpoint dir is deleted before training."""
     from hybrid_jax.train_cli import run_train
 
-    if args.data:  # a token file replaces the embedded text
-        args.text = None
-    ckpt = Path(args.checkpoint_dir)
-    if not args.resume and ckpt.is_dir() and any(ckpt.iterdir()):
-        strangers = sorted(p.name for p in ckpt.iterdir() if not _is_run_entry(p))
-        if strangers:
-            print(f"error: --checkpoint-dir {ckpt} holds {strangers[:5]}, which a training run "
-                  f"does not write; not deleting it (choose another directory, or --resume)",
-                  file=sys.stderr)
-            return 2
-        print(f"{ckpt}: deleting the previous run to start afresh (--resume continues it)",
-              file=sys.stderr)
-        shutil.rmtree(ckpt)
-    return run_train(args)
+    if args.resume:
+        return run_train(args)
+    return run_train(args, before_training=lambda cfg: _start_afresh(
+        cfg["run"].get("checkpoint_dir")))
 
 
-__all__ = ["DEFAULTS", "DEFAULT_DIR", "add_main_parser", "run_main"]
+__all__ = ["BASE_CONFIG", "DEFAULT_DIR", "FLAG_DEFAULTS", "add_main_parser", "run_main"]

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,11 @@ def _yaml_load(text: str) -> Any:
 
 
 def run_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The merged configuration (sections of plain values), before validation."""
-    cfg: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    """The merged configuration (sections of plain values), before validation: a command's
+    base layer (``args.base_config``, sections; ``hybrid-jax main``'s defaults) < --config <
+    flags < --set; with neither data.path nor data.text set, ``args.fallback_text``."""
+    base = getattr(args, "base_config", None) or {}
+    cfg: dict[str, dict[str, Any]] = {s: dict(base.get(s, {})) for s in SECTIONS}
     if args.config is not None:
         if not args.config.is_file():
             raise ConfigError(f"{args.config}: config file not found")
@@ -128,6 +132,9 @@ def run_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE with a section in "
                               f"{list(SECTIONS)}")
         cfg[section][name] = _yaml_load(value)
+    fallback = getattr(args, "fallback_text", None)
+    if fallback is not None and not cfg["data"].get("path") and not cfg["data"].get("text"):
+        cfg["data"]["text"] = fallback
     return cfg
 
 
@@ -151,7 +158,11 @@ def _flops_per_token(model_cfg: Any, n_params: int, seq_len: int) -> float:
         model_cfg.head_dim * seq_len
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace,
+              before_training: Callable[[dict[str, dict[str, Any]]], int | None] | None = None
+              ) -> int:
+    """``hybrid-jax train``'s run: validate everything, then ``before_training(config)`` (a
+    non-None result is returned as the exit code, nothing trained), train, export, sample."""
     import jax
     import numpy as np
 
@@ -197,12 +208,19 @@ def run_train(args: argparse.Namespace) -> int:
         dataset = PackedDataset(tokens, data["seq_len"], data["global_batch"], eos_id=eos,
                                 vocab_size=model_cfg.vocab_size, seed=data["seed"])
         # Checked before training, so that a bad option does not cost a run.
+        if data.get("path") and not data.get("tokenizer") and args.sample > 0:
+            raise ConfigError("--sample: a token file's ids need --tokenizer to be shown as "
+                              "text (or --sample 0)")
         prompt_ids = _sample_prompt(args, codec, tokens, eos, model_cfg.vocab_size)
     # ConfigError, DataError and ShardingError are ValueErrors, as are the config dataclasses'
     # own checks.
     except (ValueError, OSError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if before_training is not None:
+        code = before_training(cfg)
+        if code is not None:
+            return code
 
     run = cfg["run"]
     ckpt = run.get("checkpoint_dir")

@@ -242,6 +242,8 @@ def test_extreme_gates_stay_finite_with_gradients():
     (dict(initial_state=np.zeros((2, 2, 8, 7), np.float32)), "initial_state"),
     (dict(segment_ids=np.zeros((2, 6), np.int32)), "segment_ids"),
     (dict(method="power_series"), "method"),
+    (dict(method="chunk", chunk_size=48), "chunk_size must be a power of two"),
+    (dict(method="pallas", chunk_size=0), "chunk_size must be positive"),
 ])
 def test_bad_inputs_are_named(bad, match):
     args = dict(q=np.zeros((2, 5, 2, 8), np.float32), k=np.zeros((2, 5, 2, 8), np.float32),

@@ -50,27 +50,97 @@ def test_main_job_trains_and_samples(tmp_path, capsys):
     assert "already holds step 3 of 3: nothing to train" in capsys.readouterr().err
 
 
-def test_main_job_deletes_its_previous_run_first(tmp_path, monkeypatch, capsys):
+def _fake_run_train(monkeypatch, seen: list, where):
+    """Replace run_train by one that runs ``before_training`` on the merged config, then
+    records what the run would find in ``where`` and the config."""
     import hybrid_jax.train_cli
 
-    seen = []
-
-    def run_train(args):  # what the run would find in its directory
-        seen.append(sorted(p.name for p in tmp_path.iterdir()) if tmp_path.exists() else None)
-        return 0
+    def run_train(args, before_training=None):
+        cfg = hybrid_jax.train_cli.run_config(args)
+        code = before_training(cfg) if before_training is not None else None
+        seen.append((sorted(p.name for p in where.iterdir()) if where.exists() else None, cfg))
+        return 0 if code is None else code
 
     monkeypatch.setattr(hybrid_jax.train_cli, "run_train", run_train)
+
+
+def test_main_job_deletes_its_previous_run_first(tmp_path, monkeypatch, capsys):
+    runs = []
+    _fake_run_train(monkeypatch, runs, tmp_path)
+    seen = [found for found, _ in runs]
     for name in ("3", "3.orbax-checkpoint-tmp-1", "log.jsonl", "sample.txt"):
         (tmp_path / name).mkdir() if name[0].isdigit() else (tmp_path / name).write_text("")
     assert main(["main", "--checkpoint-dir", str(tmp_path), "--resume"]) == 0
     assert main(["main", "--checkpoint-dir", str(tmp_path)]) == 0
     assert "deleting the previous run" in capsys.readouterr().err
     # --resume kept the run; without it, training started with no directory at all.
+    seen = [found for found, _ in runs]
     assert len(seen[0]) == 4 and seen[1] is None
 
 
+def test_main_job_deletes_the_merged_checkpoint_dir_and_yields_to_config(tmp_path,
+                                                                        monkeypatch, capsys):
+    """--set / --config choose the run's directory (and what is deleted), and a YAML file's
+    values win over the main job's defaults."""
+    flag_dir, set_dir = tmp_path / "flag", tmp_path / "set"
+    for d in (flag_dir, set_dir):
+        d.mkdir()
+        (d / "log.jsonl").write_text("")
+    runs = []
+    _fake_run_train(monkeypatch, runs, set_dir)
+    assert main(["main", "--checkpoint-dir", str(flag_dir),
+                 "--set", f"run.checkpoint_dir={set_dir}"]) == 0
+    assert f"{set_dir}: deleting the previous run" in capsys.readouterr().err
+    assert (flag_dir / "log.jsonl").exists() and runs[0][0] is None
+
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  seq_len: 64\n  path: tokens.bin\nloop:\n  steps: 7\n")
+    assert main(["main", "--config", str(config), "--checkpoint-dir", str(tmp_path / "c")]) == 0
+    cfg = runs[1][1]
+    assert cfg["data"]["seq_len"] == 64 and cfg["loop"]["steps"] == 7
+    assert cfg["data"]["global_batch"] == 16  # the main job's default where YAML is silent
+    assert "text" not in cfg["data"]  # the embedded corpus only when no data is given
+
+
+def test_main_job_keeps_its_previous_run_when_an_option_is_bad(tmp_path, capsys):
+    corpus = tmp_path / "slice.txt"
+    corpus.write_bytes(corpus_path().read_bytes()[:5_000])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("kept")
+    assert main(["main", "--text", str(corpus), "--checkpoint-dir", str(run), *TINY,
+                 "--set", "loop.stesp=3"]) == 2
+    assert "unknown setting(s) ['stesp']" in capsys.readouterr().err
+    assert (run / "log.jsonl").read_text() == "kept"
+
+
 def test_main_job_refuses_to_delete_a_foreign_directory(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("mine")
-    assert main(["main", "--checkpoint-dir", str(tmp_path), *TINY]) == 2
-    assert "notes.txt" in capsys.readouterr().err
-    assert (tmp_path / "notes.txt").exists()
+    corpus = tmp_path / "slice.txt"
+    corpus.write_bytes(corpus_path().read_bytes()[:5_000])
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("notes.txt", "1_notes.txt"):  # a leading digit is not a step directory
+        (run / name).write_text("mine")
+        assert main(["main", "--text", str(corpus), "--checkpoint-dir", str(run), *TINY]) == 2
+        assert name in capsys.readouterr().err
+        assert (run / name).exists()
+        (run / name).unlink()
+
+
+def test_main_job_refuses_a_linked_run_dir_and_samples_only_with_a_tokenizer(tmp_path, capsys):
+    import numpy as np
+
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(1, 200, 4_000).astype(np.uint16).tofile(tokens)
+    args = ["main", "--data", str(tokens), "--set", "model.eos_token_id=0", *TINY]
+    # A token file's ids are not bytes: sampling them needs the tokenizer.
+    assert main([*args, "--checkpoint-dir", str(tmp_path / "run")]) == 2
+    assert "--sample: a token file's ids need --tokenizer" in capsys.readouterr().err
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "log.jsonl").write_text("kept")
+    (tmp_path / "link").symlink_to(target)
+    assert main([*args, "--sample", "0", "--checkpoint-dir", str(tmp_path / "link")]) == 2
+    assert "is a link or a file" in capsys.readouterr().err
+    assert (target / "log.jsonl").read_text() == "kept"

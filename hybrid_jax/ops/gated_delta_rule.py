@@ -67,6 +67,10 @@ def _check(q, k, v, g, beta, initial_state, segment_ids, method, chunk_size):
         raise ValueError(f"gated_delta_rule: method {method!r} is not one of {METHODS}")
     if chunk_size <= 0:
         raise ValueError(f"gated_delta_rule: chunk_size must be positive, got {chunk_size}")
+    if method != "recurrent" and chunk_size & (chunk_size - 1):
+        # The chunked forms' solves work on power-of-two blocks.
+        raise ValueError(f"gated_delta_rule: chunk_size must be a power of two for method "
+                         f"{method!r}, got {chunk_size}")
 
 
 def gated_delta_rule(

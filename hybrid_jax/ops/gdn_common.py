@@ -50,7 +50,7 @@ def _inverse_bwd(block: int, inv: jax.Array, d_inv: jax.Array):
     strict = jnp.arange(c)[:, None] > jnp.arange(c)[None, :]
     inv_t = jnp.swapaxes(inv, -1, -2)
     d_a = -dot("...ij,...jk->...ik", dot("...ij,...jk->...ik", inv_t, d_inv), inv_t)
-    return (jnp.where(strict, d_a, 0.0),)
+    return (jnp.where(strict, d_a, 0.0).astype(inv.dtype),)
 
 
 unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
