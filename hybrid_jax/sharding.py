@@ -136,6 +136,21 @@ def activation_sharding(mesh: Mesh | None, rules: LogicalRules | None = None) ->
         _ACTIVATIONS.reset(token)
 
 
+def _fitted_spec(mesh: Mesh, rules: LogicalRules, shape: tuple[int, ...],
+                 logical: Sequence[str | None], what: str) -> PartitionSpec:
+    """The rules' spec for ``logical``, less any mesh axis that does not divide its dimension."""
+    if len(logical) != len(shape):
+        raise ValueError(f"{what}: {len(logical)} logical names {tuple(logical)} for an "
+                         f"array of shape {shape}")
+    dims = []
+    for size, axes in zip(shape, rules.spec(logical)):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        dims.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*dims)
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """``x`` with a sharding constraint by the logical names of its dimensions, under the
     current ``activation_sharding``; unchanged outside one. A mesh axis that does not divide its
@@ -144,16 +159,42 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if current is None:
         return x
     mesh, rules = current
-    if len(logical) != x.ndim:
-        raise ValueError(f"constrain: {len(logical)} logical names {tuple(logical)} for an "
-                         f"array of shape {x.shape}")
-    dims = []
-    for size, axes in zip(x.shape, rules.spec(logical)):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        while axes and size % math.prod(mesh.shape[a] for a in axes):
-            axes = axes[:-1]
-        dims.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*dims)))
+    spec = _fitted_spec(mesh, rules, x.shape, logical, "constrain")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def splits(logical: str, size: int) -> bool:
+    """Whether the current ``activation_sharding`` splits a dimension of ``size`` named
+    ``logical`` (False outside one)."""
+    current = _ACTIVATIONS.get()
+    if current is None:
+        return False
+    return _fitted_spec(*current, (size,), (logical,), "splits")[0] is not None
+
+
+def per_shard(fn: Any, in_logical: Sequence[Sequence[str | None]],
+              out_logical: Sequence[str | None]) -> Any:
+    """``fn`` (arrays -> one array) run on each device's shards with ``jax.shard_map`` under
+    the current ``activation_sharding``: for computations XLA cannot partition itself, such as
+    Pallas kernels, which it would otherwise run whole on every device. Dimensions are split
+    by the rules as in ``constrain`` (a logical name of None keeps one whole, gathering it if
+    it was split). Outside an ``activation_sharding``, ``fn`` itself."""
+    current = _ACTIVATIONS.get()
+    if current is None:
+        return fn
+    mesh, rules = current
+
+    def sharded(*args: jax.Array) -> jax.Array:
+        in_specs = tuple(_fitted_spec(mesh, rules, a.shape, names, "per_shard")
+                         for a, names in zip(args, in_logical, strict=True))
+        out_shape = jax.eval_shape(fn, *args).shape
+        out_spec = _fitted_spec(mesh, rules, out_shape, out_logical, "per_shard")
+        # A dimension split on the way in but whole on the way out would be a partial
+        # result; the callers' names never ask for that.
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+                             check_vma=False)(*args)
+
+    return sharded
 
 
 # Logical axes of each parameter, by the names inside its module (leading "layers" axis added

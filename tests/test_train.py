@@ -221,9 +221,14 @@ def mesh_child(tmp_path_factory) -> dict:
 
 def test_activations_are_pinned_and_context_parallel_training_matches(mesh_child):
     """Inside the sharded step the model's activations carry sharding constraints (none
-    without a mesh); fsdp=2 x tensor=2 x context=2 (positions split) trains with the same
-    losses as one device; ``constrain`` drops a mesh axis that does not divide."""
+    without a mesh) and the GDN rule runs per shard; with the Pallas kernels there
+    (interpret mode), the first loss equals one device's; fsdp=2 x tensor=2 x context=2
+    (positions split) trains with the same losses as one device; ``constrain`` drops a mesh
+    axis that does not divide."""
     assert mesh_child["constraints"] >= 10 and mesh_child["constraints_single"] == 0
+    assert mesh_child["manual"] >= 1  # the GDN rule runs per shard (shard_map)
+    np.testing.assert_allclose(mesh_child["pallas_loss"], mesh_child["single_losses"][0],
+                               rtol=1e-5)
     np.testing.assert_allclose(mesh_child["context_losses"], mesh_child["single_losses"],
                                rtol=1e-5, atol=1e-5)
     assert mesh_child["constrain_sharded"]
@@ -316,7 +321,9 @@ def _child(out: str) -> None:
     state, result["sharded_losses"] = run(step, state)
     batch = jax.ShapeDtypeStruct((2, 4, 32), jnp.int32)
     lowered = lambda fn, st: fn.lower(st, {"tokens": batch, "segment_ids": batch}).as_text()
-    result["constraints"] = lowered(step, state).count("sharding_constraint")
+    text = lowered(step, state)
+    result["constraints"] = text.count("sharding_constraint")
+    result["manual"] = text.count("sdy.manual_computation")  # the GDN rule, per shard
     single = init_train_state(cfg, opt, seed=0)
     result["constraints_single"] = lowered(
         jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4)), single).count(
@@ -328,6 +335,13 @@ def _child(out: str) -> None:
     step_ctx = jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4, mesh=ctx),
                               train_state_shardings(state_ctx, ctx), ctx)
     _, result["context_losses"] = run(step_ctx, state_ctx)
+
+    # The Pallas kernels (interpret mode here) inside the per-device shard_map: one step.
+    pallas_cfg = cfg.replace(gdn_method="pallas")
+    state_p = init_train_state(pallas_cfg, opt, mesh=mesh, seed=0)
+    step_p = jit_train_step(make_train_step(model_template(pallas_cfg), opt, z_loss_weight=1e-4,
+                                            mesh=mesh), train_state_shardings(state_p, mesh), mesh)
+    result["pallas_loss"] = float(step_p(state_p, batches[0])[1]["loss"])
 
     # constrain: the rules' axes, less any that does not divide its dimension (3 MLP columns
     # on tensor=2 stay whole); outside activation_sharding, nothing.

@@ -14,7 +14,7 @@ from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import GatedRMSNorm
 from hybrid_jax.model.short_conv import ShortConvolution
 from hybrid_jax.ops.gated_delta_rule import gated_delta_rule
-from hybrid_jax.sharding import constrain
+from hybrid_jax.sharding import constrain, per_shard, splits
 
 # FLA's fused gated RMSNorm default, which the released model was trained with.
 O_NORM_EPS = 1e-5
@@ -102,10 +102,25 @@ class GatedDeltaNet(nnx.Module):
                               self.k_conv(self.k_proj(x), segment_ids=segment_ids),
                               self.v_conv(self.v_proj(x), segment_ids=segment_ids))
         beta, g = self._gates(x)
-        o, _ = gated_delta_rule(
-            q, k, v, g, beta, use_qk_l2norm=True, segment_ids=segment_ids,
-            method=cfg.gdn_method, chunk_size=cfg.gdn_chunk_size,
-        )  # [B, T, Hv, Dv]
+
+        def rule(q, k, v, g, beta, *segments):
+            return gated_delta_rule(
+                q, k, v, g, beta, use_qk_l2norm=True,
+                segment_ids=segments[0] if segments else None, method=cfg.gdn_method,
+                chunk_size=cfg.gdn_chunk_size)[0]  # [B, T, Hv, Dv]
+
+        # Under a training mesh, each device runs the rule on its rows and heads (a Pallas
+        # kernel cannot be partitioned by XLA); whole sequences, since the state runs along
+        # them. Key and value heads split together or not at all, keeping value head h with
+        # key head h // G.
+        heads = ("gdn_key_heads", "gdn_heads")
+        if not (splits(heads[0], cfg.linear_num_key_heads)
+                and splits(heads[1], cfg.linear_num_value_heads)):
+            heads = (None, None)
+        kh, vh = (("batch", None, h, None) for h in heads)
+        args = (q, k, v, g, beta) + (() if segment_ids is None else (segment_ids,))
+        names = [kh, kh, vh, vh[:3], vh[:3], ("batch", None)][:len(args)]
+        o = per_shard(rule, names, vh)(*args)
         return self._output(x, o)
 
     def extend(self, x: jax.Array, cache: GDNCache, *,
