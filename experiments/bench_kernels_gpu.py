@@ -164,8 +164,8 @@ def _with_params(saved, **overrides):
 
 def ablation(data, repeats: int) -> dict:
     """Kernels alone, and under variants swapped in by patching their modules: the factor
-    kernels (forward and VJP) as they are and with no solve at all (the floor of everything
-    else; 8 warps measured slower on an H200); the factors' cotangents as one kernel (8 or 4 warps) or as the XLA
+    kernels (forward and VJP, three kernels) as they are, with 8 warps, and with no solve at
+    all (the floor of everything else); the factors' cotangents as one kernel (8 or 4 warps) or as the XLA
     einsums before it, alone and inside the whole fwd+bwd; the state passes by value block and
     software-pipelining stages."""
     import hybrid_jax.kernels.gdn_chunk_factors as cf
@@ -191,6 +191,8 @@ def ablation(data, repeats: int) -> dict:
                                                              repeats)
 
     for name, patch in {"as is": {},
+                        "8 warps": {"compiler_params": _with_params(cf.compiler_params,
+                                                                    num_warps=8)},
                         "no solve (floor)": {"_unit_lower_inverse": lambda a, r, c, mm: a}}.items():
         times[f"factors, factors_backward {name}"] = _patched(cf, patch, factors)
 
@@ -204,9 +206,9 @@ def ablation(data, repeats: int) -> dict:
         fn = jax.jit(lambda *a: gp.step_cotangents(*a, backend="gpu", interpret=interpret))
         return best_of(lambda: fn(f[0], f[1], d_o, dv_new, states, grads), repeats)
 
-    times["step_cotangents kernel (8 warps)"] = cotangents()
-    times["step_cotangents kernel, 4 warps"] = _patched(
-        sc, {"compiler_params": _with_params(sc.compiler_params, num_warps=4)}, cotangents)
+    times["step_cotangents kernel as is (4 warps)"] = cotangents()
+    times["step_cotangents kernel, 8 warps"] = _patched(
+        sc, {"compiler_params": _with_params(sc.compiler_params, num_warps=8)}, cotangents)
     times["step_cotangents XLA einsums (previous)"] = _patched(
         gp, {"step_cotangents": _xla_step_cotangents}, cotangents)
     def whole():
