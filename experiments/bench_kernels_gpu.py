@@ -165,9 +165,9 @@ def _with_params(saved, **overrides):
 def ablation(data, repeats: int) -> dict:
     """Kernels alone, and under variants swapped in by patching their modules: the factor
     kernels (forward and VJP, three kernels) as they are, with 8 warps, and with no solve at
-    all (the floor of everything else); the factors' cotangents as one kernel (8 or 4 warps) or as the XLA
-    einsums before it, alone and inside the whole fwd+bwd; the state passes by value block and
-    software-pipelining stages."""
+    all (the floor of everything else); the factors' cotangents as one kernel (4 or 8 warps)
+    or as the XLA einsums before it, alone and inside the whole fwd+bwd; the state passes by
+    value block and software-pipelining stages."""
     import hybrid_jax.kernels.gdn_chunk_factors as cf
     import hybrid_jax.kernels.gdn_state_pass as sp
     import hybrid_jax.kernels.gdn_step_cotangents as sc
