@@ -20,6 +20,15 @@ def column_blocks(d: int, width: int) -> list:
     return [pl.ds(start, min(width, d - start)) for start in range(0, d, width)]
 
 
+def chunk_block(*shape: int, n_chunks: int | None = None) -> pl.BlockSpec:
+    """Block of one chunk of one sequence, ``shape`` its trailing dims, on a (sequence, chunk)
+    grid over [R, N, *shape] arrays; given ``n_chunks``, the chunk axis runs last to first."""
+    if n_chunks is None:
+        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
+    return pl.BlockSpec((None, None, *shape),
+                        lambda i, j: (i, n_chunks - 1 - j) + (0,) * len(shape))
+
+
 def mm(a: jax.Array, b: jax.Array, dtype=None) -> jax.Array:
     """a @ b accumulated in float32, the operands first cast to ``dtype`` when given: bf16
     operands run on the tensor cores / MXU; float32 operands get full float32 precision."""

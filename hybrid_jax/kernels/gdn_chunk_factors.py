@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 
 from hybrid_jax.kernels.common import (
     BLOCK_COLUMNS,
+    chunk_block,
     column_blocks,
     compiler_params,
     dot_dtype,
@@ -99,15 +100,23 @@ def _iotas(c: int):
             jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
 
 
-def _products_and_inverse(q_ref, k_ref, beta, decay, row, col, width: int):
-    """(q k^T, k k^T, (I + A)^-1) [C, C] float32, A = strict_tril(beta_i (k_i . k_j) decay_ij),
-    the products summed over blocks of ``width`` key columns (operands in the inputs' dtype)."""
-    qk = kk = 0.0
-    for cols in column_blocks(k_ref.shape[-1], width):
-        q, k = q_ref[:, cols], k_ref[:, cols]
-        qk, kk = qk + _mm(q, k.T), kk + _mm(k, k.T)
-    a = jnp.where(row > col, beta * kk * decay, 0.0)
-    return qk, kk, _unit_lower_inverse(a, row, col, solve_matmul(k_ref.dtype))
+def _products(a_ref, b_ref, width: int) -> jax.Array:
+    """a b^T [C, C] float32 over blocks of ``width`` columns (operands in the inputs' dtype),
+    from fresh loads (so a product used twice can be recomputed instead of kept live)."""
+    out = 0.0
+    for cols in column_blocks(a_ref.shape[-1], width):
+        out = out + _mm(a_ref[:, cols], b_ref[:, cols].T)
+    return out
+
+
+def _keys_inverse(k_ref, beta, decay, row, col, width: int) -> jax.Array:
+    """(I + A)^-1 [C, C] float32, A = strict_tril(beta_i (k_i . k_j) decay_ij)."""
+    a = jnp.where(row > col, beta * _products(k_ref, k_ref, width) * decay, 0.0)
+    return _unit_lower_inverse(a, row, col, solve_matmul(k_ref.dtype))
+
+
+def _sum_cols(x: jax.Array) -> jax.Array:
+    return jnp.sum(x, axis=1, keepdims=True)
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
@@ -117,7 +126,7 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     beta = beta_ref[...]  # [C, 1]
     row, col = _iotas(q_ref.shape[0])
     decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
-    qk, _, inv = _products_and_inverse(q_ref, k_ref, beta, decay, row, col, width)
+    inv = _keys_inverse(k_ref, beta, decay, row, col, width)
 
     # Head dims in blocks of ``width`` columns: whole [C, 256] float32 tiles would not fit a
     # GPU program's registers.
@@ -128,17 +137,8 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
         w_ref[:, cols] = _mm(inv, beta * from_start * k, dt).astype(dt)
         qd_ref[:, cols] = (scale * from_start * q_ref[:, cols].astype(f32)).astype(dt)
         kd_ref[:, cols] = (to_end * k).astype(dt)
-    intra_ref[...] = (scale * qk * decay).astype(dt)
+    intra_ref[...] = (scale * _products(q_ref, k_ref, width) * decay).astype(dt)
     decay_ref[...] = chunk_decay
-
-
-def _products(a_ref, b_ref, width: int) -> jax.Array:
-    """a b^T [C, C] float32 over blocks of ``width`` columns, from fresh loads (so a product
-    used twice can be recomputed instead of kept live)."""
-    out = 0.0
-    for cols in column_blocks(a_ref.shape[-1], width):
-        out = out + _mm(a_ref[:, cols], b_ref[:, cols].T)
-    return out
 
 
 def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref, dw_ref,
@@ -151,14 +151,12 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
     out as a matmul operand for ``_backward_columns_kernel``."""
     f32 = jnp.float32
     dt = dot_dtype(q_ref.dtype)
-    sum_cols = lambda x: jnp.sum(x, axis=1, keepdims=True)
     beta = beta_ref[...]
     row, col = _iotas(q_ref.shape[0])
     strict = row > col
     decay, from_start, _, _ = _gates(g_ref[...], seg_ref[...], row, col)
     solve_mm = solve_matmul(q_ref.dtype)
-    inv = _unit_lower_inverse(jnp.where(strict, beta * _products(k_ref, k_ref, width) * decay,
-                                        0.0), row, col, solve_mm)
+    inv = _keys_inverse(k_ref, beta, decay, row, col, width)
     # d_inv sums over every value and key column.
     d_inv = dbeta = d_from_start = d_to_end = 0.0
     for cols in column_blocks(v_ref.shape[-1], width):
@@ -166,14 +164,14 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
         d_inv = d_inv + _mm(du, (beta * v).T, dt)
         d_bv = _mm(inv.T, du, dt)
         dv_ref[:, cols] = beta * d_bv
-        dbeta = dbeta + sum_cols(v * d_bv)
+        dbeta = dbeta + _sum_cols(v * d_bv)
     for cols in column_blocks(k_ref.shape[-1], width):
         q, k, dw = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32), dw_ref[:, cols]
         d_inv = d_inv + _mm(dw, (beta * from_start * k).T, dt)
-        k_d_bk = sum_cols(k * _mm(inv.T, dw, dt))
+        k_d_bk = _sum_cols(k * _mm(inv.T, dw, dt))
         dbeta = dbeta + from_start * k_d_bk
-        d_from_start = d_from_start + beta * k_d_bk + scale * sum_cols(q * dqd_ref[:, cols])
-        d_to_end = d_to_end + sum_cols(k * dkd_ref[:, cols])
+        d_from_start = d_from_start + beta * k_d_bk + scale * _sum_cols(q * dqd_ref[:, cols])
+        d_to_end = d_to_end + _sum_cols(k * dkd_ref[:, cols])
     d_a_ref[...] = jnp.where(strict, -solve_mm(inv.T, solve_mm(d_inv, inv.T)), 0.0)
     inv_t_ref[...] = inv.T.astype(inv_t_ref.dtype)
     dbeta_ref[...] = dbeta
@@ -183,22 +181,21 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
 
 def _backward_gates_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, dintra_ref, ddecay_ref,
                            d_a_ref, dbeta_ref, d_fs_ref, d_te_ref, dg_ref, dbeta_out_ref,
-                           d_qk_ref, d_kk_ref, beta_fs_ref, scale_fs_ref, to_end_ref, *,
+                           d_qk_ref, d_kk_ref, from_start_ref, to_end_ref, *,
                            scale: float, width: int):
     """The VJP's second part: from dA and d intra, through A = strict(beta kk decay) and
     intra = scale qk decay: dbeta, d(k k^T), d(q k^T), then the gates (dg) through each
     masked exp (masked entries are zero, so their cotangents vanish there). Writes d_qk and
-    d_kk + d_kk^T as matmul operands, and the per-row factors, for
-    ``_backward_columns_kernel``."""
+    d_kk + d_kk^T as matmul operands, and the decays from the chunk's start and to its end,
+    for ``_backward_columns_kernel``."""
     f32 = jnp.float32
-    sum_cols = lambda x: jnp.sum(x, axis=1, keepdims=True)
     beta = beta_ref[...]
     row, col = _iotas(q_ref.shape[0])
     causal, strict = row >= col, row > col
     decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
     d_a = d_a_ref[...]
     kk = _products(k_ref, k_ref, width)
-    dbeta_out_ref[...] = dbeta_ref[...] + sum_cols(d_a * kk * decay)
+    dbeta_out_ref[...] = dbeta_ref[...] + _sum_cols(d_a * kk * decay)
     d_decay = beta * d_a * kk
     d_kk = beta * d_a * decay
     d_kk_ref[...] = (d_kk + d_kk.T).astype(d_kk_ref.dtype)
@@ -214,24 +211,29 @@ def _backward_gates_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, dintra_ref, d
     d_to_end_log = (d_te_ref[...] * to_end).T  # [1, C]; to_end_log[j] sums g_t over t > j
     dg = dg + jnp.sum(jnp.where(strict, d_to_end_log, 0.0), axis=1, keepdims=True)
     dg_ref[...] = dg + ddecay_ref[...] * chunk_decay
-    beta_fs_ref[...] = beta * from_start
-    scale_fs_ref[...] = scale * from_start
+    from_start_ref[...] = from_start
     to_end_ref[...] = to_end
 
 
-def _backward_columns_kernel(q_ref, k_ref, dw_ref, dqd_ref, dkd_ref, inv_t_ref, d_qk_ref,
-                             d_kk_ref, beta_fs_ref, scale_fs_ref, to_end_ref, dq_ref, dk_ref):
+def _backward_columns_kernel(q_ref, k_ref, beta_ref, dw_ref, dqd_ref, dkd_ref, inv_t_ref,
+                             d_qk_ref, d_kk_ref, from_start_ref, to_end_ref, dq_ref, dk_ref, *,
+                             scale: float):
     """dq and dk for one block of key columns, from the chunk's [C, C] cotangents
     (``_backward_solve_kernel``, ``_backward_gates_kernel``): dq = d_qk k + scale fs dqd;
     dk = beta fs T^T dw + d_qk^T q + (d_kk + d_kk^T) k + te dkd."""
     f32 = jnp.float32
     dt = d_qk_ref.dtype
     q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)
-    d_qk = d_qk_ref[...]
-    dq_ref[...] = _mm(d_qk, k, dt) + scale_fs_ref[...] * dqd_ref[...]
-    dk_ref[...] = (beta_fs_ref[...] * _mm(inv_t_ref[...], dw_ref[...], dt)
+    d_qk, from_start = d_qk_ref[...], from_start_ref[...]
+    dq_ref[...] = _mm(d_qk, k, dt) + scale * from_start * dqd_ref[...]
+    dk_ref[...] = (beta_ref[...] * from_start * _mm(inv_t_ref[...], dw_ref[...], dt)
                    + _mm(d_qk.T, q, dt) + _mm(d_kk_ref[...], k, dt)
                    + to_end_ref[...] * dkd_ref[...])
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """[R, N, C] -> [R, N, C, 1]: per-position values as a column block."""
+    return x[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
@@ -253,26 +255,22 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     """
     r, n, c, dk = q.shape
     dv = v.shape[-1]
-    col = lambda x: x[..., None]  # [R, N, C] -> [R, N, C, 1]
-
-    def per_chunk(*shape):
-        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
 
     f32, dt = jnp.float32, dot_dtype(q.dtype)
     u, w, qd, kd, intra, decay = pl.pallas_call(
         functools.partial(_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
-        in_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, 1),
-                  per_chunk(c, 1), per_chunk(c, 1)],
-        out_specs=[per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk),
-                   per_chunk(c, c), per_chunk(1, 1)],
+        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(c, 1),
+                  chunk_block(c, 1), chunk_block(c, 1)],
+        out_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
+                   chunk_block(c, c), chunk_block(1, 1)],
         out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), dt),
                    *[jax.ShapeDtypeStruct((r, n, c, dk), dt)] * 3,
                    jax.ShapeDtypeStruct((r, n, c, c), dt),
                    jax.ShapeDtypeStruct((r, n, 1, 1), f32)],
         compiler_params=compiler_params(backend, ("parallel", "parallel")),
         interpret=interpret,
-    )(q, k, v, col(g.astype(f32)), col(beta.astype(f32)), col(seg.astype(jnp.int32)))
+    )(q, k, v, _rows(g.astype(f32)), _rows(beta.astype(f32)), _rows(seg.astype(jnp.int32)))
     return u, w, qd, kd, intra, decay[..., 0, 0]
 
 
@@ -293,44 +291,41 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     r, n, c, dk = q.shape
     dv = v.shape[-1]
     f32 = jnp.float32
-    col = lambda x: x[..., None]  # [R, N, C] -> [R, N, C, 1]
-
-    def per_chunk(*shape):
-        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
 
     dt = dot_dtype(q.dtype)
     width = min(BLOCK_COLUMNS[backend], dk)
     if dk % width:
         raise ValueError(f"chunk_factors_backward_kernel: Dk={dk} is not a multiple of {width}")
     params = compiler_params(backend, ("parallel", "parallel"))
-    g_col, beta_col = col(g.astype(f32)), col(beta.astype(f32))
-    seg_col = col(seg.astype(jnp.int32))
+    g_col, beta_col = _rows(g.astype(f32)), _rows(beta.astype(f32))
+    seg_col = _rows(seg.astype(jnp.int32))
     d_u, d_w = d_u.astype(dt), d_w.astype(dt)
     d_q_decayed, d_k_decayed = d_q_decayed.astype(f32), d_k_decayed.astype(f32)
-    rows = lambda: jax.ShapeDtypeStruct((r, n, c, 1), f32)
+    per_row = lambda: jax.ShapeDtypeStruct((r, n, c, 1), f32)  # [R, N, C, 1] float32
     dv_, d_a, inv_t, dbeta, d_fs, d_te = pl.pallas_call(
         functools.partial(_backward_solve_kernel, scale=scale, width=width),
         grid=(r, n),
-        in_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, 1),
-                  per_chunk(c, 1), per_chunk(c, 1),
-                  per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk)],
-        out_specs=[per_chunk(c, dv), per_chunk(c, c), per_chunk(c, c),
-                   *[per_chunk(c, 1)] * 3],
+        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(c, 1),
+                  chunk_block(c, 1), chunk_block(c, 1),
+                  chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk)],
+        out_specs=[chunk_block(c, dv), chunk_block(c, c), chunk_block(c, c),
+                   *[chunk_block(c, 1)] * 3],
         out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), f32),
                    jax.ShapeDtypeStruct((r, n, c, c), f32),
-                   jax.ShapeDtypeStruct((r, n, c, c), dt), rows(), rows(), rows()],
+                   jax.ShapeDtypeStruct((r, n, c, c), dt), per_row(), per_row(), per_row()],
         compiler_params=params,
         interpret=interpret,
     )(q, k, v, g_col, beta_col, seg_col, d_u, d_w, d_q_decayed, d_k_decayed)
-    dg, dbeta, d_qk, d_kk, beta_fs, scale_fs, to_end = pl.pallas_call(
+    dg, dbeta, d_qk, d_kk, from_start, to_end = pl.pallas_call(
         functools.partial(_backward_gates_kernel, scale=scale, width=width),
         grid=(r, n),
-        in_specs=[per_chunk(c, dk), per_chunk(c, dk), *[per_chunk(c, 1)] * 3,
-                  per_chunk(c, c), per_chunk(1, 1), per_chunk(c, c), *[per_chunk(c, 1)] * 3],
-        out_specs=[per_chunk(c, 1), per_chunk(c, 1), per_chunk(c, c), per_chunk(c, c),
-                   *[per_chunk(c, 1)] * 3],
-        out_shape=[rows(), rows(), *[jax.ShapeDtypeStruct((r, n, c, c), dt)] * 2,
-                   rows(), rows(), rows()],
+        in_specs=[chunk_block(c, dk), chunk_block(c, dk), *[chunk_block(c, 1)] * 3,
+                  chunk_block(c, c), chunk_block(1, 1), chunk_block(c, c),
+                  *[chunk_block(c, 1)] * 3],
+        out_specs=[chunk_block(c, 1), chunk_block(c, 1), chunk_block(c, c), chunk_block(c, c),
+                   chunk_block(c, 1), chunk_block(c, 1)],
+        out_shape=[per_row(), per_row(), *[jax.ShapeDtypeStruct((r, n, c, c), dt)] * 2,
+                   per_row(), per_row()],
         compiler_params=params,
         interpret=interpret,
     )(q, k, g_col, beta_col, seg_col, d_intra.astype(f32),
@@ -343,13 +338,13 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
         return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
 
     dq, dk_ = pl.pallas_call(
-        _backward_columns_kernel,
+        functools.partial(_backward_columns_kernel, scale=scale),
         grid=(r, n, dk // width),
-        in_specs=[columns(c), columns(c), columns(c), columns(c), columns(c),
-                  *[whole(c, c)] * 3, *[whole(c, 1)] * 3],
+        in_specs=[columns(c), columns(c), whole(c, 1), columns(c), columns(c), columns(c),
+                  *[whole(c, c)] * 3, whole(c, 1), whole(c, 1)],
         out_specs=[columns(c), columns(c)],
         out_shape=[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2,
         compiler_params=compiler_params(backend, ("parallel", "parallel", "parallel")),
         interpret=interpret,
-    )(q, k, d_w, d_q_decayed, d_k_decayed, inv_t, d_qk, d_kk, beta_fs, scale_fs, to_end)
+    )(q, k, beta_col, d_w, d_q_decayed, d_k_decayed, inv_t, d_qk, d_kk, from_start, to_end)
     return dq, dk_, dv_, dg[..., 0], dbeta[..., 0]

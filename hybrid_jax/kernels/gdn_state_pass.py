@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hybrid_jax.kernels.common import compiler_params
+from hybrid_jax.kernels.common import chunk_block, compiler_params
 from hybrid_jax.kernels.common import mm as _mm
 
 
@@ -154,14 +154,6 @@ def _gpu_in_specs(n: int, c: int, dk: int, bv: int) -> list:
             _whole(n, c, dk), _whole(n, c, c), _whole(n, 1, 1), _whole(dk, bv, split_v=True)]
 
 
-def _per_chunk(*shape, n_chunks: int | None = None):
-    """TPU block: one chunk of one sequence; given ``n_chunks``, chunks run last to first."""
-    if n_chunks is None:
-        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
-    return pl.BlockSpec((None, None, *shape),
-                        lambda i, j: (i, n_chunks - 1 - j) + (0,) * len(shape))
-
-
 def _per_seq(*shape):
     """TPU block: one sequence's [Dk, Dv] state (the same block at every chunk)."""
     return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * len(shape))
@@ -255,17 +247,17 @@ def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: 
 
     r, n, c, dv = u.shape
     dk = w.shape[-1]
-    out_specs = [_per_chunk(c, dv), _per_seq(dk, dv)]
+    out_specs = [chunk_block(c, dv), _per_seq(dk, dv)]
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
                  jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     if return_states:
-        out_specs.append(_per_chunk(dk, dv))
+        out_specs.append(chunk_block(dk, dv))
         out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32))
     return tuple(pl.pallas_call(
         _tpu_kernel,
         grid=(r, n),
-        in_specs=[_per_chunk(c, dv), _per_chunk(c, dk), _per_chunk(c, dk), _per_chunk(c, dk),
-                  _per_chunk(c, c), _per_chunk(1, 1), _per_seq(dk, dv)],
+        in_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
+                  chunk_block(c, c), chunk_block(1, 1), _per_seq(dk, dv)],
         out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
@@ -283,7 +275,7 @@ def state_pass_backward_tpu(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array
 
     r, n, c, dv = d_out.shape
     dk = w.shape[-1]
-    back = functools.partial(_per_chunk, n_chunks=n)
+    back = functools.partial(chunk_block, n_chunks=n)
     return tuple(pl.pallas_call(
         _tpu_backward_kernel,
         grid=(r, n),

@@ -31,7 +31,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hybrid_jax.kernels.common import BLOCK_COLUMNS, column_blocks, compiler_params
+from hybrid_jax.kernels.common import (
+    BLOCK_COLUMNS,
+    chunk_block,
+    column_blocks,
+    compiler_params,
+)
 from hybrid_jax.kernels.common import mm as _mm
 
 
@@ -87,16 +92,13 @@ def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Ar
     dk = w.shape[-1]
     f32 = jnp.float32
 
-    def per_chunk(*shape):
-        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
-
     d_w, d_qd, d_kd, d_intra, d_decay = pl.pallas_call(
         functools.partial(_kernel, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
-        in_specs=[per_chunk(c, dv), per_chunk(c, dk), per_chunk(c, dv), per_chunk(c, dv),
-                  per_chunk(dk, dv), per_chunk(dk, dv)],
-        out_specs=[per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, dk), per_chunk(c, c),
-                   per_chunk(1, 1)],
+        in_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dv), chunk_block(c, dv),
+                  chunk_block(dk, dv), chunk_block(dk, dv)],
+        out_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, c),
+                   chunk_block(1, 1)],
         out_shape=[*[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 3,
                    jax.ShapeDtypeStruct((r, n, c, c), f32),
                    jax.ShapeDtypeStruct((r, n, 1, 1), f32)],
