@@ -173,24 +173,24 @@ def splits(logical: str, size: int) -> bool:
 
 
 def per_shard(fn: Any, in_logical: Sequence[Sequence[str | None]],
-              out_logical: Sequence[str | None]) -> Any:
-    """``fn`` (arrays -> one array) run on each device's shards with ``jax.shard_map`` under
-    the current ``activation_sharding``: for computations XLA cannot partition itself, such as
-    Pallas kernels, which it would otherwise run whole on every device. Dimensions are split
-    by the rules as in ``constrain`` (a logical name of None keeps one whole, gathering it if
-    it was split). Outside an ``activation_sharding``, ``fn`` itself."""
+              out_logical: Sequence[str | None], out_shape: tuple[int, ...]) -> Any:
+    """``fn`` (arrays -> one array of global shape ``out_shape``, given so that ``fn`` is not
+    traced an extra time) run on each device's shards with ``jax.shard_map`` under the current
+    ``activation_sharding``: for computations XLA cannot partition itself, such as Pallas
+    kernels, which it would otherwise run whole on every device. Dimensions are split by the
+    rules as in ``constrain`` (a logical name of None keeps one whole, gathering it if it was
+    split). Outside an ``activation_sharding``, ``fn`` itself."""
     current = _ACTIVATIONS.get()
     if current is None:
         return fn
     mesh, rules = current
+    # A dimension split on the way in but whole on the way out would be a partial result;
+    # the callers' names never ask for that.
+    out_spec = _fitted_spec(mesh, rules, out_shape, out_logical, "per_shard")
 
     def sharded(*args: jax.Array) -> jax.Array:
         in_specs = tuple(_fitted_spec(mesh, rules, a.shape, names, "per_shard")
                          for a, names in zip(args, in_logical, strict=True))
-        out_shape = jax.eval_shape(fn, *args).shape
-        out_spec = _fitted_spec(mesh, rules, out_shape, out_logical, "per_shard")
-        # A dimension split on the way in but whole on the way out would be a partial
-        # result; the callers' names never ask for that.
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
                              check_vma=False)(*args)
 
