@@ -9,6 +9,8 @@ batch shape, AdamW with the same settings, float32, on this machine's CPU, in on
   - torch: transformers' ``OlmoHybridForCausalLM`` (its pure-torch GDN fallback on CPU) with
     ``torch.optim.AdamW`` and ``clip_grad_norm_``.
 Each is timed over ``--steps`` steps after ``--warmup`` (compilation excluded), median per step.
+Both run in one process, started as ``hybrid-jax train`` starts: with glibc's huge-page tunable
+where it helps (``hybrid_jax.host_memory``); ``--no-hugepages`` keeps glibc's defaults.
 MFU-style numbers use 6 x (non-embedding parameters) + attention FLOPs per token.
 
 Compile: lowers and compiles the full train step (forward, backward, AdamW) of the 7B preset
@@ -124,7 +126,8 @@ def throughput(args) -> None:
     tokens = args.batch * args.seq_len
     print(f"{args.preset}: {n_params / 1e6:.2f}M parameters, batch {args.batch} x "
           f"{args.seq_len}, float32, CPU ({os.cpu_count()} cores), jax {jax.__version__}, "
-          f"gdn_method={args.gdn_method}", flush=True)
+          f"gdn_method={args.gdn_method}, GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
     rows = {}
     rows["jax"] = _jax_throughput(cfg, args.batch, args.seq_len, args.steps, args.warmup)
     print(f"  jax   {rows['jax'][0] * 1e3:9.1f} ms/step  {tokens / rows['jax'][0]:9.0f} tok/s",
@@ -203,6 +206,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-hugepages", action="store_true",
+                   help="do not restart with glibc.malloc.hugetlb=1 (see hybrid_jax.host_memory)")
     p.add_argument("--gdn-method", default="auto", help="the JAX model's GDN form")
     p.add_argument("--compile-7b", action="store_true")
     p.add_argument("--fsdp", type=int, default=8, choices=[1, 2, 4, 8])
@@ -217,6 +222,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if "--no-hugepages" not in sys.argv:
+        from hybrid_jax.host_memory import restart_with_hugepages
+
+        restart_with_hugepages()
     if "--compile-7b" in sys.argv and "xla_force_host_platform_device_count" not in \
             os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

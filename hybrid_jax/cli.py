@@ -128,6 +128,12 @@ def _demo_generate(model, tokens, new_tokens: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; ``argv`` None means this process's command line, and then the process
+    first restarts itself with transparent huge pages where that helps (``host_memory``)."""
+    if argv is None:
+        from hybrid_jax.host_memory import restart_with_hugepages
+
+        restart_with_hugepages()
     parser = argparse.ArgumentParser(prog="hybrid-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
