@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.ops.projection import projection_dot_general
 
 
 class Dense(nnx.Linear):
@@ -13,7 +14,8 @@ class Dense(nnx.Linear):
 
     Same parameters and values; the reshape is for XLA:CPU, whose gradients of a matmul over
     [B, T, in] activations (the kernel's cotangent contracts two batch dimensions) ran 3x
-    slower than the same products on [B*T, in] (experiments/RESULTS.md, Training)."""
+    slower than the same products on [B*T, in] (experiments/RESULTS.md, Training). The product
+    itself is ``ops.projection.projection_matmul`` (``linear`` passes it as ``dot_general``)."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         lead = inputs.shape[:-1]
@@ -31,5 +33,6 @@ def linear(in_features: int, out_features: int, config: ModelConfig, *, rngs: nn
         dtype=config.compute_dtype,
         param_dtype=config.params_dtype,
         kernel_init=nnx.initializers.normal(config.initializer_range),
+        dot_general=projection_dot_general,
         rngs=rngs,
     )
