@@ -129,11 +129,22 @@ def _attention_bwd(scale, res, d_o):
     delta = jnp.sum(o.astype(jnp.float32) * d_o32, axis=-1, keepdims=True)
     d_logits = probs * (d_probs - delta) * scale
     d_q = jnp.einsum("bjqs,bjsd->bjqd", d_logits, kh, preferred_element_type=jnp.float32)
-    d_k = jnp.einsum("bjqs,bjqd->bjsd", d_logits, qg, preferred_element_type=jnp.float32)
-    d_v = jnp.einsum("bjqs,bjqd->bjsd", probs.astype(vh.dtype), d_o,
-                     preferred_element_type=jnp.float32)
+    d_k = _keys_cotangent(d_logits, qg)
+    d_v = _keys_cotangent(probs.astype(vh.dtype), d_o)
     return (d_q.astype(qg.dtype), d_k.astype(kh.dtype), d_v.astype(vh.dtype),
             np.zeros(allowed.shape, jax.dtypes.float0))
+
+
+def _keys_cotangent(weights: jax.Array, x: jax.Array) -> jax.Array:
+    """weights [B, J, Q, S], x [B, J, Q, D] -> sum over q of weights[q, s] x[q, d]: [B, J, S, D]
+    float32. On CPU as (x^T weights)^T with the small x transposed behind an optimization
+    barrier: contracting the rows of both operands sends XLA:CPU to its generic dot, 2-3x
+    slower than the YNNPACK matmul that the plain product gets."""
+    if jax.default_backend() != "cpu":
+        return jnp.einsum("bjqs,bjqd->bjsd", weights, x, preferred_element_type=jnp.float32)
+    x_t = jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))  # [B, J, D, Q]
+    return jnp.swapaxes(jnp.einsum("bjdq,bjqs->bjds", x_t, weights,
+                                   preferred_element_type=jnp.float32), 2, 3)
 
 
 _head_major_attention.defvjp(_attention_fwd, _attention_bwd)
