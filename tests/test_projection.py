@@ -10,12 +10,13 @@ from hybrid_jax.ops.projection import projection_dot_general, projection_matmul
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+@pytest.mark.parametrize("d_in,d_out", [(24, 40), (40, 24)])  # x or dy transposed on CPU
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
-def test_value_and_gradients_match_autodiff_of_a_plain_matmul(dtype, tol):
+def test_value_and_gradients_match_autodiff_of_a_plain_matmul(dtype, tol, d_in, d_out):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((37, 24)), dtype)
-    w = jnp.asarray(rng.standard_normal((24, 40)) / 5, dtype)
-    cot = jnp.asarray(rng.standard_normal((37, 40)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((37, d_in)), dtype)
+    w = jnp.asarray(rng.standard_normal((d_in, d_out)) / 5, dtype)
+    cot = jnp.asarray(rng.standard_normal((37, d_out)), jnp.float32)
     plain = lambda x, w: jnp.dot(x, w, precision=HIGHEST)
     ours = lambda x, w: projection_matmul(x, w, HIGHEST)
     np.testing.assert_array_equal(np.asarray(ours(x, w), np.float32),

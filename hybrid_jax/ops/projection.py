@@ -17,7 +17,8 @@ def projection_matmul(x: jax.Array, kernel: jax.Array, precision=None,
     ``x^T dy`` contracts the rows of both operands, which XLA:CPU hands to its generic dot
     (280-380 GFLOP/s at the small preset's shapes) instead of the YNNPACK matmul. With x
     transposed first, behind an optimization barrier so XLA does not fold the transpose back
-    into the dot, the same product runs at 400-450 GFLOP/s for one extra copy of x. Other
+    into the dot, the same product runs at 400-450 GFLOP/s for one extra copy of x (of dy, and
+    of the kernel-sized result, where dy is the narrower: the MLP's down projection). Other
     backends keep autodiff's form, which their matmul units take as it is."""
     return _dot(x, kernel, precision, preferred_element_type)
 
@@ -34,8 +35,11 @@ def _fwd(x, kernel, precision, preferred_element_type):
 def _bwd(precision, preferred_element_type, res, dy):
     x, kernel = res
     d_x = _dot(dy, kernel, precision, preferred_element_type, ((1,), (1,)))  # dy kernel^T
-    if jax.default_backend() == "cpu":
-        d_kernel = _dot(jax.lax.optimization_barrier(x.T), dy, precision, preferred_element_type)
+    barrier = jax.lax.optimization_barrier
+    if jax.default_backend() == "cpu" and x.shape[1] <= dy.shape[1]:
+        d_kernel = _dot(barrier(x.T), dy, precision, preferred_element_type)
+    elif jax.default_backend() == "cpu":  # transpose the narrower dy, then the [out, in] result
+        d_kernel = barrier(_dot(barrier(dy.T), x, precision, preferred_element_type)).T
     else:
         d_kernel = _dot(x, dy, precision, preferred_element_type, ((0,), (0,)))
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
