@@ -8,7 +8,9 @@ batch shape, AdamW with the same settings, float32, on this machine's CPU, in on
   - jax: ``hybrid_jax.train``'s jitted step (loss, backward, clipping, AdamW), donated state;
   - torch: transformers' ``OlmoHybridForCausalLM`` (its pure-torch GDN fallback on CPU) with
     ``torch.optim.AdamW`` and ``clip_grad_norm_``.
-Each is timed over ``--steps`` steps after ``--warmup`` (compilation excluded), median per step.
+Each is timed over ``--steps`` steps after ``--warmup`` (compilation excluded): median and mean
+per step. jax runs one step per call and ``--steps-per-call`` steps per call (``scan_steps``,
+as ``hybrid-jax train`` does with ``loop.steps_per_call``).
 Both run in one process, started as ``hybrid-jax train`` starts: with glibc's huge-page tunable
 where it helps (``hybrid_jax.host_memory``); ``--no-hugepages`` keeps glibc's defaults.
 MFU-style numbers use 6 x (non-embedding parameters) + attention FLOPs per token.
@@ -28,7 +30,9 @@ import sys
 import time
 
 
-def _jax_throughput(cfg, batch, seq_len, steps, warmup):
+def _jax_throughput(cfg, batch, seq_len, steps, warmup, steps_per_call=1):
+    """Seconds per step (median and mean over ``steps`` steps after ``warmup``) and the last
+    loss, the jitted step called on ``steps_per_call`` steps at a time (``scan_steps``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -45,17 +49,21 @@ def _jax_throughput(cfg, batch, seq_len, steps, warmup):
     opt = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=1, total_steps=10_000,
                                          weight_decay=0.1, clip_norm=1.0))
     state = init_train_state(cfg, opt, seed=0)
-    step = jit_train_step(make_train_step(model_template(cfg), opt))
+    k = steps_per_call
+    step = jit_train_step(make_train_step(model_template(cfg), opt), steps_per_call=k)
     rng = np.random.default_rng(0)
+    shape = (1, batch, seq_len) if k == 1 else (k, 1, batch, seq_len)
     times = []
-    for i in range(warmup + steps):
-        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, batch, seq_len)), jnp.int32)
+    calls = -(-warmup // k) + -(-steps // k)
+    for i in range(calls):
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, shape), jnp.int32)
         start = time.perf_counter()
         state, metrics = step(state, {"tokens": tokens})
         jax.block_until_ready(metrics["loss"])
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), float(metrics["loss"])
+        if i >= -(-warmup // k):
+            times += [(time.perf_counter() - start) / k] * k
+    loss = float(np.asarray(metrics["loss"]).reshape(-1)[-1])
+    return statistics.median(times), statistics.mean(times), loss
 
 
 def _torch_throughput(cfg, batch, seq_len, steps, warmup):
@@ -79,7 +87,7 @@ def _torch_throughput(cfg, batch, seq_len, steps, warmup):
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times), float(loss)
+    return statistics.median(times), statistics.mean(times), float(loss)
 
 
 def _matmul_rates(m: int, k: int, n: int, repeats: int = 7) -> dict[str, float]:
@@ -129,30 +137,35 @@ def throughput(args) -> None:
           f"gdn_method={args.gdn_method}, GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
     rows = {}
-    rows["jax"] = _jax_throughput(cfg, args.batch, args.seq_len, args.steps, args.warmup)
-    print(f"  jax   {rows['jax'][0] * 1e3:9.1f} ms/step  {tokens / rows['jax'][0]:9.0f} tok/s",
-          flush=True)
+    for k in sorted({1, args.steps_per_call}):
+        name = "jax" if k == 1 else f"jax, {k} steps per call"
+        rows[name] = _jax_throughput(cfg, args.batch, args.seq_len, args.steps, args.warmup, k)
+        print(f"  {name:26s} {rows[name][0] * 1e3:9.1f} ms/step (mean {rows[name][1] * 1e3:.1f})",
+              flush=True)
     if not args.no_torch:
         import torch
 
         rows["torch"] = _torch_throughput(cfg, args.batch, args.seq_len, args.steps,
                                           args.warmup)
-        print(f"  torch {rows['torch'][0] * 1e3:9.1f} ms/step  "
-              f"{tokens / rows['torch'][0]:9.0f} tok/s  (torch {torch.__version__}, "
+        print(f"  {'torch':26s} {rows['torch'][0] * 1e3:9.1f} ms/step (mean "
+              f"{rows['torch'][1] * 1e3:.1f}; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads)", flush=True)
     # The MLP's matmul shape: what each framework's matmuls reach on this machine alone.
     shape = (tokens, cfg.hidden_size, cfg.intermediate_size)
     peaks = _matmul_rates(*shape) if not args.no_torch else {}
     print(f"\nfloat32 matmul {'x'.join(map(str, shape))}: " +
           ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-    print("\n| framework | ms/step | tokens/s | GFLOP/s (6N + attention) | of its matmul rate "
+    print(f"\nMedian (and mean) over {args.steps} steps after {args.warmup}:\n")
+    print("| framework | ms/step | tokens/s | GFLOP/s (6N + attention) | of its matmul rate "
           "| vs torch |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, (sec, _) in rows.items():
+    for name, (sec, mean, _) in rows.items():
         ratio = rows["torch"][0] / sec if "torch" in rows else float("nan")
+        mean_ratio = rows["torch"][1] / mean if "torch" in rows else float("nan")
         rate = tokens * flops / sec / 1e9
-        print(f"| {name} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | {rate:.1f} | "
-              f"{rate / peaks.get(name, float('nan')):.0%} | {ratio:.2f}x |")
+        peak = peaks.get(name.split(",")[0], float("nan"))
+        print(f"| {name} | {sec * 1e3:.1f} ({mean * 1e3:.1f}) | {tokens / sec:,.0f} | "
+              f"{rate:.1f} | {rate / peak:.0%} | {ratio:.2f}x ({mean_ratio:.2f}x) |")
 
 
 def compile_7b(args) -> None:
@@ -203,7 +216,9 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, help="default 4 (throughput), 8 (--compile-7b)")
     p.add_argument("--seq-len", type=int, help="default 512 (throughput), 4096 (--compile-7b)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps-per-call", type=int, default=4,
+                   help="also time the jax step scanned over this many steps per call")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-hugepages", action="store_true",

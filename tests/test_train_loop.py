@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,8 +94,10 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(uninterrupted, tmp_
         [uninterrupted[s]["loss"] for s in (4, 5, 6, 7)]
 
 
-def test_non_finite_losses_stop_training_without_touching_parameters(tmp_path):
-    cfg, opt, data, loop = _setup(z_loss_weight=float("inf"), max_bad_steps=3)
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_non_finite_losses_stop_training_without_touching_parameters(tmp_path, steps_per_call):
+    cfg, opt, data, loop = _setup(z_loss_weight=float("inf"), max_bad_steps=3,
+                                  steps_per_call=steps_per_call)
     log = tmp_path / "log.jsonl"
     with pytest.raises(TrainingError, match="3 non-finite losses or gradients in a row"):
         train(cfg, opt, data, loop, checkpoint_dir=tmp_path / "ckpt", log_file=log)
@@ -108,6 +111,27 @@ def test_non_finite_losses_stop_training_without_touching_parameters(tmp_path):
     fresh = init_train_state(cfg, make_optimizer(opt))
     for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(fresh.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_several_steps_per_call_match_single_steps_and_resume_exactly(uninterrupted, tmp_path):
+    """Three steps per jitted call (``scan_steps``) with a checkpoint every 4: calls of 3, 1, 3
+    and 1 steps. The losses are single steps' to float32 rounding (the scanned step compiles on
+    its own); a run resumed from step 4's checkpoint repeats the last four bitwise."""
+    cfg, opt, data, loop = _setup(steps_per_call=3, checkpoint_every=4)
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    train(cfg, opt, data, loop, checkpoint_dir=ckpt, log_file=log)
+    first = read_log(log)
+    assert sorted(first) == list(range(STEPS))
+    np.testing.assert_allclose([first[s]["loss"] for s in range(STEPS)],
+                               [uninterrupted[s]["loss"] for s in range(STEPS)], rtol=1e-5)
+    with TrainCheckpoints(ckpt) as ckpts:
+        assert ckpts.steps() == [4, 8]
+    shutil.rmtree(ckpt / "8")
+    again = tmp_path / "again.jsonl"
+    train(cfg, opt, data, loop, checkpoint_dir=ckpt, log_file=again)
+    resumed = read_log(again)
+    assert sorted(resumed) == [4, 5, 6, 7]
+    assert [resumed[s]["loss"] for s in resumed] == [first[s]["loss"] for s in resumed]
 
 
 def _child(ckpt: str, log: str, die_after: int | None) -> None:

@@ -95,7 +95,8 @@ def _child(num_processes: int, process_id: int, port: str, out: str) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     train(cfg, OptimizerConfig(lr=3e-3, warmup_steps=1, total_steps=STEPS), data,
-          LoopConfig(steps=STEPS, micro_batches=2, checkpoint_every=2),
+          LoopConfig(steps=STEPS, micro_batches=2, checkpoint_every=2,
+                     steps_per_call=2),  # calls of 2 and 1 steps: [K, A, B, T] batches
           mesh=make_mesh(MeshShape(fsdp=4, tensor=2)), checkpoint_dir=out_dir / "ckpt",
           log_file=out_dir / "log.jsonl", on_step=lambda s, r: losses.append(r["loss"]))
     if jax.process_index() == 0:

@@ -91,14 +91,37 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     return step
 
 
+def scan_steps(step: Callable) -> Callable:
+    """``steps(state, batches) -> (state, metrics)``: ``step`` applied to each of K batches in
+    turn (``jax.lax.scan``), batches with a leading K axis ([K, A, B, T]) and metrics stacked
+    as [K]. One dispatch and one allocation of the step's temporaries serve K steps: on CPU
+    XLA frees and re-maps a step's temporaries (1.5 GB for the small preset) at the end of
+    each call, which the host kernel makes up to 50% of a step's time every few steps
+    (experiments/RESULTS.md, Training)."""
+
+    def steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict]:
+        return jax.lax.scan(step, state, batches)
+
+    return steps
+
+
 def jit_train_step(step: Callable, state_shardings: TrainState | None = None,
-                   mesh: Mesh | None = None, rules: LogicalRules | None = None):
+                   mesh: Mesh | None = None, rules: LogicalRules | None = None, *,
+                   steps_per_call: int = 1):
     """``jax.jit`` of a train step: the state donated (updated in place), and with
     ``state_shardings`` and ``mesh`` the state and the [A, B, T] batch pinned to their
-    shardings (batch rows over "batch", positions over "length") and metrics replicated."""
+    shardings (batch rows over "batch", positions over "length") and metrics replicated.
+
+    ``steps_per_call`` > 1 jits ``scan_steps(step)`` instead: batches [K, A, B, T] with any
+    K (each K compiles once), metrics [K]."""
+    if steps_per_call < 1:
+        raise ValueError(f"jit_train_step: steps_per_call must be >= 1, got {steps_per_call}")
+    fn = step if steps_per_call == 1 else scan_steps(step)
     if state_shardings is None or mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(fn, donate_argnums=0)
     batch = micro_batches_sharding(mesh, rules)
-    return jax.jit(step, in_shardings=(state_shardings, batch),
+    if steps_per_call > 1:
+        batch = NamedSharding(mesh, PartitionSpec(None, *batch.spec))
+    return jax.jit(fn, in_shardings=(state_shardings, batch),
                    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
                    donate_argnums=0)
