@@ -19,7 +19,7 @@ from hybrid_jax.train.state import (
     train_state_shardings,
     with_shardings,
 )
-from hybrid_jax.train.step import jit_train_step, make_train_step
+from hybrid_jax.train.step import jit_train_step, make_train_step, scan_steps
 
 __all__ = [
     "DataError",
@@ -39,6 +39,7 @@ __all__ = [
     "token_file",
     "tokenize_text",
     "next_token_targets",
+    "scan_steps",
     "train_state_shardings",
     "weight_decay_mask",
     "with_shardings",
