@@ -216,8 +216,8 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, help="default 4 (throughput), 8 (--compile-7b)")
     p.add_argument("--seq-len", type=int, help="default 512 (throughput), 4096 (--compile-7b)")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--steps-per-call", type=int, default=4,
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps-per-call", type=int, default=8,
                    help="also time the jax step scanned over this many steps per call")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-torch", action="store_true")
