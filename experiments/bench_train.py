@@ -30,13 +30,9 @@ import sys
 import time
 
 
-def _jax_throughput(cfg, batch, seq_len, steps, warmup, steps_per_call=1):
-    """Seconds per step (median and mean over ``steps`` steps after ``warmup``) and the last
-    loss, the jitted step called on ``steps_per_call`` steps at a time (``scan_steps``)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
+def jax_train_step(cfg, steps_per_call=1):
+    """(initial train state, jitted step taking ``steps_per_call`` steps per call): AdamW with
+    the settings the torch side uses (also experiments/profile_train_step.py's step)."""
     from hybrid_jax.train import (
         OptimizerConfig,
         init_train_state,
@@ -48,9 +44,20 @@ def _jax_throughput(cfg, batch, seq_len, steps, warmup, steps_per_call=1):
 
     opt = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=1, total_steps=10_000,
                                          weight_decay=0.1, clip_norm=1.0))
-    state = init_train_state(cfg, opt, seed=0)
+    return (init_train_state(cfg, opt, seed=0),
+            jit_train_step(make_train_step(model_template(cfg), opt),
+                           steps_per_call=steps_per_call))
+
+
+def _jax_throughput(cfg, batch, seq_len, steps, warmup, steps_per_call=1):
+    """Seconds per step (median and mean over ``steps`` steps after ``warmup``) and the last
+    loss, the jitted step called on ``steps_per_call`` steps at a time (``scan_steps``)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
     k = steps_per_call
-    step = jit_train_step(make_train_step(model_template(cfg), opt), steps_per_call=k)
+    state, step = jax_train_step(cfg, k)
     rng = np.random.default_rng(0)
     shape = (1, batch, seq_len) if k == 1 else (k, 1, batch, seq_len)
     times = []

@@ -32,7 +32,9 @@ class GatedDeltaNetLayer(nnx.Module):
     def __call__(self, x: jax.Array, *, rope: Rope = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]; ``rope`` is unused (GDN has no positions)."""
-        return self._finish(x, self.gdn(self.pre_gdn_norm(x), segment_ids=segment_ids))
+        with jax.named_scope("gdn"):  # names in profiles (experiments/profile_train_step.py)
+            mixed = self.gdn(self.pre_gdn_norm(x), segment_ids=segment_ids)
+        return self._finish(x, mixed)
 
     def extend(self, x: jax.Array, cache: GDNCache, *, valid: jax.Array | None, slots: jax.Array,
                rope: Rope = None) -> tuple[jax.Array, GDNCache]:
@@ -42,7 +44,8 @@ class GatedDeltaNetLayer(nnx.Module):
 
     def _finish(self, x: jax.Array, mixed: jax.Array) -> jax.Array:
         h = x + mixed
-        return h + self.mlp(self.pre_mlp_norm(h))
+        with jax.named_scope("mlp"):
+            return h + self.mlp(self.pre_mlp_norm(h))
 
 
 class AttentionLayer(nnx.Module):
@@ -58,7 +61,9 @@ class AttentionLayer(nnx.Module):
     def __call__(self, x: jax.Array, *, rope: Rope = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]; ``rope`` is (cos, sin) or None for NoPE."""
-        return self._finish(x, self.attn(x, rope=rope, segment_ids=segment_ids))
+        with jax.named_scope("attention"):
+            mixed = self.attn(x, rope=rope, segment_ids=segment_ids)
+        return self._finish(x, mixed)
 
     def extend(self, x: jax.Array, cache: KVCache, *, valid: jax.Array | None, slots: jax.Array,
                rope: Rope = None) -> tuple[jax.Array, KVCache]:
@@ -68,7 +73,8 @@ class AttentionLayer(nnx.Module):
 
     def _finish(self, x: jax.Array, mixed: jax.Array) -> jax.Array:
         h = x + self.post_attn_norm(mixed)
-        return h + self.post_mlp_norm(self.mlp(h))
+        with jax.named_scope("mlp"):
+            return h + self.post_mlp_norm(self.mlp(h))
 
 
 LAYER_CLASSES: dict[str, type[nnx.Module]] = {GDN: GatedDeltaNetLayer, ATTENTION: AttentionLayer}

@@ -120,7 +120,8 @@ class GatedDeltaNet(nnx.Module):
         kh, vh = (("batch", None, h, None) for h in heads)
         args = (q, k, v, g, beta) + (() if segment_ids is None else (segment_ids,))
         names = [kh, kh, vh, vh[:3], vh[:3], ("batch", None)][:len(args)]
-        o = per_shard(rule, names, vh, out_shape=v.shape)(*args)
+        with jax.named_scope("gdn_rule"):
+            o = per_shard(rule, names, vh, out_shape=v.shape)(*args)
         return self._output(x, o)
 
     def extend(self, x: jax.Array, cache: GDNCache, *,

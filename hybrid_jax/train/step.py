@@ -52,7 +52,8 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         with activation_sharding(mesh, rules):
             logits = template.model(params)(tokens, segment_ids=segment_ids)
         targets, mask = next_token_targets(tokens, segment_ids)
-        sums = lm_loss_sums(logits, targets, mask, z_loss_weight)
+        with jax.named_scope("loss"):
+            sums = lm_loss_sums(logits, targets, mask, z_loss_weight)
         return sums["ce"] + sums["z"], sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
