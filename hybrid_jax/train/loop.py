@@ -45,9 +45,9 @@ class LoopConfig:
     ``checkpoint_every``: steps between checkpoints (and one at the end);
     ``max_bad_steps``: consecutive non-finite steps tolerated before stopping;
     ``steps_per_call``: steps per jitted call (``step.scan_steps``), cut short where a
-    checkpoint or the end falls inside a call. On CPU 4 made the small preset's steps 7% faster
-    at the median and 16% on average (experiments/RESULTS.md, Training); each call's metrics
-    are logged step by step when it returns."""
+    checkpoint or the end falls inside a call. On CPU 8 made the small preset's steps 5-9%
+    faster at the median and 14-27% on average (experiments/RESULTS.md, Training); each call's
+    metrics are logged step by step when it returns."""
 
     steps: int
     micro_batches: int = 1
