@@ -114,10 +114,11 @@ def test_non_finite_losses_stop_training_without_touching_parameters(tmp_path, s
 
 
 def test_several_steps_per_call_match_single_steps_and_resume_exactly(uninterrupted, tmp_path):
-    """Three steps per jitted call (``scan_steps``) with a checkpoint every 4: calls of 3, 1, 3
-    and 1 steps. The losses are single steps' to float32 rounding (the scanned step compiles on
-    its own); a run resumed from step 4's checkpoint repeats the last four bitwise."""
-    cfg, opt, data, loop = _setup(steps_per_call=3, checkpoint_every=4)
+    """Two steps per jitted call (``scan_steps``) with a checkpoint every 4. The losses are
+    single steps' to float32 rounding (the scanned step compiles on its own); a run resumed from
+    step 4's checkpoint repeats the last four bitwise. (Calls cut short at a checkpoint: the
+    2-process test, 3 steps at 2 per call.)"""
+    cfg, opt, data, loop = _setup(steps_per_call=2, checkpoint_every=4)
     ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
     train(cfg, opt, data, loop, checkpoint_dir=ckpt, log_file=log)
     first = read_log(log)
