@@ -1,0 +1,108 @@
+"""Experiment 3, long context: needle-in-a-haystack retrieval at growing lengths, and
+extrapolation past the training length with NoPE against RoPE attention layers.
+
+    python experiments/long_context.py                    # ~12 min on 2 CPU cores
+    python experiments/long_context.py --models hybrid-nope --steps 100
+
+Decode throughput against context length, the other half of the claim, is
+``experiments/bench_decode.py`` (RESULTS.md, "Decode and prefill"); this script trains and
+tests retrieval.
+
+Task (``synthetic_tasks.needles``): 4 needles ``MARK key value`` at random places in random
+filler, then the 4 keys asked again at the end; accuracy on the recalled values. Trained at
+128 tokens; tested at 128, 256, ..., 2048 tokens (the needles anywhere in the haystack).
+
+Models (hidden 64, 4 layers, 2 heads, about 0.25M parameters, the recall experiment's size):
+    hybrid-rope   GGGA, the attention layer with RoPE (theta 10000)
+    hybrid-nope   GGGA, the attention layer without positions (OLMo Hybrid's long-context
+                  checkpoint); order reaches it through the GDN layers below
+    gdn           GGGG: a fixed-size state, no attention
+    transformer-rope, transformer-nope (not in the default run: at this budget the
+                  transformer does not learn recall; see recall_and_state.py)
+Same optimiser and budget for each (AdamW, lr 3e-3, batch 32, ``--steps``, one seed).
+
+Writes ``experiments/results/long_context.json`` and ``experiments/long_context.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synthetic_tasks as tasks  # noqa: E402
+from small_scale import (TrainConfig, accuracy_panel, accuracy_run,  # noqa: E402
+                         family_config, pyplot, report, save)
+
+HERE = Path(__file__).resolve().parent
+MODELS = {
+    "hybrid-rope": ("hybrid", 10000.0),
+    "hybrid-nope": ("hybrid", None),
+    "gdn": ("gdn", 10000.0),  # no attention layer: theta unused
+    "transformer-rope": ("transformer", 10000.0),
+    "transformer-nope": ("transformer", None),
+}
+TRAIN_LEN = 128
+TEST_LENS = (128, 256, 512, 1024, 2048)
+
+
+def run(name: str, steps: int, seed: int) -> dict:
+    family, theta = MODELS[name]
+    cfg = family_config(family, hidden=64, layers=4, heads=2, vocab=tasks.VOCAB,
+                        rope_theta=theta)
+
+    def batch_fn(step: int):
+        return tasks.needles(np.random.default_rng((seed, step)), 32, TRAIN_LEN)
+
+    # Fewer rows at long lengths keep the attention scores' memory small (16 x 2 x 2048^2
+    # float32 is 0.5 GB): 128 rows at 128 tokens, 16 (64 needles) from 1024 on.
+    tests = {n: tasks.needles(np.random.default_rng((10_000 + seed, n)),
+                              max(16, 128 * TRAIN_LEN // n), n) for n in TEST_LENS}
+    return accuracy_run(cfg, TrainConfig(steps=steps, batch=32, lr=3e-3, warmup=30, seed=seed),
+                        batch_fn, tests, evaluations=5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="hybrid-rope,hybrid-nope,gdn")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(HERE / "results" / "long_context.json"))
+    p.add_argument("--plot", default=str(HERE / "long_context.png"))
+    args = p.parse_args(argv)
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    start = time.perf_counter()
+    results = {}
+    for name in names:
+        print(f"needles, {name}")
+        results[name] = run(name, args.steps, args.seed)
+    minutes = (time.perf_counter() - start) / 60
+    report(f"needle accuracy by length (trained at {TRAIN_LEN})", results, TEST_LENS)
+    print(f"total {minutes:.1f} min")
+    out = save(args.out, {"args": vars(args), "results": results, "minutes": minutes})
+    plot(results, Path(args.plot))
+    print(f"wrote {out} and {args.plot}")
+
+
+def plot(results: dict, path: Path) -> None:
+    fig, ax = pyplot().subplots(figsize=(6.0, 3.9), dpi=110)
+    accuracy_panel(ax, results, TEST_LENS)
+    ax.axvline(TRAIN_LEN, color="grey", lw=0.8, ls="--", label="training length")
+    ax.axhline(1 / len(tasks.VALUES), color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle recall accuracy")
+    ax.set_title("4 needles in a haystack: NoPE vs RoPE attention")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Experiment 2, recall and state tracking: the three families (transformer, 3:1 hybrid, pure
+GDN, matched in parameters) on multi-query associative recall and on running parity, accuracy
+against length.
+
+    python experiments/recall_and_state.py                 # ~25 min on 2 CPU cores
+    python experiments/recall_and_state.py --tasks parity --mqar-steps 0 --parity-steps 100
+
+Models: hidden 64, 4 layers, 2 heads (attention heads of 32; GDN key heads of 16, value heads
+of 32), MLP 192, vocabulary 256, RoPE on attention layers; about 0.25M parameters each.
+Same optimiser and budget for every model (AdamW, lr 3e-3, batch 32, one seed).
+
+- **MQAR** (``synthetic_tasks.mqar``): N key-value pairs, then all N keys asked again; trained
+  on sequences of 64 tokens with N uniform in [2, 16]; accuracy on the recalled values at
+  N = 4, 8, 16 (context 4N = 16..64 tokens) and N = 32 (128 tokens: twice the training length
+  and twice the pairs).
+- **Parity** (``synthetic_tasks.parity``): the XOR of all bits so far at each position, trained
+  at length 64; accuracy of the final parity at lengths 64, 128, 256 and 512 (chance: 50%).
+  A fourth model, pure GDN with ``linear_allow_neg_eigval=False`` (beta in [0, 1], the
+  transition's eigenvalues in [0, 1]), shows what OLMo Hybrid's default (beta in [0, 2],
+  eigenvalues in [-1, 1]) buys.
+
+Writes ``experiments/results/recall_and_state.json`` and ``experiments/recall_and_state.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synthetic_tasks as tasks  # noqa: E402
+from small_scale import (FAMILIES, TrainConfig, accuracy_panel, accuracy_run,  # noqa: E402
+                         family_config, pyplot, report, save)
+
+HERE = Path(__file__).resolve().parent
+MQAR_PAIRS = (4, 8, 16, 32)
+PARITY_LENGTHS = (64, 128, 256, 512)
+
+
+def model(name: str):
+    """``name``: a family, or "gdn-no-neg" (pure GDN with eigenvalues in [0, 1])."""
+    family, neg = (name, True) if name != "gdn-no-neg" else ("gdn", False)
+    return family_config(family, hidden=64, layers=4, heads=2, vocab=tasks.VOCAB,
+                         linear_allow_neg_eigval=neg)
+
+
+def run_mqar(name: str, steps: int, seed: int) -> dict:
+    train_len = 64
+
+    def batch_fn(step: int):
+        rng = np.random.default_rng((seed, step))
+        return tasks.mqar(rng, 32, rng.integers(2, 17, 32), train_len)
+
+    tests = {n: tasks.mqar(np.random.default_rng((10_000 + seed, n)), 256, n,
+                           max(train_len, 4 * n)) for n in MQAR_PAIRS}
+    return accuracy_run(model(name), TrainConfig(steps=steps, batch=32, lr=3e-3, warmup=30,
+                                                 seed=seed), batch_fn, tests)
+
+
+def run_parity(name: str, steps: int, seed: int) -> dict:
+    train_len = 64
+
+    def batch_fn(step: int):
+        return tasks.parity(np.random.default_rng((seed, step)), 32, train_len)
+
+    tests = {n: tasks.parity(np.random.default_rng((10_000 + seed, n)), 256, n, score="last")
+             for n in PARITY_LENGTHS}
+    return accuracy_run(model(name), TrainConfig(steps=steps, batch=32, lr=3e-3, warmup=30,
+                                                 seed=seed), batch_fn, tests)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="mqar,parity")
+    p.add_argument("--mqar-steps", type=int, default=2000)
+    p.add_argument("--parity-steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(HERE / "results" / "recall_and_state.json"))
+    p.add_argument("--plot", default=str(HERE / "recall_and_state.png"))
+    args = p.parse_args(argv)
+    chosen = args.tasks.split(",")
+    start = time.perf_counter()
+    results: dict[str, dict] = {}
+    if "mqar" in chosen:
+        results["mqar"] = {}
+        for name in FAMILIES:
+            print(f"MQAR, {name}")
+            results["mqar"][name] = run_mqar(name, args.mqar_steps, args.seed)
+    if "parity" in chosen:
+        results["parity"] = {}
+        for name in (*FAMILIES, "gdn-no-neg"):
+            print(f"parity, {name}")
+            results["parity"][name] = run_parity(name, args.parity_steps, args.seed)
+    minutes = (time.perf_counter() - start) / 60
+
+    for task, label, xs in (("mqar", "pairs N (context 4N)", MQAR_PAIRS),
+                            ("parity", "length", PARITY_LENGTHS)):
+        if task in results:
+            report(f"{task}: accuracy by {label}", results[task], xs)
+    print(f"total {minutes:.1f} min")
+    out = save(args.out, {"args": vars(args), "results": results, "minutes": minutes})
+    plot(results, Path(args.plot))
+    print(f"wrote {out} and {args.plot}")
+
+
+def plot(results: dict, path: Path) -> None:
+    panels = [t for t in ("mqar", "parity") if t in results]
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), dpi=110,
+                             squeeze=False)
+    for ax, task in zip(axes[0], panels):
+        xs = MQAR_PAIRS if task == "mqar" else PARITY_LENGTHS
+        accuracy_panel(ax, results[task], xs)
+        ax.set_ylabel("accuracy")
+        if task == "mqar":
+            ax.set_xlabel("key-value pairs N (context 4N; trained N <= 16)")
+            ax.set_title("Multi-query associative recall")
+        else:
+            ax.set_xlabel("sequence length (trained at 64)")
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_title("Running parity: final bit")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
