@@ -3,7 +3,7 @@ GDN, matched in parameters) on multi-query associative recall and on running par
 against length.
 
     python experiments/recall_and_state.py                 # ~25 min on 2 CPU cores
-    python experiments/recall_and_state.py --tasks parity --mqar-steps 0 --parity-steps 100
+    python experiments/recall_and_state.py --tasks mqar --models transformer --mqar-steps 6000
 
 Models: hidden 64, 4 layers, 2 heads (attention heads of 32; GDN key heads of 16, value heads
 of 32), MLP 192, vocabulary 256, RoPE on attention layers; about 0.25M parameters each.
@@ -79,20 +79,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mqar-steps", type=int, default=2000)
     p.add_argument("--parity-steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", default=",".join((*FAMILIES, "gdn-no-neg")),
+                   help="of transformer, hybrid, gdn, gdn-no-neg (parity only)")
     p.add_argument("--out", default=str(HERE / "results" / "recall_and_state.json"))
     p.add_argument("--plot", default=str(HERE / "recall_and_state.png"))
     args = p.parse_args(argv)
     chosen = args.tasks.split(",")
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in (*FAMILIES, "gdn-no-neg")]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}")
     start = time.perf_counter()
     results: dict[str, dict] = {}
     if "mqar" in chosen:
         results["mqar"] = {}
-        for name in FAMILIES:
+        for name in [n for n in names if n in FAMILIES]:
             print(f"MQAR, {name}")
             results["mqar"][name] = run_mqar(name, args.mqar_steps, args.seed)
     if "parity" in chosen:
         results["parity"] = {}
-        for name in (*FAMILIES, "gdn-no-neg"):
+        for name in names:
             print(f"parity, {name}")
             results["parity"][name] = run_parity(name, args.parity_steps, args.seed)
     minutes = (time.perf_counter() - start) / 60
