@@ -1,8 +1,9 @@
 """Experiment 3, long context: needle-in-a-haystack retrieval at growing lengths, and
 extrapolation past the training length with NoPE against RoPE attention layers.
 
-    python experiments/long_context.py                    # ~20 min on 2 CPU cores
-    python experiments/long_context.py --models hybrid-nope --steps 100
+    python experiments/long_context.py                    # ~12 min on 2 CPU cores
+    python experiments/long_context.py --models hybrid-nope --steps 8000 --out A.json
+    python experiments/long_context.py --plot-only A.json,B.json --plot both.png
 
 Decode throughput against context length, the other half of the claim, is
 ``experiments/bench_decode.py`` (RESULTS.md, "Decode and prefill"); this script trains and
@@ -29,6 +30,7 @@ Writes ``experiments/results/long_context.json`` and ``experiments/long_context.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -76,7 +78,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "long_context.json"))
     p.add_argument("--plot", default=str(HERE / "long_context.png"))
+    p.add_argument("--plot-only", metavar="JSON[,JSON...]",
+                   help="train nothing: plot the models of these result files together")
     args = p.parse_args(argv)
+    if args.plot_only:
+        merged = {}
+        for path in args.plot_only.split(","):
+            for name, r in json.loads(Path(path).read_text())["results"].items():
+                merged[name] = {**r, "accuracy": {int(k): v for k, v in r["accuracy"].items()}}
+        plot(merged, Path(args.plot), steps=sorted({r["steps"] for r in merged.values()}))
+        print(f"wrote {args.plot}")
+        return
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -90,18 +102,18 @@ def main(argv: list[str] | None = None) -> None:
     report(f"needle accuracy by length (trained at {TRAIN_LEN})", results, TEST_LENS)
     print(f"total {minutes:.1f} min")
     out = save(args.out, {"args": vars(args), "results": results, "minutes": minutes})
-    plot(results, Path(args.plot))
+    plot(results, Path(args.plot), steps=[args.steps])
     print(f"wrote {out} and {args.plot}")
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, steps: list[int]) -> None:
     fig, ax = pyplot().subplots(figsize=(6.0, 3.9), dpi=110)
     accuracy_panel(ax, results, TEST_LENS)
     ax.axvline(TRAIN_LEN, color="grey", lw=0.8, ls="--", label="training length")
     ax.axhline(1 / len(tasks.VALUES), color="grey", lw=0.6, ls=":")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle recall accuracy")
-    ax.set_title("4 needles in a haystack: NoPE vs RoPE attention")
+    ax.set_title(f"4 needles in a haystack: NoPE vs RoPE ({'/'.join(map(str, steps))} steps)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
