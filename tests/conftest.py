@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-import jax
+import importlib.util
+import os
+
+# Tests check what is computed, not how fast it runs: XLA:CPU compiles 2-4x faster with LLVM
+# at -O0 and its older loop emitters (tests/test_model_parity.py: 121 -> 45 s of CPU), which
+# keeps the suite within CI's 15 minutes. Set before jax starts a backend; child processes
+# (host_devices.py) and notebook kernels inherit it. Only where no accelerator plugin is
+# installed (XLA aborts on a flag it does not know, and these are CPU-only concerns);
+# HYBRID_JAX_TEST_XLA_DEFAULTS=1 tests with XLA's default compile instead.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+if (os.environ.get("HYBRID_JAX_TEST_XLA_DEFAULTS") != "1"
+        and not any(importlib.util.find_spec(m) for m in _PLUGINS)):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+import jax  # noqa: E402
 
 # Full float32 matmuls everywhere, module-scoped fixtures included: accelerators' default (TF32 /
 # bf16 passes) is ~1e-3 off the float64 and transformers references. Set for the whole session

@@ -13,10 +13,16 @@ import sys
 from pathlib import Path
 
 
+def child_env(n_devices: int) -> dict[str, str]:
+    """This process's environment for a child with ``n_devices`` CPU devices (the other XLA
+    flags kept: conftest's compile options)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}"
+    return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+
+
 def run_child(script: str, out: Path, n_devices: int, timeout: int = 300) -> dict:
     """Run ``python script out`` with ``n_devices`` host devices; the JSON it wrote to ``out``."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-               JAX_PLATFORMS="cpu")
+    env = child_env(n_devices)
     proc = subprocess.run([sys.executable, script, str(out)], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

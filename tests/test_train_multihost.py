@@ -4,7 +4,6 @@ process of 8 devices, and save checkpoints together."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from host_devices import child_env
 
 STEPS = 3
 
@@ -23,9 +23,7 @@ def _free_port() -> int:
 
 
 def _spawn(args: list[str], devices: int) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, __file__, *args], env=env, text=True,
+    return subprocess.Popen([sys.executable, __file__, *args], env=child_env(devices), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             cwd=Path(__file__).parent.parent)
 
