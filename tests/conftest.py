@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import subprocess
+import sys
 
 # Tests check what is computed, not how fast it runs: XLA:CPU compiles 2-4x faster with LLVM
 # at -O0 and its older loop emitters (tests/test_model_parity.py: 121 -> 45 s of CPU), which
 # keeps the suite within CI's 15 minutes. Set before jax starts a backend; child processes
 # (host_devices.py) and notebook kernels inherit it. Only where no accelerator plugin is
-# installed (XLA aborts on a flag it does not know, and these are CPU-only concerns);
+# installed (these are CPU-only concerns), and only once a child process has started jax with
+# them: XLA aborts on a flag it does not know, and a later jax may drop one.
 # HYBRID_JAX_TEST_XLA_DEFAULTS=1 tests with XLA's default compile instead.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
-if (os.environ.get("HYBRID_JAX_TEST_XLA_DEFAULTS") != "1"
-        and not any(importlib.util.find_spec(m) for m in _PLUGINS)):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def _accelerator_plugin() -> bool:
+    return bool(importlib.metadata.entry_points(group="jax_plugins")) or any(
+        importlib.util.find_spec(m) for m in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
+def _with_fast_compile() -> str | None:
+    """XLA_FLAGS with FAST_COMPILE added, if this jax starts with them; else None."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                           env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+                           capture_output=True, timeout=120)
+    return flags if probe.returncode == 0 else None
+
+
+if os.environ.get("HYBRID_JAX_TEST_XLA_DEFAULTS") != "1" and not _accelerator_plugin():
+    _flags = _with_fast_compile()
+    if _flags is not None:
+        os.environ["XLA_FLAGS"] = _flags
 
 import jax  # noqa: E402
 
