@@ -1,7 +1,7 @@
 """Experiment 1, data efficiency: transformer vs 3:1 hybrid vs pure GDN at matched parameter
 counts, same data, same token budget, several seeds.
 
-    python experiments/data_efficiency.py                  # 3 families x 3 seeds, ~15 min on 2 CPU cores
+    python experiments/data_efficiency.py                  # 3 families x 3 seeds, ~31 min on 2 CPU cores
     python experiments/data_efficiency.py --steps 20 --seeds 1   # a quick look
 
 Data: the embedded corpus (tiny shakespeare) as UTF-8 bytes; the first 90% trains, the last

@@ -7,7 +7,8 @@ and one trainer for any (inputs, targets, loss mask) task.
 
 The families differ only in ``layer_types``. A GDN layer's projections (q and k to half the
 hidden width, v, the output gate and the output to the full width) hold as many weights as an
-attention layer's four, so the three stay within 0.5% of each other in parameters.
+attention layer's four; its short convolutions, gates and norms are the difference: 0.4%
+between families at hidden 256 (3.5M parameters), 1.1% at hidden 64 (0.25M).
 
 The trainer is the library's AdamW (``hybrid_jax.train.make_optimizer``) on the library's model
 (``model_template``), with a cross-entropy over the positions a task marks, several steps per

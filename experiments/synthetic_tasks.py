@@ -32,9 +32,11 @@ def _batch(seqs: np.ndarray, scored: np.ndarray) -> dict[str, np.ndarray]:
 def mqar(rng: np.random.Generator, batch: int, pairs: int | np.ndarray, seq_len: int
          ) -> dict[str, np.ndarray]:
     """Multi-query associative recall: ``k1 v1 k2 v2 ... kN vN`` (distinct keys, random
-    values), then every pair again in a random order, the model scored on each value of that
-    second pass (it must recall the value bound to the key it just read). ``pairs``: N for
-    the whole batch or one per row; a row takes 4N tokens, padded to ``seq_len``."""
+    values), then N queries ``k v``, the model scored on each queried value (it must recall
+    the value bound to the key it just read). Queried keys are drawn with replacement, so no
+    answer follows from the ones already given (asking each key once would let the last
+    query, and others in part, be answered by elimination). ``pairs``: N for the whole batch
+    or one per row; a row takes 4N tokens, padded to ``seq_len``."""
     counts = np.broadcast_to(np.asarray(pairs), (batch,))
     if counts.max() > len(KEYS) or 4 * counts.max() > seq_len:
         raise ValueError(f"mqar: {counts.max()} pairs need {4 * counts.max()} tokens and at most "
@@ -44,7 +46,7 @@ def mqar(rng: np.random.Generator, batch: int, pairs: int | np.ndarray, seq_len:
     for row, n in enumerate(counts):
         keys = rng.choice(KEYS, n, replace=False)
         values = rng.choice(VALUES, n, replace=True)
-        order = rng.permutation(n)
+        order = rng.integers(0, n, n)  # with replacement: see the docstring
         ctx = np.stack([keys, values], 1).reshape(-1)
         query = np.stack([keys[order], values[order]], 1).reshape(-1)
         seqs[row, :4 * n] = np.concatenate([ctx, query])
@@ -70,8 +72,9 @@ def parity(rng: np.random.Generator, batch: int, length: int, *, score: str = "a
 def needles(rng: np.random.Generator, batch: int, seq_len: int, count: int = 4
             ) -> dict[str, np.ndarray]:
     """Needles in a haystack: ``count`` needles ``MARK k v`` (distinct keys) at random places
-    in random filler, then at the end every needle asked again as ``MARK k v`` in a random
-    order, the model scored on each value. The haystack fills ``seq_len`` exactly."""
+    in random filler, then at the end ``count`` questions ``MARK k v``, keys drawn from the
+    needles' with replacement (no answer by elimination), the model scored on each value.
+    The haystack fills ``seq_len`` exactly."""
     tail = 3 * count
     hay = seq_len - tail
     if hay < 3 * count:
@@ -85,7 +88,20 @@ def needles(rng: np.random.Generator, batch: int, seq_len: int, count: int = 4
         starts = np.sort(rng.choice(hay - 3 * count + 1, count, replace=True)) + 3 * np.arange(count)
         for s, k, v in zip(starts, keys, values):
             seqs[row, s:s + 3] = (MARK, k, v)
-        order = rng.permutation(count)
+        order = rng.integers(0, count, count)  # with replacement: see the docstring
         seqs[row, hay:] = np.stack([np.full(count, MARK), keys[order], values[order]], 1).reshape(-1)
         scored[row, hay + 1::3] = True  # the asked keys: their next token is the value
     return _batch(seqs, scored)
+
+
+def value_guess_baseline(batch: dict[str, np.ndarray]) -> float:
+    """Accuracy of a model that never binds keys to values but answers with a value seen
+    before the question, uniformly: the mean over scored positions of 1 / (distinct values
+    in that row before its first scored position)."""
+    scores = []
+    for seq, mask in zip(batch["inputs"], batch["mask"]):
+        scored = np.nonzero(mask)[0]
+        if len(scored):
+            seen = np.unique(seq[:scored[0]][np.isin(seq[:scored[0]], VALUES)])
+            scores += [1 / len(seen)] * len(scored)
+    return float(np.mean(scores))
