@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
         for family in families:
             print(f"{family}, seed {seed}")
-            tc = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=20,
+            tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=20,
                              steps_per_call=args.eval_every, seed=seed)
             result = train(configs[family], tc, batch_fn,
                            evaluate=evaluator(configs[family], {"held_out": eval_batch}),

@@ -38,6 +38,7 @@ from small_scale import (FAMILIES, TrainConfig, accuracy_panel, accuracy_run,  #
                          family_config, pyplot, report, save)
 
 HERE = Path(__file__).resolve().parent
+MODELS = (*FAMILIES, "gdn-no-neg")
 MQAR_PAIRS = (4, 8, 16, 32)
 PARITY_LENGTHS = (64, 128, 256, 512)
 
@@ -58,10 +59,8 @@ def run_mqar(name: str, steps: int, seed: int) -> dict:
 
     tests = {n: tasks.mqar(np.random.default_rng((10_000 + seed, n)), 256, n,
                            max(train_len, 4 * n)) for n in MQAR_PAIRS}
-    result = accuracy_run(model(name), TrainConfig(steps=steps, batch=32, lr=3e-3, warmup=30,
-                                                   seed=seed), batch_fn, tests)
-    result["baseline"] = {n: tasks.value_guess_baseline(b) for n, b in tests.items()}
-    return result
+    return accuracy_run(model(name), TrainConfig(steps=steps, lr=3e-3, warmup=30, seed=seed),
+                        batch_fn, tests, baseline=tasks.value_guess_baseline)
 
 
 def run_parity(name: str, steps: int, seed: int) -> dict:
@@ -72,8 +71,8 @@ def run_parity(name: str, steps: int, seed: int) -> dict:
 
     tests = {n: tasks.parity(np.random.default_rng((10_000 + seed, n)), 256, n, score="last")
              for n in PARITY_LENGTHS}
-    return accuracy_run(model(name), TrainConfig(steps=steps, batch=32, lr=3e-3, warmup=30,
-                                                 seed=seed), batch_fn, tests)
+    return accuracy_run(model(name), TrainConfig(steps=steps, lr=3e-3, warmup=30, seed=seed),
+                        batch_fn, tests)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,14 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mqar-steps", type=int, default=2000)
     p.add_argument("--parity-steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", default=",".join((*FAMILIES, "gdn-no-neg")),
+    p.add_argument("--models", default=",".join(MODELS),
                    help="of transformer, hybrid, gdn, gdn-no-neg (parity only)")
     p.add_argument("--out", default=str(HERE / "results" / "recall_and_state.json"))
     p.add_argument("--plot", default=str(HERE / "recall_and_state.png"))
     args = p.parse_args(argv)
     chosen = args.tasks.split(",")
     names = args.models.split(",")
-    unknown = [n for n in names if n not in (*FAMILIES, "gdn-no-neg")]
+    unknown = [n for n in names if n not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}")
     start = time.perf_counter()
@@ -110,10 +109,6 @@ def main(argv: list[str] | None = None) -> None:
                             ("parity", "length", PARITY_LENGTHS)):
         if task in results:
             report(f"{task}: accuracy by {label}", results[task], xs)
-    if results.get("mqar"):
-        base = next(iter(results["mqar"].values()))["baseline"]
-        print("guessing a value seen in the context: "
-              + ", ".join(f"N={n} {base[n]:.3f}" for n in MQAR_PAIRS))
     print(f"total {minutes:.1f} min")
     out = save(args.out, {"args": vars(args), "results": results, "minutes": minutes})
     plot(results, Path(args.plot))
@@ -126,12 +121,9 @@ def plot(results: dict, path: Path) -> None:
                              squeeze=False)
     for ax, task in zip(axes[0], panels):
         xs = MQAR_PAIRS if task == "mqar" else PARITY_LENGTHS
-        accuracy_panel(ax, results[task], xs)
+        accuracy_panel(ax, results[task], xs, baseline_label="guess a value seen")
         ax.set_ylabel("accuracy")
         if task == "mqar":
-            base = next(iter(results[task].values()))["baseline"]
-            ax.plot(xs, [base[x] for x in xs], color="grey", lw=0.8, ls="--",
-                    label="guess a value seen")
             ax.set_xlabel("key-value pairs N (context 4N; trained N <= 16)")
             ax.set_title("Multi-query associative recall")
         else:

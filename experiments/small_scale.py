@@ -29,7 +29,13 @@ import numpy as np
 import optax
 
 from hybrid_jax.config import ATTENTION, GDN, ModelConfig, hybrid_layer_types, olmo_hybrid_tiny
-from hybrid_jax.train import OptimizerConfig, init_train_state, make_optimizer, model_template
+from hybrid_jax.train import (
+    OptimizerConfig,
+    init_train_state,
+    make_optimizer,
+    model_template,
+    scan_steps,
+)
 from hybrid_jax.train.loss import lm_loss_sums
 
 FAMILIES = ("transformer", "hybrid", "gdn")
@@ -67,8 +73,9 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Optimiser and loop settings; the batch size is whatever ``batch_fn`` returns."""
+
     steps: int
-    batch: int
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.1
@@ -116,9 +123,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, batch_fn: Callable[[int], Batch], *
         updates, opt_state = opt.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    @jax.jit
-    def steps_fn(params, opt_state, batches):
-        return jax.lax.scan(one_step, (params, opt_state), batches)
+    steps_fn = jax.jit(scan_steps(one_step), donate_argnums=0)  # K steps per call
 
     k = tc.steps_per_call
     if eval_every and eval_every % k:
@@ -131,7 +136,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, batch_fn: Callable[[int], Batch], *
         n = min(k, tc.steps - first)
         batches = [batch_fn(first + i) for i in range(n)]
         stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-        (params, opt_state), loss = steps_fn(params, opt_state, stacked)
+        (params, opt_state), loss = steps_fn((params, opt_state), stacked)
         losses.extend(np.asarray(loss).tolist())
         done = first + n
         if evaluate is not None and (done == tc.steps or (eval_every and done % eval_every == 0)):
@@ -160,24 +165,38 @@ def evaluator(cfg: ModelConfig, batches: dict[str, Batch]):
 
 
 def accuracy_run(cfg: ModelConfig, tc: TrainConfig, batch_fn: Callable[[int], Batch],
-                 tests: dict[int, Batch], evaluations: int = 10) -> dict:
+                 tests: dict[int, Batch], evaluations: int = 10,
+                 baseline: Callable[[Batch], float] | None = None) -> dict:
     """Train, scoring ``tests`` (batches keyed by the length or size they test) about
-    ``evaluations`` times; the final accuracies, the curve, the size and the time."""
+    ``evaluations`` times; the final accuracies, the curve, the size and the time, and with
+    ``baseline`` its accuracy on each test batch (a model-free guesser's)."""
     every = max(tc.steps // evaluations, tc.steps_per_call) // tc.steps_per_call * tc.steps_per_call
     r = train(cfg, tc, batch_fn, evaluate=evaluator(cfg, {str(x): b for x, b in tests.items()}),
               eval_every=every)
     final = r.evals[-1][1]
-    return {"params": parameter_count(cfg), "seconds": r.seconds, "steps": tc.steps,
-            "accuracy": {x: final[str(x)] for x in tests}, "curve": r.evals}
+    out = {"params": parameter_count(cfg), "seconds": r.seconds, "steps": tc.steps,
+           "accuracy": {x: final[str(x)] for x in tests}, "curve": r.evals}
+    if baseline is not None:
+        out["baseline"] = {x: baseline(b) for x, b in tests.items()}
+    return out
+
+
+def _baseline(results: dict[str, dict]) -> dict | None:
+    """The baseline the runs share (each run's test batches are the same), if they have one."""
+    return next(iter(results.values())).get("baseline")
 
 
 def report(title: str, results: dict[str, dict], xs: tuple[int, ...]) -> None:
-    """Print ``accuracy_run`` results as a table: a row per model, a column per x."""
+    """Print ``accuracy_run`` results as a table: a row per model, a column per x, and the
+    baseline's row where the runs have one."""
     print(f"\n{title}")
     print(f"{'model':18s}" + "".join(f"{x:>8d}" for x in xs) + "   params  minutes")
     for name, r in results.items():
         print(f"{name:18s}" + "".join(f"{r['accuracy'][x]:8.3f}" for x in xs)
               + f"  {r['params']:,d}  {r['seconds'] / 60:.1f}")
+    base = _baseline(results)
+    if base:
+        print(f"{'(baseline)':18s}" + "".join(f"{base[x]:8.3f}" for x in xs))
 
 
 def save(path: str | Path, record: dict) -> Path:
@@ -198,10 +217,15 @@ def pyplot():
     return plt
 
 
-def accuracy_panel(ax, results: dict[str, dict], xs: tuple[int, ...]) -> None:
-    """One line per model of ``accuracy_run`` results against ``xs`` (log 2 axis)."""
+def accuracy_panel(ax, results: dict[str, dict], xs: tuple[int, ...],
+                   baseline_label: str = "") -> None:
+    """One line per model of ``accuracy_run`` results against ``xs`` (log 2 axis), and the
+    baseline's, dotted, where the runs have one."""
     for name, r in results.items():
         ax.plot(xs, [r["accuracy"][x] for x in xs], marker="o", label=name)
+    base = _baseline(results)
+    if base:
+        ax.plot(xs, [base[x] for x in xs], color="grey", lw=0.8, ls=":", label=baseline_label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_ylim(0, 1.02)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from host_devices import xla_flags_with
+
 # Tests check what is computed, not how fast it runs: XLA:CPU compiles 2-4x faster with LLVM
 # at -O0 and its older loop emitters (tests/test_model_parity.py: 121 -> 45 s of CPU), which
 # keeps the suite within CI's 15 minutes. Set before jax starts a backend; child processes
@@ -25,7 +27,7 @@ def _accelerator_plugin() -> bool:
 
 def _with_fast_compile() -> str | None:
     """XLA_FLAGS with FAST_COMPILE added, if this jax starts with them; else None."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    flags = xla_flags_with(FAST_COMPILE)
     probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
                            env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
                            capture_output=True, timeout=120)

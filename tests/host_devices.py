@@ -13,11 +13,16 @@ import sys
 from pathlib import Path
 
 
+def xla_flags_with(extra: str) -> str:
+    """This process's XLA_FLAGS with ``extra`` appended."""
+    return f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()
+
+
 def child_env(n_devices: int) -> dict[str, str]:
     """This process's environment for a child with ``n_devices`` CPU devices (the other XLA
     flags kept: conftest's compile options)."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}"
-    return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    return dict(os.environ, XLA_FLAGS=xla_flags_with(
+        f"--xla_force_host_platform_device_count={n_devices}"), JAX_PLATFORMS="cpu")
 
 
 def run_child(script: str, out: Path, n_devices: int, timeout: int = 300) -> dict:

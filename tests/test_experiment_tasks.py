@@ -135,7 +135,7 @@ def test_trainer_learns_to_copy():
         return {"inputs": x, "targets": x, "mask": np.ones(x.shape, np.float32)}
 
     evaluate = evaluator(cfg, {"copy": batch(10_000)})
-    r = train(cfg, TrainConfig(steps=60, batch=8, lr=1e-2, warmup=5, steps_per_call=20),
+    r = train(cfg, TrainConfig(steps=60, lr=1e-2, warmup=5, steps_per_call=20),
               batch, evaluate=evaluate, eval_every=60, log=None)
     assert r.evals[0][1]["copy"] < 0.3 and r.evals[-1][1]["copy"] > 0.95, r.evals
     assert r.losses.shape == (60,) and r.losses[-1] < r.losses[0]
