@@ -10,6 +10,8 @@
         [--prefill-chunk-size N] [--dtype float32|bfloat16] [--eos-token-id [ID ...]]
     hybrid-jax train (--text FILE | --data TOKENS) [--preset tiny] [--config RUN.yaml]
         [--set SECTION.KEY=VALUE ...] [--mesh fsdp=8] [--checkpoint-dir DIR] [--export-hf DIR]
+    hybrid-jax aot --topology v5p:4x4x4 --batch 512 --seq-len 8192 [--preset P] [--mesh ...]
+        [--micro-batches A] [--programs train,prefill,decode] [--json OUT]
 
 ``main`` (the default) is the main job: it trains a small hybrid model on the embedded corpus
 for a few minutes, then prints a sample of its text (see ``hybrid_jax.main_job``). ``demo``
@@ -22,7 +24,9 @@ transformers checkpoints and orbax checkpoints, and checks a pair against each o
 generates after a prompt to stdout, encoded with a tokenizer.json (``--tokenizer``, else the
 checkpoint's own) or as UTF-8 bytes, with a one-line timing summary on stderr (see
 ``hybrid_jax.generate_cli``). ``train`` trains (and resumes) a model on a token file or text
-(see ``hybrid_jax.train_cli``).
+(see ``hybrid_jax.train_cli``). ``aot`` compiles the train, prefill and decode steps for a
+TPU topology ahead of time, here, and reports per-device memory, cost and a roofline estimate
+(see ``hybrid_jax.aot_cli``).
 """
 
 from __future__ import annotations
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid_jax.train_cli import add_train_parser
 
     add_train_parser(sub)
+    from hybrid_jax.aot_cli import add_aot_parser
+
+    add_aot_parser(sub)
     from hybrid_jax.main_job import add_main_parser
 
     add_main_parser(sub)
@@ -175,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         from hybrid_jax.train_cli import run_train
 
         return run_train(args)
+    if args.command == "aot":
+        from hybrid_jax.aot_cli import run_aot
+
+        return run_aot(args)
     if args.command == "main":
         from hybrid_jax.main_job import run_main
 

@@ -69,6 +69,20 @@ class MeshShape:
         return " x ".join(f"{name}={getattr(self, name)}" for name in MESH_AXES)
 
 
+def parse_mesh_sizes(text: str) -> dict[str, int]:
+    """"fsdp=4,tensor=2" -> {"fsdp": 4, "tensor": 2}; raises ShardingError naming the part
+    that is not AXIS=SIZE with an axis of ``MESH_AXES``."""
+    sizes = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES or not size.strip().isdigit():
+            raise ShardingError(f"mesh: expected AXIS=SIZE with AXIS one of {list(MESH_AXES)}, "
+                                f"got {part!r}")
+        sizes[name] = int(size)
+    return sizes
+
+
 def make_mesh(shape: MeshShape | None = None, devices: Sequence[jax.Device] | None = None
               ) -> Mesh:
     """A ``Mesh`` with axes ``MESH_AXES`` over ``devices`` (default: all of them, across
@@ -138,13 +152,15 @@ def activation_sharding(mesh: Mesh | None, rules: LogicalRules | None = None) ->
 
 def _fitted_spec(mesh: Mesh, rules: LogicalRules, shape: tuple[int, ...],
                  logical: Sequence[str | None], what: str) -> PartitionSpec:
-    """The rules' spec for ``logical``, less any mesh axis that does not divide its dimension."""
+    """The rules' spec for ``logical``, less any mesh axis that the mesh lacks or that does not
+    divide its dimension."""
     if len(logical) != len(shape):
         raise ValueError(f"{what}: {len(logical)} logical names {tuple(logical)} for an "
                          f"array of shape {shape}")
     dims = []
     for size, axes in zip(shape, rules.spec(logical)):
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = tuple(a for a in axes if a in mesh.shape)
         while axes and size % math.prod(mesh.shape[a] for a in axes):
             axes = axes[:-1]
         dims.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -175,7 +191,8 @@ def splits(logical: str, size: int) -> bool:
 def per_shard(fn: Any, in_logical: Sequence[Sequence[str | None]],
               out_logical: Sequence[str | None], out_shape: tuple[int, ...]) -> Any:
     """``fn`` (arrays -> one array of global shape ``out_shape``, given so that ``fn`` is not
-    traced an extra time) run on each device's shards with ``jax.shard_map`` under the current
+    traced an extra time; or a tuple of arrays, with ``out_logical`` and ``out_shape`` tuples
+    of theirs) run on each device's shards with ``jax.shard_map`` under the current
     ``activation_sharding``: for computations XLA cannot partition itself, such as Pallas
     kernels, which it would otherwise run whole on every device. Dimensions are split by the
     rules as in ``constrain`` (a logical name of None keeps one whole, gathering it if it was
@@ -186,7 +203,10 @@ def per_shard(fn: Any, in_logical: Sequence[Sequence[str | None]],
     mesh, rules = current
     # A dimension split on the way in but whole on the way out would be a partial result;
     # the callers' names never ask for that.
-    out_spec = _fitted_spec(mesh, rules, out_shape, out_logical, "per_shard")
+    several = bool(out_shape) and isinstance(out_shape[0], tuple)
+    out_spec = tuple(_fitted_spec(mesh, rules, shape, names, "per_shard") for shape, names in
+                     zip(*((out_shape, out_logical) if several else ((out_shape,), (out_logical,)))))
+    out_spec = out_spec if several else out_spec[0]
 
     def sharded(*args: jax.Array) -> jax.Array:
         in_specs = tuple(_fitted_spec(mesh, rules, a.shape, names, "per_shard")

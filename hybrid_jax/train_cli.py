@@ -121,11 +121,12 @@ def run_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if value is not None:
             cfg[section][key] = value
     if args.mesh:
-        for part in args.mesh.split(","):
-            name, _, size = part.partition("=")
-            if not size.strip().isdigit():
-                raise ConfigError(f"--mesh: expected axis=size, got {part!r}")
-            cfg["mesh"][name.strip()] = int(size)
+        from hybrid_jax.sharding import ShardingError, parse_mesh_sizes
+
+        try:
+            cfg["mesh"].update(parse_mesh_sizes(args.mesh))
+        except ShardingError as e:
+            raise ConfigError(f"--{e}") from None
     for item in args.set:
         key, eq, value = item.partition("=")
         section, dot, name = key.partition(".")

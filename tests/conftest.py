@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -20,9 +21,16 @@ from host_devices import xla_flags_with
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
+def _tpu_host() -> bool:
+    """A TPU VM: libtpu is installed and the host has TPU device files (libtpu alone is the
+    AOT compiler of the tpu extra, on any host)."""
+    return importlib.util.find_spec("libtpu") is not None and bool(
+        glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def _accelerator_plugin() -> bool:
-    return bool(importlib.metadata.entry_points(group="jax_plugins")) or any(
-        importlib.util.find_spec(m) for m in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return bool(importlib.metadata.entry_points(group="jax_plugins")) or _tpu_host() or any(
+        importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
 
 
 def _with_fast_compile() -> str | None:
@@ -33,6 +41,14 @@ def _with_fast_compile() -> str | None:
                            capture_output=True, timeout=120)
     return flags if probe.returncode == 0 else None
 
+
+if not _accelerator_plugin():
+    # CPU only: jax would otherwise try (and fail) to start libtpu's TPU backend in every
+    # process, taking libtpu's one-process lock that the AOT tests' compiler needs.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for name, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                        ("TPU_WORKER_HOSTNAMES", "localhost")):  # compile-only libtpu, quiet
+        os.environ.setdefault(name, value)
 
 if os.environ.get("HYBRID_JAX_TEST_XLA_DEFAULTS") != "1" and not _accelerator_plugin():
     _flags = _with_fast_compile()

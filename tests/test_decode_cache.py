@@ -442,6 +442,34 @@ def _child(out: Path) -> None:
         errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
     result["extend_errs"] = errs
 
+    # The same under the model's activation sharding: the GDN rule then runs per shard
+    # (shard_map, as the Pallas kernels need), its final state a second sharded output.
+    from flax import nnx
+
+    from hybrid_jax.sharding import MeshShape, activation_sharding, make_mesh
+
+    full_mesh = make_mesh(MeshShape(data=2, tensor=4))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def sharded_extend(params, cache, ids, mask):
+        with activation_sharding(full_mesh):
+            return nnx.merge(graphdef, params).extend(ids, cache, mask)
+
+    cache = jax.device_put(init_cache(cfg, b, t + n),
+                           cache_shardings(jax.eval_shape(lambda: init_cache(cfg, b, t + n)),
+                                           full_mesh, batch_axis=("data", "fsdp")))
+    logits, cache = sharded_extend(params, cache, ids, mask)
+    step_logits, cache = sharded_extend(params, cache, step, np.ones((b, 1), np.int32))
+    errs = []
+    for row in range(b):
+        real = ids[row][mask[row] == 1]
+        ref = hf_logits(hf, np.concatenate([real, step[row]])[None])[0]
+        got = np.concatenate([np.asarray(logits)[row][mask[row] == 1],
+                              np.asarray(step_logits)[row]])
+        errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
+    result["activation_sharded_errs"] = errs
+
     sharded = np.asarray(generate(model, ids, n, attention_mask=mask, eos_token_id=(),
                                   max_length=t + n, cache_sharding=shardings))
     with torch.no_grad():
@@ -476,6 +504,13 @@ def test_extend_with_a_sharded_cache(mesh_child):
     # Logits at every real position and after a decode step, against transformers.
     assert max(mesh_child["extend_errs"]) <= 3e-5, mesh_child["extend_errs"]
     assert all(mesh_child["kept_sharding"])
+
+
+def test_extend_under_activation_sharding(mesh_child):
+    # Prefill and a decode step with the GDN rule per shard (as `hybrid-jax aot` compiles
+    # them), against transformers.
+    errs = mesh_child["activation_sharded_errs"]
+    assert max(errs) <= 3e-5, errs
 
 
 def test_generate_with_cache_sharding_gives_the_same_tokens(mesh_child):

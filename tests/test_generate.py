@@ -136,7 +136,8 @@ def test_default_pieces_follow_the_logits_budget(rope, monkeypatch, caplog):
     shapes = []
     real = gen_module.prefill
     monkeypatch.setattr(gen_module, "prefill",
-                        lambda g, p, ids, *a: shapes.append(ids.shape) or real(g, p, ids, *a))
+                        lambda g, p, ids, *a, **kw: shapes.append(ids.shape)
+                        or real(g, p, ids, *a, **kw))
     np.testing.assert_array_equal(_ours(rope["model"]), rope["greedy"])
     assert shapes == [(len(LENS), 5)] * 4
 

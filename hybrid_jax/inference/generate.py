@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
+from jax.sharding import Mesh
 
 from hybrid_jax.inference.errors import InputError, InputTypeError
 from hybrid_jax.inference.sampling import SamplingConfig, is_int, sample_tokens
 from hybrid_jax.model.cache import DecodeCache, init_cache
 from hybrid_jax.model.hybrid_lm import HybridLM
+from hybrid_jax.sharding import activation_sharding
 
 # By default a prompt is prefilled in as few equal pieces as keep each attention layer's float32
 # logits ([B, H, piece, max_length]) within this many bytes.
@@ -35,15 +37,20 @@ MIN_PREFILL_PIECE = 64  # one GDN chunk
 TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
 
 
-@partial(jax.jit, static_argnums=0, donate_argnums=3)
+@partial(jax.jit, static_argnums=0, static_argnames="mesh", donate_argnums=3)
 def prefill(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array,
-            cache: DecodeCache, attention_mask: jax.Array) -> tuple[jax.Array, DecodeCache]:
+            cache: DecodeCache, attention_mask: jax.Array, *, mesh: Mesh | None = None
+            ) -> tuple[jax.Array, DecodeCache]:
     """One prefill piece, jitted, the cache donated (updated in place).
 
     input_ids, attention_mask: [B, T]. Returns (last-position logits [B, V] float32, cache).
+    With ``mesh`` (the cache's), activations follow the mesh's sharding rules and the GDN
+    rule runs per shard (``sharding.activation_sharding``): the Pallas kernels cannot be
+    partitioned by XLA.
     """
-    model = nnx.merge(graphdef, params)
-    logits, cache = model.extend(input_ids, cache, attention_mask, last_only=True)
+    with activation_sharding(mesh):
+        model = nnx.merge(graphdef, params)
+        logits, cache = model.extend(input_ids, cache, attention_mask, last_only=True)
     return logits[:, 0], cache
 
 
@@ -259,9 +266,10 @@ def generate(
     # Allocated by a jit straight into its shards (never whole on one device first).
     cache = _cache_allocator(cache_sharding)(cfg, b, max_length)
     logits = None
+    mesh = None if cache_sharding is None else jax.tree.leaves(cache_sharding)[0].mesh
     for start in range(0, ids_p.shape[1], piece):
         logits, cache = prefill(graphdef, params, jnp.asarray(ids_p[:, start:start + piece]),
-                                cache, jnp.asarray(valid_p[:, start:start + piece]))
+                                cache, jnp.asarray(valid_p[:, start:start + piece]), mesh=mesh)
     new, _ = decode(graphdef, params, cache, logits, jax.random.key(seed),
                     max_new_tokens=int(max_new_tokens), sampling=sampling, eos_ids=eos_ids,
                     pad_id=pad_id, on_tokens=on_tokens, slice_weights_once=slice_weights_once)

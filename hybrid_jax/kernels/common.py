@@ -1,7 +1,9 @@
-"""What the Pallas kernels share: the float32-accumulating matmul and per-backend compiler
-parameters."""
+"""What the Pallas kernels share: the float32-accumulating matmul, per-backend compiler
+parameters and the cost estimates XLA sees."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,11 @@ def mm(a: jax.Array, b: jax.Array, dtype=None) -> jax.Array:
     operands run on the tensor cores / MXU; float32 operands get full float32 precision."""
     if dtype is not None:
         a, b = a.astype(dtype), b.astype(dtype)
-    return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+    # HIGHEST keeps float32 operands exact (Triton: IEEE dots, not TF32). 16-bit operands
+    # need no more than DEFAULT, said explicitly: Mosaic TPU rejects a float32 contract
+    # precision on them, which jax_default_matmul_precision="highest" would otherwise ask.
+    precision = HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
 def mm_split(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -91,3 +97,29 @@ def compiler_params(backend: str, semantics: tuple[str, ...], num_warps: int = 4
 
         return pltpu.CompilerParams(dimension_semantics=semantics)
     raise ValueError(f"Pallas backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def solve_passes(input_dtype) -> int:
+    """Matmuls per product inside a solve (``solve_matmul``): 3 for 16-bit inputs, else 1."""
+    return 3 if dot_dtype(input_dtype) != jnp.float32 else 1
+
+
+def solve_flops(c: int, input_dtype) -> float:
+    """Matmul FLOPs of one chunk's gates and solve (``_gates`` and ``_unit_lower_inverse`` in
+    gdn_chunk_factors): the decay sums as three exact bf16 [C, C] products, then two [C, C]
+    products per doubling level (log2(C) - 1 levels), each ``solve_passes`` matmuls."""
+    levels = c.bit_length() - 2
+    return 3 * 2 * c ** 3 + levels * 2 * 2 * c ** 3 * solve_passes(input_dtype)
+
+
+def cost_estimate(programs: int, flops: float, transcendentals: float, operands,
+                  out_shape) -> pl.CostEstimate:
+    """What XLA sees of a kernel (Mosaic TPU's custom call is otherwise opaque to its cost
+    analysis and scheduler): ``flops`` and ``transcendentals`` per program (matmul FLOPs as
+    the kernel computes them, elementwise work left out) times ``programs``, and one read of
+    every operand and one write of every output."""
+    nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                 for x in (*operands, *out_shape))
+    return pl.CostEstimate(flops=int(programs * flops),
+                           transcendentals=int(programs * transcendentals),
+                           bytes_accessed=int(nbytes))

@@ -19,7 +19,8 @@ layer the forward takes 0.59 ms (0.56 without any solve). The VJP took 4.0 ms as
 (2.7 without its solve), far above what its memory traffic needs: compiled for sm_90a it
 spilled 3 KB of registers per thread (experiments/kernel_registers.py). It is now three
 kernels that spill 0.4 KB, 0.3 KB and nothing; their speed is not yet measured on a GPU. The
-TPU variant is verified in interpret mode only.
+TPU variant is verified in interpret mode and compiled by Mosaic ahead of time for v5e, v5p
+and v6e (experiments/RESULTS.md, TPU pods), never yet run on a TPU.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from hybrid_jax.kernels.common import (
     chunk_block,
     column_blocks,
     compiler_params,
+    cost_estimate,
     dot_dtype,
     mm_exact_mask,
+    solve_flops,
     solve_matmul,
 )
 from hybrid_jax.kernels.common import mm as _mm
@@ -257,6 +260,14 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     dv = v.shape[-1]
 
     f32, dt = jnp.float32, dot_dtype(q.dtype)
+    operands = (q, k, v, _rows(g.astype(f32)), _rows(beta.astype(f32)),
+                _rows(seg.astype(jnp.int32)))
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), dt),
+                 *[jax.ShapeDtypeStruct((r, n, c, dk), dt)] * 3,
+                 jax.ShapeDtypeStruct((r, n, c, c), dt),
+                 jax.ShapeDtypeStruct((r, n, 1, 1), f32)]
+    # k k^T, q k^T, w: [C, C, Dk] products; u: [C, C, Dv]; plus the gates and the solve.
+    flops = 2 * c * c * (3 * dk + dv) + solve_flops(c, q.dtype)
     u, w, qd, kd, intra, decay = pl.pallas_call(
         functools.partial(_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
@@ -264,13 +275,11 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                   chunk_block(c, 1), chunk_block(c, 1)],
         out_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
                    chunk_block(c, c), chunk_block(1, 1)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), dt),
-                   *[jax.ShapeDtypeStruct((r, n, c, dk), dt)] * 3,
-                   jax.ShapeDtypeStruct((r, n, c, c), dt),
-                   jax.ShapeDtypeStruct((r, n, 1, 1), f32)],
+        out_shape=out_shape,
         compiler_params=compiler_params(backend, ("parallel", "parallel")),
+        cost_estimate=cost_estimate(r * n, flops, c * c + 2 * c, operands, out_shape),
         interpret=interpret,
-    )(q, k, v, _rows(g.astype(f32)), _rows(beta.astype(f32)), _rows(seg.astype(jnp.int32)))
+    )(*operands)
     return u, w, qd, kd, intra, decay[..., 0, 0]
 
 
@@ -302,6 +311,13 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     d_u, d_w = d_u.astype(dt), d_w.astype(dt)
     d_q_decayed, d_k_decayed = d_q_decayed.astype(f32), d_k_decayed.astype(f32)
     per_row = lambda: jax.ShapeDtypeStruct((r, n, c, 1), f32)  # [R, N, C, 1] float32
+    passes = 3 if dt != f32 else 1
+    operands = (q, k, v, g_col, beta_col, seg_col, d_u, d_w, d_q_decayed, d_k_decayed)
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), f32),
+                 jax.ShapeDtypeStruct((r, n, c, c), f32),
+                 jax.ShapeDtypeStruct((r, n, c, c), dt), per_row(), per_row(), per_row()]
+    # k k^T, two [C, C, Dv] and two [C, C, Dk] products, the solve again, and dA's two.
+    flops = 2 * c * c * (3 * dk + 2 * dv) + solve_flops(c, q.dtype) + 4 * c ** 3 * passes
     dv_, d_a, inv_t, dbeta, d_fs, d_te = pl.pallas_call(
         functools.partial(_backward_solve_kernel, scale=scale, width=width),
         grid=(r, n),
@@ -310,12 +326,17 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
                   chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk)],
         out_specs=[chunk_block(c, dv), chunk_block(c, c), chunk_block(c, c),
                    *[chunk_block(c, 1)] * 3],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), f32),
-                   jax.ShapeDtypeStruct((r, n, c, c), f32),
-                   jax.ShapeDtypeStruct((r, n, c, c), dt), per_row(), per_row(), per_row()],
+        out_shape=out_shape,
         compiler_params=params,
+        cost_estimate=cost_estimate(r * n, flops, c * c + 2 * c, operands, out_shape),
         interpret=interpret,
-    )(q, k, v, g_col, beta_col, seg_col, d_u, d_w, d_q_decayed, d_k_decayed)
+    )(*operands)
+    operands = (q, k, g_col, beta_col, seg_col, d_intra.astype(f32),
+                d_chunk_decay.astype(f32)[..., None, None], d_a, dbeta, d_fs, d_te)
+    out_shape = [per_row(), per_row(), *[jax.ShapeDtypeStruct((r, n, c, c), dt)] * 2,
+                 per_row(), per_row()]
+    # k k^T, q k^T, the decay sums and dg's per-position sums (three bf16 passes each).
+    flops = 2 * c * c * 2 * dk + 2 * 3 * 2 * c ** 3
     dg, dbeta, d_qk, d_kk, from_start, to_end = pl.pallas_call(
         functools.partial(_backward_gates_kernel, scale=scale, width=width),
         grid=(r, n),
@@ -324,12 +345,11 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
                   *[chunk_block(c, 1)] * 3],
         out_specs=[chunk_block(c, 1), chunk_block(c, 1), chunk_block(c, c), chunk_block(c, c),
                    chunk_block(c, 1), chunk_block(c, 1)],
-        out_shape=[per_row(), per_row(), *[jax.ShapeDtypeStruct((r, n, c, c), dt)] * 2,
-                   per_row(), per_row()],
+        out_shape=out_shape,
         compiler_params=params,
+        cost_estimate=cost_estimate(r * n, flops, c * c + 2 * c, operands, out_shape),
         interpret=interpret,
-    )(q, k, g_col, beta_col, seg_col, d_intra.astype(f32),
-      d_chunk_decay.astype(f32)[..., None, None], d_a, dbeta, d_fs, d_te)
+    )(*operands)
 
     def columns(shape_c):  # a [C, width] block of key columns, grid (R, N, Dk / width)
         return pl.BlockSpec((None, None, shape_c, width), lambda i, j, b: (i, j, 0, b))
@@ -337,14 +357,20 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     def whole(*shape):
         return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
 
+    operands = (q, k, beta_col, d_w, d_q_decayed, d_k_decayed, inv_t, d_qk, d_kk, from_start,
+                to_end)
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2
     dq, dk_ = pl.pallas_call(
         functools.partial(_backward_columns_kernel, scale=scale),
         grid=(r, n, dk // width),
         in_specs=[columns(c), columns(c), whole(c, 1), columns(c), columns(c), columns(c),
                   *[whole(c, c)] * 3, whole(c, 1), whole(c, 1)],
         out_specs=[columns(c), columns(c)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2,
+        out_shape=out_shape,
         compiler_params=compiler_params(backend, ("parallel", "parallel", "parallel")),
+        # dq: one [C, C, width] product; dk: three.
+        cost_estimate=cost_estimate(r * n * (dk // width), 4 * 2 * c * c * width, 0, operands,
+                                    out_shape),
         interpret=interpret,
-    )(q, k, beta_col, d_w, d_q_decayed, d_k_decayed, inv_t, d_qk, d_kk, from_start, to_end)
+    )(*operands)
     return dq, dk_, dv_, dg[..., 0], dbeta[..., 0]

@@ -34,8 +34,9 @@ Two variants of each pass, over one chunk step:
   step gets one chunk's blocks in VMEM, and the state lives in a VMEM scratch that persists
   across the steps: whole sequences would not fit VMEM.
 The GPU variants ran on an H200 (experiments/RESULTS.md); the TPU ones are verified in
-interpret mode only (with ``pltpu.InterpretParams``, which also detects races and
-out-of-bounds reads).
+interpret mode (with ``pltpu.InterpretParams``, which also detects races and out-of-bounds
+reads) and compiled by Mosaic for v5e, v5p and v6e ahead of time (``hybrid_jax.aot.kernels``),
+never yet run on a TPU.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hybrid_jax.kernels.common import chunk_block, compiler_params
+from hybrid_jax.kernels.common import chunk_block, compiler_params, cost_estimate
 from hybrid_jax.kernels.common import mm as _mm
 
 
@@ -163,6 +164,14 @@ def _decay_blocks(chunk_decay: jax.Array) -> jax.Array:
     return chunk_decay.astype(jnp.float32)[:, :, None, None]  # [R, N, 1, 1]: a block per chunk
 
 
+def _cost(operands, out_shape) -> object:
+    """Per chunk, either way: three [C, Dk, Dv] products (w S, q S, k^T v; backwards k G,
+    q^T dO, w^T dv) and one [C, C, Dv] (intra v; backwards intra^T dO)."""
+    r, n, c, dv = operands[0].shape
+    dk = operands[1].shape[-1]
+    return cost_estimate(r * n, 3 * 2 * c * dk * dv + 2 * c * c * dv, 0, operands, out_shape)
+
+
 @functools.partial(jax.jit, static_argnames=("block_v", "return_states", "interpret"))
 def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.Array,
                intra: jax.Array, chunk_decay: jax.Array, initial_state: jax.Array, *,
@@ -189,6 +198,7 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
     if return_states:
         out_specs.append(_whole(n, dk, bv, split_v=True))
         out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32))
+    operands = (u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state)
     return tuple(pl.pallas_call(
         functools.partial(_gpu_kernel, n_chunks=n),
         grid=(r, dv // bv),
@@ -198,8 +208,9 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         # Three pipelining stages prefetch further ahead: 0.55 -> 0.39 ms at OLMo's layer on an
         # H200 (bv=64); the backward pass measured slower with three (0.60 -> 0.65 ms).
         compiler_params=compiler_params("gpu", ("parallel", "parallel"), num_stages=3),
+        cost_estimate=_cost(operands, out_shape),
         interpret=interpret,
-    )(u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state))
+    )(*operands))
 
 
 @functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
@@ -220,18 +231,21 @@ def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
     r, n, c, dv = d_out.shape
     dk = w.shape[-1]
     bv = _block_v(dv, block_v, "state_pass_backward")
+    operands = (d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final)
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     return tuple(pl.pallas_call(
         functools.partial(_gpu_backward_kernel, n_chunks=n),
         grid=(r, dv // bv),
         in_specs=_gpu_in_specs(n, c, dk, bv),
         out_specs=[_whole(n, c, bv, split_v=True), _whole(n, dk, bv, split_v=True),
                    _whole(dk, bv, split_v=True)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
-                   jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32),
-                   jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)],
+        out_shape=out_shape,
         compiler_params=compiler_params("gpu", ("parallel", "parallel")),
+        cost_estimate=_cost(operands, out_shape),
         interpret=interpret,
-    )(d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final))
+    )(*operands))
 
 
 def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.Array,
@@ -253,6 +267,7 @@ def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: 
     if return_states:
         out_specs.append(chunk_block(dk, dv))
         out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32))
+    operands = (u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state)
     return tuple(pl.pallas_call(
         _tpu_kernel,
         grid=(r, n),
@@ -262,8 +277,9 @@ def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: 
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
         compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+        cost_estimate=_cost(operands, out_shape),
         interpret=interpret,
-    )(u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state))
+    )(*operands))
 
 
 def state_pass_backward_tpu(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
@@ -276,16 +292,19 @@ def state_pass_backward_tpu(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array
     r, n, c, dv = d_out.shape
     dk = w.shape[-1]
     back = functools.partial(chunk_block, n_chunks=n)
+    operands = (d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final)
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     return tuple(pl.pallas_call(
         _tpu_backward_kernel,
         grid=(r, n),
         in_specs=[back(c, dv), back(c, dk), back(c, dk), back(c, dk), back(c, c), back(1, 1),
                   _per_seq(dk, dv)],
         out_specs=[back(c, dv), back(dk, dv), _per_seq(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
-                   jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32),
-                   jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)],
+        out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
         compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+        cost_estimate=_cost(operands, out_shape),
         interpret=interpret,
-    )(d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final))
+    )(*operands))

@@ -36,6 +36,7 @@ from hybrid_jax.kernels.common import (
     chunk_block,
     column_blocks,
     compiler_params,
+    cost_estimate,
 )
 from hybrid_jax.kernels.common import mm as _mm
 
@@ -92,18 +93,26 @@ def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Ar
     dk = w.shape[-1]
     f32 = jnp.float32
 
+    width = BLOCK_COLUMNS[backend]
+    operands = (u, w, d_out.astype(w.dtype), dv_new.astype(w.dtype), states.astype(f32),
+                grads.astype(f32))
+    out_shape = [*[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 3,
+                 jax.ShapeDtypeStruct((r, n, c, c), f32),
+                 jax.ShapeDtypeStruct((r, n, 1, 1), f32)]
+    # [C, Dk, Dv] products: w S once for d_intra and once per key block for d_kd, then d_w,
+    # d_qd, d_kd; one [C, C, Dv] for d_intra.
+    key_blocks = -(-dk // width)
+    flops = 2 * c * dk * dv * (4 + key_blocks) + 2 * c * c * dv
     d_w, d_qd, d_kd, d_intra, d_decay = pl.pallas_call(
-        functools.partial(_kernel, width=BLOCK_COLUMNS[backend]),
+        functools.partial(_kernel, width=width),
         grid=(r, n),
         in_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dv), chunk_block(c, dv),
                   chunk_block(dk, dv), chunk_block(dk, dv)],
         out_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, c),
                    chunk_block(1, 1)],
-        out_shape=[*[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 3,
-                   jax.ShapeDtypeStruct((r, n, c, c), f32),
-                   jax.ShapeDtypeStruct((r, n, 1, 1), f32)],
+        out_shape=out_shape,
         compiler_params=compiler_params(backend, ("parallel", "parallel")),
+        cost_estimate=cost_estimate(r * n, flops, 0, operands, out_shape),
         interpret=interpret,
-    )(u, w, d_out.astype(w.dtype), dv_new.astype(w.dtype), states.astype(f32),
-      grads.astype(f32))
+    )(*operands)
     return d_w, d_qd, d_kd, d_intra, d_decay[..., 0, 0]

@@ -94,6 +94,44 @@ class GatedDeltaNet(nnx.Module):
         gate = self.g_proj(x).reshape(b, t, hv, dv)
         return self.o_proj(self.o_norm(o, gate).reshape(b, t, hv * dv))
 
+    def _rule(self, q, k, v, g, beta, method: str, *, segment_ids=None, initial_state=None
+              ) -> tuple[jax.Array, jax.Array | None]:
+        """The gated delta rule on [B, T, H, D] heads: (o [B, T, Hv, Dv], final state
+        [B, Hv, Dk, Dv] given ``initial_state``, else None).
+
+        Under a mesh (``sharding.activation_sharding``), each device runs the rule on its rows
+        and heads (XLA cannot partition a Pallas kernel); whole sequences, since the state runs
+        along them. Key and value heads split together or not at all, keeping value head h
+        with key head h // G."""
+        cfg = self.config
+        with_state = initial_state is not None
+
+        def rule(q, k, v, g, beta, *rest):
+            segments = rest[0] if segment_ids is not None else None
+            o, final = gated_delta_rule(
+                q, k, v, g, beta, use_qk_l2norm=True, segment_ids=segments,
+                initial_state=rest[-1] if with_state else None, output_final_state=with_state,
+                method=method, chunk_size=cfg.gdn_chunk_size)
+            return (o, final) if with_state else o
+
+        heads = ("gdn_key_heads", "gdn_heads")
+        if not (splits(heads[0], cfg.linear_num_key_heads)
+                and splits(heads[1], cfg.linear_num_value_heads)):
+            heads = (None, None)
+        kh, vh = (("batch", None, h, None) for h in heads)
+        args, names = [q, k, v, g, beta], [kh, kh, vh, vh[:3], vh[:3]]
+        if segment_ids is not None:
+            args.append(segment_ids)
+            names.append(("batch", None))
+        if with_state:
+            args.append(initial_state)
+            names.append(("batch", heads[1], None, None))
+        with jax.named_scope("gdn_rule"):
+            if not with_state:
+                return per_shard(rule, names, vh, out_shape=v.shape)(*args), None
+            return per_shard(rule, names, (vh, names[-1]),
+                             out_shape=(v.shape, initial_state.shape))(*args)
+
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
         """x: [B, T, D] (compute dtype) -> [B, T, D]. ``segment_ids`` [B, T] resets the convs and
         the recurrent state at each new segment."""
@@ -102,26 +140,7 @@ class GatedDeltaNet(nnx.Module):
                               self.k_conv(self.k_proj(x), segment_ids=segment_ids),
                               self.v_conv(self.v_proj(x), segment_ids=segment_ids))
         beta, g = self._gates(x)
-
-        def rule(q, k, v, g, beta, *segments):
-            return gated_delta_rule(
-                q, k, v, g, beta, use_qk_l2norm=True,
-                segment_ids=segments[0] if segments else None, method=cfg.gdn_method,
-                chunk_size=cfg.gdn_chunk_size)[0]  # [B, T, Hv, Dv]
-
-        # Under a training mesh, each device runs the rule on its rows and heads (a Pallas
-        # kernel cannot be partitioned by XLA); whole sequences, since the state runs along
-        # them. Key and value heads split together or not at all, keeping value head h with
-        # key head h // G.
-        heads = ("gdn_key_heads", "gdn_heads")
-        if not (splits(heads[0], cfg.linear_num_key_heads)
-                and splits(heads[1], cfg.linear_num_value_heads)):
-            heads = (None, None)
-        kh, vh = (("batch", None, h, None) for h in heads)
-        args = (q, k, v, g, beta) + (() if segment_ids is None else (segment_ids,))
-        names = [kh, kh, vh, vh[:3], vh[:3], ("batch", None)][:len(args)]
-        with jax.named_scope("gdn_rule"):
-            o = per_shard(rule, names, vh, out_shape=v.shape)(*args)
+        o, _ = self._rule(q, k, v, g, beta, cfg.gdn_method, segment_ids=segment_ids)
         return self._output(x, o)
 
     def extend(self, x: jax.Array, cache: GDNCache, *,
@@ -146,10 +165,7 @@ class GatedDeltaNet(nnx.Module):
             # S <- exp(0) S + k (0 * (v - S^T k)) = S.
             beta = jnp.where(valid[..., None], beta, 0.0)
             g = jnp.where(valid[..., None], g, 0.0)
-        o, state = gated_delta_rule(
-            q, k, v, g, beta, use_qk_l2norm=True, initial_state=cache.state,
-            output_final_state=True, method="recurrent" if t == 1 else cfg.gdn_method,
-            chunk_size=cfg.gdn_chunk_size,
-        )
+        o, state = self._rule(q, k, v, g, beta, "recurrent" if t == 1 else cfg.gdn_method,
+                              initial_state=cache.state)
         return self._output(x, o), GDNCache(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v,
                                             state=state)

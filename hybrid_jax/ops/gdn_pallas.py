@@ -171,14 +171,24 @@ def gdn_pallas(
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked form with the Pallas state pass: the arguments and results of ``gdn_chunk``
     (shapes documented there), plus ``variant``: "tpu" (Mosaic TPU kernel) or "gpu"
-    (GPU-style kernel); None picks "tpu" on TPU and "gpu" elsewhere; and ``interpret``: run
-    the kernel in Pallas interpret mode (True, or ``pltpu.InterpretParams`` for the TPU
-    variant); None means on CPU only, where Pallas cannot compile."""
-    if variant is None:
-        variant = "tpu" if jax.default_backend() == "tpu" else "gpu"
-    if variant not in BACKENDS:
+    (GPU-style kernel), and ``interpret``: run the kernels in Pallas interpret mode (True, or
+    ``pltpu.InterpretParams`` for the TPU variant).
+
+    Left None, both are chosen when the program is lowered, for the platform it is lowered for
+    (``jax.lax.platform_dependent``): "tpu" compiled on TPU, "gpu" compiled on CUDA and ROCm,
+    "gpu" interpreted elsewhere (CPU, where Pallas cannot compile). So a program traced on a
+    CPU host and compiled ahead of time for a TPU topology runs the Mosaic kernels there."""
+    if variant is not None and variant not in BACKENDS:
         raise ValueError(f"gdn_pallas: variant must be one of {BACKENDS}, got {variant!r}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    return _gdn_pallas(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant,
-                       interpret)
+    args = (q, k, v, g, beta, initial_state, reset)
+    static = (scale, chunk_size)
+    if variant is not None and interpret is not None:
+        return _gdn_pallas(*args, *static, variant, interpret)
+
+    def on(platform: str):
+        chosen = (variant or ("tpu" if platform == "tpu" else "gpu"),
+                  platform == "cpu" if interpret is None else interpret)
+        return lambda *a: _gdn_pallas(*a, *static, *chosen)
+
+    return jax.lax.platform_dependent(*args, tpu=on("tpu"), cuda=on("cuda"), rocm=on("rocm"),
+                                      default=on("cpu"))

@@ -1,0 +1,159 @@
+"""Ahead-of-time compiles for TPU topologies with libtpu's compiler (no TPU here): the train
+step, prefill and decode of a small preset, the Pallas TPU kernels through Mosaic, the cost
+bookkeeping against directly compiled references, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("libtpu", reason="the tpu extra (pip install -e '.[tpu]') is not installed")
+
+from hybrid_jax.aot.kernels import compile_gdn_kernels  # noqa: E402
+from hybrid_jax.aot.programs import Workload  # noqa: E402
+from hybrid_jax.aot.report import (  # noqa: E402
+    compile_program,
+    per_call_cost,
+    report_program,
+    required_bytes,
+    xla_cost,
+)
+from hybrid_jax.aot.roofline import model_flops  # noqa: E402
+from hybrid_jax.aot.topology import AOTError, tpu_topology  # noqa: E402
+from hybrid_jax.cli import main  # noqa: E402
+from hybrid_jax.config import olmo_hybrid_tiny  # noqa: E402
+from hybrid_jax.sharding import MeshShape  # noqa: E402
+
+TOPOLOGY = "v5e:2x2"  # four v5e chips, 16 GiB each
+
+
+@pytest.fixture(scope="module")
+def topology():
+    return tpu_topology(TOPOLOGY)
+
+
+def _config(**overrides):
+    return olmo_hybrid_tiny(dtype="bfloat16", gdn_method="pallas", **overrides)
+
+
+def test_topology_devices_and_chip(topology):
+    assert len(topology.devices) == 4 and topology.num_chips == 4
+    assert topology.device_spec.hbm_bytes == 16 << 30
+    assert {d.platform for d in topology.devices} == {"tpu"}
+
+
+@pytest.mark.parametrize("program", ["train", "prefill", "decode"])
+def test_programs_compile_and_fit(topology, program):
+    mesh = topology.mesh(MeshShape(fsdp=4))
+    work = Workload(8, 128, micro_batches=2 if program == "train" else 1)
+    report = report_program(program, _config(), topology, mesh, work)
+    assert report.error is None and report.fits
+    assert 0 < report.memory["total"] < report.hbm_bytes
+    assert report.xla_flops > 0 and report.xla_bytes > 0
+    assert report.roofline.seconds > 0 and 0 < report.roofline.mfu < 1
+    if program == "train":
+        # The GDN layers run Mosaic kernels, per shard.
+        compiled, _, _ = compile_program(program, _config(), mesh, work)
+        assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()
+
+
+def test_per_device_memory_shrinks_as_fsdp_grows(topology):
+    cfg = _config()
+    work = Workload(8, 128)
+    args = []
+    for fsdp in (1, 2, 4):
+        mesh = topology.mesh(MeshShape(data=4 // fsdp, fsdp=fsdp))
+        args.append(report_program("train", cfg, topology, mesh, work,
+                                   cost=False).memory["argument"])
+    assert args[0] > args[1] > args[2]
+    assert args[0] / args[2] > 3  # parameters and optimizer state split four ways
+
+
+def test_loop_costs_match_an_unrolled_compile(topology):
+    """XLA counts a loop body once; ``per_call_cost`` scales the scanned layers and the
+    micro-batches. Reference: the same step with its three blocks unrolled, compiled directly,
+    run once per micro-batch."""
+    cfg = _config(num_hidden_layers=12, layer_types=olmo_hybrid_tiny().layer_types[:4] * 3)
+    mesh = topology.mesh(MeshShape(fsdp=4))
+    scanned = per_call_cost("train", cfg, mesh, Workload(8, 128, micro_batches=2))
+    unrolled, _, _ = compile_program("train", cfg.replace(scan_layers=False), mesh,
+                                     Workload(4, 128))
+    reference = {k: 2 * v for k, v in xla_cost(unrolled).items()}
+    for key in ("flops", "bytes"):
+        assert scanned[key] == pytest.approx(reference[key], rel=0.02), key
+    # And the compiled step does more than the model's own FLOPs, but not wildly more.
+    ratio = scanned["flops"] / 4 / (model_flops(cfg, "train", 8, 128) / 4)
+    assert 1.0 < ratio < 2.0
+
+
+@pytest.mark.parametrize("dk, dv, dtype", [(96, 192, "bfloat16"), (128, 128, "bfloat16"),
+                                           (32, 256, "float32")])
+def test_pallas_tpu_kernels_compile_with_mosaic(topology, dk, dv, dtype):
+    shape = dict(seq_len=256, heads=2, dk=dk, dv=dv, dtype=dtype)
+    forward = compile_gdn_kernels(topology, backward=False, **shape)
+    both = compile_gdn_kernels(topology, measure_vmem=True, **shape)
+    assert forward.custom_calls == 2  # the chunk factors and the state pass
+    assert both.custom_calls == 7  # the backward's recompute, passes and factor VJP
+    assert 0 < forward.xla_flops < both.xla_flops
+    assert 0 < both.scoped_vmem_kib < 16 << 10
+
+
+def test_bad_topologies_and_meshes(topology):
+    with pytest.raises(AOTError, match="unknown TPU generation 'v9x'"):
+        tpu_topology("v9x:2x2")
+    with pytest.raises(AOTError, match="not AxB or AxBxC"):
+        tpu_topology("v5e:four")
+    with pytest.raises(AOTError, match="libtpu rejects it"):
+        tpu_topology("v5e:1x1")
+    with pytest.raises(AOTError, match="needs 3 devices"):
+        topology.mesh(MeshShape(fsdp=3))
+
+
+def test_dimensions_that_do_not_divide_a_mesh_axis(topology):
+    mesh = topology.mesh(MeshShape(fsdp=4))
+    with pytest.raises(AOTError, match=r"tokens \[1, 6, 128\].*not divisible"):
+        report_program("train", _config(), topology, mesh, Workload(6, 128), cost=False)
+    with pytest.raises(AOTError, match=r"(?s)parameters:.*embed.embedding \[250, 64\]: "
+                                       r"dimension 0 \(250\) is not divisible"):
+        report_program("train", _config(vocab_size=250), topology,
+                       topology.mesh(MeshShape(tensor=4)), Workload(4, 128), cost=False)
+    with pytest.raises(AOTError, match="micro_batches 3 does not divide the batch 8"):
+        Workload(8, 128, micro_batches=3)
+
+
+def test_cli_reports_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "aot.json"
+    rc = main(["aot", "--topology", TOPOLOGY, "--preset", "tiny", "--mesh", "data=2,fsdp=2",
+               "--batch", "4", "--seq-len", "64", "--programs", "train,decode,kernels",
+               "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "TPU v5 lite" in printed and "cloud.google.com/tpu/docs/v5e" in printed
+    assert printed.count(" yes ") == 2
+    report = json.loads(out.read_text())
+    assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "context": 1}
+    assert [r["program"] for r in report["reports"]] == ["train", "decode"]
+    assert report["config"]["gdn_method"] == "pallas"  # "auto" would be XLA's form on a CPU
+    assert [k["custom_calls"] for k in report["kernels"]] == [2, 7]
+    assert "GDN kernels fwd+bwd [1 x 64 x 4 heads, Dk 16, Dv 32]" in printed
+
+
+def test_required_bytes_reads_the_compilers_message():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+               "temporaries (202.92G) exceeds available HBM (95.74G).")
+    assert required_bytes(message) == pytest.approx(202.92 * 2 ** 30)
+    assert required_bytes("something else") is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--topology", "v7x:2x2"], "unknown TPU generation"),
+    (["--topology", TOPOLOGY, "--mesh", "fsdp=8"], "needs 8 devices"),
+    (["--topology", TOPOLOGY, "--mesh", "pipeline=4"], "AXIS=SIZE"),
+    (["--topology", TOPOLOGY, "--programs", "train,serve"], "unknown ['serve']"),
+    (["--topology", TOPOLOGY, "--set", "hidden_size=-1"], "hidden_size"),
+])
+def test_cli_errors_name_the_culprit(argv, message, capsys):
+    rc = main(["aot", "--preset", "tiny", "--batch", "4", "--seq-len", "64", *argv])
+    assert rc == 2
+    assert message in capsys.readouterr().err
