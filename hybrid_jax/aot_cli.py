@@ -13,7 +13,7 @@ run config with a ``model`` section) and then ``--set FIELD=VALUE``; its GDN lay
 Pallas kernels (``gdn_method`` "auto" becomes "pallas": on a CPU host "auto" would pick the
 XLA form, and the program compiled must be the one the pod runs).
 
-For each program: compile seconds; per-device memory (arguments, temporaries, total)
+For each program: compile seconds; per-device memory (arguments, outputs, temporaries, total)
 against the device's HBM, or the compiler's out-of-memory message; XLA's FLOPs and bytes
 per call and device; the model FLOPs; and a roofline estimate of the call's time and MFU
 from the chip's published peak bf16 FLOP/s and HBM bandwidth (``hybrid_jax.aot.chips``
@@ -102,11 +102,12 @@ def _row(r) -> list[str]:
         tail = [f"{r.xla_flops / 1e12:.3g}", f"{r.xla_bytes / 1e9:.3g}",
                 f"{r.model_flops / 1e12:.3g}", f"{r.roofline.seconds * 1e3:.3g}",
                 r.roofline.bound, f"{100 * r.roofline.mfu:.0f}%"]
-    return [r.program, f"{r.compile_s:.3g}", _gib(m and m["argument"]), _gib(m and m["temp"]),
+    return [r.program, f"{r.compile_s:.3g}", _gib(m and m["argument"]), _gib(m and m["output"]),
+            _gib(m and m["temp"]),
             f"{_gib(m and m['total'])} / {_gib(r.hbm_bytes)}", fits, *tail]
 
 
-HEADER = ["program", "compile s", "args GiB", "temp GiB", "total / HBM GiB", "fits",
+HEADER = ["program", "compile s", "args GiB", "out GiB", "temp GiB", "total / HBM GiB", "fits",
           "XLA TFLOP", "XLA GB", "model TFLOP", "roofline ms", "bound", "MFU"]
 
 

@@ -189,7 +189,8 @@ def splits(logical: str, size: int) -> bool:
 
 
 def per_shard(fn: Any, in_logical: Sequence[Sequence[str | None]],
-              out_logical: Sequence[str | None], out_shape: tuple[int, ...]) -> Any:
+              out_logical: Sequence[str | None] | Sequence[Sequence[str | None]],
+              out_shape: tuple[int, ...] | tuple[tuple[int, ...], ...]) -> Any:
     """``fn`` (arrays -> one array of global shape ``out_shape``, given so that ``fn`` is not
     traced an extra time; or a tuple of arrays, with ``out_logical`` and ``out_shape`` tuples
     of theirs) run on each device's shards with ``jax.shard_map`` under the current
@@ -204,9 +205,10 @@ def per_shard(fn: Any, in_logical: Sequence[Sequence[str | None]],
     # A dimension split on the way in but whole on the way out would be a partial result;
     # the callers' names never ask for that.
     several = bool(out_shape) and isinstance(out_shape[0], tuple)
-    out_spec = tuple(_fitted_spec(mesh, rules, shape, names, "per_shard") for shape, names in
-                     zip(*((out_shape, out_logical) if several else ((out_shape,), (out_logical,)))))
-    out_spec = out_spec if several else out_spec[0]
+    shapes, names = (out_shape, out_logical) if several else ((out_shape,), (out_logical,))
+    specs = tuple(_fitted_spec(mesh, rules, shape, logical, "per_shard")
+                  for shape, logical in zip(shapes, names, strict=True))
+    out_spec = specs if several else specs[0]
 
     def sharded(*args: jax.Array) -> jax.Array:
         in_specs = tuple(_fitted_spec(mesh, rules, a.shape, names, "per_shard")

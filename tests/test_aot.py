@@ -125,7 +125,7 @@ def test_dimensions_that_do_not_divide_a_mesh_axis(topology):
 def test_cli_reports_and_writes_json(tmp_path, capsys):
     out = tmp_path / "aot.json"
     rc = main(["aot", "--topology", TOPOLOGY, "--preset", "tiny", "--mesh", "data=2,fsdp=2",
-               "--batch", "4", "--seq-len", "64", "--programs", "train,decode,kernels",
+               "--batch", "4", "--seq-len", "64", "--programs", "prefill,decode,kernels",
                "--json", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -133,7 +133,8 @@ def test_cli_reports_and_writes_json(tmp_path, capsys):
     assert printed.count(" yes ") == 2
     report = json.loads(out.read_text())
     assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "context": 1}
-    assert [r["program"] for r in report["reports"]] == ["train", "decode"]
+    assert [r["program"] for r in report["reports"]] == ["prefill", "decode"]
+    assert all(r["roofline"]["seconds"] > 0 for r in report["reports"])
     assert report["config"]["gdn_method"] == "pallas"  # "auto" would be XLA's form on a CPU
     assert [k["custom_calls"] for k in report["kernels"]] == [2, 7]
     assert "GDN kernels fwd+bwd [1 x 64 x 4 heads, Dk 16, Dv 32]" in printed
