@@ -46,9 +46,9 @@ if not _accelerator_plugin():
     # CPU only: jax would otherwise try (and fail) to start libtpu's TPU backend in every
     # process, taking libtpu's one-process lock that the AOT tests' compiler needs.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for name, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
-                        ("TPU_WORKER_HOSTNAMES", "localhost")):  # compile-only libtpu, quiet
-        os.environ.setdefault(name, value)
+    from hybrid_jax.aot.topology import quiet_libtpu_environment  # starts no jax backend
+
+    quiet_libtpu_environment()
 
 if os.environ.get("HYBRID_JAX_TEST_XLA_DEFAULTS") != "1" and not _accelerator_plugin():
     _flags = _with_fast_compile()

@@ -62,17 +62,8 @@ class Workload:
             raise AOTError(f"micro_batches {self.micro_batches} does not divide the batch "
                            f"{self.batch}")
 
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
 
 Built = tuple[Callable, tuple]  # (a jitted function, abstract arguments to lower it with)
-
-
-def _sharded(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings)
 
 
 def _checked(what: str, fn: Callable) -> Any:
@@ -105,7 +96,7 @@ def train_program(config: ModelConfig, mesh: Mesh, work: Workload,
 def _inference_params(config: ModelConfig, mesh: Mesh, rules: LogicalRules | None):
     template = model_template(config)
     shardings = _checked("parameters", lambda: param_shardings(template.abstract, mesh, rules))
-    return template.graphdef, _sharded(template.abstract, shardings)
+    return template.graphdef, with_shardings(template.abstract, shardings)
 
 
 def _cache(config: ModelConfig, mesh: Mesh, batch: int, length: int) -> DecodeCache:
@@ -113,7 +104,7 @@ def _cache(config: ModelConfig, mesh: Mesh, batch: int, length: int) -> DecodeCa
     shardings = cache_shardings(abstract, mesh, batch_axis=("data", "fsdp"))
     for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
         _checked("decode cache", lambda: check_batch(leaf.shape, sharding, "cache entry"))
-    return _sharded(abstract, shardings)
+    return with_shardings(abstract, shardings)
 
 
 def _extend(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache,

@@ -77,9 +77,10 @@ def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: LogicalRules 
     return TrainState(step=replicated, params=params, opt_state=opt, bad_steps=replicated)
 
 
-def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
-    """Abstract arrays that carry where each leaf goes: targets for restoring a checkpoint or
-    for lowering a step without allocating anything."""
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """Abstract arrays that carry where each leaf goes (a ``TrainState``, or any pytree with
+    its shardings): targets for restoring a checkpoint or for lowering a step without
+    allocating anything."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
 
