@@ -57,6 +57,11 @@ for k in json.load(open(sys.argv[1])):
 def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int) -> list[dict]:
     """Lower gdn_pallas's forward and gradient for CUDA; the Triton IR of each kernel call
     (in call order) with its num_warps and num_stages."""
+    # Lowering for CUDA needs no GPU; keep libtpu (the tpu extra) from looking for a TPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from hybrid_jax.aot.topology import quiet_libtpu_environment
+
+    quiet_libtpu_environment()
     import jax
     import jax.numpy as jnp
     from jax._src.pallas.triton import lowering

@@ -51,8 +51,31 @@ def mm_split(a: jax.Array, b: jax.Array) -> jax.Array:
     bf16, f32 = jnp.bfloat16, jnp.float32
     a_hi, b_hi = a.astype(bf16), b.astype(bf16)
     a_lo, b_lo = (a - a_hi.astype(f32)).astype(bf16), (b - b_hi.astype(f32)).astype(bf16)
+    return mm_pieces((a_hi, a_lo), (b_hi, b_lo))
+
+
+def split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 x as (hi, lo) bf16 pieces, hi = bf16(x), lo = bf16(x - hi): ``mm_split``'s
+    operands, for a kernel that keeps an operand split (same registers as the float32 tile)
+    instead of splitting it again for every product."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def mm_pieces(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> jax.Array:
+    """a @ b from operands given as pieces: (hi, lo) pairs from ``split_bf16`` (three bf16
+    matmuls) or 1-tuples of float32 tiles (one full-precision matmul)."""
+    if len(a) == 1:
+        return mm(a[0], b[0])
+    (a_hi, a_lo), (b_hi, b_lo) = a, b
     small = mm(a_hi, b_lo) + mm(a_lo, b_hi)  # the small terms first
     return small + mm(a_hi, b_hi)
+
+
+def solve_pieces(x: jax.Array, input_dtype) -> tuple[jax.Array, ...]:
+    """float32 x as ``mm_pieces`` operands for a solve on inputs of ``input_dtype``: split
+    into bf16 pieces for 16-bit inputs, whole otherwise (``solve_matmul``'s choice)."""
+    return split_bf16(x) if dot_dtype(input_dtype) != jnp.float32 else (x,)
 
 
 def mm_exact_mask(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -18,7 +18,8 @@ The GPU variant (Triton lowering) ran on an H200 (experiments/RESULTS.md): at OL
 layer the forward takes 0.59 ms (0.56 without any solve). The VJP took 4.0 ms as one kernel
 (2.7 without its solve), far above what its memory traffic needs: compiled for sm_90a it
 spilled 3 KB of registers per thread (experiments/kernel_registers.py). It is now three
-kernels that spill 0.4 KB, 0.3 KB and nothing; their speed is not yet measured on a GPU. The
+kernels that spill 0.27 KB, 0.25 KB and nothing (the forward 32 bytes); their speed is not
+yet measured on a GPU. The
 TPU variant is verified in interpret mode and compiled by Mosaic ahead of time for v5e, v5p
 and v6e (experiments/RESULTS.md, TPU pods), never yet run on a TPU.
 """
@@ -39,8 +40,10 @@ from hybrid_jax.kernels.common import (
     cost_estimate,
     dot_dtype,
     mm_exact_mask,
+    mm_pieces,
     solve_flops,
     solve_matmul,
+    solve_pieces,
 )
 from hybrid_jax.kernels.common import mm as _mm
 
@@ -129,7 +132,9 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     beta = beta_ref[...]  # [C, 1]
     row, col = _iotas(q_ref.shape[0])
     decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
-    inv = _keys_inverse(k_ref, beta, decay, row, col, width)
+    a = jnp.where(row > col, beta * _products(k_ref, k_ref, width) * decay, 0.0)
+    intra_ref[...] = (scale * _products(q_ref, k_ref, width) * decay).astype(dt)
+    inv = _unit_lower_inverse(a, row, col, solve_matmul(k_ref.dtype))
 
     # Head dims in blocks of ``width`` columns: whole [C, 256] float32 tiles would not fit a
     # GPU program's registers.
@@ -140,7 +145,6 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
         w_ref[:, cols] = _mm(inv, beta * from_start * k, dt).astype(dt)
         qd_ref[:, cols] = (scale * from_start * q_ref[:, cols].astype(f32)).astype(dt)
         kd_ref[:, cols] = (to_end * k).astype(dt)
-    intra_ref[...] = (scale * _products(q_ref, k_ref, width) * decay).astype(dt)
     decay_ref[...] = chunk_decay
 
 
@@ -158,25 +162,27 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
     row, col = _iotas(q_ref.shape[0])
     strict = row > col
     decay, from_start, _, _ = _gates(g_ref[...], seg_ref[...], row, col)
-    solve_mm = solve_matmul(q_ref.dtype)
-    inv = _keys_inverse(k_ref, beta, decay, row, col, width)
+    # T^T is kept only as the solve's matmul pieces (for bf16 inputs: bf16 hi and lo, the
+    # registers of one float32 tile); hi is the operand of the products with d_u and d_w.
+    inv_t = solve_pieces(_keys_inverse(k_ref, beta, decay, row, col, width).T, q_ref.dtype)
+    inv_t_ref[...] = inv_t[0].astype(inv_t_ref.dtype)
     # d_inv sums over every value and key column.
     d_inv = dbeta = d_from_start = d_to_end = 0.0
     for cols in column_blocks(v_ref.shape[-1], width):
         v, du = v_ref[:, cols].astype(f32), du_ref[:, cols]
         d_inv = d_inv + _mm(du, (beta * v).T, dt)
-        d_bv = _mm(inv.T, du, dt)
+        d_bv = _mm(inv_t[0], du, dt)
         dv_ref[:, cols] = beta * d_bv
         dbeta = dbeta + _sum_cols(v * d_bv)
     for cols in column_blocks(k_ref.shape[-1], width):
         q, k, dw = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32), dw_ref[:, cols]
         d_inv = d_inv + _mm(dw, (beta * from_start * k).T, dt)
-        k_d_bk = _sum_cols(k * _mm(inv.T, dw, dt))
+        k_d_bk = _sum_cols(k * _mm(inv_t[0], dw, dt))
         dbeta = dbeta + from_start * k_d_bk
         d_from_start = d_from_start + beta * k_d_bk + scale * _sum_cols(q * dqd_ref[:, cols])
         d_to_end = d_to_end + _sum_cols(k * dkd_ref[:, cols])
-    d_a_ref[...] = jnp.where(strict, -solve_mm(inv.T, solve_mm(d_inv, inv.T)), 0.0)
-    inv_t_ref[...] = inv.T.astype(inv_t_ref.dtype)
+    d_inv_t = solve_pieces(mm_pieces(solve_pieces(d_inv, q_ref.dtype), inv_t), q_ref.dtype)
+    d_a_ref[...] = jnp.where(strict, -mm_pieces(inv_t, d_inv_t), 0.0)
     dbeta_ref[...] = dbeta
     d_fs_ref[...] = d_from_start
     d_te_ref[...] = d_to_end
