@@ -18,6 +18,8 @@ LAYER_KINDS = (GDN, ATTENTION)
 
 GDN_METHODS = ("auto", "recurrent", "chunk", "assoc_scan", "pallas")  # ops.METHODS
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# ops.attention.causal_attention's implementations; "auto" is "blockwise" on every backend.
+ATTENTION_METHODS = ("auto", "dense", "blockwise", "blockwise_unrolled")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -80,6 +82,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     gdn_method: str = "auto"  # "pallas" on GPU / TPU, "chunk" on CPU
     gdn_chunk_size: int = 64
+    attention_method: str = "auto"  # "blockwise": memory linear in T; "dense": [H, T, T] logits
+    attention_block_size: int = 1024  # query and key rows per block of "blockwise"
     remat: str = "none"
     scan_layers: bool = True
 
@@ -103,6 +107,7 @@ class ModelConfig:
             "num_attention_heads", "num_key_value_heads", "linear_num_key_heads",
             "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
             "linear_conv_kernel_dim", "max_position_embeddings", "gdn_chunk_size",
+            "attention_block_size",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -136,6 +141,8 @@ class ModelConfig:
             fail("attention_bias", "attention biases are not supported (OLMo Hybrid has none)")
         if self.gdn_method not in GDN_METHODS:
             fail("gdn_method", f"{self.gdn_method!r} is not one of {GDN_METHODS}")
+        if self.attention_method not in ATTENTION_METHODS:
+            fail("attention_method", f"{self.attention_method!r} is not one of {ATTENTION_METHODS}")
         if self.remat not in REMAT_POLICIES:
             fail("remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -158,11 +158,16 @@ def test_cached_attention_matches_numpy_gqa_per_row_slots():
     np.testing.assert_array_equal(np.asarray(out3)[0], np.asarray(out)[0])
 
 
+# The dense XLA form, and the blockwise form in blocks of 4 (T = 10: three blocks, padded).
+IMPLEMENTATIONS = [("dense", 512), ("blockwise", 4)]
+
+
+@pytest.mark.parametrize("implementation,block", IMPLEMENTATIONS)
 @pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2)])
-def test_causal_attention_matches_numpy_with_segments(h, hkv):
-    """The training/prefill attention (head-major XLA form) against float64 NumPy: causal,
-    within segments (two documents per row, different boundaries), GQA; and in bf16 against
-    ``jax.nn.dot_product_attention``'s XLA path, whose numerics it keeps."""
+def test_causal_attention_matches_numpy_with_segments(h, hkv, implementation, block):
+    """The training/prefill attention (both forms) against float64 NumPy: causal, within
+    segments (two documents per row, different boundaries), GQA; and in bf16 against
+    ``jax.nn.dot_product_attention``'s XLA path, whose numerics they keep."""
     from hybrid_jax.ops.attention import causal_attention
 
     b, t, d = 2, 10, 8
@@ -176,21 +181,25 @@ def test_causal_attention_matches_numpy_with_segments(h, hkv):
             ref[bi, i] = _np_cached_attention(q[bi:bi + 1, i:i + 1], k[bi:bi + 1, allowed],
                                               v[bi:bi + 1, allowed], last, d ** -0.5)[0, 0]
     out = causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                           segment_ids=jnp.asarray(segments))
+                           segment_ids=jnp.asarray(segments), implementation=implementation,
+                           block_size=block)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
 
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)
     mask = jnp.asarray(segments[:, :, None] == segments[:, None, :])[:, None]
     want = jax.nn.dot_product_attention(bf(q), bf(k), bf(v), mask=mask, is_causal=True)
-    got = causal_attention(bf(q), bf(k), bf(v), segment_ids=jnp.asarray(segments))
+    got = causal_attention(bf(q), bf(k), bf(v), segment_ids=jnp.asarray(segments),
+                           implementation=implementation, block_size=block)
+    # One bf16 step (2^-8 relative) apart at most: the blockwise form rounds each block's
+    # probabilities to bf16 against its own running max, the dense form against the row's.
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               atol=1e-2)
+                               atol=1e-2, rtol=2 ** -7)
 
 
+@pytest.mark.parametrize("implementation,block", IMPLEMENTATIONS)
 @pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2)])
-def test_causal_attention_gradient_matches_jax_reference(h, hkv):
-    """The head-major attention's own VJP (probabilities recomputed from the log-sum-exp)
-    against autodiff of ``jax.nn.dot_product_attention``'s XLA path: causal, two segments per
+def test_causal_attention_gradient_matches_jax_reference(h, hkv, implementation, block):
+    """Both forms' own VJPs (probabilities recomputed from the log-sum-exp) against autodiff of ``jax.nn.dot_product_attention``'s XLA path: causal, two segments per
     row, GQA; float32 to rounding, bf16 to bf16 rounding."""
     from hybrid_jax.ops.attention import causal_attention
 
@@ -205,7 +214,8 @@ def test_causal_attention_gradient_matches_jax_reference(h, hkv):
         args = [jnp.asarray(x, dtype) for x in (q, k, v)]
         return jax.grad(loss, argnums=(0, 1, 2))(*args)
 
-    ours = lambda q, k, v: causal_attention(q, k, v, segment_ids=segments)
+    ours = lambda q, k, v: causal_attention(q, k, v, segment_ids=segments,
+                                            implementation=implementation, block_size=block)
     ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                                        implementation="xla")
     for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)):

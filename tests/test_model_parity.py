@@ -81,6 +81,18 @@ def test_other_gdn_methods_match_transformers(method, tmp_path):
     assert_close(_logits(model, ids), hf_logits(hf, ids))
 
 
+@pytest.mark.parametrize("attention", [dict(attention_method="dense"),
+                                       dict(attention_method="blockwise", attention_block_size=16)])
+def test_attention_methods_match_transformers(attention, tmp_path):
+    """The dense attention, and the blockwise one in blocks of 16 (T = 40: three blocks, the
+    last padded), give transformers' logits."""
+    hf = make_hf_model(seed=6, num_hidden_layers=4)
+    hf.save_pretrained(tmp_path)
+    ids = random_ids(4, 2, T)
+    model = from_hf(tmp_path, gdn_chunk_size=16, **attention)
+    assert_close(_logits(model, ids), hf_logits(hf, ids))
+
+
 def test_sharded_checkpoint(tmp_path):
     hf = make_hf_model(seed=4)
     hf.save_pretrained(tmp_path, max_shard_size="50KB")
@@ -222,7 +234,8 @@ def test_remat_same_logits_and_grads():
 def test_packed_documents_match_separate_runs(rope_theta):
     """Two documents packed in one row give each document's own logits: attention, convs and the
     GDN state must all reset at the boundary (inside a chunk here), and RoPE positions restart."""
-    model = HybridLM(_micro(rope_theta=rope_theta), rngs=nnx.Rngs(3))
+    # Attention in blocks of 8: the boundary (12) falls inside the second of three.
+    model = HybridLM(_micro(rope_theta=rope_theta, attention_block_size=8), rngs=nnx.Rngs(3))
     docs = jnp.asarray(random_ids(9, 2, 12, vocab=64))  # two documents, run as a batch
     packed = docs.reshape(1, 24)
     segment_ids = jnp.repeat(jnp.array([[1, 2]]), 12, axis=1)

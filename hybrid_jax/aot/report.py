@@ -3,8 +3,8 @@ XLA's FLOPs and bytes per call, and a roofline estimate.
 
 XLA's cost analysis counts the body of a loop once, whatever its trip count; the model's
 layers run in a scan over blocks, and the train step's micro-batches in another. The
-per-call cost is therefore measured on unrolled copies of the model cut to one and to two
-blocks (one micro-batch each): one block's cost is their difference, and a call of n blocks
+per-call cost is therefore measured on unrolled copies of the model (blockwise attention's
+block loops unrolled too) cut to one and to two blocks (one micro-batch each): one block's cost is their difference, and a call of n blocks
 and A micro-batches costs A * (one + (n - 1) * block). The optimizer update, which the
 step runs once, is then counted A times (a few tenths of a percent of a 7B step's FLOPs).
 XLA TPU also makes loops of its own: with a tensor axis it rewrites large sharded matmuls as
@@ -110,8 +110,11 @@ def compile_program(program: str, config: ModelConfig, mesh: Mesh, work: Workloa
 
 def _cut(config: ModelConfig, blocks: int) -> ModelConfig:
     layers = config.layer_period * blocks
+    # Blockwise attention's block loops unrolled too (XLA would count their bodies once).
+    attention = ("blockwise_unrolled" if config.attention_method in ("auto", "blockwise")
+                 else config.attention_method)
     return config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers],
-                          scan_layers=False)
+                          scan_layers=False, attention_method=attention)
 
 
 def per_call_cost(program: str, config: ModelConfig, mesh: Mesh, work: Workload

@@ -64,7 +64,10 @@ class Attention(nnx.Module):
         """
         b, t, _ = x.shape
         q, k, v = self._qkv(x, rope)
-        o = causal_attention(q, k, v, segment_ids=segment_ids, scale=self.config.head_dim ** -0.5)
+        cfg = self.config
+        o = causal_attention(q, k, v, segment_ids=segment_ids, scale=cfg.head_dim ** -0.5,
+                             implementation=cfg.attention_method,
+                             block_size=cfg.attention_block_size)
         return self.o_proj(o.reshape(b, t, -1))
 
     def extend(

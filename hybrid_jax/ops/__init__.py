@@ -1,6 +1,7 @@
 """Pure functions: the gated delta rule in every form, attention, convolution, norms, rope."""
 
 from hybrid_jax.ops.attention import cached_attention, causal_attention, segment_positions
+from hybrid_jax.ops.blockwise_attention import blockwise_causal_attention
 from hybrid_jax.ops.conv import causal_conv1d, causal_conv1d_continue
 from hybrid_jax.ops.gated_delta_rule import (
     FORMS,
@@ -18,6 +19,7 @@ __all__ = [
     "FORMS",
     "METHODS",
     "apply_rope",
+    "blockwise_causal_attention",
     "cached_attention",
     "causal_attention",
     "causal_conv1d",

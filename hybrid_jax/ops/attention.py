@@ -1,4 +1,6 @@
-"""Causal grouped-query attention with optional packed-sequence (segment) masking."""
+"""Causal grouped-query attention with optional packed-sequence (segment) masking: the entry
+point ``causal_attention`` (blockwise by default, see ``blockwise_attention``), the dense XLA
+form that holds [B, H, T, T] logits, and ``cached_attention`` against a decode cache."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hybrid_jax.ops.blockwise_attention import DEFAULT_BLOCK, blockwise_causal_attention
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -36,6 +40,7 @@ def causal_attention(
     segment_ids: jax.Array | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    block_size: int = DEFAULT_BLOCK,
 ) -> jax.Array:
     """Softmax attention where token t sees tokens s <= t of its own segment.
 
@@ -44,10 +49,12 @@ def causal_attention(
       k, v: [B, T, Hkv, D] with H a multiple of Hkv (query heads h*G .. h*G+G-1 share kv head h).
       segment_ids: optional [B, T] integers; tokens attend only to equal ids.
       scale: defaults to D**-0.5.
-      implementation: None/"xla" materialises the [B, H, T, T] float32 logits (our own XLA
-        form, with ``jax.nn.dot_product_attention``'s numerics and head-major matmuls);
-        anything else goes to ``jax.nn.dot_product_attention`` ("cudnn": the fused GPU kernel
-        for bf16/fp16).
+      implementation: "auto" or "blockwise": ``blockwise_causal_attention`` in blocks of
+        ``block_size`` rows (memory linear in T; "blockwise_unrolled" leaves no XLA loop, for
+        cost analysis); None, "dense" or "xla" materialises the [B, H, T, T] float32 logits
+        (our own XLA form, with ``jax.nn.dot_product_attention``'s numerics and head-major
+        matmuls); anything else goes to ``jax.nn.dot_product_attention`` ("cudnn": the fused
+        GPU kernel for bf16/fp16).
     Returns:
       [B, T, H, D] in q's dtype. Logits and softmax are float32 (``jax.nn.dot_product_attention``'s
       XLA path); transformers' eager attention rounds bf16 logits to bf16 before its float32
@@ -55,11 +62,15 @@ def causal_attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if implementation in ("auto", "blockwise", "blockwise_unrolled"):
+        return blockwise_causal_attention(q, k, v, segment_ids=segment_ids, scale=scale,
+                                          block_q=block_size, block_k=block_size,
+                                          unroll=implementation == "blockwise_unrolled")
     mask = None
     if segment_ids is not None:
         # [B, 1, T, S]: broadcast over heads; the causal part comes from is_causal.
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    if implementation in (None, "xla"):
+    if implementation in (None, "dense", "xla"):
         return _xla_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                        implementation=implementation)
