@@ -5,11 +5,16 @@ the longest sequences that fit, and the Pallas TPU kernels compiled by Mosaic.
     python experiments/aot_tpu_7b.py table     # train step at 512 x 8192 (4M tokens)
     python experiments/aot_tpu_7b.py maxlen    # longest train sequence / decode cache per chip
     python experiments/aot_tpu_7b.py kernels   # GDN kernels for v5e, v5p, v6e
+    python experiments/aot_tpu_7b.py attention # one attention layer alone: dense and blocks
     python experiments/aot_tpu_7b.py report    # markdown tables from the results
 
-Each case writes experiments/results/aot/<part>/<case>.json and is skipped when that file
-exists (--force recompiles), so a part can be stopped and resumed; a 7B compile takes one to
-three minutes on a 2-core CPU.
+``--attention dense`` (table, maxlen) uses the attention layers' dense form, whose [H, T, T]
+logits bounded the first results, instead of the blockwise form (the model's default);
+``--topologies``, ``--models`` and ``--meshes`` narrow a part to some of its cases. Each case writes
+experiments/results/aot/<part>_<attention>/<case>.json (kernels: kernels/) and is skipped
+when that file exists (--force recompiles), so a part can be stopped and resumed; a 7B
+compile takes one to three minutes on a 2-core CPU, the cost compiles of the blockwise form
+(its block loops unrolled) longer.
 
 Models: ``hybrid`` is the olmo_hybrid_7b preset (3 GDN : 1 attention, GDN through the Pallas
 kernels); ``attention`` is the same with every layer full attention (OLMo-3-7B-like, 30
@@ -31,13 +36,24 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compiler only; never a local TPU
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
 from hybrid_jax.aot.chips import CHIPS  # noqa: E402
 from hybrid_jax.aot.kernels import compile_gdn_kernels  # noqa: E402
 from hybrid_jax.aot.programs import Workload  # noqa: E402
-from hybrid_jax.aot.report import report_program, required_bytes  # noqa: E402
+from hybrid_jax.aot.report import (  # noqa: E402
+    memory_stats,
+    report_program,
+    required_bytes,
+    xla_cost,
+)
 from hybrid_jax.aot.roofline import matmul_params  # noqa: E402
 from hybrid_jax.aot.topology import tpu_topology  # noqa: E402
 from hybrid_jax.config import ATTENTION, olmo_hybrid_7b  # noqa: E402
+from hybrid_jax.ops.attention import causal_attention  # noqa: E402
 from hybrid_jax.sharding import MeshShape  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "aot"
@@ -45,9 +61,15 @@ TOPOLOGIES = ("v5p:4x4x4", "v6e:16x16")
 BATCH, SEQ = 512, 8192  # OLMo's 4M-token global batch
 
 
-def model(name: str):
+ATTENTION_FORMS = ("blockwise", "dense")
+MODELS = ("hybrid", "attention")
+MESHES = ("fsdp", "fsdp_tp2")
+
+
+def model(name: str, attention: str = "blockwise"):
     cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="float32", remat="full",
-                         gdn_method="pallas", max_position_embeddings=1 << 21)
+                         gdn_method="pallas", max_position_embeddings=1 << 21,
+                         attention_method=attention)
     if name == "attention":
         cfg = cfg.replace(layer_types=(ATTENTION,) * cfg.num_hidden_layers)
     return cfg
@@ -76,22 +98,27 @@ def _case(part: str, name: str, force: bool, run) -> None:
     print(f"{part}/{name}: {json.dumps(record, default=str)[:400]}", flush=True)
 
 
-def table(force: bool) -> None:
-    for topo_name in TOPOLOGIES:
+def table(force: bool, attention: str, topologies, models, mesh_names) -> None:
+    for topo_name in topologies:
         topology = tpu_topology(topo_name)
-        for mesh_name, shape in meshes(len(topology.devices)).items():
+        for mesh_name in mesh_names:
+            shape = meshes(len(topology.devices))[mesh_name]
             mesh = topology.mesh(shape)
             shards = shape.data * shape.fsdp
-            for name in ("hybrid", "attention"):
+            for name in models:
                 work = Workload(BATCH, SEQ, micro_batches=BATCH // shards)
 
                 def run(name=name, mesh=mesh, work=work, topology=topology, shape=shape):
-                    report = report_program("train", model(name), topology, mesh, work)
-                    return {"model": name, "topology": topology.name, "mesh": str(shape),
-                            "matmul_params": matmul_params(model(name)),
+                    cfg = model(name, attention)
+                    report = report_program("train", cfg, topology, mesh, work)
+                    return {"model": name, "attention": attention,
+                            "attention_block_size": cfg.attention_block_size,
+                            "topology": topology.name,
+                            "mesh": str(shape), "matmul_params": matmul_params(cfg),
                             "workload": dataclasses.asdict(work), **report.as_dict()}
 
-                _case("table", f"{name}_{topo_name.replace(':', '_')}_{mesh_name}", force, run)
+                _case(f"table_{attention}", f"{name}_{topo_name.replace(':', '_')}_{mesh_name}",
+                      force, run)
 
 
 def _fits(program: str, cfg, topology, mesh, work) -> dict:
@@ -101,20 +128,21 @@ def _fits(program: str, cfg, topology, mesh, work) -> dict:
             "error": report.error, "compile_s": report.compile_s}
 
 
-def maxlen(force: bool, limit: int) -> None:
+def maxlen(force: bool, limit: int, attention: str, topologies, models) -> None:
     """Doubling from 8192 until the program no longer fits: the train step with one row per
     chip (FSDP over every chip), and a decode step with one row per chip against a cache of
     that length."""
-    for topo_name in TOPOLOGIES:
+    for topo_name in topologies:
         topology = tpu_topology(topo_name)
         n = len(topology.devices)
         mesh = topology.mesh(MeshShape(fsdp=n))
-        for program in ("train", "decode"):
-            for name in ("hybrid", "attention"):
+        # Decode attends through its cache (cached_attention), the same under both forms.
+        for program in ("train", "decode") if attention == "dense" else ("train",):
+            for name in models:
                 def run(program=program, name=name, topology=topology, mesh=mesh, n=n):
                     tries, seq = [], SEQ
                     while seq <= limit:
-                        tries.append(_fits(program, model(name), topology, mesh,
+                        tries.append(_fits(program, model(name, attention), topology, mesh,
                                            Workload(n, seq)))
                         print(f"  {name} {program} {topology.name} {seq}: "
                               f"{'fits' if tries[-1]['fits'] else 'does not fit'}", flush=True)
@@ -122,11 +150,14 @@ def maxlen(force: bool, limit: int) -> None:
                             break
                         seq *= 2
                     fitting = [t["seq_len"] for t in tries if t["fits"]]
-                    return {"model": name, "program": program, "topology": topology.name,
-                            "rows_per_chip": 1, "largest_fitting": max(fitting, default=None),
+                    return {"model": name, "attention": attention,
+                            "attention_block_size": model(name).attention_block_size,
+                            "program": program,
+                            "topology": topology.name, "rows_per_chip": 1, "largest_fitting": max(fitting, default=None),
                             "limit": limit, "tries": tries}
 
-                _case("maxlen", f"{program}_{name}_{topo_name.replace(':', '_')}", force, run)
+                _case(f"maxlen_{attention}", f"{program}_{name}_{topo_name.replace(':', '_')}",
+                      force, run)
 
 
 KERNEL_TOPOLOGIES = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
@@ -150,8 +181,52 @@ def kernels(force: bool) -> None:
                       force, run)
 
 
+ATTENTION_CASES = (("dense", 1024), ("blockwise_unrolled", 512), ("blockwise_unrolled", 1024),
+                   ("blockwise_unrolled", 2048), ("blockwise", 1024))
+
+
+def attention_layer(force: bool) -> None:
+    """One attention layer's forward and backward alone at OLMo's shape (1 row of 8192 tokens
+    per chip, 30 heads of 128, bf16) on v5p:2x2x1, rows split over the chips under
+    ``shard_map``: XLA's FLOPs, bytes and temporaries per chip for the dense form and the
+    blockwise one at three block sizes (unrolled, so that XLA's cost counts every block), and
+    the looped program's temporaries."""
+    topology = tpu_topology("v5p:2x2x1")
+    mesh = Mesh(np.asarray(topology.devices, dtype=object), ("x",))
+    spec = PartitionSpec("x")
+    n, heads, head_dim = len(topology.devices), 30, 128
+    arg = jax.ShapeDtypeStruct((n, SEQ, heads, head_dim), jnp.bfloat16,
+                               sharding=NamedSharding(mesh, spec))
+    for method, block in ATTENTION_CASES:
+        def run(method=method, block=block):
+            def loss(q, k, v):
+                o = causal_attention(q, k, v, implementation=method, block_size=block)
+                return jnp.sum(o.astype(jnp.float32) ** 2)
+
+            grads = jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
+                                  in_specs=(spec,) * 3, out_specs=(spec,) * 3, check_vma=False)
+            start = time.perf_counter()
+            compiled = jax.jit(grads).lower(arg, arg, arg).compile()
+            seconds = time.perf_counter() - start
+            cost = xla_cost(compiled)
+            return {"method": method, "block": block, "topology": topology.name,
+                    "shape_per_chip": [1, SEQ, heads, head_dim], "compile_s": seconds,
+                    "xla_flops": cost["flops"], "xla_bytes": cost["bytes"],
+                    "temp": memory_stats(compiled)["temp"],
+                    "loops": compiled.as_text().count(" while(")}
+
+        _case("attention", f"{method}_{block}", force, run)
+
+
 def _load(part: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((OUT / part).glob("*.json"))]
+    """Every record of ``part`` over both attention forms (records before the blockwise form
+    have no "attention" field: they are dense)."""
+    dirs = ([OUT / part] if part in ("kernels", "attention")
+            else [OUT / f"{part}_{a}" for a in ATTENTION_FORMS])
+    rows = [json.loads(p.read_text()) for d in dirs for p in sorted(d.glob("*.json"))]
+    for r in rows:
+        r.setdefault("attention", "dense")
+    return rows
 
 
 def _gib(n) -> str:
@@ -161,13 +236,15 @@ def _gib(n) -> str:
 def report() -> None:
     rows = _load("table")
     if rows:
-        print("| model | slice | mesh | micro-batches | args GiB | temp GiB | total / HBM GiB "
-              "| XLA TFLOP/chip | model TFLOP/chip | roofline s | bound | est. MFU |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| model | attention | slice | mesh | micro-batches | args GiB | temp GiB "
+              "| total / HBM GiB | XLA TFLOP/chip | model TFLOP/chip | roofline s | bound "
+              "| est. MFU |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             m, roof = r["memory"], r["roofline"]
             n = 64 if r["topology"].startswith("v5p") else 256
-            cells = [r["model"], r["topology"], r["mesh"].replace(" x context=1", ""),
+            cells = [r["model"], r["attention"], r["topology"],
+                     r["mesh"].replace(" x context=1", ""),
                      r["workload"]["micro_batches"], _gib(m and m["argument"]),
                      _gib(m and m["temp"]), f"{_gib(m and m['total'])} / "
                      f"{_gib(r['hbm_bytes'])}" + ("" if r["fits"] else " (does not fit)"),
@@ -179,15 +256,15 @@ def report() -> None:
             print("| " + " | ".join(map(str, cells)) + " |")
     rows = _load("maxlen")
     if rows:
-        print("\n| program | model | slice | longest that fits (1 row per chip) | its total GiB "
-              "| twice as long needs GiB |")
-        print("|---|---|---|---|---|---|")
+        print("\n| program | model | attention | slice | longest that fits (1 row per chip) "
+              "| its total GiB | twice as long needs GiB |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
             fitting = [t for t in r["tries"] if t["fits"]]
             last = r["tries"][-1]
             needs = ("- (limit)" if last["fits"] else _gib(last["total"]) if last["total"]
                      else _gib(required_bytes(last["error"])) + " (temporaries)")
-            print(f"| {r['program']} | {r['model']} | {r['topology']} | "
+            print(f"| {r['program']} | {r['model']} | {r['attention']} | {r['topology']} | "
                   f"{r['largest_fitting']} | {_gib(fitting[-1]['total']) if fitting else '-'} "
                   f"| {needs} |")
     rows = _load("kernels")
@@ -206,19 +283,47 @@ def report() -> None:
                   f"{r['scoped_vmem_kib']} |")
 
 
+def _attention_report() -> None:
+    rows = _load("attention")
+    if not rows:
+        return
+    print("\n| form | block | XLA GFLOP/chip | XLA GB/chip | temp GiB | loops left | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['block'] if r['method'] != 'dense' else '-'} | "
+              f"{r['xla_flops'] / 1e9:.0f} | {r['xla_bytes'] / 1e9:.1f} | {_gib(r['temp'])} | "
+              f"{r['loops']} | {r['compile_s']:.0f} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["table", "maxlen", "kernels", "report"])
+    p.add_argument("part", choices=["table", "maxlen", "kernels", "attention", "report"])
     p.add_argument("--force", action="store_true", help="recompile cases already saved")
     p.add_argument("--limit", type=int, default=1 << 20, help="maxlen: longest length tried")
+    p.add_argument("--attention", choices=ATTENTION_FORMS, default="blockwise",
+                   help="table, maxlen: the attention layers' form")
+    p.add_argument("--topologies", default=",".join(TOPOLOGIES),
+                   help="table, maxlen: comma-separated, of " + ", ".join(TOPOLOGIES))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="table, maxlen: comma-separated, of " + ", ".join(MODELS))
+    p.add_argument("--meshes", default=",".join(MESHES),
+                   help="table: comma-separated, of " + ", ".join(MESHES))
     args = p.parse_args()
+    topologies, models = args.topologies.split(","), args.models.split(",")
+    mesh_names = args.meshes.split(",")
+    for given, known in ((topologies, TOPOLOGIES), (models, MODELS), (mesh_names, MESHES)):
+        if not set(given) <= set(known):
+            p.error(f"unknown {sorted(set(given) - set(known))}; expected some of {known}")
     if args.part == "report":
         report()
+        _attention_report()
+    elif args.part == "attention":
+        attention_layer(args.force)
     elif args.part == "table":
-        table(args.force)
+        table(args.force, args.attention, topologies, models, mesh_names)
     elif args.part == "maxlen":
-        maxlen(args.force, args.limit)
+        maxlen(args.force, args.limit, args.attention, topologies, models)
     else:
         kernels(args.force)
     return 0

@@ -163,7 +163,9 @@ def run_aot(args: argparse.Namespace) -> int:
               f"{spec.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
               f"{spec.hbm_bytes_per_s / 1e9:.0f} GB/s per device; {spec.source})")
         print(f"mesh {shape}; preset {args.preset}, {config.num_hidden_layers} layers, "
-              f"remat {config.remat}, GDN {config.gdn_method}; train batch {args.batch} x "
+              f"remat {config.remat}, GDN {config.gdn_method}, attention "
+              f"{config.attention_method} (blocks of {config.attention_block_size}); train "
+              f"batch {args.batch} x "
               f"{args.seq_len} in {args.micro_batches} micro-batch(es), prefill/decode batch "
               f"{infer_work.batch}", flush=True)
         print(format_row(HEADER), flush=True)
