@@ -18,11 +18,16 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from hybrid_jax.aot.topology import quiet_libtpu_environment  # noqa: E402
+
+quiet_libtpu_environment()  # the tpu extra's libtpu, if installed, stays quiet
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hybrid_jax.ops.attention import causal_attention  # noqa: E402
+from hybrid_jax.ops.blockwise_attention import DEFAULT_BLOCK  # noqa: E402
 
 
 def measure(method: str, block: int, q, k, v, repeats: int) -> tuple[float, int]:
@@ -45,7 +50,8 @@ def main() -> None:
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--Hkv", type=int, default=8)
     p.add_argument("--D", type=int, default=128)
-    p.add_argument("--block", type=int, default=512, help="the blockwise form's block rows")
+    p.add_argument("--block", type=int, default=DEFAULT_BLOCK,
+                   help="the blockwise form's block rows")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
