@@ -18,7 +18,8 @@ LAYER_KINDS = (GDN, ATTENTION)
 
 GDN_METHODS = ("auto", "recurrent", "chunk", "assoc_scan", "pallas")  # ops.METHODS
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-# ops.attention.causal_attention's implementations; "auto" is "blockwise" on every backend.
+# ops.attention.causal_attention's implementations; "auto" is "blockwise" when the sequence
+# is longer than one block, else "dense" (the same logits, without loops), on every backend.
 ATTENTION_METHODS = ("auto", "dense", "blockwise", "blockwise_unrolled")
 
 _DTYPES = {

@@ -115,3 +115,17 @@ def test_bad_arguments_name_the_culprit(kwargs, culprit):
         blockwise_causal_attention(q, k, v, **kwargs)
     with pytest.raises(ValueError, match="Hkv"):
         blockwise_causal_attention(q, k[:, :, :1, :2], v)
+
+
+def test_auto_is_dense_within_one_block_and_blockwise_beyond():
+    """"auto" runs the dense form while one block covers T (the same logits, no loops) and the
+    blockwise form beyond; both give the dense values."""
+    q, k, v = _qkv(6, 1, 24, 2, 2, 8)
+    for block, looped in ((32, False), (24, False), (8, True)):
+        attend = lambda q, k, v, block=block: causal_attention(q, k, v, implementation="auto",
+                                                               block_size=block)
+        text = jax.jit(attend).lower(q, k, v).compile().as_text()
+        assert (" while(" in text) == looped, block
+        np.testing.assert_allclose(attend(q, k, v),
+                                   causal_attention(q, k, v, implementation="dense"),
+                                   rtol=1e-5, atol=1e-6)

@@ -108,11 +108,14 @@ def compile_program(program: str, config: ModelConfig, mesh: Mesh, work: Workloa
     return compiled, time.perf_counter() - start, None
 
 
-def _cut(config: ModelConfig, blocks: int) -> ModelConfig:
+def _cut(config: ModelConfig, blocks: int, seq_len: int | None = None) -> ModelConfig:
     layers = config.layer_period * blocks
-    # Blockwise attention's block loops unrolled too (XLA would count their bodies once).
-    attention = ("blockwise_unrolled" if config.attention_method in ("auto", "blockwise")
-                 else config.attention_method)
+    # Blockwise attention's block loops unrolled too (XLA would count their bodies once);
+    # "auto" is blockwise only beyond one block (ops.attention.causal_attention).
+    blockwise = config.attention_method == "blockwise" or (
+        config.attention_method == "auto"
+        and (seq_len is None or seq_len > config.attention_block_size))
+    attention = "blockwise_unrolled" if blockwise else config.attention_method
     return config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers],
                           scan_layers=False, attention_method=attention)
 
@@ -125,7 +128,8 @@ def per_call_cost(program: str, config: ModelConfig, mesh: Mesh, work: Workload
     blocks = config.num_hidden_layers // config.layer_period
     costs = []
     for n in (1, 2) if blocks > 1 else (1,):
-        compiled, _, oom = compile_program(program, _cut(config, n), mesh, unit, COST_OPTIONS)
+        compiled, _, oom = compile_program(program, _cut(config, n, work.seq_len), mesh, unit,
+                                           COST_OPTIONS)
         if compiled is None:
             return None
         loops = len(_WHILE.findall(compiled.as_text()))

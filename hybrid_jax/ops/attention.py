@@ -49,9 +49,10 @@ def causal_attention(
       k, v: [B, T, Hkv, D] with H a multiple of Hkv (query heads h*G .. h*G+G-1 share kv head h).
       segment_ids: optional [B, T] integers; tokens attend only to equal ids.
       scale: defaults to D**-0.5.
-      implementation: "auto" or "blockwise": ``blockwise_causal_attention`` in blocks of
-        ``block_size`` rows (memory linear in T; "blockwise_unrolled" leaves no XLA loop, for
-        cost analysis); None, "dense" or "xla" materialises the [B, H, T, T] float32 logits
+      implementation: "blockwise": ``blockwise_causal_attention`` in blocks of ``block_size``
+        rows (memory linear in T; "blockwise_unrolled" leaves no XLA loop, for cost
+        analysis); "auto": blockwise when T > block_size, else dense (one block holds the
+        same logits, without the loops); None, "dense" or "xla" materialises the [B, H, T, T] float32 logits
         (our own XLA form, with ``jax.nn.dot_product_attention``'s numerics and head-major
         matmuls); anything else goes to ``jax.nn.dot_product_attention`` ("cudnn": the fused
         GPU kernel for bf16/fp16).
@@ -62,7 +63,9 @@ def causal_attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if implementation in ("auto", "blockwise", "blockwise_unrolled"):
+    if implementation == "auto":
+        implementation = "blockwise" if q.shape[1] > block_size else "dense"
+    if implementation in ("blockwise", "blockwise_unrolled"):
         return blockwise_causal_attention(q, k, v, segment_ids=segment_ids, scale=scale,
                                           block_q=block_size, block_k=block_size,
                                           unroll=implementation == "blockwise_unrolled")
