@@ -10,11 +10,11 @@ the longest sequences that fit, and the Pallas TPU kernels compiled by Mosaic.
 
 ``--attention dense`` (table, maxlen) uses the attention layers' dense form, whose [H, T, T]
 logits bounded the first results, instead of the blockwise form (the model's default);
-``--topologies``, ``--models`` and ``--meshes`` narrow a part to some of its cases. Each case writes
-experiments/results/aot/<part>_<attention>/<case>.json (kernels: kernels/) and is skipped
-when that file exists (--force recompiles), so a part can be stopped and resumed; a 7B
-compile takes one to three minutes on a 2-core CPU, the cost compiles of the blockwise form
-(its block loops unrolled) longer.
+``--topologies``, ``--models`` and ``--meshes`` narrow a part to some of its cases. Each
+case writes experiments/results/aot/<part>_<attention>/<case>.json (kernels: kernels/,
+attention: attention/) and is skipped when that file exists (--force recompiles), so a part
+can be stopped and resumed; a 7B compile takes one to three minutes on a 2-core CPU, the
+cost compiles of the blockwise form (its block loops unrolled) longer.
 
 Models: ``hybrid`` is the olmo_hybrid_7b preset (3 GDN : 1 attention, GDN through the Pallas
 kernels); ``attention`` is the same with every layer full attention (OLMo-3-7B-like, 30
@@ -140,10 +140,10 @@ def maxlen(force: bool, limit: int, attention: str, topologies, models) -> None:
         for program in ("train", "decode") if attention == "dense" else ("train",):
             for name in models:
                 def run(program=program, name=name, topology=topology, mesh=mesh, n=n):
+                    cfg = model(name, attention)
                     tries, seq = [], SEQ
                     while seq <= limit:
-                        tries.append(_fits(program, model(name, attention), topology, mesh,
-                                           Workload(n, seq)))
+                        tries.append(_fits(program, cfg, topology, mesh, Workload(n, seq)))
                         print(f"  {name} {program} {topology.name} {seq}: "
                               f"{'fits' if tries[-1]['fits'] else 'does not fit'}", flush=True)
                         if not tries[-1]["fits"]:
@@ -151,10 +151,10 @@ def maxlen(force: bool, limit: int, attention: str, topologies, models) -> None:
                         seq *= 2
                     fitting = [t["seq_len"] for t in tries if t["fits"]]
                     return {"model": name, "attention": attention,
-                            "attention_block_size": model(name).attention_block_size,
-                            "program": program,
-                            "topology": topology.name, "rows_per_chip": 1, "largest_fitting": max(fitting, default=None),
-                            "limit": limit, "tries": tries}
+                            "attention_block_size": cfg.attention_block_size,
+                            "program": program, "topology": topology.name, "rows_per_chip": 1,
+                            "largest_fitting": max(fitting, default=None), "limit": limit,
+                            "tries": tries}
 
                 _case(f"maxlen_{attention}", f"{program}_{name}_{topo_name.replace(':', '_')}",
                       force, run)

@@ -143,7 +143,8 @@ class ModelConfig:
         if self.gdn_method not in GDN_METHODS:
             fail("gdn_method", f"{self.gdn_method!r} is not one of {GDN_METHODS}")
         if self.attention_method not in ATTENTION_METHODS:
-            fail("attention_method", f"{self.attention_method!r} is not one of {ATTENTION_METHODS}")
+            fail("attention_method",
+                 f"{self.attention_method!r} is not one of {ATTENTION_METHODS}")
         if self.remat not in REMAT_POLICIES:
             fail("remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -4,8 +4,9 @@ XLA's FLOPs and bytes per call, and a roofline estimate.
 XLA's cost analysis counts the body of a loop once, whatever its trip count; the model's
 layers run in a scan over blocks, and the train step's micro-batches in another. The
 per-call cost is therefore measured on unrolled copies of the model (blockwise attention's
-block loops unrolled too) cut to one and to two blocks (one micro-batch each): one block's cost is their difference, and a call of n blocks
-and A micro-batches costs A * (one + (n - 1) * block). The optimizer update, which the
+block loops unrolled too) cut to one and to two blocks (one micro-batch each): one block's
+cost is their difference, and a call of n blocks and A micro-batches costs
+A * (one + (n - 1) * block). The optimizer update, which the
 step runs once, is then counted A times (a few tenths of a percent of a 7B step's FLOPs).
 XLA TPU also makes loops of its own: with a tensor axis it rewrites large sharded matmuls as
 loops over the shards (windowed einsums; at 7B width a one-block step had 75 of them, and
@@ -28,6 +29,7 @@ from hybrid_jax.aot.programs import BUILDERS, Workload
 from hybrid_jax.aot.roofline import Roofline, model_flops, roofline
 from hybrid_jax.aot.topology import Topology
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.ops.attention import resolve_attention
 
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 # libtpu options for the cost compiles only: no windowed-einsum / collective-matmul loops.
@@ -108,14 +110,13 @@ def compile_program(program: str, config: ModelConfig, mesh: Mesh, work: Workloa
     return compiled, time.perf_counter() - start, None
 
 
-def _cut(config: ModelConfig, blocks: int, seq_len: int | None = None) -> ModelConfig:
+def _cut(config: ModelConfig, blocks: int, seq_len: int) -> ModelConfig:
     layers = config.layer_period * blocks
-    # Blockwise attention's block loops unrolled too (XLA would count their bodies once);
-    # "auto" is blockwise only beyond one block (ops.attention.causal_attention).
-    blockwise = config.attention_method == "blockwise" or (
-        config.attention_method == "auto"
-        and (seq_len is None or seq_len > config.attention_block_size))
-    attention = "blockwise_unrolled" if blockwise else config.attention_method
+    # Blockwise attention's block loops unrolled too (XLA would count their bodies once).
+    attention = resolve_attention(config.attention_method, seq_len,
+                                  config.attention_block_size)
+    if attention == "blockwise":
+        attention = "blockwise_unrolled"
     return config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers],
                           scan_layers=False, attention_method=attention)
 

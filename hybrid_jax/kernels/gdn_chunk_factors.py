@@ -19,9 +19,9 @@ layer the forward takes 0.59 ms (0.56 without any solve). The VJP took 4.0 ms as
 (2.7 without its solve), far above what its memory traffic needs: compiled for sm_90a it
 spilled 3 KB of registers per thread (experiments/kernel_registers.py). It is now three
 kernels that spill 0.27 KB, 0.25 KB and nothing (the forward 32 bytes); their speed is not
-yet measured on a GPU. The
-TPU variant is verified in interpret mode and compiled by Mosaic ahead of time for v5e, v5p
-and v6e (experiments/RESULTS.md, TPU pods), never yet run on a TPU.
+yet measured on a GPU. The TPU variant is verified in interpret mode and compiled by Mosaic
+ahead of time for v5e, v5p and v6e (experiments/RESULTS.md, TPU pods), never yet run on a
+TPU.
 """
 
 from __future__ import annotations
@@ -115,10 +115,15 @@ def _products(a_ref, b_ref, width: int) -> jax.Array:
     return out
 
 
+def _keys_matrix(k_ref, beta, decay, row, col, width: int) -> jax.Array:
+    """A [C, C] float32 = strict_tril(beta_i (k_i . k_j) decay_ij)."""
+    return jnp.where(row > col, beta * _products(k_ref, k_ref, width) * decay, 0.0)
+
+
 def _keys_inverse(k_ref, beta, decay, row, col, width: int) -> jax.Array:
-    """(I + A)^-1 [C, C] float32, A = strict_tril(beta_i (k_i . k_j) decay_ij)."""
-    a = jnp.where(row > col, beta * _products(k_ref, k_ref, width) * decay, 0.0)
-    return _unit_lower_inverse(a, row, col, solve_matmul(k_ref.dtype))
+    """(I + A)^-1 [C, C] float32, A from ``_keys_matrix``."""
+    return _unit_lower_inverse(_keys_matrix(k_ref, beta, decay, row, col, width), row, col,
+                               solve_matmul(k_ref.dtype))
 
 
 def _sum_cols(x: jax.Array) -> jax.Array:
@@ -132,7 +137,9 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     beta = beta_ref[...]  # [C, 1]
     row, col = _iotas(q_ref.shape[0])
     decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
-    a = jnp.where(row > col, beta * _products(k_ref, k_ref, width) * decay, 0.0)
+    # A first, then the intra-chunk output written before the solve: neither q k^T nor the
+    # decays stay live through it (fewer registers spilled on GPU).
+    a = _keys_matrix(k_ref, beta, decay, row, col, width)
     intra_ref[...] = (scale * _products(q_ref, k_ref, width) * decay).astype(dt)
     inv = _unit_lower_inverse(a, row, col, solve_matmul(k_ref.dtype))
 

@@ -1,6 +1,7 @@
 """Causal grouped-query attention with optional packed-sequence (segment) masking: the entry
-point ``causal_attention`` (blockwise by default, see ``blockwise_attention``), the dense XLA
-form that holds [B, H, T, T] logits, and ``cached_attention`` against a decode cache."""
+point ``causal_attention`` (by default blockwise beyond one block, see
+``blockwise_attention``), the dense XLA form that holds [B, H, T, T] logits, and
+``cached_attention`` against a decode cache."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - last_start
 
 
+def resolve_attention(implementation: str | None, seq_len: int, block_size: int) -> str | None:
+    """``implementation`` with "auto" resolved: "blockwise" when ``seq_len`` is longer than one
+    block, else "dense" (one block holds the same logits, without the loops)."""
+    if implementation != "auto":
+        return implementation
+    return "blockwise" if seq_len > block_size else "dense"
+
+
 def causal_attention(
     q: jax.Array,
     k: jax.Array,
@@ -51,11 +60,11 @@ def causal_attention(
       scale: defaults to D**-0.5.
       implementation: "blockwise": ``blockwise_causal_attention`` in blocks of ``block_size``
         rows (memory linear in T; "blockwise_unrolled" leaves no XLA loop, for cost
-        analysis); "auto": blockwise when T > block_size, else dense (one block holds the
-        same logits, without the loops); None, "dense" or "xla" materialises the [B, H, T, T] float32 logits
-        (our own XLA form, with ``jax.nn.dot_product_attention``'s numerics and head-major
-        matmuls); anything else goes to ``jax.nn.dot_product_attention`` ("cudnn": the fused
-        GPU kernel for bf16/fp16).
+        analysis); "auto": ``resolve_attention``'s choice; None, "dense" or "xla"
+        materialises the [B, H, T, T] float32 logits (our own XLA form, with
+        ``jax.nn.dot_product_attention``'s numerics and head-major matmuls); anything else
+        goes to ``jax.nn.dot_product_attention`` ("cudnn": the fused GPU kernel for
+        bf16/fp16).
     Returns:
       [B, T, H, D] in q's dtype. Logits and softmax are float32 (``jax.nn.dot_product_attention``'s
       XLA path); transformers' eager attention rounds bf16 logits to bf16 before its float32
@@ -63,8 +72,7 @@ def causal_attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if implementation == "auto":
-        implementation = "blockwise" if q.shape[1] > block_size else "dense"
+    implementation = resolve_attention(implementation, q.shape[1], block_size)
     if implementation in ("blockwise", "blockwise_unrolled"):
         return blockwise_causal_attention(q, k, v, segment_ids=segment_ids, scale=scale,
                                           block_q=block_size, block_k=block_size,
