@@ -18,6 +18,10 @@ The run's configuration has six sections, each merged in order (later wins): the
 first line of the training text), prints prompt and continuation to stdout and, with a
 checkpoint dir, writes them to its sample.txt. Generation never stops early; an EOS (a
 document's end) is shown as the document separator.
+
+On several hosts, run the same command on each with ``--distributed`` (the processes detected
+from the cluster) or ``--coordinator HOST:PORT --num-processes N --process-id I``; process 0
+alone prints, logs and exports.
 """
 
 from __future__ import annotations
@@ -67,6 +71,15 @@ def add_train_parser(sub: Any, name: str = "train",
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak TFLOP/s, for an MFU estimate")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process per host: join the others, with the coordinator, "
+                        "process count and process id detected from the cluster (Cloud TPU, "
+                        "SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS ...)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="join a multi-process run coordinated by process 0 at HOST:PORT "
+                        "(with --num-processes and --process-id)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="after training, generate N tokens and print them (0: skip)")
     p.add_argument("--prompt", help="text to sample after (default: the text's first line)")
@@ -151,6 +164,29 @@ def _dataclass(cls: type, section: str, values: dict[str, Any], base: Any = None
         raise ConfigError(f"{section}: {e}") from e
 
 
+def join_processes(args: argparse.Namespace) -> None:
+    """--distributed or --coordinator/--num-processes/--process-id: join the other processes of
+    a multi-host run (``initialize_distributed``) before anything touches jax's devices; without
+    them, nothing (one process)."""
+    explicit = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+                "--process-id": args.process_id}
+    given = [flag for flag, value in explicit.items() if value is not None]
+    if not given and not args.distributed:
+        return
+    if given and args.distributed:
+        raise ConfigError(f"--distributed detects the processes from the cluster: give it or "
+                          f"{given}, not both")
+    if given and len(given) < len(explicit):
+        raise ConfigError(f"{given} needs {sorted(set(explicit) - set(given))} as well")
+    from hybrid_jax.distributed import initialize_distributed
+
+    try:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        flags = "--distributed" if args.distributed else "/".join(explicit)
+        raise ConfigError(f"{flags}: {e}") from None
+
+
 def _flops_per_token(model_cfg: Any, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 per non-embedding parameter, plus attention's 12 L H Dh T
     (PaLM's estimate); the GDN state updates are left out (small at these widths)."""
@@ -163,18 +199,22 @@ def _flops_per_token(model_cfg: Any, n_params: int, seq_len: int) -> float:
 def run_train(args: argparse.Namespace,
               before_training: Callable[[dict[str, dict[str, Any]]], int | None] | None = None
               ) -> int:
-    """``hybrid-jax train``'s run: validate everything, then ``before_training(config)`` (a
-    non-None result is returned as the exit code, nothing trained), train, export, sample."""
+    """``hybrid-jax train``'s run: join the other processes (if asked), validate everything,
+    then ``before_training(config)`` (a non-None result is returned as the exit code, nothing
+    trained; with several processes process 0 runs it and every process returns its result),
+    train, export, sample. Only process 0 prints progress and writes the export."""
     import jax
     import numpy as np
 
     from hybrid_jax.config import PRESETS
+    from hybrid_jax.convert.output_dir import occupied
     from hybrid_jax.inference.text import ByteCodec, load_tokenizer
     from hybrid_jax.sharding import MeshShape, make_mesh
     from hybrid_jax.train import OptimizerConfig, PackedDataset, token_file, tokenize_text
     from hybrid_jax.train.loop import LoopConfig, TrainingError, train
 
     try:
+        join_processes(args)
         cfg = run_config(args)
         model_cfg = _dataclass(type(PRESETS[args.preset]()), "model", cfg["model"],
                                PRESETS[args.preset]())
@@ -210,6 +250,10 @@ def run_train(args: argparse.Namespace,
         dataset = PackedDataset(tokens, data["seq_len"], data["global_batch"], eos_id=eos,
                                 vocab_size=model_cfg.vocab_size, seed=data["seed"])
         # Checked before training, so that a bad option does not cost a run.
+        export = cfg["run"].get("export_hf")
+        if export and occupied(Path(export)):
+            raise ConfigError(f"run.export_hf: {export} already exists and is not empty; "
+                              f"choose another directory")
         if data.get("path") and not data.get("tokenizer") and args.sample > 0:
             raise ConfigError("--sample: a token file's ids need --tokenizer to be shown as "
                               "text (or --sample 0)")
@@ -219,8 +263,14 @@ def run_train(args: argparse.Namespace,
     except (ValueError, OSError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    lead = jax.process_index() == 0
     if before_training is not None:
-        code = before_training(cfg)
+        code = before_training(cfg) if lead else None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            agreed = multihost_utils.broadcast_one_to_all(np.int32(-1 if code is None else code))
+            code = None if int(agreed) == -1 else int(agreed)
         if code is not None:
             return code
 
@@ -235,11 +285,14 @@ def run_train(args: argparse.Namespace,
     abstract = abstract_train_state(model_cfg, make_optimizer(opt_cfg))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     flops_tok = _flops_per_token(model_cfg, n_params, data["seq_len"])
-    print(f"hybrid-jax train: {args.preset} ({n_params / 1e6:.2f}M parameters), "
-          f"{dataset.num_rows} rows of {data['seq_len']} tokens, batch {data['global_batch']}, "
-          f"{steps} steps, mesh {dict(mesh.shape) if mesh else 'one device'}", file=sys.stderr)
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    if lead:
+        print(f"hybrid-jax train: {args.preset} ({n_params / 1e6:.2f}M parameters), "
+              f"{dataset.num_rows} rows of {data['seq_len']} tokens, batch "
+              f"{data['global_batch']}, {steps} steps, mesh "
+              f"{dict(mesh.shape) if mesh else 'one device'}{processes}", file=sys.stderr)
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and lead:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr)
@@ -250,7 +303,7 @@ def run_train(args: argparse.Namespace,
     def on_step(step: int, record: dict) -> None:
         if not first:
             first.update(record)
-            if step > 0:
+            if step > 0 and lead:
                 _note(f"resuming {ckpt} at step {step}", bar)
         last.update(record)
         if bar is not None:
@@ -274,19 +327,27 @@ def run_train(args: argparse.Namespace,
     finally:
         if bar is not None:
             bar.close()
-    if last:
+    if lead and last:
         print(f"done: step {int(state.step)}, loss {first['loss']:.4f} at step "
               f"{first['step']} -> {last['loss']:.4f}, {time.perf_counter() - started:.1f} s",
               file=sys.stderr)
-    else:
+    elif lead:
         print(f"{ckpt} already holds step {int(state.step)} of {steps}: nothing to train",
               file=sys.stderr)
     if run.get("export_hf"):
         from hybrid_jax.convert import to_hf
-        from hybrid_jax.train.state import model_template
 
-        to_hf(model_template(model_cfg).model(state.params), run["export_hf"])
-        print(f"exported to {run['export_hf']}", file=sys.stderr)
+        params = state.params
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            # Each process holds slices of the parameters: gather them, process 0 writes.
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if lead:
+            to_hf(params, run["export_hf"], config=model_cfg)
+            print(f"exported to {run['export_hf']}", file=sys.stderr)
+        if jax.process_count() > 1:  # no process leaves while process 0 still writes
+            multihost_utils.sync_global_devices("hybrid-jax train: export_hf written")
     if prompt_ids is not None:
         text = _sample(model_cfg, state.params, codec, prompt_ids, args.sample,
                        args.temperature, loop_cfg.seed, eos,

@@ -93,7 +93,19 @@ def test_config_merges_preset_yaml_flags_and_sets(tmp_path):
     (["--set", "data.doc_separator=3"], "data.doc_separator: expected a non-empty string"),
     (["--sample", "-1"], "--sample: must be >= 0"),
     (["--sample", "4", "--temperature", "-1"], "temperature"),
+    (["--distributed", "--process-id", "0"], "give it or ['--process-id'], not both"),
+    (["--coordinator", "localhost:1"], "needs ['--num-processes', '--process-id'] as well"),
+    (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"],
+     "--coordinator/--num-processes/--process-id: process_id must be in [0, 2)"),
 ])
 def test_bad_settings_exit_2_naming_them(corpus, tmp_path, capsys, extra, message):
     assert _train(corpus, tmp_path / "ckpt", 2, *extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_occupied_export_dir_is_refused_before_training(corpus, tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    assert _train(corpus, tmp_path / "ckpt", 2, "--export-hf", str(tmp_path / "hf")) == 2
+    assert "run.export_hf" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()  # nothing trained

@@ -1,5 +1,6 @@
-"""Two processes of 4 simulated CPU devices each (jax.distributed on localhost) train like one
-process of 8 devices, and save checkpoints together."""
+"""`hybrid-jax train` as two processes of 4 simulated CPU devices each (joined with
+--coordinator, jax.distributed on localhost) trains like one process of 8 devices, saves
+checkpoints together and exports the whole model once."""
 
 from __future__ import annotations
 
@@ -28,41 +29,65 @@ def _spawn(args: list[str], devices: int) -> subprocess.Popen:
                             cwd=Path(__file__).parent.parent)
 
 
-def _wait(procs: list[subprocess.Popen]) -> None:
+def _wait(procs: list[subprocess.Popen]) -> list[str]:
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
+    return outputs
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("multihost")
+    text = d / "text.txt"
+    rng = np.random.default_rng(0)
+    text.write_text("\n\n".join(" ".join(f"w{int(i)}" for i in rng.integers(0, 50, 12))
+                                for _ in range(60)))
     port = str(_free_port())
-    two = [_spawn(["2", str(i), port, str(d / "two")], 4) for i in range(2)]
-    _wait(two)
-    _wait([_spawn(["1", "0", "0", str(d / "one")], 8)])
-    return {name: json.loads((d / name / "losses.json").read_text()) | {"dir": str(d / name)}
-            for name in ("one", "two")}
+    outputs = {"two": _wait([_spawn(["2", str(i), port, str(d / "two"), str(text)], 4)
+                             for i in range(2)]),
+               "one": _wait([_spawn(["1", "0", "0", str(d / "one"), str(text)], 8)])}
+    return {name: {"dir": d / name, "outputs": outputs[name],
+                   "log": [json.loads(line) for line in (d / name / "ckpt" / "log.jsonl")
+                           .read_text().splitlines()]}
+            for name in outputs}
 
 
 def test_two_processes_give_the_losses_of_one(runs):
-    assert runs["two"]["processes"] == 2 and runs["one"]["processes"] == 1
-    np.testing.assert_allclose(runs["two"]["losses"], runs["one"]["losses"], rtol=1e-5)
+    np.testing.assert_allclose([r["loss"] for r in runs["two"]["log"]],
+                               [r["loss"] for r in runs["one"]["log"]], rtol=1e-5)
+
+
+def test_process_zero_alone_reports(runs):
+    lead, other = runs["two"]["outputs"]
+    assert "2 processes" in lead and "done: step 3" in lead
+    assert "hybrid-jax train:" not in other and "done:" not in other
+    assert "processes" not in runs["one"]["outputs"][0]
 
 
 def test_two_processes_checkpoint_together(runs):
-    steps = sorted(int(p.name) for p in (Path(runs["two"]["dir"]) / "ckpt").iterdir()
+    steps = sorted(int(p.name) for p in (runs["two"]["dir"] / "ckpt").iterdir()
                    if p.name.isdigit())
     assert steps == [2, STEPS]
-    log = [json.loads(line) for line in (Path(runs["two"]["dir"]) / "log.jsonl").read_text()
-           .splitlines()]
-    assert [r["step"] for r in log] == list(range(STEPS))  # written once, by process 0
+    # written once, by process 0
+    assert [r["step"] for r in runs["two"]["log"]] == list(range(STEPS))
+
+
+def test_two_processes_export_the_whole_model(runs):
+    from safetensors.numpy import load_file
+
+    two = load_file(runs["two"]["dir"] / "hf" / "model.safetensors")
+    one = load_file(runs["one"]["dir"] / "hf" / "model.safetensors")
+    assert sorted(two) == sorted(one) and len(one) > 20
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("args,match", [
     (("localhost:1234", 2, 2), "process_id must be in"),
     (("localhost:1234", 0, 0), "num_processes must be a positive int"),
-    (("localhost", 2, 0), "host:port")])
+    (("localhost", 2, 0), "host:port"),
+    (("localhost:1234", None, None), "missing \\['num_processes', 'process_id'\\]")])
 def test_initialize_distributed_checks_its_arguments(args, match):
     from hybrid_jax.distributed import initialize_distributed
 
@@ -70,37 +95,30 @@ def test_initialize_distributed_checks_its_arguments(args, match):
         initialize_distributed(*args)
 
 
-def _child(num_processes: int, process_id: int, port: str, out: str) -> None:
-    if num_processes > 1:
-        from hybrid_jax.distributed import initialize_distributed
-
-        initialize_distributed(f"localhost:{port}", num_processes, process_id)
+def _child(num_processes: int, process_id: int, port: str, out: str, text: str) -> None:
+    """`hybrid-jax train` as one of ``num_processes`` processes (joined with --coordinator)."""
     import jax
 
-    from hybrid_jax import olmo_hybrid_tiny
-    from hybrid_jax.config import ATTENTION, GDN
-    from hybrid_jax.sharding import MeshShape, make_mesh
-    from hybrid_jax.train import OptimizerConfig, PackedDataset
-    from hybrid_jax.train.loop import LoopConfig, train
+    from hybrid_jax.cli import main
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    cfg = olmo_hybrid_tiny(num_hidden_layers=2, layer_types=(GDN, ATTENTION))
-    tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, 4000)
-    tokens[::37] = 0
-    data = PackedDataset(tokens, seq_len=32, global_batch=8, eos_id=0,
-                         vocab_size=cfg.vocab_size, seed=1)
-    losses: list[float] = []
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train(cfg, OptimizerConfig(lr=3e-3, warmup_steps=1, total_steps=STEPS), data,
-          LoopConfig(steps=STEPS, micro_batches=2, checkpoint_every=2,
-                     steps_per_call=2),  # calls of 2 and 1 steps: [K, A, B, T] batches
-          mesh=make_mesh(MeshShape(fsdp=4, tensor=2)), checkpoint_dir=out_dir / "ckpt",
-          log_file=out_dir / "log.jsonl", on_step=lambda s, r: losses.append(r["loss"]))
-    if jax.process_index() == 0:
-        (out_dir / "losses.json").write_text(json.dumps(
-            {"losses": losses, "processes": jax.process_count()}))
+    join = ([] if num_processes == 1 else
+            ["--coordinator", f"localhost:{port}", "--num-processes", str(num_processes),
+             "--process-id", str(process_id)])
+    code = main(["train", "--text", text, "--preset", "tiny", "--seq-len", "32",
+                 "--global-batch", "8", "--steps", str(STEPS), "--lr", "3e-3",
+                 "--mesh", "fsdp=4,tensor=2", "--checkpoint-dir", str(out_dir / "ckpt"),
+                 "--export-hf", str(out_dir / "hf"), "--no-progress", *join,
+                 "--set", "model.num_hidden_layers=2",
+                 "--set", "model.layer_types=[linear_attention, full_attention]",
+                 "--set", "optimizer.warmup_steps=1", "--set", "loop.micro_batches=2",
+                 "--set", "loop.checkpoint_every=2",
+                 # calls of 2 and 1 steps: [K, A, B, T] batches
+                 "--set", "loop.steps_per_call=2"])
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    _child(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6])
