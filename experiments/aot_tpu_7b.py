@@ -10,6 +10,9 @@ the longest sequences that fit, and the Pallas TPU kernels compiled by Mosaic.
 
 ``--attention dense`` (table, maxlen) uses the attention layers' dense form, whose [H, T, T]
 logits bounded the first results, instead of the blockwise form (the model's default);
+``--loss chunked`` the model's default loss, chunk by chunk without [B, T, V] logits, instead
+of the full logits of every earlier result (``--loss full``, results/aot/<part>_<attention>/;
+chunked: <part>_<attention>_chunked_loss/); ``--attention-block`` sets the block;
 ``--topologies``, ``--models`` and ``--meshes`` narrow a part to some of its cases. Each
 case writes experiments/results/aot/<part>_<attention>/<case>.json (kernels: kernels/,
 attention: attention/) and is skipped when that file exists (--force recompiles), so a part
@@ -66,10 +69,17 @@ MODELS = ("hybrid", "attention")
 MESHES = ("fsdp", "fsdp_tp2")
 
 
-def model(name: str, attention: str = "blockwise"):
+LOSS_FORMS = ("full", "chunked")
+
+
+def model(name: str, attention: str = "blockwise", loss: str = "full", block: int | None = None):
+    """``loss`` "full": the loss over [B, T, V] float32 logits (every result before the chunked
+    loss); "chunked": the model's default at these lengths, 1024 positions per row at a time."""
+    extra = {} if block is None else {"attention_block_size": block}
     cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="float32", remat="full",
                          gdn_method="pallas", max_position_embeddings=1 << 21,
-                         attention_method=attention)
+                         attention_method=attention,
+                         loss_method=loss, **extra)
     if name == "attention":
         cfg = cfg.replace(layer_types=(ATTENTION,) * cfg.num_hidden_layers)
     return cfg
@@ -98,7 +108,12 @@ def _case(part: str, name: str, force: bool, run) -> None:
     print(f"{part}/{name}: {json.dumps(record, default=str)[:400]}", flush=True)
 
 
-def table(force: bool, attention: str, topologies, models, mesh_names) -> None:
+def _part(part: str, attention: str, loss: str) -> str:
+    return f"{part}_{attention}" + ("_chunked_loss" if loss == "chunked" else "")
+
+
+def table(force: bool, attention: str, loss: str, block: int | None, topologies, models,
+          mesh_names) -> None:
     for topo_name in topologies:
         topology = tpu_topology(topo_name)
         for mesh_name in mesh_names:
@@ -109,15 +124,15 @@ def table(force: bool, attention: str, topologies, models, mesh_names) -> None:
                 work = Workload(BATCH, SEQ, micro_batches=BATCH // shards)
 
                 def run(name=name, mesh=mesh, work=work, topology=topology, shape=shape):
-                    cfg = model(name, attention)
+                    cfg = model(name, attention, loss, block)
                     report = report_program("train", cfg, topology, mesh, work)
-                    return {"model": name, "attention": attention,
+                    return {"model": name, "attention": attention, "loss": loss,
                             "attention_block_size": cfg.attention_block_size,
                             "topology": topology.name,
                             "mesh": str(shape), "matmul_params": matmul_params(cfg),
                             "workload": dataclasses.asdict(work), **report.as_dict()}
 
-                _case(f"table_{attention}", f"{name}_{topo_name.replace(':', '_')}_{mesh_name}",
+                _case(_part("table", attention, loss), f"{name}_{topo_name.replace(':', '_')}_{mesh_name}",
                       force, run)
 
 
@@ -128,7 +143,8 @@ def _fits(program: str, cfg, topology, mesh, work) -> dict:
             "error": report.error, "compile_s": report.compile_s}
 
 
-def maxlen(force: bool, limit: int, attention: str, topologies, models) -> None:
+def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None, topologies,
+           models) -> None:
     """Doubling from 8192 until the program no longer fits: the train step with one row per
     chip (FSDP over every chip), and a decode step with one row per chip against a cache of
     that length."""
@@ -140,7 +156,7 @@ def maxlen(force: bool, limit: int, attention: str, topologies, models) -> None:
         for program in ("train", "decode") if attention == "dense" else ("train",):
             for name in models:
                 def run(program=program, name=name, topology=topology, mesh=mesh, n=n):
-                    cfg = model(name, attention)
+                    cfg = model(name, attention, loss, block)
                     tries, seq = [], SEQ
                     while seq <= limit:
                         tries.append(_fits(program, cfg, topology, mesh, Workload(n, seq)))
@@ -150,13 +166,13 @@ def maxlen(force: bool, limit: int, attention: str, topologies, models) -> None:
                             break
                         seq *= 2
                     fitting = [t["seq_len"] for t in tries if t["fits"]]
-                    return {"model": name, "attention": attention,
+                    return {"model": name, "attention": attention, "loss": loss,
                             "attention_block_size": cfg.attention_block_size,
                             "program": program, "topology": topology.name, "rows_per_chip": 1,
                             "largest_fitting": max(fitting, default=None), "limit": limit,
                             "tries": tries}
 
-                _case(f"maxlen_{attention}", f"{program}_{name}_{topo_name.replace(':', '_')}",
+                _case(_part("maxlen", attention, loss), f"{program}_{name}_{topo_name.replace(':', '_')}",
                       force, run)
 
 
@@ -219,13 +235,15 @@ def attention_layer(force: bool) -> None:
 
 
 def _load(part: str) -> list[dict]:
-    """Every record of ``part`` over both attention forms (records before the blockwise form
-    have no "attention" field: they are dense)."""
+    """Every record of ``part`` over both attention forms and both losses (records before the
+    blockwise form have no "attention" field: they are dense; before the chunked loss, no
+    "loss" field: full logits)."""
     dirs = ([OUT / part] if part in ("kernels", "attention")
-            else [OUT / f"{part}_{a}" for a in ATTENTION_FORMS])
+            else [OUT / _part(part, a, loss) for a in ATTENTION_FORMS for loss in LOSS_FORMS])
     rows = [json.loads(p.read_text()) for d in dirs for p in sorted(d.glob("*.json"))]
     for r in rows:
         r.setdefault("attention", "dense")
+        r.setdefault("loss", "full")
     return rows
 
 
@@ -236,14 +254,14 @@ def _gib(n) -> str:
 def report() -> None:
     rows = _load("table")
     if rows:
-        print("| model | attention | slice | mesh | micro-batches | args GiB | temp GiB "
+        print("| model | attention | loss | slice | mesh | micro-batches | args GiB | temp GiB "
               "| total / HBM GiB | XLA TFLOP/chip | model TFLOP/chip | roofline s | bound "
               "| est. MFU |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             m, roof = r["memory"], r["roofline"]
             n = 64 if r["topology"].startswith("v5p") else 256
-            cells = [r["model"], r["attention"], r["topology"],
+            cells = [r["model"], r["attention"], r["loss"], r["topology"],
                      r["mesh"].replace(" x context=1", ""),
                      r["workload"]["micro_batches"], _gib(m and m["argument"]),
                      _gib(m and m["temp"]), f"{_gib(m and m['total'])} / "
@@ -256,15 +274,17 @@ def report() -> None:
             print("| " + " | ".join(map(str, cells)) + " |")
     rows = _load("maxlen")
     if rows:
-        print("\n| program | model | attention | slice | longest that fits (1 row per chip) "
-              "| its total GiB | twice as long needs GiB |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| program | model | attention (block) | loss | slice "
+              "| longest that fits (1 row per chip) | its total GiB | twice as long needs GiB |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             fitting = [t for t in r["tries"] if t["fits"]]
             last = r["tries"][-1]
             needs = ("- (limit)" if last["fits"] else _gib(last["total"]) if last["total"]
                      else _gib(required_bytes(last["error"])) + " (temporaries)")
-            print(f"| {r['program']} | {r['model']} | {r['attention']} | {r['topology']} | "
+            block = r.get("attention_block_size") if r["attention"] != "dense" else None
+            print(f"| {r['program']} | {r['model']} | {r['attention']}"
+                  f"{f' ({block})' if block else ''} | {r['loss']} | {r['topology']} | "
                   f"{r['largest_fitting']} | {_gib(fitting[-1]['total']) if fitting else '-'} "
                   f"| {needs} |")
     rows = _load("kernels")
@@ -303,6 +323,10 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=1 << 20, help="maxlen: longest length tried")
     p.add_argument("--attention", choices=ATTENTION_FORMS, default="blockwise",
                    help="table, maxlen: the attention layers' form")
+    p.add_argument("--loss", choices=LOSS_FORMS, default="full",
+                   help="table, maxlen: full logits (the earlier results) or the chunked loss")
+    p.add_argument("--attention-block", type=int,
+                   help="table, maxlen: attention_block_size (default: the model's)")
     p.add_argument("--topologies", default=",".join(TOPOLOGIES),
                    help="table, maxlen: comma-separated, of " + ", ".join(TOPOLOGIES))
     p.add_argument("--models", default=",".join(MODELS),
@@ -321,9 +345,11 @@ def main() -> int:
     elif args.part == "attention":
         attention_layer(args.force)
     elif args.part == "table":
-        table(args.force, args.attention, topologies, models, mesh_names)
+        table(args.force, args.attention, args.loss, args.attention_block, topologies, models,
+              mesh_names)
     elif args.part == "maxlen":
-        maxlen(args.force, args.limit, args.attention, topologies, models)
+        maxlen(args.force, args.limit, args.attention, args.loss, args.attention_block,
+               topologies, models)
     else:
         kernels(args.force)
     return 0

@@ -21,6 +21,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # ops.attention.causal_attention's implementations; "auto" is "blockwise" when the sequence
 # is longer than one block, else "dense" (the same logits, without loops), on every backend.
 ATTENTION_METHODS = ("auto", "dense", "blockwise", "blockwise_unrolled")
+LOSS_METHODS = ("auto", "full", "chunked", "chunked_unrolled")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -85,6 +86,8 @@ class ModelConfig:
     gdn_chunk_size: int = 64
     attention_method: str = "auto"  # "blockwise": memory linear in T; "dense": [H, T, T] logits
     attention_block_size: int = 1024  # query and key rows per block of "blockwise"
+    loss_method: str = "auto"  # train loss: "chunked" (ops.lm_head_loss) or "full" logits
+    loss_chunk_size: int = 1024  # positions per row whose [chunk, V] logits exist at once
     remat: str = "none"
     scan_layers: bool = True
 
@@ -108,7 +111,7 @@ class ModelConfig:
             "num_attention_heads", "num_key_value_heads", "linear_num_key_heads",
             "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
             "linear_conv_kernel_dim", "max_position_embeddings", "gdn_chunk_size",
-            "attention_block_size",
+            "attention_block_size", "loss_chunk_size",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -145,6 +148,8 @@ class ModelConfig:
         if self.attention_method not in ATTENTION_METHODS:
             fail("attention_method",
                  f"{self.attention_method!r} is not one of {ATTENTION_METHODS}")
+        if self.loss_method not in LOSS_METHODS:
+            fail("loss_method", f"{self.loss_method!r} is not one of {LOSS_METHODS}")
         if self.remat not in REMAT_POLICIES:
             fail("remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -236,7 +236,8 @@ def test_activations_are_pinned_and_context_parallel_training_matches(mesh_child
 
 
 def test_sharded_training_matches_one_device(mesh_child):
-    """fsdp=4 x tensor=2 against one device, three steps of packed batches: same losses."""
+    """fsdp=4 x tensor=2 with the chunked loss against one device with full logits, three
+    steps of packed batches: same losses."""
     np.testing.assert_allclose(mesh_child["sharded_losses"], mesh_child["single_losses"],
                                rtol=1e-5)
     assert mesh_child["single_losses"][-1] < mesh_child["single_losses"][0]
@@ -307,10 +308,13 @@ def _child(out: str) -> None:
     step = jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4))
     _, result["single_losses"] = run(step, init_train_state(cfg, opt, seed=0))
 
+    # The sharded runs take the loss in strided chunks of 8 positions (4 per row; the single
+    # device above: full logits), the vocabulary split over tensor, positions over context.
+    chunked = model_template(cfg.replace(loss_method="chunked", loss_chunk_size=8))
     mesh = make_mesh(MeshShape(fsdp=4, tensor=2))
     state = init_train_state(cfg, opt, mesh=mesh, seed=0)
     shardings = train_state_shardings(state, mesh)
-    step = jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4, mesh=mesh),
+    step = jit_train_step(make_train_step(chunked, opt, z_loss_weight=1e-4, mesh=mesh),
                           shardings, mesh)
     q = state.params["stack"]["blocks"]["layers"][0]["gdn"]["q_proj"]["kernel"]
     result["q_proj"] = {"spec": list(q.sharding.spec), "shape": list(q.shape),
@@ -332,7 +336,7 @@ def _child(out: str) -> None:
     # Sequence parallelism: positions over "context" as well, the same losses.
     ctx = make_mesh(MeshShape(fsdp=2, tensor=2, context=2))
     state_ctx = init_train_state(cfg, opt, mesh=ctx, seed=0)
-    step_ctx = jit_train_step(make_train_step(template, opt, z_loss_weight=1e-4, mesh=ctx),
+    step_ctx = jit_train_step(make_train_step(chunked, opt, z_loss_weight=1e-4, mesh=ctx),
                               train_state_shardings(state_ctx, ctx), ctx)
     _, result["context_losses"] = run(step_ctx, state_ctx)
 

@@ -30,6 +30,7 @@ from hybrid_jax.aot.roofline import Roofline, model_flops, roofline
 from hybrid_jax.aot.topology import Topology
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.ops.attention import resolve_attention
+from hybrid_jax.ops.lm_head_loss import resolve_loss
 
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 # libtpu options for the cost compiles only: no windowed-einsum / collective-matmul loops.
@@ -117,8 +118,11 @@ def _cut(config: ModelConfig, blocks: int, seq_len: int) -> ModelConfig:
                                   config.attention_block_size)
     if attention == "blockwise":
         attention = "blockwise_unrolled"
+    loss = resolve_loss(config.loss_method, seq_len, config.loss_chunk_size)
+    if loss == "chunked":  # and the loss's chunk loop
+        loss = "chunked_unrolled"
     return config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers],
-                          scan_layers=False, attention_method=attention)
+                          scan_layers=False, attention_method=attention, loss_method=loss)
 
 
 def per_call_cost(program: str, config: ModelConfig, mesh: Mesh, work: Workload

@@ -66,6 +66,18 @@ class HybridLM(nnx.Module):
           logits [B, T, V] float32: the head runs in the compute dtype, as transformers' does,
           and its output is upcast for the loss.
         """
+        x = self.features(input_ids, segment_ids=segment_ids, positions=positions)
+        return constrain(self._head(x), ("batch", "length", "vocab"))
+
+    def features(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """What the LM head multiplies: the final norm's output [B, T, D] (arguments as for
+        ``__call__``). With ``head_kernel``, ``ops.lm_head_loss`` takes the training loss from
+        it without [B, T, V] logits."""
         cfg = self.config
         rope = None
         if self._uses_rope:
@@ -78,17 +90,28 @@ class HybridLM(nnx.Module):
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         x = self.stack(constrain(self.embed(input_ids), RESIDUAL), rope=rope,
                        segment_ids=segment_ids)
-        return constrain(self._logits(x), ("batch", "length", "vocab"))
+        return self.final_norm(x)
+
+    @property
+    def head_kernel(self) -> jax.Array:
+        """The LM head as [D, V] in the params dtype: ``lm_head.kernel``, or the embedding
+        table transposed when the embeddings are tied."""
+        if self.lm_head is None:
+            return self.embed.embedding[...].T
+        return self.lm_head.kernel[...]
 
     @property
     def _uses_rope(self) -> bool:
         return self.config.rope_theta is not None and ATTENTION in self.config.layer_types
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """Final norm and LM head: [B, T, D] -> [B, T, V] float32."""
-        x = self.final_norm(x)
+    def _head(self, x: jax.Array) -> jax.Array:
+        """LM head: [B, T, D] normed -> [B, T, V] float32."""
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: [B, T, D] -> [B, T, V] float32."""
+        return self._head(self.final_norm(x))
 
     def extend(
         self,

@@ -1,4 +1,5 @@
-"""Pure functions: the gated delta rule in every form, attention, convolution, norms, rope."""
+"""Pure functions: the gated delta rule in every form, attention, convolution, norms, rope,
+and the LM head's chunked loss."""
 
 from hybrid_jax.ops.attention import cached_attention, causal_attention, segment_positions
 from hybrid_jax.ops.blockwise_attention import blockwise_causal_attention
@@ -12,6 +13,7 @@ from hybrid_jax.ops.gated_delta_rule import (
     segment_resets,
 )
 from hybrid_jax.ops.gdn_recurrent import gdn_step
+from hybrid_jax.ops.lm_head_loss import lm_head_loss_sums
 from hybrid_jax.ops.norms import gated_rms_norm, rms_norm
 from hybrid_jax.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -28,6 +30,7 @@ __all__ = [
     "gated_rms_norm",
     "gdn_step",
     "l2_normalize",
+    "lm_head_loss_sums",
     "resolve_method",
     "rms_norm",
     "rope_cos_sin",

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hybrid_jax.ops.lm_head_loss import lm_head_loss_sums, resolve_loss
 from hybrid_jax.sharding import (
     LogicalRules,
     activation_sharding,
@@ -33,6 +34,10 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     every micro-batch's unmasked tokens and divided by their total, so A micro-batches of B rows
     give the same update as one batch of A*B rows.
 
+    The model's ``loss_method`` picks the loss: "chunked" takes it ``loss_chunk_size``
+    positions of each row at a time (``ops.lm_head_loss``, no [B, T, V] logits), "full" from
+    the model's logits, "auto" chunked when T is longer than one chunk.
+
     A step whose loss or gradient norm is not finite leaves parameters and optimizer state as
     they were and counts in ``bad_steps``; a good step resets that count.
     Metrics: loss (cross-entropy + z-loss), ce, z_loss, tokens, grad_norm, skipped, and lr
@@ -49,12 +54,27 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         segment_ids = micro.get("segment_ids")
         if rows is not None:
             tokens = jax.lax.with_sharding_constraint(tokens, rows)
-        with activation_sharding(mesh, rules):
-            logits = template.model(params)(tokens, segment_ids=segment_ids)
         targets, mask = next_token_targets(tokens, segment_ids)
+        model = template.model(params)
+        cfg = model.config
+        method = resolve_loss(cfg.loss_method, tokens.shape[-1], cfg.loss_chunk_size)
+        with activation_sharding(mesh, rules):
+            if method == "full":
+                logits = model(tokens, segment_ids=segment_ids)
+            else:
+                hidden = model.features(tokens, segment_ids=segment_ids)
         with jax.named_scope("loss"):
-            sums = lm_loss_sums(logits, targets, mask, z_loss_weight)
-        return sums["ce"] + sums["z"], sums
+            if method == "full":
+                sums = lm_loss_sums(logits, targets, mask, z_loss_weight)
+                loss = sums["ce"] + sums["z"]
+            else:
+                sums = lm_head_loss_sums(hidden, model.head_kernel, targets, mask,
+                                         compute_dtype=cfg.compute_dtype,
+                                         z_loss_weight=z_loss_weight,
+                                         chunk_size=cfg.loss_chunk_size,
+                                         unroll=method == "chunked_unrolled")
+                loss = sums.pop("loss")
+        return loss, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
