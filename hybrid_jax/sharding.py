@@ -179,13 +179,22 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def shard_count(logical: str, size: int) -> int:
+    """Into how many pieces the current ``activation_sharding`` splits a dimension of ``size``
+    named ``logical`` (1 outside one)."""
+    current = _ACTIVATIONS.get()
+    if current is None:
+        return 1
+    mesh, rules = current
+    axes = _fitted_spec(mesh, rules, (size,), (logical,), "shard_count")[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def splits(logical: str, size: int) -> bool:
     """Whether the current ``activation_sharding`` splits a dimension of ``size`` named
     ``logical`` (False outside one)."""
-    current = _ACTIVATIONS.get()
-    if current is None:
-        return False
-    return _fitted_spec(*current, (size,), (logical,), "splits")[0] is not None
+    return shard_count(logical, size) > 1
 
 
 def per_shard(fn: Any, in_logical: Sequence[Sequence[str | None]],

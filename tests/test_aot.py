@@ -73,15 +73,15 @@ def test_per_device_memory_shrinks_as_fsdp_grows(topology):
 def test_loop_costs_match_an_unrolled_compile(topology):
     """XLA counts a loop body once; ``per_call_cost`` scales the scanned layers and the
     micro-batches. Reference: the same step with its three blocks unrolled, compiled directly,
-    run once per micro-batch. Attention in blocks of 32 (four a side): ``per_call_cost`` must
-    unroll their loops too, or its loop check fails."""
+    run once per micro-batch. Attention in blocks of 32 (four a side) and the loss in chunks of
+    32 positions: ``per_call_cost`` must unroll their loops too, or its loop check fails."""
     cfg = _config(num_hidden_layers=12, layer_types=olmo_hybrid_tiny().layer_types[:4] * 3,
-                  attention_block_size=32)
+                  attention_block_size=32, loss_chunk_size=32)
     mesh = topology.mesh(MeshShape(fsdp=4))
     scanned = per_call_cost("train", cfg, mesh, Workload(8, 128, micro_batches=2))
     unrolled, _, _ = compile_program(
-        "train", cfg.replace(scan_layers=False, attention_method="blockwise_unrolled"), mesh,
-        Workload(4, 128))
+        "train", cfg.replace(scan_layers=False, attention_method="blockwise_unrolled",
+                             loss_method="chunked_unrolled"), mesh, Workload(4, 128))
     reference = {k: 2 * v for k, v in xla_cost(unrolled).items()}
     for key in ("flops", "bytes"):
         assert scanned[key] == pytest.approx(reference[key], rel=0.02), key

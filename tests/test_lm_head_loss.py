@@ -204,3 +204,94 @@ def test_bad_arguments_name_the_culprit(change, match):
     with pytest.raises(ValueError, match=match):
         lm_head_loss_sums(args.pop("hidden"), args.pop("head"), args.pop("targets"),
                           args.pop("mask"), **args)
+
+
+# --------------------------------------------------------------------- 8 simulated devices
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> dict:
+    from host_devices import run_child
+
+    return run_child(__file__, tmp_path_factory.mktemp("lm_head_loss") / "result.json", 8)
+
+
+def test_sharded_gradient_is_summed_across_devices_once(sharded):
+    """On fsdp=8 and on fsdp=2 x tensor=2 x context=2, the chunk loop exchanges no [D, V]
+    gradient: only the tensor split's per-position statistics and hidden-state gradients (the
+    ones full logits exchange too); summing the kernel's gradient over devices inside the loop
+    (groups 1, 1 on fsdp=8) would all-reduce all of it every chunk. Values and gradients equal
+    one device's."""
+    d_v = sharded["d_v"]
+    for name, case in sharded["cases"].items():
+        assert all(size < d_v // 2 for size in case["loop_collectives"]), (name, case)
+        np.testing.assert_allclose(case["loss"], sharded["loss"], rtol=1e-6, err_msg=name)
+        for got, want in zip(case["grads"], sharded["grads"]):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.max(np.abs(want)),
+                                       err_msg=name)
+    assert max(sharded["cases"]["fsdp8"]["loop_collectives"], default=0) == 1  # ce, z sums
+    assert max(sharded["ungrouped_loop_collectives"]) == d_v
+
+
+def _loop_collectives(text: str) -> list[int]:
+    """Element counts of the arrays that collectives exchange inside the compiled program's
+    loop bodies (a combined collective's tuple counted array by array)."""
+    import re
+
+    ops = re.compile(r"^\s*%\S+ = (.*?) (?:all-reduce|reduce-scatter|all-gather|all-to-all|"
+                     r"collective-permute)(?:-start)?\(", re.MULTILINE)
+    sizes = []
+    for comp in re.split(r"\n(?=\S.*\{\n)", text):
+        if comp.startswith("ENTRY"):
+            continue
+        for types in ops.findall(comp):
+            for dims in re.findall(r"\w+\[([\d,]*)\]", types):
+                sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
+    return sizes
+
+
+def _child(out: str) -> None:
+    import json
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    b, t, d, v = 8, 64, 32, 256
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    mask = jnp.asarray(rng.random((b, t)) > 0.2, jnp.float32)
+
+    def loss(h, w, groups=(1, 1)):
+        return lm_head_loss_sums(h, w, targets, mask, compute_dtype=jnp.float32,
+                                 z_loss_weight=Z, chunk_size=16, row_groups=groups[0],
+                                 position_groups=groups[1])["loss"]
+
+    value_and_grad = lambda fn: jax.value_and_grad(fn, (0, 1))
+    one, grads = value_and_grad(loss)(h, w)
+    result = {"d_v": d * v, "loss": float(one), "grads": [np.asarray(g).tolist() for g in grads],
+              "cases": {}}
+    setups = {"fsdp8": ((8,), ("fsdp",), P("fsdp"), P("fsdp", None), (8, 1)),
+              "fsdp2_tensor2_context2": ((2, 2, 2), ("fsdp", "tensor", "context"),
+                                         P("fsdp", "context"), P("fsdp", "tensor"), (2, 2))}
+    for name, (shape, axes, h_spec, w_spec, groups) in setups.items():
+        mesh = jax.make_mesh(shape, axes)
+        fn = jax.jit(value_and_grad(lambda h, w, g=groups: loss(h, w, g)),
+                     in_shardings=(NamedSharding(mesh, h_spec), NamedSharding(mesh, w_spec)))
+        value, (d_h, d_w) = fn(h, w)
+        result["cases"][name] = {
+            "loss": float(value), "grads": [np.asarray(d_h).tolist(), np.asarray(d_w).tolist()],
+            "loop_collectives": _loop_collectives(fn.lower(h, w).compile().as_text())}
+        if name == "fsdp8":
+            ungrouped = jax.jit(value_and_grad(loss), in_shardings=(
+                NamedSharding(mesh, h_spec), NamedSharding(mesh, w_spec)))
+            result["ungrouped_loop_collectives"] = _loop_collectives(
+                ungrouped.lower(h, w).compile().as_text())
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child(sys.argv[1])

@@ -33,8 +33,8 @@ def resolve_loss(method: str, seq_len: int, chunk_size: int) -> str:
 
 def lm_head_loss_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array,
                       *, compute_dtype: jnp.dtype, z_loss_weight: float = 0.0,
-                      chunk_size: int = DEFAULT_CHUNK, unroll: bool = False
-                      ) -> dict[str, jax.Array]:
+                      chunk_size: int = DEFAULT_CHUNK, unroll: bool = False,
+                      row_groups: int = 1, position_groups: int = 1) -> dict[str, jax.Array]:
     """Summed next-token losses of ``logits = hidden @ head`` over masked positions.
 
     Args:
@@ -49,6 +49,11 @@ def lm_head_loss_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, ma
         i, i + n, i + 2n, ... (n chunks): strided, so a sequence sharded over devices in
         contiguous pieces stays sharded within every chunk. T is padded to a multiple of it.
       unroll: no loop over the chunks (for XLA's cost analysis, which counts a loop body once).
+      row_groups, position_groups: how many pieces the rows and a chunk's positions are split
+        into across devices (``sharding.shard_count``; 1 and 1 on one device). The kernel's
+        gradient is summed over chunks per piece, [row_groups, position_groups, D, V], and over
+        the pieces once after the last chunk: a sum over rows split across devices inside the
+        loop would make XLA all-reduce a whole [D, V] gradient for every chunk.
     Returns:
       float32 scalars: "loss" = ce + z, the one to differentiate; "ce" (summed cross-entropy)
       and "z" (summed z_loss_weight * logsumexp^2), reported without gradients; "tokens" (the
@@ -69,12 +74,18 @@ def lm_head_loss_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, ma
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"lm_head_loss_sums: chunk_size must be a positive int, got "
                          f"{chunk_size!r}")
+    size = min(chunk_size, hidden.shape[1])
+    for name, groups, dim in (("row_groups", row_groups, hidden.shape[0]),
+                              ("position_groups", position_groups, size)):
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or dim % groups:
+            raise ValueError(f"lm_head_loss_sums: {name} must be a positive int dividing "
+                             f"{dim}, got {groups!r}")
     if not z_loss_weight >= 0:
         raise ValueError(f"lm_head_loss_sums: z_loss_weight must be >= 0, got {z_loss_weight!r}")
     mask = mask.astype(jnp.float32)
     loss, ce, z = _loss_sums(hidden, head, targets.astype(jnp.int32), mask,
                              jnp.dtype(compute_dtype), float(z_loss_weight),
-                             min(chunk_size, hidden.shape[1]), bool(unroll))
+                             size, bool(unroll), (row_groups, position_groups))
     return {"loss": loss, "ce": jax.lax.stop_gradient(ce), "z": jax.lax.stop_gradient(z),
             "tokens": jnp.sum(mask)}
 
@@ -98,16 +109,16 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple, out=None) -> jax.Array:
 
 
 def _chunk_logits(h: jax.Array, head: jax.Array) -> jax.Array:
-    """[B, S, D] x [D, V] -> [B*S, V] float32: a product in the compute dtype, upcast (the
-    model's head returns compute-dtype logits, upcast for the loss)."""
-    h = h.reshape(-1, h.shape[-1])
-    return _dot(h, head, ((1,), (0,))).astype(jnp.float32)
+    """[B, S, D] x [D, V] -> [B, S, V] float32: a product in the compute dtype, upcast (the
+    model's head returns compute-dtype logits, upcast for the loss). Rows and positions stay
+    separate dimensions: merged, a chunk split over devices along both could not stay split."""
+    return _dot(h, head, ((2,), (0,))).astype(jnp.float32)
 
 
 def _chunk_sums(logits: jax.Array, t: jax.Array, m: jax.Array):
-    """logsumexp [N], and the chunk's summed cross-entropy and logsumexp^2 over its mask."""
+    """logsumexp [B, S], and the chunk's summed cross-entropy and logsumexp^2 over its mask."""
     lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
     return lse, jnp.sum((lse - picked) * m), jnp.sum(lse * lse * m)
 
 
@@ -116,14 +127,15 @@ def _prepare(hidden, head, targets, mask, dtype, size):
             _chunks(targets, size, 0), _chunks(mask, size, 0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _loss_sums(hidden, head, targets, mask, dtype, z_weight, size, unroll):
-    """(ce + z, ce, z), float32 scalars, without gradient work."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _loss_sums(hidden, head, targets, mask, dtype, z_weight, size, unroll, groups):
+    """(ce + z, ce, z), float32 scalars, without gradient work (``groups`` is for the
+    gradient's sum)."""
     hs, w, ts, ms = _prepare(hidden, head, targets, mask, dtype, size)
 
     def body(carry, chunk):
         h, t, m = chunk
-        _, ce, zz = _chunk_sums(_chunk_logits(h, w), t.reshape(-1), m.reshape(-1))
+        _, ce, zz = _chunk_sums(_chunk_logits(h, w), t, m)
         return (carry[0] + ce, carry[1] + zz), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -132,37 +144,44 @@ def _loss_sums(hidden, head, targets, mask, dtype, z_weight, size, unroll):
     return ce + z, ce, z
 
 
-def _loss_sums_fwd(hidden, head, targets, mask, dtype, z_weight, size, unroll):
+def _loss_sums_fwd(hidden, head, targets, mask, dtype, z_weight, size, unroll, groups):
     hs, w, ts, ms = _prepare(hidden, head, targets, mask, dtype, size)
     vocab = w.shape[1]
 
     def body(carry, chunk):
         ce_sum, z_sum, d_head = carry
         h, t, m = chunk
-        t, m = t.reshape(-1), m.reshape(-1)
         logits = _chunk_logits(h, w)
         lse, ce, zz = _chunk_sums(logits, t, m)
         # d(ce + z_weight lse^2) / d logits = softmax (1 + 2 z_weight lse) - onehot(target),
         # times the mask; formed in float32, rounded to the compute dtype for the products
         # (as autodiff's cotangent of the upcast logits would be).
         scale = m * (1.0 + 2.0 * z_weight * lse)
-        d_logits = (jnp.exp(logits - lse[:, None]) * scale[:, None]
-                    - jnp.where(jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-                                == t[:, None], m[:, None], 0.0)).astype(dtype)
-        d_h = _dot(d_logits, w, ((1,), (1,)), jnp.float32).astype(hidden.dtype)
-        flat = h.reshape(-1, h.shape[-1])
-        d_head = d_head + _dot(flat, d_logits, ((0,), (0,)), jnp.float32)
-        return (ce_sum + ce, z_sum + zz, d_head), d_h.reshape(h.shape)
+        d_logits = (jnp.exp(logits - lse[..., None]) * scale[..., None]
+                    - jnp.where(jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+                                == t[..., None], m[..., None], 0.0)).astype(dtype)
+        d_h = _dot(d_logits, w, ((2,), (1,)), jnp.float32).astype(hidden.dtype)
+        b, s, d = h.shape
+        if groups == (1, 1):  # one device: a plain [B*S, D]^T [B*S, V] product
+            part = _dot(h.reshape(b * s, d), d_logits.reshape(b * s, vocab), ((0,), (0,)),
+                        jnp.float32)[None, None]
+        else:  # summed within each (row piece, position piece), local to a device
+            split = lambda x: x.reshape(gb, b // gb, gc, s // gc, x.shape[-1])
+            part = jnp.einsum("gbcsd,gbcsv->gcdv", split(h), split(d_logits),
+                              preferred_element_type=jnp.float32)
+        return (ce_sum + ce, z_sum + zz, d_head + part), d_h
 
+    gb, gc = groups
     zero = jnp.zeros((), jnp.float32)
-    init = (zero, zero, jnp.zeros((w.shape[0], vocab), jnp.float32))
+    init = (zero, zero, jnp.zeros((gb, gc, w.shape[0], vocab), jnp.float32))
     (ce, zz, d_head), d_hs = jax.lax.scan(body, init, (hs, ts, ms), unroll=unroll)
+    d_head = jnp.sum(d_head, axis=(0, 1))
     z = z_weight * zz
     d_hidden = _unchunk(d_hs, hidden.shape[1])
     return (ce + z, ce, z), (d_hidden, d_head.astype(head.dtype))
 
 
-def _loss_sums_bwd(dtype, z_weight, size, unroll, residuals, cotangents):
+def _loss_sums_bwd(dtype, z_weight, size, unroll, groups, residuals, cotangents):
     # Only the total is differentiated: lm_head_loss_sums stops the gradients of ce and z.
     d_hidden, d_head = residuals
     g = cotangents[0]

@@ -16,6 +16,7 @@ from hybrid_jax.sharding import (
     activation_sharding,
     batch_sharding,
     micro_batches_sharding,
+    shard_count,
 )
 from hybrid_jax.train.loss import lm_loss_sums, next_token_targets
 from hybrid_jax.train.state import ModelTemplate, TrainState
@@ -58,22 +59,26 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         model = template.model(params)
         cfg = model.config
         method = resolve_loss(cfg.loss_method, tokens.shape[-1], cfg.loss_chunk_size)
-        with activation_sharding(mesh, rules):
-            if method == "full":
+        if method == "full":
+            with activation_sharding(mesh, rules):
                 logits = model(tokens, segment_ids=segment_ids)
-            else:
-                hidden = model.features(tokens, segment_ids=segment_ids)
-        with jax.named_scope("loss"):
-            if method == "full":
+            with jax.named_scope("loss"):
                 sums = lm_loss_sums(logits, targets, mask, z_loss_weight)
-                loss = sums["ce"] + sums["z"]
-            else:
+            return sums["ce"] + sums["z"], sums
+        with activation_sharding(mesh, rules):
+            hidden = model.features(tokens, segment_ids=segment_ids)
+            # The devices' pieces of rows and of each chunk's positions, for the head's
+            # gradient to be summed per device inside the chunk loop, across devices once.
+            chunk = min(cfg.loss_chunk_size, tokens.shape[1])
+            groups = shard_count("batch", tokens.shape[0]), shard_count("length", chunk)
+            with jax.named_scope("loss"):
                 sums = lm_head_loss_sums(hidden, model.head_kernel, targets, mask,
                                          compute_dtype=cfg.compute_dtype,
                                          z_loss_weight=z_loss_weight,
                                          chunk_size=cfg.loss_chunk_size,
-                                         unroll=method == "chunked_unrolled")
-                loss = sums.pop("loss")
+                                         unroll=method == "chunked_unrolled",
+                                         row_groups=groups[0], position_groups=groups[1])
+        loss = sums.pop("loss")
         return loss, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
