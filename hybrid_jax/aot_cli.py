@@ -37,13 +37,17 @@ def add_aot_parser(sub: Any) -> argparse.ArgumentParser:
                        "and cost", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", required=True, help="libtpu topology name, e.g. v5p:4x4x4")
+    p.add_argument("--slices", type=int, default=1,
+                   help="that many slices of --topology (multi-slice: the mesh's data axis "
+                        "runs across them)")
     p.add_argument("--preset", default="olmo_hybrid_7b", choices=sorted(PRESETS))
     p.add_argument("--model-config", type=Path, help="YAML of ModelConfig fields")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a ModelConfig field (value parsed as YAML)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--param-dtype", default="float32")
-    p.add_argument("--mesh", help="axis sizes, e.g. fsdp=32,tensor=2 (default: fsdp = all)")
+    p.add_argument("--mesh", help="axis sizes, e.g. fsdp=32,tensor=2 (default: fsdp = all, "
+                   "data = --slices)")
     p.add_argument("--batch", type=int, required=True, help="global rows per step")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--micro-batches", type=int, default=1, help="train step's accumulation")
@@ -151,14 +155,16 @@ def run_aot(args: argparse.Namespace) -> int:
             raise AOTError(f"--programs: unknown {unknown}; expected some of "
                            f"{[*PROGRAMS, 'kernels']}")
         config = model_config(args)
-        topology = tpu_topology(args.topology)
-        n = len(topology.devices)
-        shape = MeshShape(**parse_mesh_sizes(args.mesh)) if args.mesh else MeshShape(fsdp=n)
+        topology = tpu_topology(args.topology, args.slices)
+        n, slices = len(topology.devices), topology.slices
+        shape = (MeshShape(**parse_mesh_sizes(args.mesh)) if args.mesh
+                 else MeshShape(data=slices, fsdp=n // slices))
         mesh = topology.mesh(shape)
         train_work = Workload(args.batch, args.seq_len, args.micro_batches)
         infer_work = Workload(args.decode_batch or args.batch, args.seq_len)
         spec = topology.device_spec
-        print(f"{args.topology}: {n} devices on {topology.num_chips} chips "
+        print(f"{args.topology}{f' x {slices} slices' if slices > 1 else ''}: {n} devices on "
+              f"{topology.num_chips} chips "
               f"({spec.device_kind}: {_gib(spec.hbm_bytes)} GiB HBM, "
               f"{spec.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
               f"{spec.hbm_bytes_per_s / 1e9:.0f} GB/s per device; {spec.source})")
@@ -186,7 +192,8 @@ def run_aot(args: argparse.Namespace) -> int:
     if args.json is not None:
         import dataclasses
 
-        out = {"topology": args.topology, "mesh": dict(mesh.shape), "preset": args.preset,
+        out = {"topology": args.topology, "slices": args.slices, "mesh": dict(mesh.shape),
+               "preset": args.preset,
                "config": dataclasses.asdict(config), "batch": args.batch, "seq_len": args.seq_len,
                "micro_batches": args.micro_batches, "decode_batch": infer_work.batch,
                "device": vars(spec), "reports": [r.as_dict() for r in reports],

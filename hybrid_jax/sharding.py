@@ -86,14 +86,39 @@ def parse_mesh_sizes(text: str) -> dict[str, int]:
 def make_mesh(shape: MeshShape | None = None, devices: Sequence[jax.Device] | None = None
               ) -> Mesh:
     """A ``Mesh`` with axes ``MESH_AXES`` over ``devices`` (default: all of them, across
-    processes); ``shape`` None puts every device on ``fsdp``."""
+    processes); ``shape`` None puts every device on ``fsdp``.
+
+    TPU devices are laid out by their coordinates in the slice (``mesh_utils``): each mesh
+    axis runs along ICI links, the innermost (tensor, context) over neighbouring chips. Over
+    several slices, ``data`` spans them (the slow links between slices carry only its
+    gradient all-reduce) and must be a multiple of their number. Other devices keep their
+    order (processes in turn)."""
     devices = list(jax.devices() if devices is None else devices)
     if shape is None:
         shape = MeshShape(fsdp=len(devices))
     if shape.num_devices != len(devices):
         raise ShardingError(f"mesh {shape} needs {shape.num_devices} devices, but there are "
                             f"{len(devices)}")
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape.sizes), MESH_AXES)
+    return Mesh(_device_grid(shape, devices), MESH_AXES)
+
+
+def _device_grid(shape: MeshShape, devices: list[jax.Device]) -> np.ndarray:
+    sizes = shape.sizes
+    if devices[0].platform != "tpu":
+        return np.asarray(devices, dtype=object).reshape(sizes)
+    from jax.experimental import mesh_utils
+
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        # Splitting a physical axis (tensor=2 along a ring of 4) is allowed: without it most
+        # meshes with a tensor axis have no layout at all.
+        return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    if shape.data % slices:
+        raise ShardingError(f"mesh {shape} spans {slices} TPU slices: data={shape.data} must be "
+                            f"a multiple of {slices} (data parallelism runs across slices)")
+    per_slice = (shape.data // slices, *sizes[1:])
+    return mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1, 1), devices,
+                                                allow_split_physical_axes=True)
 
 
 @dataclass(frozen=True)

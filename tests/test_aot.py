@@ -102,6 +102,29 @@ def test_pallas_tpu_kernels_compile_with_mosaic(topology, dk, dv, dtype):
     assert 0 < both.scoped_vmem_kib < 16 << 10
 
 
+def test_meshes_over_several_slices_run_data_across_them():
+    """Two v5p:2x2x1 slices: data=2 x fsdp=4 puts each slice on one data index (the slow
+    links between slices carry only data parallelism's gradient all-reduce), and the train
+    step compiles and fits; a mesh whose data axis cannot span the slices is refused."""
+    two = tpu_topology("v5p:2x2x1", slices=2)
+    assert (len(two.devices), two.num_chips, two.slices) == (8, 8, 2)
+    mesh = two.mesh(MeshShape(data=2, fsdp=4))
+    assert [{d.slice_index for d in row.reshape(-1)} for row in mesh.devices] == [{0}, {1}]
+    report = report_program("train", _config(), two, mesh, Workload(8, 64), cost=False)
+    assert report.fits, report.error
+    with pytest.raises(AOTError, match="data=1 must be a multiple of 2"):
+        two.mesh(MeshShape(fsdp=8))
+
+
+def test_one_slice_mesh_puts_tensor_groups_on_neighbouring_chips():
+    four = tpu_topology("v5p:4x4x4")
+    mesh = four.mesh(MeshShape(fsdp=16, tensor=4))
+    assert len({d.id for d in mesh.devices.reshape(-1)}) == 64
+    for group in mesh.devices.reshape(16, 4):  # each tensor group: one ring of the torus
+        coords = [tuple(d.coords) for d in group]
+        assert sum(len({c[i] for c in coords}) > 1 for i in range(3)) == 1, coords
+
+
 def test_bad_topologies_and_meshes(topology):
     with pytest.raises(AOTError, match="unknown TPU generation 'v9x'"):
         tpu_topology("v9x:2x2")
@@ -156,6 +179,7 @@ def test_required_bytes_reads_the_compilers_message():
     (["--topology", TOPOLOGY, "--mesh", "pipeline=4"], "AXIS=SIZE"),
     (["--topology", TOPOLOGY, "--programs", "train,serve"], "unknown ['serve']"),
     (["--topology", TOPOLOGY, "--set", "hidden_size=-1"], "hidden_size"),
+    (["--topology", TOPOLOGY, "--slices", "0"], "slices must be a positive int"),
 ])
 def test_cli_errors_name_the_culprit(argv, message, capsys):
     rc = main(["aot", "--preset", "tiny", "--batch", "4", "--seq-len", "64", *argv])

@@ -35,13 +35,15 @@ def quiet_libtpu_environment() -> None:
 
 @dataclass(frozen=True)
 class Topology:
-    """A TPU slice's abstract devices. ``device_spec`` is one device's share of the chip's
-    figures (libtpu describes a v4 chip as two devices, one per TensorCore)."""
+    """A TPU slice's abstract devices (or ``slices`` such slices, joined by the data-center
+    network). ``device_spec`` is one device's share of the chip's figures (libtpu describes a
+    v4 chip as two devices, one per TensorCore)."""
 
     name: str
     devices: tuple[jax.Device, ...]
     chip: ChipSpec
     num_chips: int
+    slices: int = 1
 
     @property
     def devices_per_chip(self) -> int:
@@ -63,11 +65,13 @@ class Topology:
 _SHAPE = re.compile(r"\d+x\d+(x\d+)?")
 
 
-def tpu_topology(name: str) -> Topology:
-    """The topology ``name`` ("v5e:2x2", "v5p:4x4x4", "v6e:16x16", "v4:2x2x1"), from libtpu.
+def tpu_topology(name: str, slices: int = 1) -> Topology:
+    """The topology ``name`` ("v5e:2x2", "v5p:4x4x4", "v6e:16x16", "v4:2x2x1"), from libtpu;
+    ``slices`` > 1: that many such slices (multi-slice, ``sharding.make_mesh`` runs the mesh's
+    data axis across them).
 
     Raises AOTError for a generation not in ``chips.CHIPS``, a malformed shape, a shape
-    libtpu rejects, or a missing libtpu."""
+    libtpu rejects, a bad slice count, or a missing libtpu."""
     generation, sep, shape = name.partition(":")
     if not sep or generation not in CHIPS:
         raise AOTError(f"topology {name!r}: unknown TPU generation {generation!r}; expected "
@@ -75,13 +79,16 @@ def tpu_topology(name: str) -> Topology:
                        f"e.g. v5p:4x4x4")
     if not _SHAPE.fullmatch(shape):
         raise AOTError(f"topology {name!r}: shape {shape!r} is not AxB or AxBxC")
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+        raise AOTError(f"topology {name!r}: slices must be a positive int, got {slices!r}")
     if importlib.util.find_spec("libtpu") is None:
         raise AOTError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'")
     quiet_libtpu_environment()
     from jax.experimental import topologies
 
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
+        extra = {"num_slices": slices} if slices > 1 else {}
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name, **extra)
     except Exception as e:  # libtpu raises JaxRuntimeError with its own wording
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AOTError(f"topology {name!r}: libtpu rejects it: {reason}") from None
@@ -90,5 +97,5 @@ def tpu_topology(name: str) -> Topology:
     if devices[0].device_kind != chip.device_kind:
         raise AOTError(f"topology {name!r}: libtpu describes {devices[0].device_kind!r} "
                        f"devices, not {chip.device_kind!r}")
-    chips = len({tuple(d.coords) for d in devices})
-    return Topology(name, devices, chip, chips)
+    chips = len({(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices})
+    return Topology(name, devices, chip, chips, slices)
