@@ -187,15 +187,6 @@ def join_processes(args: argparse.Namespace) -> None:
         raise ConfigError(f"{flags}: {e}") from None
 
 
-def _flops_per_token(model_cfg: Any, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per non-embedding parameter, plus attention's 12 L H Dh T
-    (PaLM's estimate); the GDN state updates are left out (small at these widths)."""
-    embed = model_cfg.vocab_size * model_cfg.hidden_size
-    n_attn = sum(kind == "full_attention" for kind in model_cfg.layer_types)
-    return 6 * (n_params - embed) + 12 * n_attn * model_cfg.num_attention_heads * \
-        model_cfg.head_dim * seq_len
-
-
 def run_train(args: argparse.Namespace,
               before_training: Callable[[dict[str, dict[str, Any]]], int | None] | None = None
               ) -> int:
@@ -284,7 +275,11 @@ def run_train(args: argparse.Namespace,
 
     abstract = abstract_train_state(model_cfg, make_optimizer(opt_cfg))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    flops_tok = _flops_per_token(model_cfg, n_params, data["seq_len"])
+    from hybrid_jax.aot.roofline import model_flops
+
+    # Model FLOPs per token (causal attention, the GDN chunk products; no remat), as the AOT
+    # roofline counts them.
+    flops_tok = model_flops(model_cfg, "train", 1, data["seq_len"]) / data["seq_len"]
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     if lead:
         print(f"hybrid-jax train: {args.preset} ({n_params / 1e6:.2f}M parameters), "
