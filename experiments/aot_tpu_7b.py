@@ -12,7 +12,9 @@ the longest sequences that fit, and the Pallas TPU kernels compiled by Mosaic.
 logits bounded the first results, instead of the blockwise form (the model's default);
 ``--loss chunked`` the model's default loss, chunk by chunk without [B, T, V] logits, instead
 of the full logits of every earlier result (``--loss full``, results/aot/<part>_<attention>/;
-chunked: <part>_<attention>_chunked_loss/); ``--attention-block`` sets the block;
+chunked: <part>_<attention>_chunked_loss/); ``--remat layers`` recomputes each layer rather
+than each block of four (directories suffixed _remat_layers); ``--attention-block`` sets the
+block;
 ``--topologies``, ``--models`` and ``--meshes`` narrow a part to some of its cases. Each
 case writes experiments/results/aot/<part>_<attention>/<case>.json (kernels: kernels/,
 attention: attention/) and is skipped when that file exists (--force recompiles), so a part
@@ -21,7 +23,8 @@ cost compiles of the blockwise form (its block loops unrolled) longer.
 
 Models: ``hybrid`` is the olmo_hybrid_7b preset (3 GDN : 1 attention, GDN through the Pallas
 kernels); ``attention`` is the same with every layer full attention (OLMo-3-7B-like, 30
-heads). Both bf16 compute, float32 master weights and AdamW moments, full remat per block.
+heads). Both bf16 compute, float32 master weights and AdamW moments, full remat per block of
+4 layers (``--remat layers``: per layer).
 Slices: v5p:4x4x4 (64 chips, "v5p-128" in TensorCores) and v6e:16x16 (256 chips); meshes
 FSDP over every chip, and FSDP x tensor 2 (30 heads allow tensor 1 or 2). Micro-batches:
 one row per data-parallel shard each (512 rows / shards), the least memory per step.
@@ -70,13 +73,15 @@ MESHES = ("fsdp", "fsdp_tp2")
 
 
 LOSS_FORMS = ("full", "chunked")
+REMATS = ("full", "layers")
 
 
-def model(name: str, attention: str = "blockwise", loss: str = "full", block: int | None = None):
+def model(name: str, attention: str = "blockwise", loss: str = "full", block: int | None = None,
+          remat: str = "full"):
     """``loss`` "full": the loss over [B, T, V] float32 logits (every result before the chunked
     loss); "chunked": the model's default at these lengths, 1024 positions per row at a time."""
     extra = {} if block is None else {"attention_block_size": block}
-    cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="float32", remat="full",
+    cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="float32", remat=remat,
                          gdn_method="pallas", max_position_embeddings=1 << 21,
                          attention_method=attention,
                          loss_method=loss, **extra)
@@ -108,12 +113,13 @@ def _case(part: str, name: str, force: bool, run) -> None:
     print(f"{part}/{name}: {json.dumps(record, default=str)[:400]}", flush=True)
 
 
-def _part(part: str, attention: str, loss: str) -> str:
-    return f"{part}_{attention}" + ("_chunked_loss" if loss == "chunked" else "")
+def _part(part: str, attention: str, loss: str, remat: str = "full") -> str:
+    return (f"{part}_{attention}" + ("_chunked_loss" if loss == "chunked" else "")
+            + ("" if remat == "full" else f"_remat_{remat}"))
 
 
-def table(force: bool, attention: str, loss: str, block: int | None, topologies, models,
-          mesh_names) -> None:
+def table(force: bool, attention: str, loss: str, block: int | None, remat: str, topologies,
+          models, mesh_names) -> None:
     for topo_name in topologies:
         topology = tpu_topology(topo_name)
         for mesh_name in mesh_names:
@@ -124,15 +130,15 @@ def table(force: bool, attention: str, loss: str, block: int | None, topologies,
                 work = Workload(BATCH, SEQ, micro_batches=BATCH // shards)
 
                 def run(name=name, mesh=mesh, work=work, topology=topology, shape=shape):
-                    cfg = model(name, attention, loss, block)
+                    cfg = model(name, attention, loss, block, remat)
                     report = report_program("train", cfg, topology, mesh, work)
-                    return {"model": name, "attention": attention, "loss": loss,
+                    return {"model": name, "attention": attention, "loss": loss, "remat": remat,
                             "attention_block_size": cfg.attention_block_size,
                             "topology": topology.name,
                             "mesh": str(shape), "matmul_params": matmul_params(cfg),
                             "workload": dataclasses.asdict(work), **report.as_dict()}
 
-                _case(_part("table", attention, loss), f"{name}_{topo_name.replace(':', '_')}_{mesh_name}",
+                _case(_part("table", attention, loss, remat), f"{name}_{topo_name.replace(':', '_')}_{mesh_name}",
                       force, run)
 
 
@@ -143,8 +149,8 @@ def _fits(program: str, cfg, topology, mesh, work) -> dict:
             "error": report.error, "compile_s": report.compile_s}
 
 
-def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None, topologies,
-           models) -> None:
+def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None, remat: str,
+           topologies, models) -> None:
     """Doubling from 8192 until the program no longer fits: the train step with one row per
     chip (FSDP over every chip), and a decode step with one row per chip against a cache of
     that length."""
@@ -156,7 +162,7 @@ def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None
         for program in ("train", "decode") if attention == "dense" else ("train",):
             for name in models:
                 def run(program=program, name=name, topology=topology, mesh=mesh, n=n):
-                    cfg = model(name, attention, loss, block)
+                    cfg = model(name, attention, loss, block, remat)
                     tries, seq = [], SEQ
                     while seq <= limit:
                         tries.append(_fits(program, cfg, topology, mesh, Workload(n, seq)))
@@ -167,12 +173,12 @@ def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None
                         seq *= 2
                     fitting = [t["seq_len"] for t in tries if t["fits"]]
                     return {"model": name, "attention": attention, "loss": loss,
-                            "attention_block_size": cfg.attention_block_size,
+                            "remat": remat, "attention_block_size": cfg.attention_block_size,
                             "program": program, "topology": topology.name, "rows_per_chip": 1,
                             "largest_fitting": max(fitting, default=None), "limit": limit,
                             "tries": tries}
 
-                _case(_part("maxlen", attention, loss), f"{program}_{name}_{topo_name.replace(':', '_')}",
+                _case(_part("maxlen", attention, loss, remat), f"{program}_{name}_{topo_name.replace(':', '_')}",
                       force, run)
 
 
@@ -239,11 +245,13 @@ def _load(part: str) -> list[dict]:
     blockwise form have no "attention" field: they are dense; before the chunked loss, no
     "loss" field: full logits)."""
     dirs = ([OUT / part] if part in ("kernels", "attention")
-            else [OUT / _part(part, a, loss) for a in ATTENTION_FORMS for loss in LOSS_FORMS])
+            else [OUT / _part(part, a, loss, remat) for a in ATTENTION_FORMS
+                  for loss in LOSS_FORMS for remat in REMATS])
     rows = [json.loads(p.read_text()) for d in dirs for p in sorted(d.glob("*.json"))]
     for r in rows:
         r.setdefault("attention", "dense")
         r.setdefault("loss", "full")
+        r.setdefault("remat", "full")
     return rows
 
 
@@ -254,14 +262,14 @@ def _gib(n) -> str:
 def report() -> None:
     rows = _load("table")
     if rows:
-        print("| model | attention | loss | slice | mesh | micro-batches | args GiB | temp GiB "
-              "| total / HBM GiB | XLA TFLOP/chip | model TFLOP/chip | roofline s | bound "
-              "| est. MFU |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| model | attention | loss | remat | slice | mesh | micro-batches | args GiB "
+              "| temp GiB | total / HBM GiB | XLA TFLOP/chip | model TFLOP/chip | roofline s "
+              "| bound | est. MFU |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             m, roof = r["memory"], r["roofline"]
             n = 64 if r["topology"].startswith("v5p") else 256
-            cells = [r["model"], r["attention"], r["loss"], r["topology"],
+            cells = [r["model"], r["attention"], r["loss"], r["remat"], r["topology"],
                      r["mesh"].replace(" x context=1", ""),
                      r["workload"]["micro_batches"], _gib(m and m["argument"]),
                      _gib(m and m["temp"]), f"{_gib(m and m['total'])} / "
@@ -274,9 +282,9 @@ def report() -> None:
             print("| " + " | ".join(map(str, cells)) + " |")
     rows = _load("maxlen")
     if rows:
-        print("\n| program | model | attention (block) | loss | slice "
+        print("\n| program | model | attention (block) | loss | remat | slice "
               "| longest that fits (1 row per chip) | its total GiB | twice as long needs GiB |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             fitting = [t for t in r["tries"] if t["fits"]]
             last = r["tries"][-1]
@@ -284,7 +292,8 @@ def report() -> None:
                      else _gib(required_bytes(last["error"])) + " (temporaries)")
             block = r.get("attention_block_size") if r["attention"] != "dense" else None
             print(f"| {r['program']} | {r['model']} | {r['attention']}"
-                  f"{f' ({block})' if block else ''} | {r['loss']} | {r['topology']} | "
+                  f"{f' ({block})' if block else ''} | {r['loss']} | {r['remat']} | "
+                  f"{r['topology']} | "
                   f"{r['largest_fitting']} | {_gib(fitting[-1]['total']) if fitting else '-'} "
                   f"| {needs} |")
     rows = _load("kernels")
@@ -325,6 +334,8 @@ def main() -> int:
                    help="table, maxlen: the attention layers' form")
     p.add_argument("--loss", choices=LOSS_FORMS, default="full",
                    help="table, maxlen: full logits (the earlier results) or the chunked loss")
+    p.add_argument("--remat", choices=REMATS, default="full",
+                   help="table, maxlen: recompute each block of 4 layers (full) or each layer")
     p.add_argument("--attention-block", type=int,
                    help="table, maxlen: attention_block_size (default: the model's)")
     p.add_argument("--topologies", default=",".join(TOPOLOGIES),
@@ -345,11 +356,11 @@ def main() -> int:
     elif args.part == "attention":
         attention_layer(args.force)
     elif args.part == "table":
-        table(args.force, args.attention, args.loss, args.attention_block, topologies, models,
-              mesh_names)
+        table(args.force, args.attention, args.loss, args.attention_block, args.remat,
+              topologies, models, mesh_names)
     elif args.part == "maxlen":
         maxlen(args.force, args.limit, args.attention, args.loss, args.attention_block,
-               topologies, models)
+               args.remat, topologies, models)
     else:
         kernels(args.force)
     return 0

@@ -17,7 +17,9 @@ ATTENTION = "full_attention"
 LAYER_KINDS = (GDN, ATTENTION)
 
 GDN_METHODS = ("auto", "recurrent", "chunk", "assoc_scan", "pallas")  # ops.METHODS
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# "full": each block of layer_period layers recomputed in the backward pass from its input;
+# "layers": each layer from its input (more saved inputs, a quarter of the block's temporaries).
+REMAT_POLICIES = ("none", "full", "layers", "dots", "dots_no_batch")
 # ops.attention.causal_attention's implementations; "auto" is "blockwise" when the sequence
 # is longer than one block, else "dense" (the same logits, without loops), on every backend.
 ATTENTION_METHODS = ("auto", "dense", "blockwise", "blockwise_unrolled")

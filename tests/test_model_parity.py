@@ -221,7 +221,7 @@ def test_remat_same_logits_and_grads():
 
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
     (value, logits), grads = grad_fn(graphdef, params)
-    for remat in ("full", "dots", "dots_no_batch"):
+    for remat in ("full", "layers", "dots", "dots_no_batch"):
         remat_graphdef, _ = split(_with_config(model, remat=remat))
         assert "remat" in str(jax.make_jaxpr(lambda p: loss(remat_graphdef, p))(params))
         (r_value, r_logits), r_grads = grad_fn(remat_graphdef, params)

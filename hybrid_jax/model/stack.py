@@ -21,22 +21,33 @@ from hybrid_jax.sharding import RESIDUAL, constrain
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
+    # "layers": DecoderBlock checkpoints each layer instead (saving every layer's input)
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
 class DecoderBlock(nnx.Module):
-    """``len(kinds)`` decoder layers applied in order."""
+    """``len(kinds)`` decoder layers applied in order; with remat "layers", each one
+    recomputed in the backward pass from its saved input."""
 
     def __init__(self, config: ModelConfig, kinds: tuple[str, ...], *, rngs: nnx.Rngs) -> None:
+        self.per_layer_remat = config.remat == "layers"
         self.layers = nnx.List([make_layer(kind, config, rngs=rngs) for kind in kinds])
 
     def __call__(self, x: jax.Array, *, rope: Rope = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """[B, T, D] -> [B, T, D]."""
         for layer in self.layers:
-            x = layer(x, rope=rope, segment_ids=segment_ids)
+            if self.per_layer_remat:
+                graphdef, state = nnx.split(layer)
+
+                def run(h, s, graphdef=graphdef):
+                    return nnx.merge(graphdef, s)(h, rope=rope, segment_ids=segment_ids)
+
+                x = jax.checkpoint(run)(x, state)
+            else:
+                x = layer(x, rope=rope, segment_ids=segment_ids)
         return x
 
 
@@ -73,7 +84,7 @@ class DecoderStack(nnx.Module):
             return constrain(h, RESIDUAL)
 
         remat = self.config.remat
-        if remat != "none":
+        if remat not in ("none", "layers"):  # "layers": DecoderBlock checkpoints each layer
             # Inside scan, CSE across iterations cannot undo the remat, so prevent_cse is not needed.
             run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[remat],
                                        prevent_cse=not self.scanned)
