@@ -134,9 +134,9 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
             u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, *, scale: float, width: int):
     f32 = jnp.float32
     dt = u_ref.dtype  # matmul operand dtype: the inputs' (bf16) or float32
-    beta = beta_ref[...]  # [C, 1]
+    beta = _column(beta_ref)  # [C, 1]
     row, col = _iotas(q_ref.shape[0])
-    decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
+    decay, from_start, to_end, chunk_decay = _gates(_column(g_ref), _column(seg_ref), row, col)
     # A first, then the intra-chunk output written before the solve: neither q k^T nor the
     # decays stay live through it (fewer registers spilled on GPU).
     a = _keys_matrix(k_ref, beta, decay, row, col, width)
@@ -165,10 +165,10 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
     out as a matmul operand for ``_backward_columns_kernel``."""
     f32 = jnp.float32
     dt = dot_dtype(q_ref.dtype)
-    beta = beta_ref[...]
+    beta = _column(beta_ref)
     row, col = _iotas(q_ref.shape[0])
     strict = row > col
-    decay, from_start, _, _ = _gates(g_ref[...], seg_ref[...], row, col)
+    decay, from_start, _, _ = _gates(_column(g_ref), _column(seg_ref), row, col)
     # T^T is kept only as the solve's matmul pieces (for bf16 inputs: bf16 hi and lo, the
     # registers of one float32 tile); hi is the operand of the products with d_u and d_w.
     inv_t = solve_pieces(_keys_inverse(k_ref, beta, decay, row, col, width).T, q_ref.dtype)
@@ -190,9 +190,9 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
         d_to_end = d_to_end + _sum_cols(k * dkd_ref[:, cols])
     d_inv_t = solve_pieces(mm_pieces(solve_pieces(d_inv, q_ref.dtype), inv_t), q_ref.dtype)
     d_a_ref[...] = jnp.where(strict, -mm_pieces(inv_t, d_inv_t), 0.0)
-    dbeta_ref[...] = dbeta
-    d_fs_ref[...] = d_from_start
-    d_te_ref[...] = d_to_end
+    dbeta_ref[...] = dbeta.T
+    d_fs_ref[...] = d_from_start.T
+    d_te_ref[...] = d_to_end.T
 
 
 def _backward_gates_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, dintra_ref, ddecay_ref,
@@ -205,13 +205,13 @@ def _backward_gates_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, dintra_ref, d
     d_kk + d_kk^T as matmul operands, and the decays from the chunk's start and to its end,
     for ``_backward_columns_kernel``."""
     f32 = jnp.float32
-    beta = beta_ref[...]
+    beta = _column(beta_ref)
     row, col = _iotas(q_ref.shape[0])
     causal, strict = row >= col, row > col
-    decay, from_start, to_end, chunk_decay = _gates(g_ref[...], seg_ref[...], row, col)
+    decay, from_start, to_end, chunk_decay = _gates(_column(g_ref), _column(seg_ref), row, col)
     d_a = d_a_ref[...]
     kk = _products(k_ref, k_ref, width)
-    dbeta_out_ref[...] = dbeta_ref[...] + _sum_cols(d_a * kk * decay)
+    dbeta_out_ref[...] = (_column(dbeta_ref) + _sum_cols(d_a * kk * decay)).T
     d_decay = beta * d_a * kk
     d_kk = beta * d_a * decay
     d_kk_ref[...] = (d_kk + d_kk.T).astype(d_kk_ref.dtype)
@@ -222,13 +222,13 @@ def _backward_gates_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, dintra_ref, d
     d_log = d_decay * decay  # d decay_log[i, j]; decay_log[i, j] sums g_t over j < t <= i
     per_t = mm_exact_mask(d_log, row < col)  # [i, t] = sum_{j < t} d_log[i, j]
     dg = jnp.sum(jnp.where(causal, per_t, 0.0), axis=0, keepdims=True).T  # sum over i >= t
-    d_gamma = d_fs_ref[...] * from_start  # gamma[i] sums g_t over t <= i
+    d_gamma = _column(d_fs_ref) * from_start  # gamma[i] sums g_t over t <= i
     dg = dg + jnp.sum(jnp.where(causal, d_gamma, 0.0), axis=0, keepdims=True).T
-    d_to_end_log = (d_te_ref[...] * to_end).T  # [1, C]; to_end_log[j] sums g_t over t > j
+    d_to_end_log = d_te_ref[...] * to_end.T  # [1, C]; to_end_log[j] sums g_t over t > j
     dg = dg + jnp.sum(jnp.where(strict, d_to_end_log, 0.0), axis=1, keepdims=True)
-    dg_ref[...] = dg + ddecay_ref[...] * chunk_decay
-    from_start_ref[...] = from_start
-    to_end_ref[...] = to_end
+    dg_ref[...] = (dg + ddecay_ref[...] * chunk_decay).T
+    from_start_ref[...] = from_start.T
+    to_end_ref[...] = to_end.T
 
 
 def _backward_columns_kernel(q_ref, k_ref, beta_ref, dw_ref, dqd_ref, dkd_ref, inv_t_ref,
@@ -240,16 +240,23 @@ def _backward_columns_kernel(q_ref, k_ref, beta_ref, dw_ref, dqd_ref, dkd_ref, i
     f32 = jnp.float32
     dt = d_qk_ref.dtype
     q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)
-    d_qk, from_start = d_qk_ref[...], from_start_ref[...]
+    d_qk, from_start = d_qk_ref[...], _column(from_start_ref)
     dq_ref[...] = _mm(d_qk, k, dt) + scale * from_start * dqd_ref[...]
-    dk_ref[...] = (beta_ref[...] * from_start * _mm(inv_t_ref[...], dw_ref[...], dt)
+    dk_ref[...] = (_column(beta_ref) * from_start * _mm(inv_t_ref[...], dw_ref[...], dt)
                    + _mm(d_qk.T, q, dt) + _mm(d_kk_ref[...], k, dt)
-                   + to_end_ref[...] * dkd_ref[...])
+                   + _column(to_end_ref) * dkd_ref[...])
 
 
 def _rows(x: jax.Array) -> jax.Array:
-    """[R, N, C] -> [R, N, C, 1]: per-position values as a column block."""
-    return x[..., None]
+    """[R, N, C] -> [R, N, 1, C]: per-position values as one row per chunk. Lane-dense: a
+    [C, 1] column block per chunk would be padded to 128 lanes per position in TPU memory
+    (480 MiB instead of 3.75 for one such array at OLMo's layer and 32k tokens)."""
+    return x[..., None, :]
+
+
+def _column(ref) -> jax.Array:
+    """A chunk's per-position values, stored as a [1, C] row block, as a [C, 1] column."""
+    return ref[...].T
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
@@ -284,8 +291,8 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     u, w, qd, kd, intra, decay = pl.pallas_call(
         functools.partial(_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
-        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(c, 1),
-                  chunk_block(c, 1), chunk_block(c, 1)],
+        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(1, c),
+                  chunk_block(1, c), chunk_block(1, c)],
         out_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
                    chunk_block(c, c), chunk_block(1, 1)],
         out_shape=out_shape,
@@ -319,13 +326,13 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     if dk % width:
         raise ValueError(f"chunk_factors_backward_kernel: Dk={dk} is not a multiple of {width}")
     params = compiler_params(backend, ("parallel", "parallel"))
-    g_col, beta_col = _rows(g.astype(f32)), _rows(beta.astype(f32))
-    seg_col = _rows(seg.astype(jnp.int32))
+    g_row, beta_row = _rows(g.astype(f32)), _rows(beta.astype(f32))
+    seg_row = _rows(seg.astype(jnp.int32))
     d_u, d_w = d_u.astype(dt), d_w.astype(dt)
     d_q_decayed, d_k_decayed = d_q_decayed.astype(f32), d_k_decayed.astype(f32)
-    per_row = lambda: jax.ShapeDtypeStruct((r, n, c, 1), f32)  # [R, N, C, 1] float32
+    per_row = lambda: jax.ShapeDtypeStruct((r, n, 1, c), f32)  # [R, N, 1, C] float32
     passes = 3 if dt != f32 else 1
-    operands = (q, k, v, g_col, beta_col, seg_col, d_u, d_w, d_q_decayed, d_k_decayed)
+    operands = (q, k, v, g_row, beta_row, seg_row, d_u, d_w, d_q_decayed, d_k_decayed)
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), f32),
                  jax.ShapeDtypeStruct((r, n, c, c), f32),
                  jax.ShapeDtypeStruct((r, n, c, c), dt), per_row(), per_row(), per_row()]
@@ -334,17 +341,17 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     dv_, d_a, inv_t, dbeta, d_fs, d_te = pl.pallas_call(
         functools.partial(_backward_solve_kernel, scale=scale, width=width),
         grid=(r, n),
-        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(c, 1),
-                  chunk_block(c, 1), chunk_block(c, 1),
+        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(1, c),
+                  chunk_block(1, c), chunk_block(1, c),
                   chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk)],
         out_specs=[chunk_block(c, dv), chunk_block(c, c), chunk_block(c, c),
-                   *[chunk_block(c, 1)] * 3],
+                   *[chunk_block(1, c)] * 3],
         out_shape=out_shape,
         compiler_params=params,
         cost_estimate=cost_estimate(r * n, flops, c * c + 2 * c, operands, out_shape),
         interpret=interpret,
     )(*operands)
-    operands = (q, k, g_col, beta_col, seg_col, d_intra.astype(f32),
+    operands = (q, k, g_row, beta_row, seg_row, d_intra.astype(f32),
                 d_chunk_decay.astype(f32)[..., None, None], d_a, dbeta, d_fs, d_te)
     out_shape = [per_row(), per_row(), *[jax.ShapeDtypeStruct((r, n, c, c), dt)] * 2,
                  per_row(), per_row()]
@@ -353,11 +360,11 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     dg, dbeta, d_qk, d_kk, from_start, to_end = pl.pallas_call(
         functools.partial(_backward_gates_kernel, scale=scale, width=width),
         grid=(r, n),
-        in_specs=[chunk_block(c, dk), chunk_block(c, dk), *[chunk_block(c, 1)] * 3,
+        in_specs=[chunk_block(c, dk), chunk_block(c, dk), *[chunk_block(1, c)] * 3,
                   chunk_block(c, c), chunk_block(1, 1), chunk_block(c, c),
-                  *[chunk_block(c, 1)] * 3],
-        out_specs=[chunk_block(c, 1), chunk_block(c, 1), chunk_block(c, c), chunk_block(c, c),
-                   chunk_block(c, 1), chunk_block(c, 1)],
+                  *[chunk_block(1, c)] * 3],
+        out_specs=[chunk_block(1, c), chunk_block(1, c), chunk_block(c, c), chunk_block(c, c),
+                   chunk_block(1, c), chunk_block(1, c)],
         out_shape=out_shape,
         compiler_params=params,
         cost_estimate=cost_estimate(r * n, flops, c * c + 2 * c, operands, out_shape),
@@ -370,14 +377,14 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     def whole(*shape):
         return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
 
-    operands = (q, k, beta_col, d_w, d_q_decayed, d_k_decayed, inv_t, d_qk, d_kk, from_start,
+    operands = (q, k, beta_row, d_w, d_q_decayed, d_k_decayed, inv_t, d_qk, d_kk, from_start,
                 to_end)
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2
     dq, dk_ = pl.pallas_call(
         functools.partial(_backward_columns_kernel, scale=scale),
         grid=(r, n, dk // width),
-        in_specs=[columns(c), columns(c), whole(c, 1), columns(c), columns(c), columns(c),
-                  *[whole(c, c)] * 3, whole(c, 1), whole(c, 1)],
+        in_specs=[columns(c), columns(c), whole(1, c), columns(c), columns(c), columns(c),
+                  *[whole(c, c)] * 3, whole(1, c), whole(1, c)],
         out_specs=[columns(c), columns(c)],
         out_shape=out_shape,
         compiler_params=compiler_params(backend, ("parallel", "parallel", "parallel")),
@@ -386,4 +393,4 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
                                     out_shape),
         interpret=interpret,
     )(*operands)
-    return dq, dk_, dv_, dg[..., 0], dbeta[..., 0]
+    return dq, dk_, dv_, dg[..., 0, :], dbeta[..., 0, :]
