@@ -254,12 +254,12 @@ def run_train(args: argparse.Namespace,
     except (ValueError, OSError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    lead = jax.process_index() == 0
+    from jax.experimental import multihost_utils
+
+    lead, processes = jax.process_index() == 0, jax.process_count()
     if before_training is not None:
         code = before_training(cfg) if lead else None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
+        if processes > 1:
             agreed = multihost_utils.broadcast_one_to_all(np.int32(-1 if code is None else code))
             code = None if int(agreed) == -1 else int(agreed)
         if code is not None:
@@ -280,12 +280,12 @@ def run_train(args: argparse.Namespace,
     # Model FLOPs per token (causal attention, the GDN chunk products; no remat), as the AOT
     # roofline counts them.
     flops_tok = model_flops(model_cfg, "train", 1, data["seq_len"]) / data["seq_len"]
-    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     if lead:
         print(f"hybrid-jax train: {args.preset} ({n_params / 1e6:.2f}M parameters), "
               f"{dataset.num_rows} rows of {data['seq_len']} tokens, batch "
               f"{data['global_batch']}, {steps} steps, mesh "
-              f"{dict(mesh.shape) if mesh else 'one device'}{processes}", file=sys.stderr)
+              f"{dict(mesh.shape) if mesh else 'one device'}"
+              f"{f', {processes} processes' if processes > 1 else ''}", file=sys.stderr)
     bar = None
     if not args.no_progress and lead:
         from tqdm import tqdm
@@ -333,15 +333,13 @@ def run_train(args: argparse.Namespace,
         from hybrid_jax.convert import to_hf
 
         params = state.params
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
+        if processes > 1:
             # Each process holds slices of the parameters: gather them, process 0 writes.
             params = multihost_utils.process_allgather(params, tiled=True)
         if lead:
             to_hf(params, run["export_hf"], config=model_cfg)
             print(f"exported to {run['export_hf']}", file=sys.stderr)
-        if jax.process_count() > 1:  # no process leaves while process 0 still writes
+        if processes > 1:  # no process leaves while process 0 still writes
             multihost_utils.sync_global_devices("hybrid-jax train: export_hf written")
     if prompt_ids is not None:
         text = _sample(model_cfg, state.params, codec, prompt_ids, args.sample,
