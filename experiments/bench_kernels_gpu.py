@@ -175,7 +175,7 @@ def ablation(data, repeats: int) -> dict:
     from hybrid_jax.ops.gdn_pallas import _kernel_inputs, _pad_state
 
     q, k, v, g, beta, s0 = data
-    (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64)
+    (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64, "gpu")
     interpret = jax.default_backend() == "cpu"
     scale = q.shape[-1] ** -0.5
     times = {}

@@ -292,8 +292,10 @@ def test_kernels_lower_for_their_accelerator(variant, platform, marker, dtype):
 
 
 def test_gdn_pallas_bf16_inputs_stay_close_to_float32():
-    """bf16 inputs: matmul operands in bf16 (float32 state, gates and solve), against the
-    float32 chunk form on the same (bf16-rounded) inputs."""
+    """bf16 inputs: matmul operands in bf16 (float32 state, gates and solve; the backward's
+    per-chunk states, state cotangents and dv_new stored in bf16, as flash-linear-attention
+    stores them), against the float32 chunk form on the same (bf16-rounded) inputs: outputs,
+    final state and every gradient within bf16 rounding."""
     from hybrid_jax.ops.gdn_chunk import gdn_chunk
     from hybrid_jax.ops.gdn_pallas import gdn_pallas
 
@@ -306,9 +308,46 @@ def test_gdn_pallas_bf16_inputs_stay_close_to_float32():
     g = -jnp.abs(x(b, t, h)) * 0.3
     beta = jnp.asarray(rng.uniform(0, 1, (b, t, h)), jnp.float32)
     s0 = x(b, h, dk, dv) * 0.1
+    d_o, d_final = x(b, t, h, dv), x(b, h, dk, dv)
+    f32 = lambda a: a.astype(jnp.float32)
     o, final = gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, 32, interpret=True)
     assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32
-    f32 = lambda a: a.astype(jnp.float32)
     want_o, want_final = gdn_chunk(f32(q), f32(k), f32(v), g, beta, dk ** -0.5, s0, None, 32)
     rel = lambda a, b_: float(jnp.linalg.norm(f32(a) - b_) / jnp.linalg.norm(b_))
     assert rel(o, want_o) < 2e-2 and rel(final, want_final) < 2e-2
+
+    def loss(form, *args):
+        o, final = form(*args[:5], dk ** -0.5, args[5], None, 32)
+        return jnp.sum(f32(o) * d_o) + jnp.sum(final * d_final)
+
+    pallas = lambda *a: gdn_pallas(*a, interpret=True)
+    got = jax.grad(lambda *a: loss(pallas, *a), argnums=range(6))(q, k, v, g, beta, s0)
+    want = jax.grad(lambda *a: loss(gdn_chunk, *a), argnums=range(6))(
+        f32(q), f32(k), f32(v), g, beta, s0)
+    for a, b_, name in zip(got, want, ("dq", "dk", "dv", "dg", "dbeta", "d_initial")):
+        assert rel(a, b_) < 1e-2, (name, rel(a, b_))
+
+
+def test_state_passes_store_per_chunk_arrays_in_the_factors_dtype():
+    """bf16 factors: the states, state cotangents and dv_new the backward reads are stored in
+    bf16 (the running states stay float32), equal to the float32 passes' on the same factors
+    within bf16 rounding; final state and initial cotangent stay float32."""
+    rng = np.random.default_rng(5)
+    r, n, c, dk, dv = 2, 6, 16, 16, 32
+    f = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
+    factors = [f(r, n, c, dv), *(f(r, n, c, dk) for _ in range(3)), f(r, n, c, c)]
+    factors = [a.astype(jnp.bfloat16) for a in factors]
+    decay = jnp.asarray(rng.uniform(0.2, 1.0, (r, n)), jnp.float32)
+    s0, d_out, d_final = f(r, dk, dv), f(r, n, c, dv), f(r, dk, dv)
+    for variant in BACKWARD:
+        runs = []
+        for dt in (jnp.bfloat16, jnp.float32):
+            fs = [a.astype(dt) for a in factors]
+            (_, final, states), backward = BACKWARD[variant](*fs, decay, s0)
+            dv_new, grads, d_s0 = backward(d_out.astype(dt), *fs[1:], decay, d_final)
+            runs.append((states, grads, dv_new, final, d_s0))
+        for a, b_, name in zip(*runs, ("states", "grads", "dv_new", "final", "d_initial")):
+            want_dtype = jnp.float32 if name in ("final", "d_initial") else jnp.bfloat16
+            assert a.dtype == want_dtype, (variant, name, a.dtype)
+            err = float(jnp.linalg.norm(a.astype(jnp.float32) - b_) / jnp.linalg.norm(b_))
+            assert err < 1e-2, (variant, name, err)

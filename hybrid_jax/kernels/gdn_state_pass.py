@@ -24,7 +24,8 @@ Two variants of each pass, over one chunk step:
   head, block of value columns) loops over its chunks inside the kernel, reading each chunk
   from the whole-sequence arrays in global memory. The rule is independent across value
   columns, so splitting them keeps a [Dk, block_v] state in registers and gives the GPU more
-  programs. Head dims are padded to powers of two by the caller, as Triton blocks must be.
+  programs. The caller pads key dims to a power of two, as Triton tiles must be, and value
+  dims to a multiple of the value block.
   Triton rather than Mosaic GPU because Mosaic GPU copies each block to shared memory
   whole, which a whole sequence cannot fit, and jax 0.10/0.11's Mosaic GPU ``pallas_call``
   path is deprecated in favour of ``plgpu.kernel``, whose structure (warp groups, explicit
@@ -73,7 +74,7 @@ def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_re
                 *states_ref, n_chunks: int):
     def chunk(n, state):
         if states_ref:
-            states_ref[0][n] = state
+            states_ref[0][n] = state.astype(states_ref[0].dtype)
         o, state = _chunk_step(u_ref[n], w_ref[n], qd_ref[n], kd_ref[n], intra_ref[n],
                                decay_ref[n], state)
         o_ref[n] = o.astype(o_ref.dtype)
@@ -86,10 +87,10 @@ def _gpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, df
                          dv_ref, grads_ref, ds0_ref, *, n_chunks: int):
     def chunk(j, grad):
         n = n_chunks - 1 - j
-        grads_ref[n] = grad  # G': the cotangent of the state leaving chunk n
+        grads_ref[n] = grad.astype(grads_ref.dtype)  # G': cotangent of the state leaving n
         dv_new, grad = _chunk_step_backward(do_ref[n], w_ref[n], qd_ref[n], kd_ref[n],
                                             intra_ref[n], decay_ref[n], grad)
-        dv_ref[n] = dv_new
+        dv_ref[n] = dv_new.astype(dv_ref.dtype)
         return grad
 
     ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, dfinal_ref[...])
@@ -105,7 +106,7 @@ def _tpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_re
         state_ref[...] = s0_ref[...]
 
     if states_ref:
-        states_ref[0][...] = state_ref[...]
+        states_ref[0][...] = state_ref[...].astype(states_ref[0].dtype)
     o, state = _chunk_step(u_ref[...], w_ref[...], qd_ref[...], kd_ref[...], intra_ref[...],
                            decay_ref[...], state_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
@@ -124,10 +125,10 @@ def _tpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, df
     def _():
         grad_ref[...] = dfinal_ref[...]
 
-    grads_ref[...] = grad_ref[...]
+    grads_ref[...] = grad_ref[...].astype(grads_ref.dtype)
     dv_new, grad = _chunk_step_backward(do_ref[...], w_ref[...], qd_ref[...], kd_ref[...],
                                         intra_ref[...], decay_ref[...], grad_ref[...])
-    dv_ref[...] = dv_new
+    dv_ref[...] = dv_new.astype(dv_ref.dtype)
     grad_ref[...] = grad
 
     @pl.when(j == pl.num_programs(1) - 1)
@@ -187,7 +188,10 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
       interpret: run the kernel body as ordinary JAX ops (CPU tests).
     Returns:
       (o [R, N, C, Dv] in u's dtype, final state [R, Dk, Dv] float32), and with
-      ``return_states`` the states entering each chunk [R, N, Dk, Dv] float32.
+      ``return_states`` the states entering each chunk [R, N, Dk, Dv] in u's dtype. The state
+      is carried in float32; the stored copies are only the backward's matmul operands, which
+      take that dtype anyway, so for bf16 factors they are stored as bf16 (as
+      flash-linear-attention stores them): half the memory and traffic.
     """
     r, n, c, dv = u.shape
     dk = w.shape[-1]
@@ -197,7 +201,7 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
                  jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     if return_states:
         out_specs.append(_whole(n, dk, bv, split_v=True))
-        out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), u.dtype))
     operands = (u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state)
     return tuple(pl.pallas_call(
         functools.partial(_gpu_kernel, n_chunks=n),
@@ -223,17 +227,18 @@ def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
       d_out: [R, N, C, Dv], the output's cotangent, in the factors' dtype; w, q_decayed,
         k_decayed: [R, N, C, Dk] and intra [R, N, C, C] as for ``state_pass``;
       chunk_decay: [R, N] and d_final: [R, Dk, Dv] (the final state's cotangent), float32.
-    Returns (all float32):
-      dv_new [R, N, C, Dv], the cotangent of each chunk's corrected values (u - w S);
-      grads [R, N, Dk, Dv], the cotangent of the state leaving each chunk;
-      d_initial [R, Dk, Dv], the initial state's cotangent.
+    Returns:
+      dv_new [R, N, C, Dv], the cotangent of each chunk's corrected values (u - w S), and
+      grads [R, N, Dk, Dv], the cotangent of the state leaving each chunk, both in w's dtype
+      (the matmul operands they become; summed in float32, the running cotangent state too);
+      d_initial [R, Dk, Dv] float32, the initial state's cotangent.
     """
     r, n, c, dv = d_out.shape
     dk = w.shape[-1]
     bv = _block_v(dv, block_v, "state_pass_backward")
     operands = (d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final)
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), w.dtype),
+                 jax.ShapeDtypeStruct((r, n, dk, dv), w.dtype),
                  jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     return tuple(pl.pallas_call(
         functools.partial(_gpu_backward_kernel, n_chunks=n),
@@ -266,7 +271,7 @@ def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: 
                  jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     if return_states:
         out_specs.append(chunk_block(dk, dv))
-        out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), u.dtype))
     operands = (u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state)
     return tuple(pl.pallas_call(
         _tpu_kernel,
@@ -293,8 +298,8 @@ def state_pass_backward_tpu(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array
     dk = w.shape[-1]
     back = functools.partial(chunk_block, n_chunks=n)
     operands = (d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final)
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((r, n, dk, dv), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), w.dtype),
+                 jax.ShapeDtypeStruct((r, n, dk, dv), w.dtype),
                  jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     return tuple(pl.pallas_call(
         _tpu_backward_kernel,

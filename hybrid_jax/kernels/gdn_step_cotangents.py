@@ -11,16 +11,18 @@ output's cotangent dO, the rest of the VJP has no dependence across chunks:
     d_w = -dv_new S^T;   d_q_decayed = dO S^T;   d_k_decayed = v_new G'^T;
     d_intra = dO v_new^T;   d_chunk_decay = sum(S * G');   d_u = dv_new.
 
-One program per (sequence, chunk) forms all five, in blocks of value and key columns (on GPU)
-and in separate passes (d_intra; d_w, d_q_decayed and d_chunk_decay; d_k_decayed), so that
-few float32 sums are live at once. With all five accumulated together it took 2.4 ms on an
-H200 at OLMo Hybrid's layer (against 2.9 ms for the five XLA einsums it replaced), far from
-the 0.2 ms that reading S and G' costs: compiled for sm_90a it spilled 4.7 KB of registers
-per thread; the passes spill 0.2 KB (experiments/kernel_registers.py), speed not yet
-measured on a GPU. Matmul operands take the factors' dtype (bf16 for bf16 inputs, as the
-state pass does) with float32 sums. The twin is ``jax.vjp`` of ``hybrid_jax.ops.gdn_chunk``'s
-step (tests). GPU (Triton) and Mosaic TPU share the body: a parallel grid over (sequence,
-chunk).
+Per (sequence, chunk), one program per block of key columns forms that block's d_w,
+d_q_decayed, d_k_decayed and part of d_chunk_decay, and one more program d_intra, each in
+blocks of value columns (on GPU) so that few float32 sums are live at once. With all five
+accumulated together in one program it took 2.4 ms on an H200 at OLMo Hybrid's layer (against
+2.9 ms for the five XLA einsums it replaced), far from the 0.2 ms that reading S and G' costs:
+compiled for sm_90a it spilled 4.7 KB of registers per thread; as separate passes in one
+program it spilled 0.2-0.45 KB; as separate programs, nothing (experiments/
+kernel_registers.py). Its speed since is not yet measured on a GPU. Matmul operands take
+the factors' dtype (bf16 for bf16 inputs, as the state pass does) with float32 sums. The twin
+is ``jax.vjp`` of ``hybrid_jax.ops.gdn_chunk``'s step (tests). GPU (Triton) and Mosaic TPU
+share the body: grid (sequence, chunk, key block + 1), the last axis sequential on TPU, where
+a key block is the whole key dim.
 """
 
 from __future__ import annotations
@@ -41,36 +43,41 @@ from hybrid_jax.kernels.common import (
 from hybrid_jax.kernels.common import mm as _mm
 
 
-def _kernel(u_ref, w_ref, do_ref, dvn_ref, s_ref, g_ref,
-            dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int):
+def _kernel(u_ref, w_ref, do_ref, dvn_ref, s_ref, s_keys_ref, g_keys_ref,
+            dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int, key_blocks: int):
+    """One program per (sequence, chunk, block of key columns) for that key block's d_w,
+    d_q_decayed, d_k_decayed and part of d_chunk_decay, and one more per chunk for d_intra:
+    separate programs keep few sums live at once (d_intra's pass and d_k_decayed's, in one
+    program, spilled registers on GPU even one key block at a time)."""
     f32 = jnp.float32
     dt = w_ref.dtype
     value_blocks = column_blocks(u_ref.shape[-1], width)
+    block = pl.program_id(2)
 
     def v_new(cols):  # [C, block]: recomputed per pass rather than kept live
         return u_ref[:, cols].astype(f32) - _mm(w_ref[...], s_ref[:, cols], dt)
 
-    # Separate passes keep few sums live at once: all of them together ([C, Dk] x 3 plus
-    # [C, C] float32) spilled registers. First d_intra, then one block of key columns at a
-    # time.
-    d_intra = 0.0
-    for cols in value_blocks:
-        d_intra = d_intra + _mm(do_ref[:, cols], v_new(cols).T, dt)
-    dintra_ref[...] = d_intra
-    d_decay = 0.0
-    for keys in column_blocks(w_ref.shape[-1], width):
-        d_w = d_qd = d_kd = 0.0
+    @pl.when(block == key_blocks)
+    def _():
+        d_intra = 0.0
         for cols in value_blocks:
-            state, grad = s_ref[keys, cols], g_ref[keys, cols]  # [block, block] float32
+            d_intra = d_intra + _mm(do_ref[:, cols], v_new(cols).T, dt)
+        dintra_ref[...] = d_intra
+
+    @pl.when(block < key_blocks)
+    def _():
+        d_w = d_qd = d_kd = d_decay = 0.0
+        for cols in value_blocks:
+            state, grad = s_keys_ref[:, cols], g_keys_ref[:, cols]  # [block, block]
             d_w = d_w - _mm(dvn_ref[:, cols], state.T, dt)
             d_qd = d_qd + _mm(do_ref[:, cols], state.T, dt)
-            d_decay = d_decay + jnp.sum(state * grad)
-        dw_ref[:, keys] = d_w
-        dqd_ref[:, keys] = d_qd
+            d_decay = d_decay + jnp.sum(state.astype(f32) * grad.astype(f32))
+        dw_ref[...] = d_w.astype(dw_ref.dtype)
+        dqd_ref[...] = d_qd
         for cols in value_blocks:
-            d_kd = d_kd + _mm(v_new(cols), g_ref[keys, cols].T, dt)
-        dkd_ref[:, keys] = d_kd
-    ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
+            d_kd = d_kd + _mm(v_new(cols), g_keys_ref[:, cols].T, dt)
+        dkd_ref[...] = d_kd
+        ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret"))
@@ -84,35 +91,52 @@ def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Ar
       d_out: [R, N, C, Dv], the output's cotangent, and dv_new: [R, N, C, Dv], both only
         matmul operands (cast to the factors' dtype, as the products would anyway);
       states: [R, N, Dk, Dv], the state entering each chunk, and grads: [R, N, Dk, Dv], the
-        cotangent of the state leaving it, float32.
+        cotangent of the state leaving it: float32 or the factors' dtype (the state passes
+        store them so). Besides matmul operands, they only enter d_chunk_decay, summed in
+        float32 from the values as given.
       backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU); interpret: as for the others.
-    Returns (float32): d_w, d_q_decayed, d_k_decayed [R, N, C, Dk], d_intra [R, N, C, C],
+    Returns: d_w [R, N, C, Dk] in the factors' dtype (a matmul operand wherever it goes);
+      float32 d_q_decayed, d_k_decayed [R, N, C, Dk], d_intra [R, N, C, C] and
       d_chunk_decay [R, N]. (d_u is dv_new itself.)
     """
     r, n, c, dv = u.shape
     dk = w.shape[-1]
     f32 = jnp.float32
 
-    width = BLOCK_COLUMNS[backend]
-    operands = (u, w, d_out.astype(w.dtype), dv_new.astype(w.dtype), states.astype(f32),
-                grads.astype(f32))
-    out_shape = [*[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 3,
+    width = min(BLOCK_COLUMNS[backend], dk)
+    if dk % width:
+        raise ValueError(f"step_cotangents: Dk={dk} is not a multiple of {width}")
+    key_blocks = dk // width
+    operands = (u, w, d_out.astype(w.dtype), dv_new.astype(w.dtype), states, states, grads)
+    # d_w is only ever a matmul operand (of the factors' VJP): it takes their dtype.
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), w.dtype),
+                 *[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2,
                  jax.ShapeDtypeStruct((r, n, c, c), f32),
-                 jax.ShapeDtypeStruct((r, n, 1, 1), f32)]
-    # [C, Dk, Dv] products: w S once for d_intra and once per key block for d_kd, then d_w,
-    # d_qd, d_kd; one [C, C, Dv] for d_intra.
-    key_blocks = -(-dk // width)
-    flops = 2 * c * dk * dv * (4 + key_blocks) + 2 * c * c * dv
+                 jax.ShapeDtypeStruct((r, n, key_blocks, 1), f32)]  # d_decay per key block
+    # Per key block: d_w, d_qd and d_kd [C, width, Dv] and w S for d_kd [C, Dk, Dv]; for
+    # d_intra, w S again and [C, C, Dv].
+    flops = (key_blocks * 2 * c * dv * (3 * width + dk) + 2 * c * dk * dv + 2 * c * c * dv)
+
+    def block(*shape, keys=None):
+        """Grid (R, N, key block + 1); ``keys``: the axis split in key blocks, whose index the
+        last program (d_intra's, which reads no key block and writes none) clamps."""
+        def index(i, j, b):
+            b = jnp.minimum(b, key_blocks - 1)
+            return (i, j) + tuple(b if axis == keys else 0 for axis in range(len(shape)))
+        return pl.BlockSpec((None, None, *shape), index)
+
     d_w, d_qd, d_kd, d_intra, d_decay = pl.pallas_call(
-        functools.partial(_kernel, width=width),
-        grid=(r, n),
-        in_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dv), chunk_block(c, dv),
-                  chunk_block(dk, dv), chunk_block(dk, dv)],
-        out_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, c),
-                   chunk_block(1, 1)],
+        functools.partial(_kernel, width=width, key_blocks=key_blocks),
+        grid=(r, n, key_blocks + 1),
+        in_specs=[block(c, dv), block(c, dk), block(c, dv), block(c, dv), block(dk, dv),
+                  block(width, dv, keys=0), block(width, dv, keys=0)],
+        out_specs=[block(c, width, keys=1), block(c, width, keys=1), block(c, width, keys=1),
+                   block(c, c), block(1, 1, keys=0)],
         out_shape=out_shape,
-        compiler_params=compiler_params(backend, ("parallel", "parallel")),
+        # The last axis is "arbitrary": its programs share output blocks (each written by one
+        # of them), which Mosaic TPU must not split across cores.
+        compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")),
         cost_estimate=cost_estimate(r * n, flops, 0, operands, out_shape),
         interpret=interpret,
     )(*operands)
-    return d_w, d_qd, d_kd, d_intra, d_decay[..., 0, 0]
+    return d_w, d_qd, d_kd, d_intra, jnp.sum(d_decay[..., 0], axis=-1)

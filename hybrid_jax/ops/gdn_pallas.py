@@ -58,14 +58,24 @@ def _unsequences(x: jax.Array, b: int, t: int, h: int, d: int | None = None) -> 
     return jnp.moveaxis(x, 1, 2)
 
 
-def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int):
+def _padded_dims(dk: int, dv: int, variant: str) -> tuple[int, int]:
+    """(pk, pv): the head dims the kernels work on. Key dims go to a power of two: the state
+    pass holds [Dk, block_v] tiles, and Triton's must be powers of two. On GPU the value dims
+    only go to a multiple of 64, the width every GPU kernel splits them into (OLMo Hybrid's 192
+    stays 192: a power of two, 256, would be a third more value work and state memory); on
+    TPU to a power of two, whole tiles of 128 lanes. The zero padding is exact: padded key
+    dimensions never enter the state, padded value dimensions are sliced off."""
+    if variant == "gpu" and dv > 64:
+        return _pow2(dk), -(-dv // 64) * 64
+    return _pow2(dk), _pow2(dv)
+
+
+def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int, variant: str):
     """The factor kernels' inputs and the padded head dims: (q, k, v, g, beta, seg) as
     [B*H, N, C, ...] sequences, seg the [B*H, N, C] segment index inside each chunk (zeros
-    without resets); pk, pv. Kernel blocks want power-of-two head dims (Triton requires them):
-    the zero padding is exact, since padded key dimensions never enter the state and padded
-    value dimensions are sliced off."""
+    without resets); pk, pv (``_padded_dims``)."""
     b, t, h, dk = q.shape
-    pk, pv = _pow2(dk), _pow2(v.shape[-1])
+    pk, pv = _padded_dims(dk, v.shape[-1], variant)
     n = -(-t // chunk_size)
     seg = chunk_segments(reset, chunk_size)  # [N, B, 1, C] or None
     if seg is None:
@@ -81,12 +91,13 @@ def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int):
 
 def _kernels(variant: str, r: int, dv: int):
     """(forward state pass, backward state pass) for the variant and R sequences of Dv value
-    columns. On GPU, value blocks of 64 unless that leaves under ~100 programs for the
-    H100/H200's 132 SMs, then 32 (measured on an H200: 64 best at 120 programs or more, 32 at
-    32 programs)."""
+    columns. On GPU, value blocks of 64 unless that leaves under 64 programs (half the
+    H100/H200's 132 SMs), then 32. Measured on an H200: 64 best at 120 programs, 32 at 32
+    programs; OLMo Hybrid's layer at B = 1 (30 heads, 192 value columns) makes 90 programs of
+    64, each doing what each of the 120 programs did with Dv padded to 256."""
     if variant == "tpu":
         return state_pass_tpu, state_pass_backward_tpu
-    bv = 64 if r * dv // 64 >= 96 else 32
+    bv = 64 if r * dv // 64 >= 64 else 32
     return (functools.partial(state_pass, block_v=bv),
             functools.partial(state_pass_backward, block_v=bv))
 
@@ -105,7 +116,7 @@ def _unpad_state(x: jax.Array, like: jax.Array) -> jax.Array:
 
 def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, interpret):
     b, t, h, _ = q.shape
-    inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size)
+    inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, interpret=interpret)
     forward, _ = _kernels(variant, b * h, pv)
     o, final = forward(*f, _pad_state(initial_state, pk, pv), interpret=interpret)
@@ -134,7 +145,7 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     d_out, d_final = cotangents
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size)
+    inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, interpret=interpret)
     forward, backward = _kernels(variant, b * h, pv)
     _, _, states = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
