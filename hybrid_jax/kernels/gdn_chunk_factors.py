@@ -18,8 +18,9 @@ The GPU variant (Triton lowering) ran on an H200 (experiments/RESULTS.md): at OL
 layer the forward takes 0.59 ms (0.56 without any solve). The VJP took 4.0 ms as one kernel
 (2.7 without its solve), far above what its memory traffic needs: compiled for sm_90a it
 spilled 3 KB of registers per thread (experiments/kernel_registers.py). It is now three
-kernels that spill 0.27 KB, 0.25 KB and nothing (the forward 32 bytes); their speed is not
-yet measured on a GPU. The TPU variant is verified in interpret mode and compiled by Mosaic
+kernels that take T from the backward's recompute of the factors instead of solving again,
+and spill 28, 88 and 0 bytes per thread (the forward about 70); their speed is not yet
+measured on a GPU. The TPU variant is verified in interpret mode and compiled by Mosaic
 ahead of time for v5e, v5p and v6e (experiments/RESULTS.md, TPU pods), never yet run on a
 TPU.
 """
@@ -43,6 +44,7 @@ from hybrid_jax.kernels.common import (
     mm_pieces,
     solve_flops,
     solve_matmul,
+    solve_passes,
     solve_pieces,
 )
 from hybrid_jax.kernels.common import mm as _mm
@@ -89,16 +91,23 @@ def _gates(g, seg, row, col):
     f32 = jnp.float32
     causal, strict = row >= col, row > col
     decay_log = mm_exact_mask(jnp.where(causal, g.T, 0.0), strict)
-    gamma = jnp.sum(jnp.where(causal, g.T, 0.0), axis=1, keepdims=True)  # [C, 1]
     to_end_log = jnp.sum(jnp.where(strict, g, 0.0), axis=0, keepdims=True).T  # [C, 1]
     seg_last = jnp.max(seg)  # segment indices only grow along a chunk
     pair = causal & (seg == seg.T)
-    first, last = seg == 0, seg == seg_last
+    last = seg == seg_last
     decay = jnp.exp(jnp.where(pair, decay_log, -jnp.inf))
-    from_start = jnp.where(first, jnp.exp(jnp.where(first, gamma, 0.0)), 0.0)
+    from_start = _from_start(g, seg, causal)
     to_end = jnp.where(last, jnp.exp(jnp.where(last, to_end_log, 0.0)), 0.0)
     chunk_decay = jnp.where(seg_last == 0, jnp.exp(jnp.sum(g)), 0.0) * jnp.ones((1, 1), f32)
     return decay, from_start, to_end, chunk_decay
+
+
+def _from_start(g, seg, causal):
+    """exp(gamma) [C, 1], gamma[i] = sum_{t <= i} g_t, inside the chunk's first segment (0
+    elsewhere): the decay from the chunk's start (``_gates``' from_start alone)."""
+    gamma = jnp.sum(jnp.where(causal, g.T, 0.0), axis=1, keepdims=True)  # [C, 1]
+    first = seg == 0
+    return jnp.where(first, jnp.exp(jnp.where(first, gamma, 0.0)), 0.0)
 
 
 def _iotas(c: int):
@@ -120,18 +129,13 @@ def _keys_matrix(k_ref, beta, decay, row, col, width: int) -> jax.Array:
     return jnp.where(row > col, beta * _products(k_ref, k_ref, width) * decay, 0.0)
 
 
-def _keys_inverse(k_ref, beta, decay, row, col, width: int) -> jax.Array:
-    """(I + A)^-1 [C, C] float32, A from ``_keys_matrix``."""
-    return _unit_lower_inverse(_keys_matrix(k_ref, beta, decay, row, col, width), row, col,
-                               solve_matmul(k_ref.dtype))
-
-
 def _sum_cols(x: jax.Array) -> jax.Array:
     return jnp.sum(x, axis=1, keepdims=True)
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
-            u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, *, scale: float, width: int):
+            u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, *inv_t_refs, scale: float,
+            width: int):
     f32 = jnp.float32
     dt = u_ref.dtype  # matmul operand dtype: the inputs' (bf16) or float32
     beta = _column(beta_ref)  # [C, 1]
@@ -142,6 +146,9 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
     a = _keys_matrix(k_ref, beta, decay, row, col, width)
     intra_ref[...] = (scale * _products(q_ref, k_ref, width) * decay).astype(dt)
     inv = _unit_lower_inverse(a, row, col, solve_matmul(k_ref.dtype))
+    if inv_t_refs:  # for the VJP: T^T as the matmul pieces its products take
+        for ref, piece in zip(inv_t_refs, solve_pieces(inv.T, q_ref.dtype)):
+            ref[...] = piece
 
     # Head dims in blocks of ``width`` columns: whole [C, 256] float32 tiles would not fit a
     # GPU program's registers.
@@ -156,42 +163,43 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
 
 
 def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref, dw_ref,
-                           dqd_ref, dkd_ref, dv_ref, d_a_ref, inv_t_ref, dbeta_ref, d_fs_ref,
-                           d_te_ref, *, scale: float, width: int):
-    """The VJP's first part, through the solve: recomputes the gates and (I + A)^-1 = T;
+                           dqd_ref, dkd_ref, *refs, scale: float, width: int):
+    """The VJP's first part, through the solve: given (I + A)^-1 = T as the pieces of T^T that
+    the forward kernel wrote (``refs``' first one or two; its products take them as they are),
     u = T (beta v), w = T (beta fs k) give dv, dA = -T^T dT T^T (on A's strictly lower
     support), and the per-row sums: dbeta's u/w terms, d from_start, d to_end. Cotangents and
-    results are float32 (d_u and d_w come as matmul operands in the inputs' dtype); T^T goes
-    out as a matmul operand for ``_backward_columns_kernel``."""
+    results are float32 (d_u and d_w come as matmul operands in the inputs' dtype)."""
+    *inv_t_refs, dv_ref, d_a_ref, dbeta_ref, d_fs_ref, d_te_ref = refs
     f32 = jnp.float32
     dt = dot_dtype(q_ref.dtype)
     beta = _column(beta_ref)
     row, col = _iotas(q_ref.shape[0])
-    strict = row > col
-    decay, from_start, _, _ = _gates(_column(g_ref), _column(seg_ref), row, col)
-    # T^T is kept only as the solve's matmul pieces (for bf16 inputs: bf16 hi and lo, the
-    # registers of one float32 tile); hi is the operand of the products with d_u and d_w.
-    inv_t = solve_pieces(_keys_inverse(k_ref, beta, decay, row, col, width).T, q_ref.dtype)
-    inv_t_ref[...] = inv_t[0].astype(inv_t_ref.dtype)
-    # d_inv sums over every value and key column.
-    d_inv = dbeta = d_from_start = d_to_end = 0.0
+    from_start = _from_start(_column(g_ref), _column(seg_ref), row >= col)
+    inv_t = lambda: tuple(ref[...] for ref in inv_t_refs)  # fresh loads: nothing kept live
+    # The forward's u = T (beta v) and w = T (beta fs k) take T's leading piece (bf16 for bf16
+    # inputs), so their cotangents do too: d(beta v) = T0^T du, d(beta fs k) = T0^T dw.
     for cols in column_blocks(v_ref.shape[-1], width):
-        v, du = v_ref[:, cols].astype(f32), du_ref[:, cols]
-        d_inv = d_inv + _mm(du, (beta * v).T, dt)
-        d_bv = _mm(inv_t[0], du, dt)
-        dv_ref[:, cols] = beta * d_bv
-        dbeta = dbeta + _sum_cols(v * d_bv)
+        dv_ref[:, cols] = beta * _mm(inv_t_refs[0][...], du_ref[:, cols], dt)
+    # Everything else needs only two [C, C] sums, P = v du^T and Q = k dw^T, over the value
+    # and key columns (no per-column products with T kept live beside them):
+    #   dT = (beta (P + fs Q))^T;  rowsum(v * T0^T du) = rowsum(T0^T * P), same for Q,
+    # rows scaled by the [C, 1] columns beta and fs.
+    p = q_ = d_from_start = d_to_end = 0.0
+    for cols in column_blocks(v_ref.shape[-1], width):
+        p = p + _mm(v_ref[:, cols], du_ref[:, cols].T, dt)
     for cols in column_blocks(k_ref.shape[-1], width):
-        q, k, dw = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32), dw_ref[:, cols]
-        d_inv = d_inv + _mm(dw, (beta * from_start * k).T, dt)
-        k_d_bk = _sum_cols(k * _mm(inv_t[0], dw, dt))
-        dbeta = dbeta + from_start * k_d_bk
-        d_from_start = d_from_start + beta * k_d_bk + scale * _sum_cols(q * dqd_ref[:, cols])
+        q_ = q_ + _mm(k_ref[:, cols], dw_ref[:, cols].T, dt)
+        q, k = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32)
+        d_from_start = d_from_start + scale * _sum_cols(q * dqd_ref[:, cols])
         d_to_end = d_to_end + _sum_cols(k * dkd_ref[:, cols])
-    d_inv_t = solve_pieces(mm_pieces(solve_pieces(d_inv, q_ref.dtype), inv_t), q_ref.dtype)
-    d_a_ref[...] = jnp.where(strict, -mm_pieces(inv_t, d_inv_t), 0.0)
-    dbeta_ref[...] = dbeta.T
-    d_fs_ref[...] = d_from_start.T
+    t0 = inv_t_refs[0][...].astype(f32)
+    k_d_bk = _sum_cols(t0 * q_)  # rowsum(k * T0^T dw)
+    d_fs_ref[...] = (d_from_start + beta * k_d_bk).T
+    p = p + from_start * q_
+    dbeta_ref[...] = _sum_cols(t0 * p).T
+    d_inv = (beta * p).T
+    d_inv_t = solve_pieces(mm_pieces(solve_pieces(d_inv, q_ref.dtype), inv_t()), q_ref.dtype)
+    d_a_ref[...] = jnp.where(row > col, -mm_pieces(inv_t(), d_inv_t), 0.0)
     d_te_ref[...] = d_to_end.T
 
 
@@ -209,17 +217,18 @@ def _backward_gates_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, dintra_ref, d
     row, col = _iotas(q_ref.shape[0])
     causal, strict = row >= col, row > col
     decay, from_start, to_end, chunk_decay = _gates(_column(g_ref), _column(seg_ref), row, col)
-    d_a = d_a_ref[...]
-    kk = _products(k_ref, k_ref, width)
-    dbeta_out_ref[...] = (_column(dbeta_ref) + _sum_cols(d_a * kk * decay)).T
-    d_decay = beta * d_a * kk
-    d_kk = beta * d_a * decay
+    # In an order that keeps few [C, C] tiles live (on GPU, registers): with M = dA * decay,
+    # d(k k^T) = beta M, dbeta = rowsum(M kk), d(q k^T) = scale d_intra decay, and the decays'
+    # log cotangent d_log = beta M kk + d(q k^T) qk.
+    m = d_a_ref[...] * decay
+    d_kk = beta * m
     d_kk_ref[...] = (d_kk + d_kk.T).astype(d_kk_ref.dtype)
-    d_intra = dintra_ref[...]
-    d_decay = d_decay + scale * d_intra * _products(q_ref, k_ref, width)
-    d_qk_ref[...] = (scale * d_intra * decay).astype(d_qk_ref.dtype)
-
-    d_log = d_decay * decay  # d decay_log[i, j]; decay_log[i, j] sums g_t over j < t <= i
+    m = m * _products(k_ref, k_ref, width)
+    dbeta_out_ref[...] = (_column(dbeta_ref) + _sum_cols(m)).T
+    d_qk = scale * dintra_ref[...] * decay
+    d_qk_ref[...] = d_qk.astype(d_qk_ref.dtype)
+    # d decay_log[i, j]; decay_log[i, j] sums g_t over j < t <= i
+    d_log = beta * m + d_qk * _products(q_ref, k_ref, width)
     per_t = mm_exact_mask(d_log, row < col)  # [i, t] = sum_{j < t} d_log[i, j]
     dg = jnp.sum(jnp.where(causal, per_t, 0.0), axis=0, keepdims=True).T  # sum over i >= t
     d_gamma = _column(d_fs_ref) * from_start  # gamma[i] sums g_t over t <= i
@@ -259,10 +268,11 @@ def _column(ref) -> jax.Array:
     return ref[...].T
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "backend", "return_inverse",
+                                           "interpret"))
 def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                          beta: jax.Array, seg: jax.Array, *, scale: float, backend: str = "gpu",
-                         interpret=False):
+                         return_inverse: bool = False, interpret=False):
     """Per-chunk factors for every chunk of every sequence.
 
     Args:
@@ -270,11 +280,15 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
       seg: [R, N, C] int32 segment index inside each chunk (all 0 without resets).
       backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU), see ``common.compiler_params``.
       interpret: True, or ``pltpu.InterpretParams`` (TPU semantics), to run on CPU.
+      return_inverse: also return each chunk's T^T, T = (I + A)^-1, for
+        ``chunk_factors_backward_kernel``.
     Returns:
       (u [R, N, C, Dv], w, q_decayed, k_decayed [R, N, C, Dk], intra [R, N, C, C]) in the
       matmul operand dtype (``common.dot_dtype(q.dtype)``: bf16 for bf16 inputs, else
       float32), and chunk_decay [R, N] float32. Everything before (gates, decays, the solve)
-      is float32.
+      is float32. With ``return_inverse``, then T^T [R, N, C, C] as the pieces the solve's
+      products take (``common.solve_pieces``): bf16 (hi, lo) for 16-bit inputs, one float32
+      array otherwise.
     """
     r, n, c, dk = q.shape
     dv = v.shape[-1]
@@ -286,37 +300,44 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                  *[jax.ShapeDtypeStruct((r, n, c, dk), dt)] * 3,
                  jax.ShapeDtypeStruct((r, n, c, c), dt),
                  jax.ShapeDtypeStruct((r, n, 1, 1), f32)]
+    out_specs = [chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
+                 chunk_block(c, c), chunk_block(1, 1)]
+    if return_inverse:
+        pieces = solve_passes(q.dtype) // 2 + 1  # (hi, lo) or the float32 tile
+        out_shape += [jax.ShapeDtypeStruct((r, n, c, c), dt)] * pieces
+        out_specs += [chunk_block(c, c)] * pieces
     # k k^T, q k^T, w: [C, C, Dk] products; u: [C, C, Dv]; plus the gates and the solve.
     flops = 2 * c * c * (3 * dk + dv) + solve_flops(c, q.dtype)
-    u, w, qd, kd, intra, decay = pl.pallas_call(
+    u, w, qd, kd, intra, decay, *inv_t = pl.pallas_call(
         functools.partial(_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
         in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(1, c),
                   chunk_block(1, c), chunk_block(1, c)],
-        out_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
-                   chunk_block(c, c), chunk_block(1, 1)],
+        out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=compiler_params(backend, ("parallel", "parallel")),
         cost_estimate=cost_estimate(r * n, flops, c * c + 2 * c, operands, out_shape),
         interpret=interpret,
     )(*operands)
-    return u, w, qd, kd, intra, decay[..., 0, 0]
+    return (u, w, qd, kd, intra, decay[..., 0, 0], *inv_t)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
 def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                                   beta: jax.Array, seg: jax.Array, d_u: jax.Array,
                                   d_w: jax.Array, d_q_decayed: jax.Array, d_k_decayed: jax.Array,
-                                  d_intra: jax.Array, d_chunk_decay: jax.Array, *, scale: float,
-                                  backend: str = "gpu", interpret=False):
-    """The VJP of ``chunk_factors_kernel``: recomputes each chunk's gates and solve (nothing was
-    stored) and returns (dq, dk [R, N, C, Dk], dv [R, N, C, Dv], dg, dbeta [R, N, C]),
-    float32. Inputs as for ``chunk_factors_kernel``; the cotangents have the factors' shapes
-    (any float dtype; d_u and d_w are only matmul operands and are cast to the matmul dtype,
-    the rest used as float32). Three kernels, each small enough to stay in a GPU program's
-    registers: per chunk, through the solve (dv, dA); per chunk, through the gates (dg,
-    dbeta, and the [C, C] cotangents of q k^T and k k^T); per (chunk, block of key columns),
-    dq and dk."""
+                                  d_intra: jax.Array, d_chunk_decay: jax.Array,
+                                  inverse_t: tuple[jax.Array, ...] | None = None, *,
+                                  scale: float, backend: str = "gpu", interpret=False):
+    """The VJP of ``chunk_factors_kernel``: returns (dq, dk [R, N, C, Dk], dv [R, N, C, Dv],
+    dg, dbeta [R, N, C]), float32. Inputs as for ``chunk_factors_kernel``; the cotangents have
+    the factors' shapes (any float dtype; d_u and d_w are only matmul operands and are cast to
+    the matmul dtype, the rest used as float32). ``inverse_t``: each chunk's T^T as
+    ``chunk_factors_kernel(..., return_inverse=True)`` returns it (the backward's recompute of
+    the factors gives it for 4 bytes per [C, C] entry); None runs that kernel here. The gates
+    are recomputed. Three kernels, each small enough to stay in a GPU program's registers:
+    per chunk, through the solve (dv, dA); per chunk, through the gates (dg, dbeta, and the
+    [C, C] cotangents of q k^T and k k^T); per (chunk, block of key columns), dq and dk."""
     r, n, c, dk = q.shape
     dv = v.shape[-1]
     f32 = jnp.float32
@@ -325,6 +346,10 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     width = min(BLOCK_COLUMNS[backend], dk)
     if dk % width:
         raise ValueError(f"chunk_factors_backward_kernel: Dk={dk} is not a multiple of {width}")
+    if inverse_t is None:
+        inverse_t = chunk_factors_kernel(q, k, v, g, beta, seg, scale=scale, backend=backend,
+                                         return_inverse=True, interpret=interpret)[6:]
+    inverse_t = tuple(inverse_t)
     params = compiler_params(backend, ("parallel", "parallel"))
     g_row, beta_row = _rows(g.astype(f32)), _rows(beta.astype(f32))
     seg_row = _rows(seg.astype(jnp.int32))
@@ -332,20 +357,20 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     d_q_decayed, d_k_decayed = d_q_decayed.astype(f32), d_k_decayed.astype(f32)
     per_row = lambda: jax.ShapeDtypeStruct((r, n, 1, c), f32)  # [R, N, 1, C] float32
     passes = 3 if dt != f32 else 1
-    operands = (q, k, v, g_row, beta_row, seg_row, d_u, d_w, d_q_decayed, d_k_decayed)
+    operands = (q, k, v, g_row, beta_row, seg_row, d_u, d_w, d_q_decayed, d_k_decayed,
+                *inverse_t)
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), f32),
-                 jax.ShapeDtypeStruct((r, n, c, c), f32),
-                 jax.ShapeDtypeStruct((r, n, c, c), dt), per_row(), per_row(), per_row()]
-    # k k^T, two [C, C, Dv] and two [C, C, Dk] products, the solve again, and dA's two.
-    flops = 2 * c * c * (3 * dk + 2 * dv) + solve_flops(c, q.dtype) + 4 * c ** 3 * passes
-    dv_, d_a, inv_t, dbeta, d_fs, d_te = pl.pallas_call(
+                 jax.ShapeDtypeStruct((r, n, c, c), f32), per_row(), per_row(), per_row()]
+    # Two [C, C, Dv] and two [C, C, Dk] products, and dA's two.
+    flops = 2 * c * c * (2 * dk + 2 * dv) + 4 * c ** 3 * passes
+    dv_, d_a, dbeta, d_fs, d_te = pl.pallas_call(
         functools.partial(_backward_solve_kernel, scale=scale, width=width),
         grid=(r, n),
         in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(1, c),
                   chunk_block(1, c), chunk_block(1, c),
-                  chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk)],
-        out_specs=[chunk_block(c, dv), chunk_block(c, c), chunk_block(c, c),
-                   *[chunk_block(1, c)] * 3],
+                  chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
+                  *[chunk_block(c, c)] * len(inverse_t)],
+        out_specs=[chunk_block(c, dv), chunk_block(c, c), *[chunk_block(1, c)] * 3],
         out_shape=out_shape,
         compiler_params=params,
         cost_estimate=cost_estimate(r * n, flops, c * c + 2 * c, operands, out_shape),
@@ -377,8 +402,8 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     def whole(*shape):
         return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
 
-    operands = (q, k, beta_row, d_w, d_q_decayed, d_k_decayed, inv_t, d_qk, d_kk, from_start,
-                to_end)
+    operands = (q, k, beta_row, d_w, d_q_decayed, d_k_decayed, inverse_t[0], d_qk, d_kk,
+                from_start, to_end)
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2
     dq, dk_ = pl.pallas_call(
         functools.partial(_backward_columns_kernel, scale=scale),

@@ -5,10 +5,13 @@ to each chunk (the solve, w/u, the intra-chunk attention, with segment resets) o
 grid; ``hybrid_jax.kernels.gdn_state_pass`` then carries the state across chunks on chip (its
 Mosaic TPU variant on TPU, its GPU-style variant elsewhere).
 Backward (``jax.custom_vjp``), recomputing rather than storing anything per chunk: the factors
-again (forward factor kernel), the state entering each chunk (forward state pass), the state's
-cotangent from the last chunk to the first (backward state pass), the factors' cotangents from
-those (local to each chunk: ``gdn_step_cotangents``), and finally the factor kernel's VJP
-(``chunk_factors_backward_kernel``), which recomputes the gates and the solve.
+again (forward factor kernel, which this time also writes each chunk's (I + A)^-1), the state
+entering each chunk (forward state pass), the state's cotangent from the last chunk to the first
+(backward state pass), the factors' cotangents from those (local to each chunk:
+``gdn_step_cotangents``), and finally the factor kernel's VJP (``chunk_factors_backward_kernel``),
+which recomputes the gates. The per-chunk arrays the backward passes between kernels (states,
+their cotangents, (I + A)^-1) are stored in the matmul operand dtype, bf16 for bf16 inputs, as
+flash-linear-attention stores them; every running state and sum is float32.
 """
 
 from __future__ import annotations
@@ -139,14 +142,16 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     """Recompute, don't store: each chunk's factors (forward factor kernel), the state entering
     each chunk (forward state pass), then the state's cotangent from the last chunk to the first
     (backward state pass). The factors' cotangents given those states are local to each chunk
-    (``step_cotangents``, one kernel), and the factor kernel's VJP, which recomputes the gates
-    and the solve, takes them back to q, k, v, g and beta."""
+    (``step_cotangents``, one kernel), and the factor kernel's VJP, given the recompute's
+    (I + A)^-1, takes them back to q, k, v, g and beta."""
     q, k, v, g, beta, initial_state, reset = saved
     d_out, d_final = cotangents
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
-    f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, interpret=interpret)
+    f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, return_inverse=True,
+                             interpret=interpret)
+    f, inverse_t = f[:6], f[6:]  # the factors; T^T's pieces for their VJP
     forward, backward = _kernels(variant, b * h, pv)
     _, _, states = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
                            interpret=interpret)
@@ -157,7 +162,7 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
     d_factors = (dv_new, *step_cotangents(f[0], f[1], d_o, dv_new, states, grads,
                                           backend=variant, interpret=interpret))
     dq, dk_, dv_, dg, dbeta = chunk_factors_backward_kernel(
-        *inputs, *d_factors, scale=scale, backend=variant, interpret=interpret)
+        *inputs, *d_factors, inverse_t, scale=scale, backend=variant, interpret=interpret)
     cast = lambda x, like: x.astype(like.dtype)
     return (cast(_unsequences(dq, b, t, h, dk), q), cast(_unsequences(dk_, b, t, h, dk), k),
             cast(_unsequences(dv_, b, t, h, dv), v), cast(_unsequences(dg, b, t, h), g),
