@@ -150,10 +150,10 @@ def _fits(program: str, cfg, topology, mesh, work) -> dict:
 
 
 def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None, remat: str,
-           topologies, models) -> None:
-    """Doubling from 8192 until the program no longer fits: the train step with one row per
-    chip (FSDP over every chip), and a decode step with one row per chip against a cache of
-    that length."""
+           topologies, models, start: int = SEQ) -> None:
+    """Doubling from ``start`` until the program no longer fits: the train step with one row
+    per chip (FSDP over every chip), and a decode step with one row per chip against a cache
+    of that length."""
     for topo_name in topologies:
         topology = tpu_topology(topo_name)
         n = len(topology.devices)
@@ -163,7 +163,7 @@ def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None
             for name in models:
                 def run(program=program, name=name, topology=topology, mesh=mesh, n=n):
                     cfg = model(name, attention, loss, block, remat)
-                    tries, seq = [], SEQ
+                    tries, seq = [], start
                     while seq <= limit:
                         tries.append(_fits(program, cfg, topology, mesh, Workload(n, seq)))
                         print(f"  {name} {program} {topology.name} {seq}: "
@@ -175,7 +175,8 @@ def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None
                     return {"model": name, "attention": attention, "loss": loss,
                             "remat": remat, "attention_block_size": cfg.attention_block_size,
                             "program": program, "topology": topology.name, "rows_per_chip": 1,
-                            "largest_fitting": max(fitting, default=None), "limit": limit,
+                            "largest_fitting": max(fitting, default=None), "start": start,
+                            "limit": limit,
                             "tries": tries}
 
                 _case(_part("maxlen", attention, loss, remat), f"{program}_{name}_{topo_name.replace(':', '_')}",
@@ -330,6 +331,8 @@ def main() -> int:
     p.add_argument("part", choices=["table", "maxlen", "kernels", "attention", "report"])
     p.add_argument("--force", action="store_true", help="recompile cases already saved")
     p.add_argument("--limit", type=int, default=1 << 20, help="maxlen: longest length tried")
+    p.add_argument("--start", type=int, default=SEQ,
+                   help="maxlen: first length tried (then doubled)")
     p.add_argument("--attention", choices=ATTENTION_FORMS, default="blockwise",
                    help="table, maxlen: the attention layers' form")
     p.add_argument("--loss", choices=LOSS_FORMS, default="full",
@@ -360,7 +363,7 @@ def main() -> int:
               topologies, models, mesh_names)
     elif args.part == "maxlen":
         maxlen(args.force, args.limit, args.attention, args.loss, args.attention_block,
-               args.remat, topologies, models)
+               args.remat, topologies, models, args.start)
     else:
         kernels(args.force)
     return 0

@@ -131,14 +131,14 @@ def fla_run(data, repeats: int) -> dict | str:
     return out
 
 
-def _xla_step_cotangents(u, w, d_out, dv_new, states, grads, *, backend, interpret):
-    """The factors' cotangents as five float32 XLA einsums (what the backward used before
+def _xla_step_cotangents(v_new, d_out, dv_new, states, grads, *, backend, interpret):
+    """The factors' cotangents as float32 XLA einsums (what the backward used before
     ``step_cotangents``), for the ablation."""
     from hybrid_jax.ops.gdn_common import dot
 
     del backend, interpret
-    d_o, u, w = (x.astype(jnp.float32) for x in (d_out, u, w))
-    v_new = u - dot("rncd,rnde->rnce", w, states)
+    d_o, v_new, dv_new, states, grads = (x.astype(jnp.float32)
+                                         for x in (d_out, v_new, dv_new, states, grads))
     return (-dot("rnce,rnde->rncd", dv_new, states), dot("rnce,rnde->rncd", d_o, states),
             dot("rnce,rnde->rncd", v_new, grads), dot("rnce,rnme->rncm", d_o, v_new),
             jnp.sum(states * grads, axis=(-2, -1)))
@@ -185,10 +185,13 @@ def ablation(data, repeats: int) -> dict:
                                                          interpret=interpret))
         f = jax.block_until_ready(fwd(*args))
         d_f = [jnp.ones(x.shape, jnp.float32) for x in f]
+        # The VJP given T, as the backward has it from its recompute of the factors.
+        inverse_t = cf.chunk_factors_kernel(*args, seg, scale=scale, return_inverse=True,
+                                            interpret=interpret)[6:]
         bwd = jax.jit(lambda *a: cf.chunk_factors_backward_kernel(*a, scale=scale,
                                                                   interpret=interpret))
-        return best_of(lambda: fwd(*args), repeats), best_of(lambda: bwd(*args, seg, *d_f),
-                                                             repeats)
+        return best_of(lambda: fwd(*args), repeats), best_of(
+            lambda: bwd(*args, seg, *d_f, inverse_t), repeats)
 
     for name, patch in {"as is": {},
                         "8 warps": {"compiler_params": _with_params(cf.compiler_params,
@@ -198,13 +201,13 @@ def ablation(data, repeats: int) -> dict:
 
     f = cf.chunk_factors_kernel(*args, seg, scale=scale, interpret=interpret)
     s0p = _pad_state(s0, pk, pv)
-    _, _, states = sp.state_pass(*f, s0p, return_states=True, interpret=interpret)
+    _, _, states, v_new = sp.state_pass(*f, s0p, return_states=True, interpret=interpret)
     d_o = jnp.ones_like(f[0])
     dv_new, grads, _ = sp.state_pass_backward(d_o, *f[1:], s0p, interpret=interpret)
 
     def cotangents():
         fn = jax.jit(lambda *a: gp.step_cotangents(*a, backend="gpu", interpret=interpret))
-        return best_of(lambda: fn(f[0], f[1], d_o, dv_new, states, grads), repeats)
+        return best_of(lambda: fn(v_new, d_o, dv_new, states, grads), repeats)
 
     times["step_cotangents kernel as is (4 warps)"] = cotangents()
     times["step_cotangents kernel, 8 warps"] = _patched(

@@ -74,7 +74,8 @@ def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v):
     decay = jnp.asarray(rng.uniform(0.2, 1.0, (r, n)), jnp.float32).at[1, 2].set(0.0)
     s0, d_out, d_final = f(r, dk, dv), f(r, n, c, dv), f(r, dk, dv)
     kw = {} if block_v is None else {"block_v": block_v}
-    (o, final, states), backward = BACKWARD[variant](u, w, qd, kd, intra, decay, s0, **kw)
+    (o, final, states, v_new), backward = BACKWARD[variant](u, w, qd, kd, intra, decay, s0,
+                                                           **kw)
     dv_new, grads, d_s0 = backward(d_out, w, qd, kd, intra, decay, d_final)
 
     def scan(u, decay, s0):
@@ -94,6 +95,7 @@ def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v):
     close(d_s0, want_ds0)
     close(jnp.sum(states * grads, axis=(-2, -1)), want_ddecay)
     close(grads[:, -1], d_final)
+    close(v_new, u - jnp.einsum("rnck,rnkv->rncv", w, states, precision="highest"))
 
 
 @pytest.mark.parametrize("variant,dk,dv", [("gpu", 32, 160), ("tpu", 16, 32)])
@@ -115,8 +117,11 @@ def test_step_cotangents_kernel_matches_autodiff_of_the_step(variant, dk, dv):
     _, vjp = jax.vjp(lambda fs: _state_step(states, fs), factors)
     (want,) = vjp((grads, d_out))
     interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
-    got = step_cotangents(factors.u, factors.w, d_out, want.u, states, grads, backend=variant,
-                          interpret=interpret)
+    # The corrected values the forward state pass hands over: u - w S, here in float64.
+    v_new = np.asarray(factors.u, np.float64) - np.einsum(
+        "rnck,rnkv->rncv", np.asarray(factors.w, np.float64), np.asarray(states, np.float64))
+    got = step_cotangents(jnp.asarray(v_new, jnp.float32), d_out, want.u, states, grads,
+                          backend=variant, interpret=interpret)
     for a, b_, name in zip(got, want[1:], ChunkFactors._fields[1:]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5,
                                    err_msg=name)
@@ -329,8 +334,8 @@ def test_gdn_pallas_bf16_inputs_stay_close_to_float32():
 
 
 def test_state_passes_store_per_chunk_arrays_in_the_factors_dtype():
-    """bf16 factors: the states, state cotangents and dv_new the backward reads are stored in
-    bf16 (the running states stay float32), equal to the float32 passes' on the same factors
+    """bf16 factors: the states, v_new, state cotangents and dv_new the backward reads are
+    stored in bf16 (the running states stay float32), equal to the float32 passes' on the same factors
     within bf16 rounding; final state and initial cotangent stay float32."""
     rng = np.random.default_rng(5)
     r, n, c, dk, dv = 2, 6, 16, 16, 32
@@ -343,10 +348,11 @@ def test_state_passes_store_per_chunk_arrays_in_the_factors_dtype():
         runs = []
         for dt in (jnp.bfloat16, jnp.float32):
             fs = [a.astype(dt) for a in factors]
-            (_, final, states), backward = BACKWARD[variant](*fs, decay, s0)
+            (_, final, states, v_new), backward = BACKWARD[variant](*fs, decay, s0)
             dv_new, grads, d_s0 = backward(d_out.astype(dt), *fs[1:], decay, d_final)
-            runs.append((states, grads, dv_new, final, d_s0))
-        for a, b_, name in zip(*runs, ("states", "grads", "dv_new", "final", "d_initial")):
+            runs.append((states, v_new, grads, dv_new, final, d_s0))
+        for a, b_, name in zip(*runs, ("states", "v_new", "grads", "dv_new", "final",
+                                       "d_initial")):
             want_dtype = jnp.float32 if name in ("final", "d_initial") else jnp.bfloat16
             assert a.dtype == want_dtype, (variant, name, a.dtype)
             err = float(jnp.linalg.norm(a.astype(jnp.float32) - b_) / jnp.linalg.norm(b_))

@@ -53,13 +53,13 @@ from hybrid_jax.kernels.common import mm as _mm
 
 
 def _chunk_step(u, w, qd, kd, intra, decay, state):
-    """One chunk: (o [C, Dv], next state [Dk, Dv]) from its factors and the state entering it.
-    The state and all sums are float32; matmul operands take the factors' dtype (bf16 for bf16
-    inputs: tensor cores)."""
+    """One chunk: (o [C, Dv], next state [Dk, Dv], v_new [C, Dv]) from its factors and the state
+    entering it. The state and all sums are float32; matmul operands take the factors' dtype
+    (bf16 for bf16 inputs: tensor cores)."""
     dt = u.dtype
     v_new = u.astype(jnp.float32) - _mm(w, state, dt)  # [C, Dv]
     o = _mm(qd, state, dt) + _mm(intra, v_new, dt)
-    return o, decay * state + _mm(kd.T, v_new, dt)
+    return o, decay * state + _mm(kd.T, v_new, dt), v_new
 
 
 def _chunk_step_backward(do, w, qd, kd, intra, decay, grad):
@@ -71,13 +71,15 @@ def _chunk_step_backward(do, w, qd, kd, intra, decay, grad):
 
 
 def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref,
-                *states_ref, n_chunks: int):
+                *saved_refs, n_chunks: int):
     def chunk(n, state):
-        if states_ref:
-            states_ref[0][n] = state.astype(states_ref[0].dtype)
-        o, state = _chunk_step(u_ref[n], w_ref[n], qd_ref[n], kd_ref[n], intra_ref[n],
-                               decay_ref[n], state)
+        if saved_refs:
+            saved_refs[0][n] = state.astype(saved_refs[0].dtype)
+        o, state, v_new = _chunk_step(u_ref[n], w_ref[n], qd_ref[n], kd_ref[n], intra_ref[n],
+                                      decay_ref[n], state)
         o_ref[n] = o.astype(o_ref.dtype)
+        if saved_refs:
+            saved_refs[1][n] = v_new.astype(saved_refs[1].dtype)
         return state
 
     s_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
@@ -98,18 +100,20 @@ def _gpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, df
 
 def _tpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref,
                 *rest):
-    *states_ref, state_ref = rest
+    *saved_refs, state_ref = rest
     n = pl.program_id(1)
 
     @pl.when(n == 0)
     def _():
         state_ref[...] = s0_ref[...]
 
-    if states_ref:
-        states_ref[0][...] = state_ref[...].astype(states_ref[0].dtype)
-    o, state = _chunk_step(u_ref[...], w_ref[...], qd_ref[...], kd_ref[...], intra_ref[...],
-                           decay_ref[...], state_ref[...])
+    if saved_refs:
+        saved_refs[0][...] = state_ref[...].astype(saved_refs[0].dtype)
+    o, state, v_new = _chunk_step(u_ref[...], w_ref[...], qd_ref[...], kd_ref[...],
+                                  intra_ref[...], decay_ref[...], state_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
+    if saved_refs:
+        saved_refs[1][...] = v_new.astype(saved_refs[1].dtype)
     state_ref[...] = state
 
     @pl.when(n == pl.num_programs(1) - 1)
@@ -184,14 +188,16 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         one dtype (bf16 or float32), which the matmul operands take;
       chunk_decay: [R, N] and initial_state: [R, Dk, Dv], float32.
       block_v: value columns per program; the grid is (R, Dv / block_v).
-      return_states: also return the state entering each chunk (for the backward pass).
+      return_states: also return the state entering each chunk and its corrected values
+        v_new = u - w S (for the backward pass).
       interpret: run the kernel body as ordinary JAX ops (CPU tests).
     Returns:
       (o [R, N, C, Dv] in u's dtype, final state [R, Dk, Dv] float32), and with
-      ``return_states`` the states entering each chunk [R, N, Dk, Dv] in u's dtype. The state
-      is carried in float32; the stored copies are only the backward's matmul operands, which
-      take that dtype anyway, so for bf16 factors they are stored as bf16 (as
-      flash-linear-attention stores them): half the memory and traffic.
+      ``return_states`` the states entering each chunk [R, N, Dk, Dv] and v_new [R, N, C, Dv],
+      in u's dtype. The state is carried in float32; the stored copies are only the
+      backward's matmul operands (save for sum(S * G'), which flash-linear-attention also
+      forms from stored bf16 states), so for bf16 factors they are stored as bf16: half the
+      memory and traffic.
     """
     r, n, c, dv = u.shape
     dk = w.shape[-1]
@@ -200,8 +206,9 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
                  jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     if return_states:
-        out_specs.append(_whole(n, dk, bv, split_v=True))
-        out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), u.dtype))
+        out_specs += [_whole(n, dk, bv, split_v=True), _whole(n, c, bv, split_v=True)]
+        out_shape += [jax.ShapeDtypeStruct((r, n, dk, dv), u.dtype),
+                      jax.ShapeDtypeStruct((r, n, c, dv), u.dtype)]
     operands = (u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state)
     return tuple(pl.pallas_call(
         functools.partial(_gpu_kernel, n_chunks=n),
@@ -270,8 +277,9 @@ def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: 
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
                  jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
     if return_states:
-        out_specs.append(chunk_block(dk, dv))
-        out_shape.append(jax.ShapeDtypeStruct((r, n, dk, dv), u.dtype))
+        out_specs += [chunk_block(dk, dv), chunk_block(c, dv)]
+        out_shape += [jax.ShapeDtypeStruct((r, n, dk, dv), u.dtype),
+                      jax.ShapeDtypeStruct((r, n, c, dv), u.dtype)]
     operands = (u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state)
     return tuple(pl.pallas_call(
         _tpu_kernel,

@@ -5,8 +5,10 @@ The state pass (``gdn_state_pass``) runs, per chunk with S the state entering it
 
     v_new = u - w S;   o = q_decayed S + intra v_new;   S' = chunk_decay * S + k_decayed^T v_new.
 
-Given S, G' = dL/dS' and dv_new = dL/dv_new (the backward state pass's results) and the
-output's cotangent dO, the rest of the VJP has no dependence across chunks:
+Given S and v_new (which the forward state pass stores for the backward, as
+flash-linear-attention does, rather than this kernel recomputing u - w S), G' = dL/dS' and
+dv_new = dL/dv_new (the backward state pass's results) and the output's cotangent dO, the rest
+of the VJP has no dependence across chunks:
 
     d_w = -dv_new S^T;   d_q_decayed = dO S^T;   d_k_decayed = v_new G'^T;
     d_intra = dO v_new^T;   d_chunk_decay = sum(S * G');   d_u = dv_new.
@@ -43,53 +45,51 @@ from hybrid_jax.kernels.common import (
 from hybrid_jax.kernels.common import mm as _mm
 
 
-def _kernel(u_ref, w_ref, do_ref, dvn_ref, s_ref, s_keys_ref, g_keys_ref,
+def _kernel(vn_ref, do_ref, dvn_ref, s_ref, g_ref,
             dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int, key_blocks: int):
     """One program per (sequence, chunk, block of key columns) for that key block's d_w,
-    d_q_decayed, d_k_decayed and part of d_chunk_decay, and one more per chunk for d_intra:
-    separate programs keep few sums live at once (d_intra's pass and d_k_decayed's, in one
-    program, spilled registers on GPU even one key block at a time)."""
+    d_q_decayed, d_k_decayed and part of d_chunk_decay (``s_ref`` and ``g_ref`` hold the key
+    block's rows), and one more per chunk for d_intra: separate programs keep few sums live at
+    once (d_intra's pass and d_k_decayed's, in one program, spilled registers on GPU even one
+    key block at a time)."""
     f32 = jnp.float32
-    dt = w_ref.dtype
-    value_blocks = column_blocks(u_ref.shape[-1], width)
+    dt = vn_ref.dtype
+    value_blocks = column_blocks(vn_ref.shape[-1], width)
     block = pl.program_id(2)
-
-    def v_new(cols):  # [C, block]: recomputed per pass rather than kept live
-        return u_ref[:, cols].astype(f32) - _mm(w_ref[...], s_ref[:, cols], dt)
 
     @pl.when(block == key_blocks)
     def _():
         d_intra = 0.0
         for cols in value_blocks:
-            d_intra = d_intra + _mm(do_ref[:, cols], v_new(cols).T, dt)
+            d_intra = d_intra + _mm(do_ref[:, cols], vn_ref[:, cols].T, dt)
         dintra_ref[...] = d_intra
 
     @pl.when(block < key_blocks)
     def _():
         d_w = d_qd = d_kd = d_decay = 0.0
         for cols in value_blocks:
-            state, grad = s_keys_ref[:, cols], g_keys_ref[:, cols]  # [block, block]
+            state, grad = s_ref[:, cols], g_ref[:, cols]  # [block, block]
             d_w = d_w - _mm(dvn_ref[:, cols], state.T, dt)
             d_qd = d_qd + _mm(do_ref[:, cols], state.T, dt)
             d_decay = d_decay + jnp.sum(state.astype(f32) * grad.astype(f32))
         dw_ref[...] = d_w.astype(dw_ref.dtype)
         dqd_ref[...] = d_qd
         for cols in value_blocks:
-            d_kd = d_kd + _mm(v_new(cols), g_keys_ref[:, cols].T, dt)
+            d_kd = d_kd + _mm(vn_ref[:, cols], g_ref[:, cols].T, dt)
         dkd_ref[...] = d_kd
         ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret"))
-def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Array,
-                    states: jax.Array, grads: jax.Array, *, backend: str = "gpu",
-                    interpret=False):
+def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, states: jax.Array,
+                    grads: jax.Array, *, backend: str = "gpu", interpret=False):
     """The factors' cotangents from the states and the backward state pass.
 
     Args:
-      u: [R, N, C, Dv] and w: [R, N, C, Dk], the factors (their dtype is the matmul operands');
+      v_new: [R, N, C, Dv], each chunk's corrected values u - w S (the forward state pass
+        returns them with its states), in the factors' dtype, which the matmul operands take;
       d_out: [R, N, C, Dv], the output's cotangent, and dv_new: [R, N, C, Dv], both only
-        matmul operands (cast to the factors' dtype, as the products would anyway);
+        matmul operands (cast to that dtype, as the products would anyway);
       states: [R, N, Dk, Dv], the state entering each chunk, and grads: [R, N, Dk, Dv], the
         cotangent of the state leaving it: float32 or the factors' dtype (the state passes
         store them so). Besides matmul operands, they only enter d_chunk_decay, summed in
@@ -99,23 +99,22 @@ def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Ar
       float32 d_q_decayed, d_k_decayed [R, N, C, Dk], d_intra [R, N, C, C] and
       d_chunk_decay [R, N]. (d_u is dv_new itself.)
     """
-    r, n, c, dv = u.shape
-    dk = w.shape[-1]
-    f32 = jnp.float32
+    r, n, c, dv = v_new.shape
+    dk = states.shape[-2]
+    f32, dt = jnp.float32, v_new.dtype
 
     width = min(BLOCK_COLUMNS[backend], dk)
     if dk % width:
         raise ValueError(f"step_cotangents: Dk={dk} is not a multiple of {width}")
     key_blocks = dk // width
-    operands = (u, w, d_out.astype(w.dtype), dv_new.astype(w.dtype), states, states, grads)
+    operands = (v_new, d_out.astype(dt), dv_new.astype(dt), states, grads)
     # d_w is only ever a matmul operand (of the factors' VJP): it takes their dtype.
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), w.dtype),
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), dt),
                  *[jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2,
                  jax.ShapeDtypeStruct((r, n, c, c), f32),
                  jax.ShapeDtypeStruct((r, n, key_blocks, 1), f32)]  # d_decay per key block
-    # Per key block: d_w, d_qd and d_kd [C, width, Dv] and w S for d_kd [C, Dk, Dv]; for
-    # d_intra, w S again and [C, C, Dv].
-    flops = (key_blocks * 2 * c * dv * (3 * width + dk) + 2 * c * dk * dv + 2 * c * c * dv)
+    # d_w, d_qd and d_kd: [C, Dk, Dv] products; d_intra: [C, C, Dv].
+    flops = 3 * 2 * c * dk * dv + 2 * c * c * dv
 
     def block(*shape, keys=None):
         """Grid (R, N, key block + 1); ``keys``: the axis split in key blocks, whose index the
@@ -128,8 +127,8 @@ def step_cotangents(u: jax.Array, w: jax.Array, d_out: jax.Array, dv_new: jax.Ar
     d_w, d_qd, d_kd, d_intra, d_decay = pl.pallas_call(
         functools.partial(_kernel, width=width, key_blocks=key_blocks),
         grid=(r, n, key_blocks + 1),
-        in_specs=[block(c, dv), block(c, dk), block(c, dv), block(c, dv), block(dk, dv),
-                  block(width, dv, keys=0), block(width, dv, keys=0)],
+        in_specs=[block(c, dv), block(c, dv), block(c, dv), block(width, dv, keys=0),
+                  block(width, dv, keys=0)],
         out_specs=[block(c, width, keys=1), block(c, width, keys=1), block(c, width, keys=1),
                    block(c, c), block(1, 1, keys=0)],
         out_shape=out_shape,

@@ -153,13 +153,13 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
                              interpret=interpret)
     f, inverse_t = f[:6], f[6:]  # the factors; T^T's pieces for their VJP
     forward, backward = _kernels(variant, b * h, pv)
-    _, _, states = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
-                           interpret=interpret)
+    _, _, states, v_new = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
+                                  interpret=interpret)
     d_o = _sequences(d_out, chunk_size, pv).astype(f[0].dtype)  # zero past T and past Dv
     dv_new, grads, d_s0 = backward(d_o, *f[1:],
                                    _pad_state(d_final.astype(jnp.float32), pk, pv),
                                    interpret=interpret)
-    d_factors = (dv_new, *step_cotangents(f[0], f[1], d_o, dv_new, states, grads,
+    d_factors = (dv_new, *step_cotangents(v_new, d_o, dv_new, states, grads,
                                           backend=variant, interpret=interpret))
     dq, dk_, dv_, dg, dbeta = chunk_factors_backward_kernel(
         *inputs, *d_factors, inverse_t, scale=scale, backend=variant, interpret=interpret)
