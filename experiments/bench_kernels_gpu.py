@@ -201,7 +201,7 @@ def ablation(data, repeats: int) -> dict:
 
     f = cf.chunk_factors_kernel(*args, seg, scale=scale, interpret=interpret)
     s0p = _pad_state(s0, pk, pv)
-    _, _, states, v_new = sp.state_pass(*f, s0p, return_states=True, interpret=interpret)
+    _, states, v_new = sp.state_pass(*f, s0p, return_states=True, interpret=interpret)
     d_o = jnp.ones_like(f[0])
     dv_new, grads, _ = sp.state_pass_backward(d_o, *f[1:], s0p, interpret=interpret)
 

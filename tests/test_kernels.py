@@ -64,8 +64,8 @@ BACKWARD = {
 def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v):
     """The backward kernel's cotangents against jax.vjp of the scan over ``_state_step``: d u
     (= dv_new), d initial state, and d chunk_decay (= sum(S * G') from the kernel's states and
-    cotangent states); a chunk with decay 0 (a reset) among them; value blocks of 16 split the
-    32 value columns in two."""
+    cotangent states); the forward pass's states and v_new for the backward; a chunk with
+    decay 0 (a reset) among them; value blocks of 16 split the 32 value columns in two."""
     rng = np.random.default_rng(4)
     r, n, c, dk, dv = 2, 5, 16, 16, 32
     f = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
@@ -74,8 +74,7 @@ def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v):
     decay = jnp.asarray(rng.uniform(0.2, 1.0, (r, n)), jnp.float32).at[1, 2].set(0.0)
     s0, d_out, d_final = f(r, dk, dv), f(r, n, c, dv), f(r, dk, dv)
     kw = {} if block_v is None else {"block_v": block_v}
-    (o, final, states, v_new), backward = BACKWARD[variant](u, w, qd, kd, intra, decay, s0,
-                                                           **kw)
+    (final, states, v_new), backward = BACKWARD[variant](u, w, qd, kd, intra, decay, s0, **kw)
     dv_new, grads, d_s0 = backward(d_out, w, qd, kd, intra, decay, d_final)
 
     def scan(u, decay, s0):
@@ -84,11 +83,10 @@ def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v):
         final, o = jax.lax.scan(_state_step, s0[:, None], factors)
         return jnp.moveaxis(o[:, :, 0], 0, 1), final[:, 0]
 
-    (want_o, want_final), vjp = jax.vjp(scan, u, decay, s0)
+    (_, want_final), vjp = jax.vjp(scan, u, decay, s0)
     want_du, want_ddecay, want_ds0 = vjp((d_out, d_final))
     close = lambda a, b_: np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5,
                                                      atol=1e-5)
-    close(o, want_o)
     close(final, want_final)
     close(states[:, 0], s0)
     close(dv_new, want_du)
@@ -348,7 +346,7 @@ def test_state_passes_store_per_chunk_arrays_in_the_factors_dtype():
         runs = []
         for dt in (jnp.bfloat16, jnp.float32):
             fs = [a.astype(dt) for a in factors]
-            (_, final, states, v_new), backward = BACKWARD[variant](*fs, decay, s0)
+            (final, states, v_new), backward = BACKWARD[variant](*fs, decay, s0)
             dv_new, grads, d_s0 = backward(d_out.astype(dt), *fs[1:], decay, d_final)
             runs.append((states, v_new, grads, dv_new, final, d_s0))
         for a, b_, name in zip(*runs, ("states", "v_new", "grads", "dv_new", "final",

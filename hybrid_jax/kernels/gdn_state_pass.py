@@ -52,14 +52,19 @@ from hybrid_jax.kernels.common import chunk_block, compiler_params, cost_estimat
 from hybrid_jax.kernels.common import mm as _mm
 
 
-def _chunk_step(u, w, qd, kd, intra, decay, state):
-    """One chunk: (o [C, Dv], next state [Dk, Dv], v_new [C, Dv]) from its factors and the state
-    entering it. The state and all sums are float32; matmul operands take the factors' dtype
-    (bf16 for bf16 inputs: tensor cores)."""
+def _advance(u, w, kd, decay, state):
+    """One chunk: (v_new [C, Dv], next state [Dk, Dv]) from its factors and the state entering
+    it. The state and all sums are float32; matmul operands take the factors' dtype (bf16 for
+    bf16 inputs: tensor cores)."""
     dt = u.dtype
     v_new = u.astype(jnp.float32) - _mm(w, state, dt)  # [C, Dv]
-    o = _mm(qd, state, dt) + _mm(intra, v_new, dt)
-    return o, decay * state + _mm(kd.T, v_new, dt), v_new
+    return v_new, decay * state + _mm(kd.T, v_new, dt)
+
+
+def _output(qd, intra, state, v_new):
+    """One chunk's output o [C, Dv] (float32) from the state entering it and its v_new."""
+    dt = qd.dtype
+    return _mm(qd, state, dt) + _mm(intra, v_new, dt)
 
 
 def _chunk_step_backward(do, w, qd, kd, intra, decay, grad):
@@ -70,16 +75,23 @@ def _chunk_step_backward(do, w, qd, kd, intra, decay, grad):
     return dv_new, decay * grad + _mm(qd.T, do, dt) - _mm(w.T, dv_new, dt)
 
 
-def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref,
-                *saved_refs, n_chunks: int):
+def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref, *,
+                n_chunks: int):
     def chunk(n, state):
-        if saved_refs:
-            saved_refs[0][n] = state.astype(saved_refs[0].dtype)
-        o, state, v_new = _chunk_step(u_ref[n], w_ref[n], qd_ref[n], kd_ref[n], intra_ref[n],
-                                      decay_ref[n], state)
-        o_ref[n] = o.astype(o_ref.dtype)
-        if saved_refs:
-            saved_refs[1][n] = v_new.astype(saved_refs[1].dtype)
+        v_new, next_state = _advance(u_ref[n], w_ref[n], kd_ref[n], decay_ref[n], state)
+        o_ref[n] = _output(qd_ref[n], intra_ref[n], state, v_new).astype(o_ref.dtype)
+        return next_state
+
+    s_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
+
+
+def _gpu_states_kernel(u_ref, w_ref, kd_ref, decay_ref, s0_ref, s_ref, states_ref, v_new_ref,
+                       *, n_chunks: int):
+    """The forward pass again for the backward: the states and v_new, no output."""
+    def chunk(n, state):
+        states_ref[n] = state.astype(states_ref.dtype)
+        v_new, state = _advance(u_ref[n], w_ref[n], kd_ref[n], decay_ref[n], state)
+        v_new_ref[n] = v_new.astype(v_new_ref.dtype)
         return state
 
     s_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
@@ -98,27 +110,33 @@ def _gpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, df
     ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, dfinal_ref[...])
 
 
-def _tpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref,
-                *rest):
-    *saved_refs, state_ref = rest
+def _tpu_kernel(*refs, save: bool):
+    """One chunk per grid step, the state in a VMEM scratch; ``save``: the backward's pass
+    (states and v_new written, no output)."""
+    if save:
+        (u_ref, w_ref, kd_ref, decay_ref, s0_ref, s_ref, states_ref, v_new_ref,
+         state_ref) = refs
+    else:
+        (u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref,
+         state_ref) = refs
     n = pl.program_id(1)
 
     @pl.when(n == 0)
     def _():
         state_ref[...] = s0_ref[...]
 
-    if saved_refs:
-        saved_refs[0][...] = state_ref[...].astype(saved_refs[0].dtype)
-    o, state, v_new = _chunk_step(u_ref[...], w_ref[...], qd_ref[...], kd_ref[...],
-                                  intra_ref[...], decay_ref[...], state_ref[...])
-    o_ref[...] = o.astype(o_ref.dtype)
-    if saved_refs:
-        saved_refs[1][...] = v_new.astype(saved_refs[1].dtype)
-    state_ref[...] = state
+    state = state_ref[...]
+    v_new, next_state = _advance(u_ref[...], w_ref[...], kd_ref[...], decay_ref[...], state)
+    if save:
+        states_ref[...] = state.astype(states_ref.dtype)
+        v_new_ref[...] = v_new.astype(v_new_ref.dtype)
+    else:
+        o_ref[...] = _output(qd_ref[...], intra_ref[...], state, v_new).astype(o_ref.dtype)
+    state_ref[...] = next_state
 
     @pl.when(n == pl.num_programs(1) - 1)
     def _():
-        s_ref[...] = state
+        s_ref[...] = next_state
 
 
 def _tpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, dfinal_ref,
@@ -153,11 +171,13 @@ def _whole(*shape, split_v=False):
     return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * (len(shape) - 1) + last(j))
 
 
-def _gpu_in_specs(n: int, c: int, dk: int, bv: int) -> list:
+def _gpu_in_specs(n: int, c: int, dk: int, bv: int, save: bool = False) -> list:
     """Both GPU passes read a [C, block_v] slice per chunk (u or dO), the [C, Dk] / [C, C]
-    factors whole, the per-chunk decay, and a [Dk, block_v] state (initial or final)."""
-    return [_whole(n, c, bv, split_v=True), _whole(n, c, dk), _whole(n, c, dk),
-            _whole(n, c, dk), _whole(n, c, c), _whole(n, 1, 1), _whole(dk, bv, split_v=True)]
+    factors whole (``save``: w and k_decayed only), the per-chunk decay, and a [Dk, block_v]
+    state (initial or final)."""
+    factors = [_whole(n, c, dk)] * (2 if save else 3) + ([] if save else [_whole(n, c, c)])
+    return [_whole(n, c, bv, split_v=True), *factors, _whole(n, 1, 1),
+            _whole(dk, bv, split_v=True)]
 
 
 def _per_seq(*shape):
@@ -169,12 +189,14 @@ def _decay_blocks(chunk_decay: jax.Array) -> jax.Array:
     return chunk_decay.astype(jnp.float32)[:, :, None, None]  # [R, N, 1, 1]: a block per chunk
 
 
-def _cost(operands, out_shape) -> object:
+def _cost(operands, out_shape, save: bool = False) -> object:
     """Per chunk, either way: three [C, Dk, Dv] products (w S, q S, k^T v; backwards k G,
-    q^T dO, w^T dv) and one [C, C, Dv] (intra v; backwards intra^T dO)."""
+    q^T dO, w^T dv) and one [C, C, Dv] (intra v; backwards intra^T dO); ``save`` (no output):
+    two [C, Dk, Dv] (w S, k^T v)."""
     r, n, c, dv = operands[0].shape
     dk = operands[1].shape[-1]
-    return cost_estimate(r * n, 3 * 2 * c * dk * dv + 2 * c * c * dv, 0, operands, out_shape)
+    flops = 2 * 2 * c * dk * dv if save else 3 * 2 * c * dk * dv + 2 * c * c * dv
+    return cost_estimate(r * n, flops, 0, operands, out_shape)
 
 
 @functools.partial(jax.jit, static_argnames=("block_v", "return_states", "interpret"))
@@ -188,38 +210,41 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         one dtype (bf16 or float32), which the matmul operands take;
       chunk_decay: [R, N] and initial_state: [R, Dk, Dv], float32.
       block_v: value columns per program; the grid is (R, Dv / block_v).
-      return_states: also return the state entering each chunk and its corrected values
-        v_new = u - w S (for the backward pass).
+      return_states: the backward's pass: instead of the output, the state entering each
+        chunk and its corrected values v_new = u - w S (q_decayed and intra go unread).
       interpret: run the kernel body as ordinary JAX ops (CPU tests).
     Returns:
-      (o [R, N, C, Dv] in u's dtype, final state [R, Dk, Dv] float32), and with
-      ``return_states`` the states entering each chunk [R, N, Dk, Dv] and v_new [R, N, C, Dv],
-      in u's dtype. The state is carried in float32; the stored copies are only the
-      backward's matmul operands (save for sum(S * G'), which flash-linear-attention also
-      forms from stored bf16 states), so for bf16 factors they are stored as bf16: half the
-      memory and traffic.
+      (o [R, N, C, Dv] in u's dtype, final state [R, Dk, Dv] float32); with
+      ``return_states``, (final state, the states entering each chunk [R, N, Dk, Dv], v_new
+      [R, N, C, Dv]), the last two in u's dtype. The state is carried in float32; the stored
+      copies are only the backward's matmul operands (save for sum(S * G'), which
+      flash-linear-attention also forms from stored bf16 states), so for bf16 factors they
+      are stored as bf16: half the memory and traffic.
     """
     r, n, c, dv = u.shape
     dk = w.shape[-1]
     bv = _block_v(dv, block_v, "state_pass")
-    out_specs = [_whole(n, c, bv, split_v=True), _whole(dk, bv, split_v=True)]
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
-                 jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
+    final = (_whole(dk, bv, split_v=True), jax.ShapeDtypeStruct((r, dk, dv), jnp.float32))
+    per_chunk = lambda rows: (_whole(n, rows, bv, split_v=True),
+                              jax.ShapeDtypeStruct((r, n, rows, dv), u.dtype))
     if return_states:
-        out_specs += [_whole(n, dk, bv, split_v=True), _whole(n, c, bv, split_v=True)]
-        out_shape += [jax.ShapeDtypeStruct((r, n, dk, dv), u.dtype),
-                      jax.ShapeDtypeStruct((r, n, c, dv), u.dtype)]
-    operands = (u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state)
+        kernel, outs = _gpu_states_kernel, [final, per_chunk(dk), per_chunk(c)]
+        factors = (w, k_decayed)
+    else:
+        kernel, outs = _gpu_kernel, [per_chunk(c), final]
+        factors = (w, q_decayed, k_decayed, intra)
+    out_specs, out_shape = (list(x) for x in zip(*outs))
+    operands = (u, *factors, _decay_blocks(chunk_decay), initial_state)
     return tuple(pl.pallas_call(
-        functools.partial(_gpu_kernel, n_chunks=n),
+        functools.partial(kernel, n_chunks=n),
         grid=(r, dv // bv),
-        in_specs=_gpu_in_specs(n, c, dk, bv),
+        in_specs=_gpu_in_specs(n, c, dk, bv, save=return_states),
         out_specs=out_specs,
         out_shape=out_shape,
         # Three pipelining stages prefetch further ahead: 0.55 -> 0.39 ms at OLMo's layer on an
         # H200 (bv=64); the backward pass measured slower with three (0.60 -> 0.65 ms).
         compiler_params=compiler_params("gpu", ("parallel", "parallel"), num_stages=3),
-        cost_estimate=_cost(operands, out_shape),
+        cost_estimate=_cost(operands, out_shape, save=return_states),
         interpret=interpret,
     )(*operands))
 
@@ -273,24 +298,26 @@ def state_pass_tpu(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: 
 
     r, n, c, dv = u.shape
     dk = w.shape[-1]
-    out_specs = [chunk_block(c, dv), _per_seq(dk, dv)]
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), u.dtype),
-                 jax.ShapeDtypeStruct((r, dk, dv), jnp.float32)]
+    final = (_per_seq(dk, dv), jax.ShapeDtypeStruct((r, dk, dv), jnp.float32))
+    per_chunk = lambda rows: (chunk_block(rows, dv),
+                              jax.ShapeDtypeStruct((r, n, rows, dv), u.dtype))
     if return_states:
-        out_specs += [chunk_block(dk, dv), chunk_block(c, dv)]
-        out_shape += [jax.ShapeDtypeStruct((r, n, dk, dv), u.dtype),
-                      jax.ShapeDtypeStruct((r, n, c, dv), u.dtype)]
-    operands = (u, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), initial_state)
+        outs, factors = [final, per_chunk(dk), per_chunk(c)], (w, k_decayed)
+        factor_specs = [chunk_block(c, dk)] * 2
+    else:
+        outs, factors = [per_chunk(c), final], (w, q_decayed, k_decayed, intra)
+        factor_specs = [chunk_block(c, dk)] * 3 + [chunk_block(c, c)]
+    out_specs, out_shape = (list(x) for x in zip(*outs))
+    operands = (u, *factors, _decay_blocks(chunk_decay), initial_state)
     return tuple(pl.pallas_call(
-        _tpu_kernel,
+        functools.partial(_tpu_kernel, save=return_states),
         grid=(r, n),
-        in_specs=[chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
-                  chunk_block(c, c), chunk_block(1, 1), _per_seq(dk, dv)],
+        in_specs=[chunk_block(c, dv), *factor_specs, chunk_block(1, 1), _per_seq(dk, dv)],
         out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
         compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
-        cost_estimate=_cost(operands, out_shape),
+        cost_estimate=_cost(operands, out_shape, save=return_states),
         interpret=interpret,
     )(*operands))
 

@@ -153,8 +153,8 @@ def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
                              interpret=interpret)
     f, inverse_t = f[:6], f[6:]  # the factors; T^T's pieces for their VJP
     forward, backward = _kernels(variant, b * h, pv)
-    _, _, states, v_new = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
-                                  interpret=interpret)
+    _, states, v_new = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
+                               interpret=interpret)
     d_o = _sequences(d_out, chunk_size, pv).astype(f[0].dtype)  # zero past T and past Dv
     dv_new, grads, d_s0 = backward(d_o, *f[1:],
                                    _pad_state(d_final.astype(jnp.float32), pk, pv),
