@@ -179,7 +179,8 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
     # The forward's u = T (beta v) and w = T (beta fs k) take T's leading piece (bf16 for bf16
     # inputs), so their cotangents do too: d(beta v) = T0^T du, d(beta fs k) = T0^T dw.
     for cols in column_blocks(v_ref.shape[-1], width):
-        dv_ref[:, cols] = beta * _mm(inv_t_refs[0][...], du_ref[:, cols], dt)
+        dv_ref[:, cols] = (beta * _mm(inv_t_refs[0][...], du_ref[:, cols], dt)
+                           ).astype(dv_ref.dtype)
     # Everything else needs only two [C, C] sums, P = v du^T and Q = k dw^T, over the value
     # and key columns (no per-column products with T kept live beside them):
     #   dT = (beta (P + fs Q))^T;  rowsum(v * T0^T du) = rowsum(T0^T * P), same for Q,
@@ -250,10 +251,10 @@ def _backward_columns_kernel(q_ref, k_ref, beta_ref, dw_ref, dqd_ref, dkd_ref, i
     dt = d_qk_ref.dtype
     q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)
     d_qk, from_start = d_qk_ref[...], _column(from_start_ref)
-    dq_ref[...] = _mm(d_qk, k, dt) + scale * from_start * dqd_ref[...]
+    dq_ref[...] = (_mm(d_qk, k, dt) + scale * from_start * dqd_ref[...]).astype(dq_ref.dtype)
     dk_ref[...] = (_column(beta_ref) * from_start * _mm(inv_t_ref[...], dw_ref[...], dt)
                    + _mm(d_qk.T, q, dt) + _mm(d_kk_ref[...], k, dt)
-                   + _column(to_end_ref) * dkd_ref[...])
+                   + _column(to_end_ref) * dkd_ref[...]).astype(dk_ref.dtype)
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -329,8 +330,9 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
                                   d_intra: jax.Array, d_chunk_decay: jax.Array,
                                   inverse_t: tuple[jax.Array, ...] | None = None, *,
                                   scale: float, backend: str = "gpu", interpret=False):
-    """The VJP of ``chunk_factors_kernel``: returns (dq, dk [R, N, C, Dk], dv [R, N, C, Dv],
-    dg, dbeta [R, N, C]), float32. Inputs as for ``chunk_factors_kernel``; the cotangents have
+    """The VJP of ``chunk_factors_kernel``: returns (dq, dk [R, N, C, Dk], dv [R, N, C, Dv]) in
+    the dtypes of q, k and v (each summed in float32 and rounded once, in the kernel), and
+    (dg, dbeta [R, N, C]) float32. Inputs as for ``chunk_factors_kernel``; the cotangents have
     the factors' shapes (any float dtype; d_u and d_w are only matmul operands and are cast to
     the matmul dtype, the rest used as float32). ``inverse_t``: each chunk's T^T as
     ``chunk_factors_kernel(..., return_inverse=True)`` returns it (the backward's recompute of
@@ -359,7 +361,7 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     passes = 3 if dt != f32 else 1
     operands = (q, k, v, g_row, beta_row, seg_row, d_u, d_w, d_q_decayed, d_k_decayed,
                 *inverse_t)
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), f32),
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), v.dtype),
                  jax.ShapeDtypeStruct((r, n, c, c), f32), per_row(), per_row(), per_row()]
     # Two [C, C, Dv] and two [C, C, Dk] products, and dA's two.
     flops = 2 * c * c * (2 * dk + 2 * dv) + 4 * c ** 3 * passes
@@ -404,7 +406,8 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
 
     operands = (q, k, beta_row, d_w, d_q_decayed, d_k_decayed, inverse_t[0], d_qk, d_kk,
                 from_start, to_end)
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), f32)] * 2
+    out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), q.dtype),
+                 jax.ShapeDtypeStruct((r, n, c, dk), k.dtype)]
     dq, dk_ = pl.pallas_call(
         functools.partial(_backward_columns_kernel, scale=scale),
         grid=(r, n, dk // width),
