@@ -167,8 +167,9 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
     """The VJP's first part, through the solve: given (I + A)^-1 = T as the pieces of T^T that
     the forward kernel wrote (``refs``' first one or two; its products take them as they are),
     u = T (beta v), w = T (beta fs k) give dv, dA = -T^T dT T^T (on A's strictly lower
-    support), and the per-row sums: dbeta's u/w terms, d from_start, d to_end. Cotangents and
-    results are float32 (d_u and d_w come as matmul operands in the inputs' dtype)."""
+    support), and the per-row sums: dbeta's u/w terms, d from_start, d to_end. Sums and
+    results are float32, save dv in v's dtype (d_u and d_w come as matmul operands in the
+    inputs' dtype)."""
     *inv_t_refs, dv_ref, d_a_ref, dbeta_ref, d_fs_ref, d_te_ref = refs
     f32 = jnp.float32
     dt = dot_dtype(q_ref.dtype)
@@ -181,24 +182,24 @@ def _backward_solve_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, du_ref
     for cols in column_blocks(v_ref.shape[-1], width):
         dv_ref[:, cols] = (beta * _mm(inv_t_refs[0][...], du_ref[:, cols], dt)
                            ).astype(dv_ref.dtype)
-    # Everything else needs only two [C, C] sums, P = v du^T and Q = k dw^T, over the value
-    # and key columns (no per-column products with T kept live beside them):
-    #   dT = (beta (P + fs Q))^T;  rowsum(v * T0^T du) = rowsum(T0^T * P), same for Q,
-    # rows scaled by the [C, 1] columns beta and fs.
-    p = q_ = d_from_start = d_to_end = 0.0
+    # Everything else needs only two [C, C] sums over the value and key columns, v_du = v du^T
+    # and k_dw = k dw^T (no per-column products with T kept live beside them), with rows
+    # scaled by the [C, 1] columns beta and fs:
+    #   dT = (beta (v_du + fs k_dw))^T;  rowsum(v * T0^T du) = rowsum(T0^T * v_du), same for k.
+    v_du = k_dw = d_from_start = d_to_end = 0.0
     for cols in column_blocks(v_ref.shape[-1], width):
-        p = p + _mm(v_ref[:, cols], du_ref[:, cols].T, dt)
+        v_du = v_du + _mm(v_ref[:, cols], du_ref[:, cols].T, dt)
     for cols in column_blocks(k_ref.shape[-1], width):
-        q_ = q_ + _mm(k_ref[:, cols], dw_ref[:, cols].T, dt)
+        k_dw = k_dw + _mm(k_ref[:, cols], dw_ref[:, cols].T, dt)
         q, k = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32)
         d_from_start = d_from_start + scale * _sum_cols(q * dqd_ref[:, cols])
         d_to_end = d_to_end + _sum_cols(k * dkd_ref[:, cols])
     t0 = inv_t_refs[0][...].astype(f32)
-    k_d_bk = _sum_cols(t0 * q_)  # rowsum(k * T0^T dw)
+    k_d_bk = _sum_cols(t0 * k_dw)  # rowsum(k * T0^T dw)
     d_fs_ref[...] = (d_from_start + beta * k_d_bk).T
-    p = p + from_start * q_
-    dbeta_ref[...] = _sum_cols(t0 * p).T
-    d_inv = (beta * p).T
+    both = v_du + from_start * k_dw
+    dbeta_ref[...] = _sum_cols(t0 * both).T
+    d_inv = (beta * both).T
     d_inv_t = solve_pieces(mm_pieces(solve_pieces(d_inv, q_ref.dtype), inv_t()), q_ref.dtype)
     d_a_ref[...] = jnp.where(row > col, -mm_pieces(inv_t(), d_inv_t), 0.0)
     d_te_ref[...] = d_to_end.T
