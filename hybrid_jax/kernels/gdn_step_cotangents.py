@@ -14,8 +14,8 @@ of the VJP has no dependence across chunks:
     d_intra = dO v_new^T;   d_chunk_decay = sum(S * G');   d_u = dv_new.
 
 Per (sequence, chunk), one program per block of key columns forms that block's d_w,
-d_q_decayed, d_k_decayed and part of d_chunk_decay, and one more program d_intra, each in
-blocks of value columns (on GPU) so that few float32 sums are live at once. With all five
+d_q_decayed, d_k_decayed and part of d_chunk_decay, and (on GPU) one more program d_intra,
+each in blocks of value columns (on GPU) so that few float32 sums are live at once. With all five
 accumulated together in one program it took 2.4 ms on an H200 at OLMo Hybrid's layer (against
 2.9 ms for the five XLA einsums it replaced), far from the 0.2 ms that reading S and G' costs:
 compiled for sm_90a it spilled 4.7 KB of registers per thread; as separate passes in one
@@ -23,8 +23,8 @@ program it spilled 0.2-0.45 KB; as separate programs, nothing (experiments/
 kernel_registers.py). Its speed since is not yet measured on a GPU. Matmul operands take
 the factors' dtype (bf16 for bf16 inputs, as the state pass does) with float32 sums. The twin
 is ``jax.vjp`` of ``hybrid_jax.ops.gdn_chunk``'s step (tests). GPU (Triton) and Mosaic TPU
-share the body: grid (sequence, chunk, key block + 1), the last axis sequential on TPU, where
-a key block is the whole key dim.
+share the body: grid (sequence, chunk, key block), plus d_intra's program per chunk on GPU; on
+TPU a key block is the whole key dim and one program forms everything.
 """
 
 from __future__ import annotations
@@ -46,18 +46,21 @@ from hybrid_jax.kernels.common import mm as _mm
 
 
 def _kernel(vn_ref, do_ref, dvn_ref, s_ref, g_ref,
-            dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int, key_blocks: int):
+            dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int, key_blocks: int,
+            intra_block: int):
     """One program per (sequence, chunk, block of key columns) for that key block's d_w,
     d_q_decayed, d_k_decayed and part of d_chunk_decay (``s_ref`` and ``g_ref`` hold the key
-    block's rows), and one more per chunk for d_intra: separate programs keep few sums live at
-    once (d_intra's pass and d_k_decayed's, in one program, spilled registers on GPU even one
-    key block at a time)."""
+    block's rows); the program ``intra_block`` also forms d_intra. On GPU that is one more
+    program per chunk: separate programs keep few sums live at once (d_intra's pass and
+    d_k_decayed's, in one program, spilled registers even one key block at a time). On TPU
+    (one key block, whole tiles in VMEM) it is the same program: each grid step costs fixed
+    time there."""
     f32 = jnp.float32
     dt = vn_ref.dtype
     value_blocks = column_blocks(vn_ref.shape[-1], width)
     block = pl.program_id(2)
 
-    @pl.when(block == key_blocks)
+    @pl.when(block == intra_block)
     def _():
         d_intra = 0.0
         for cols in value_blocks:
@@ -107,6 +110,7 @@ def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, state
     if dk % width:
         raise ValueError(f"step_cotangents: Dk={dk} is not a multiple of {width}")
     key_blocks = dk // width
+    separate_intra = backend == "gpu"  # d_intra in a program of its own (``_kernel``)
     operands = (v_new, d_out.astype(dt), dv_new.astype(dt), states, grads)
     # d_w is only ever a matmul operand (of the factors' VJP): it takes their dtype.
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), dt),
@@ -117,16 +121,17 @@ def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, state
     flops = 3 * 2 * c * dk * dv + 2 * c * c * dv
 
     def block(*shape, keys=None):
-        """Grid (R, N, key block + 1); ``keys``: the axis split in key blocks, whose index the
-        last program (d_intra's, which reads no key block and writes none) clamps."""
+        """Grid (R, N, key block [+ 1]); ``keys``: the axis split in key blocks, whose index a
+        separate d_intra program (which reads no key block and writes none) clamps."""
         def index(i, j, b):
             b = jnp.minimum(b, key_blocks - 1)
             return (i, j) + tuple(b if axis == keys else 0 for axis in range(len(shape)))
         return pl.BlockSpec((None, None, *shape), index)
 
     d_w, d_qd, d_kd, d_intra, d_decay = pl.pallas_call(
-        functools.partial(_kernel, width=width, key_blocks=key_blocks),
-        grid=(r, n, key_blocks + 1),
+        functools.partial(_kernel, width=width, key_blocks=key_blocks,
+                          intra_block=key_blocks if separate_intra else 0),
+        grid=(r, n, key_blocks + separate_intra),
         in_specs=[block(c, dv), block(c, dv), block(c, dv), block(width, dv, keys=0),
                   block(width, dv, keys=0)],
         out_specs=[block(c, width, keys=1), block(c, width, keys=1), block(c, width, keys=1),
