@@ -305,7 +305,7 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     out_specs = [chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
                  chunk_block(c, c), chunk_block(1, 1)]
     if return_inverse:
-        pieces = solve_passes(q.dtype) // 2 + 1  # (hi, lo) or the float32 tile
+        pieces = 1 if dt == f32 else 2  # ``solve_pieces``: the float32 tile, or (hi, lo)
         out_shape += [jax.ShapeDtypeStruct((r, n, c, c), dt)] * pieces
         out_specs += [chunk_block(c, c)] * pieces
     # k k^T, q k^T, w: [C, C, Dk] products; u: [C, C, Dv]; plus the gates and the solve.
@@ -359,7 +359,7 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     d_u, d_w = d_u.astype(dt), d_w.astype(dt)
     d_q_decayed, d_k_decayed = d_q_decayed.astype(f32), d_k_decayed.astype(f32)
     per_row = lambda: jax.ShapeDtypeStruct((r, n, 1, c), f32)  # [R, N, 1, C] float32
-    passes = 3 if dt != f32 else 1
+    passes = solve_passes(q.dtype)
     operands = (q, k, v, g_row, beta_row, seg_row, d_u, d_w, d_q_decayed, d_k_decayed,
                 *inverse_t)
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), v.dtype),

@@ -37,7 +37,6 @@ from jax.experimental import pallas as pl
 
 from hybrid_jax.kernels.common import (
     BLOCK_COLUMNS,
-    chunk_block,
     column_blocks,
     compiler_params,
     cost_estimate,
