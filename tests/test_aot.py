@@ -43,39 +43,48 @@ def test_topology_devices_and_chip(topology):
     assert {d.platform for d in topology.devices} == {"tpu"}
 
 
-@pytest.mark.parametrize("program", ["train", "prefill", "decode"])
-def test_programs_compile_and_fit(topology, program):
-    mesh = topology.mesh(MeshShape(fsdp=4))
-    work = Workload(8, 128, micro_batches=2 if program == "train" else 1)
-    report = report_program(program, _config(), topology, mesh, work)
+# Each compile takes 5-30 s here: the train step's report is shared, and decode's is in
+# test_cli_reports_and_writes_json.
+TRAIN_WORK = Workload(8, 128, micro_batches=2)
+
+
+@pytest.fixture(scope="module")
+def train_report(topology):
+    return report_program("train", _config(), topology, topology.mesh(MeshShape(fsdp=4)),
+                          TRAIN_WORK)
+
+
+@pytest.mark.parametrize("program", ["train", "prefill"])
+def test_programs_compile_and_fit(topology, train_report, program):
+    if program == "train":
+        report = train_report
+    else:
+        report = report_program(program, _config(), topology,
+                                topology.mesh(MeshShape(fsdp=4)), Workload(8, 128))
     assert report.error is None and report.fits
     assert 0 < report.memory["total"] < report.hbm_bytes
     assert report.xla_flops > 0 and report.xla_bytes > 0
     assert report.roofline.seconds > 0 and 0 < report.roofline.mfu < 1
-    if program == "train":
-        # The GDN layers run Mosaic kernels, per shard.
-        compiled, _, _ = compile_program(program, _config(), mesh, work)
-        assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()
+    # The GDN layers run Mosaic kernels, per shard (how many copies XLA keeps depends on
+    # remat and on which loops it unrolls).
+    assert report.kernel_calls > 0
 
 
-def test_per_device_memory_shrinks_as_fsdp_grows(topology):
-    cfg = _config()
-    work = Workload(8, 128)
-    args = []
-    for fsdp in (1, 2, 4):
-        mesh = topology.mesh(MeshShape(data=4 // fsdp, fsdp=fsdp))
-        args.append(report_program("train", cfg, topology, mesh, work,
-                                   cost=False).memory["argument"])
-    assert args[0] > args[1] > args[2]
-    assert args[0] / args[2] > 3  # parameters and optimizer state split four ways
+def test_per_device_memory_shrinks_as_fsdp_grows(topology, train_report):
+    replicated = report_program("train", _config(), topology,
+                                topology.mesh(MeshShape(data=4)), TRAIN_WORK, cost=False)
+    # Parameters and optimizer state split four ways (the batch is split four ways in both).
+    assert replicated.memory["argument"] / train_report.memory["argument"] > 3
 
 
 def test_loop_costs_match_an_unrolled_compile(topology):
     """XLA counts a loop body once; ``per_call_cost`` scales the scanned layers and the
     micro-batches. Reference: the same step with its three blocks unrolled, compiled directly,
-    run once per micro-batch. Attention in blocks of 32 (four a side) and the loss in chunks of
-    32 positions: ``per_call_cost`` must unroll their loops too, or its loop check fails."""
-    cfg = _config(num_hidden_layers=12, layer_types=olmo_hybrid_tiny().layer_types[:4] * 3,
+    run once per micro-batch (blocks of a GDN and an attention layer: three blocks are the
+    fewest that test the extrapolation from one and two, and short blocks compile faster).
+    Attention in blocks of 32 (four a side) and the loss in chunks of 32 positions:
+    ``per_call_cost`` must unroll their loops too, or its loop check fails."""
+    cfg = _config(num_hidden_layers=6, layer_types=("linear_attention", "full_attention") * 3,
                   attention_block_size=32, loss_chunk_size=32)
     mesh = topology.mesh(MeshShape(fsdp=4))
     scanned = per_call_cost("train", cfg, mesh, Workload(8, 128, micro_batches=2))
@@ -90,8 +99,10 @@ def test_loop_costs_match_an_unrolled_compile(topology):
     assert 1.0 < ratio < 2.0
 
 
-@pytest.mark.parametrize("dk, dv, dtype", [(96, 192, "bfloat16"), (128, 128, "bfloat16"),
-                                           (32, 256, "float32")])
+@pytest.mark.parametrize("dk, dv, dtype", [
+    (96, 192, "bfloat16"), (32, 256, "float32"),
+    pytest.param(128, 128, "bfloat16", marks=pytest.mark.slow),  # like 96, 192 on TPU's tiles
+])
 def test_pallas_tpu_kernels_compile_with_mosaic(topology, dk, dv, dtype):
     shape = dict(seq_len=256, heads=2, dk=dk, dv=dv, dtype=dtype)
     forward = compile_gdn_kernels(topology, backward=False, **shape)
@@ -151,15 +162,16 @@ def test_dimensions_that_do_not_divide_a_mesh_axis(topology):
 def test_cli_reports_and_writes_json(tmp_path, capsys):
     out = tmp_path / "aot.json"
     rc = main(["aot", "--topology", TOPOLOGY, "--preset", "tiny", "--mesh", "data=2,fsdp=2",
-               "--batch", "4", "--seq-len", "64", "--programs", "prefill,decode,kernels",
+               "--batch", "4", "--seq-len", "64", "--programs", "decode,kernels",
                "--json", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "TPU v5 lite" in printed and "cloud.google.com/tpu/docs/v5e" in printed
-    assert printed.count(" yes ") == 2
+    assert printed.count(" yes ") == 1
     report = json.loads(out.read_text())
     assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "context": 1}
-    assert [r["program"] for r in report["reports"]] == ["prefill", "decode"]
+    assert [r["program"] for r in report["reports"]] == ["decode"]
+    assert report["reports"][0]["kernel_calls"] == 0  # one token: the recurrent step
     assert all(r["roofline"]["seconds"] > 0 for r in report["reports"])
     assert report["config"]["gdn_method"] == "pallas"  # "auto" would be XLA's form on a CPU
     assert [k["custom_calls"] for k in report["kernels"]] == [2, 7]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hybrid_jax.aot.report import memory_stats, out_of_memory_message, xla_cost
+from hybrid_jax.aot.report import kernel_calls, memory_stats, out_of_memory_message, xla_cost
 from hybrid_jax.aot.topology import AOTError, Topology
 from hybrid_jax.ops.gated_delta_rule import gated_delta_rule
 
@@ -108,7 +108,7 @@ def compile_gdn_kernels(topology: Topology, *, rows: int = 1, seq_len: int = 204
     return KernelReport(
         topology=topology.name, backward=backward, rows=rows, seq_len=seq_len, heads=heads,
         dk=dk, dv=dv, dtype=dtype, compile_s=seconds,
-        custom_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+        custom_calls=kernel_calls(compiled),
         xla_flops=cost["flops"], xla_bytes=cost["bytes"],
         temp_bytes=memory_stats(compiled)["temp"],
         scoped_vmem_kib=smallest_scoped_vmem_kib(lowered) if measure_vmem else None)

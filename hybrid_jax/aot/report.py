@@ -56,6 +56,7 @@ class ProgramReport:
     memory: dict[str, int] | None
     hbm_bytes: int
     error: str | None = None
+    kernel_calls: int | None = None  # Mosaic kernels (Pallas) in the program; None: no compile
     xla_flops: float | None = None
     xla_bytes: float | None = None
     model_flops: float | None = None
@@ -75,6 +76,11 @@ def xla_cost(compiled) -> dict[str, float]:
         cost = cost[0]
     return {"flops": float(cost.get("flops", 0.0)),
             "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def kernel_calls(compiled) -> int:
+    """How many Mosaic (Pallas TPU) kernel calls the compiled program makes."""
+    return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
 
 def memory_stats(compiled) -> dict[str, int]:
@@ -156,7 +162,8 @@ def report_program(program: str, config: ModelConfig, topology: Topology, mesh: 
     compiled, seconds, oom = compile_program(program, config, mesh, work)
     memory = memory_stats(compiled) if compiled is not None else None
     fits = memory is not None and memory["total"] <= device.hbm_bytes
-    report = ProgramReport(program, seconds, fits, memory, device.hbm_bytes, oom)
+    report = ProgramReport(program, seconds, fits, memory, device.hbm_bytes, oom,
+                           kernel_calls(compiled) if compiled is not None else None)
     if not cost:
         return report
     xla = per_call_cost(program, config, mesh, work)
