@@ -19,8 +19,8 @@ layer the forward takes 0.59 ms (0.56 without any solve). The VJP took 4.0 ms as
 (2.7 without its solve), far above what its memory traffic needs: compiled for sm_90a it
 spilled 3 KB of registers per thread (experiments/kernel_registers.py). It is now three
 kernels that take T from the backward's recompute of the factors instead of solving again,
-and spill 28, 88 and 0 bytes per thread (the forward about 70); their speed is not yet
-measured on a GPU. The TPU variant is verified in interpret mode and compiled by Mosaic
+and at OLMo's Dk = 96 (no longer padded to 128: column blocks of 64 and 32) spill 0, 16 and
+0 bytes per thread (the forward 28); their speed is not yet measured on a GPU. The TPU variant is verified in interpret mode and compiled by Mosaic
 ahead of time for v5e, v5p and v6e (experiments/RESULTS.md, TPU pods), never yet run on a
 TPU.
 """
@@ -244,18 +244,25 @@ def _backward_gates_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, dintra_ref, d
 
 def _backward_columns_kernel(q_ref, k_ref, beta_ref, dw_ref, dqd_ref, dkd_ref, inv_t_ref,
                              d_qk_ref, d_kk_ref, from_start_ref, to_end_ref, dq_ref, dk_ref, *,
-                             scale: float):
-    """dq and dk for one block of key columns, from the chunk's [C, C] cotangents
-    (``_backward_solve_kernel``, ``_backward_gates_kernel``): dq = d_qk k + scale fs dqd;
-    dk = beta fs T^T dw + d_qk^T q + (d_kk + d_kk^T) k + te dkd."""
+                             scale: float, width: int):
+    """dq and dk for one block of key columns (program ``program_id(2)`` of the chunk's; a
+    static slice of its whole rows, so the last block may be narrower), from the chunk's
+    [C, C] cotangents (``_backward_solve_kernel``, ``_backward_gates_kernel``):
+    dq = d_qk k + scale fs dqd;  dk = beta fs T^T dw + d_qk^T q + (d_kk + d_kk^T) k + te dkd."""
     f32 = jnp.float32
     dt = d_qk_ref.dtype
-    q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)
-    d_qk, from_start = d_qk_ref[...], _column(from_start_ref)
-    dq_ref[...] = (_mm(d_qk, k, dt) + scale * from_start * dqd_ref[...]).astype(dq_ref.dtype)
-    dk_ref[...] = (_column(beta_ref) * from_start * _mm(inv_t_ref[...], dw_ref[...], dt)
-                   + _mm(d_qk.T, q, dt) + _mm(d_kk_ref[...], k, dt)
-                   + _column(to_end_ref) * dkd_ref[...]).astype(dk_ref.dtype)
+    block = pl.program_id(2)
+    for b, cols in enumerate(column_blocks(q_ref.shape[-1], width)):
+        @pl.when(block == b)
+        def _(cols=cols):
+            q, k = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32)
+            d_qk, from_start = d_qk_ref[...], _column(from_start_ref)
+            dq_ref[:, cols] = (_mm(d_qk, k, dt)
+                               + scale * from_start * dqd_ref[:, cols]).astype(dq_ref.dtype)
+            dk_ref[:, cols] = (
+                _column(beta_ref) * from_start * _mm(inv_t_ref[...], dw_ref[:, cols], dt)
+                + _mm(d_qk.T, q, dt) + _mm(d_kk_ref[...], k, dt)
+                + _column(to_end_ref) * dkd_ref[:, cols]).astype(dk_ref.dtype)
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -346,9 +353,8 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     f32 = jnp.float32
 
     dt = dot_dtype(q.dtype)
-    width = min(BLOCK_COLUMNS[backend], dk)
-    if dk % width:
-        raise ValueError(f"chunk_factors_backward_kernel: Dk={dk} is not a multiple of {width}")
+    width = BLOCK_COLUMNS[backend]
+    key_blocks = len(column_blocks(dk, width))
     if inverse_t is None:
         inverse_t = chunk_factors_kernel(q, k, v, g, beta, seg, scale=scale, backend=backend,
                                          return_inverse=True, interpret=interpret)[6:]
@@ -399,10 +405,7 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
         interpret=interpret,
     )(*operands)
 
-    def columns(shape_c):  # a [C, width] block of key columns, grid (R, N, Dk / width)
-        return pl.BlockSpec((None, None, shape_c, width), lambda i, j, b: (i, j, 0, b))
-
-    def whole(*shape):
+    def whole(*shape):  # grid (R, N, key block): each program takes its columns itself
         return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
 
     operands = (q, k, beta_row, d_w, d_q_decayed, d_k_decayed, inverse_t[0], d_qk, d_kk,
@@ -410,16 +413,17 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), q.dtype),
                  jax.ShapeDtypeStruct((r, n, c, dk), k.dtype)]
     dq, dk_ = pl.pallas_call(
-        functools.partial(_backward_columns_kernel, scale=scale),
-        grid=(r, n, dk // width),
-        in_specs=[columns(c), columns(c), whole(1, c), columns(c), columns(c), columns(c),
-                  *[whole(c, c)] * 3, whole(1, c), whole(1, c)],
-        out_specs=[columns(c), columns(c)],
+        functools.partial(_backward_columns_kernel, scale=scale, width=width),
+        grid=(r, n, key_blocks),
+        in_specs=[whole(c, dk), whole(c, dk), whole(1, c), whole(c, dk), whole(c, dk),
+                  whole(c, dk), *[whole(c, c)] * 3, whole(1, c), whole(1, c)],
+        out_specs=[whole(c, dk), whole(c, dk)],
         out_shape=out_shape,
-        compiler_params=compiler_params(backend, ("parallel", "parallel", "parallel")),
-        # dq: one [C, C, width] product; dk: three.
-        cost_estimate=cost_estimate(r * n * (dk // width), 4 * 2 * c * c * width, 0, operands,
-                                    out_shape),
+        # The last axis is "arbitrary": its programs share output blocks (each writing its own
+        # columns), which Mosaic TPU must not split across cores.
+        compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")),
+        # dq: one [C, C, Dk] product; dk: three.
+        cost_estimate=cost_estimate(r * n, 4 * 2 * c * c * dk, 0, operands, out_shape),
         interpret=interpret,
     )(*operands)
     return dq, dk_, dv_, dg[..., 0, :], dbeta[..., 0, :]

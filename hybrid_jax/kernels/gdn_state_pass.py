@@ -24,8 +24,10 @@ Two variants of each pass, over one chunk step:
   head, block of value columns) loops over its chunks inside the kernel, reading each chunk
   from the whole-sequence arrays in global memory. The rule is independent across value
   columns, so splitting them keeps a [Dk, block_v] state in registers and gives the GPU more
-  programs. The caller pads key dims to a power of two, as Triton tiles must be, and value
-  dims to a multiple of the value block.
+  programs. The state is held as blocks of 64 key rows (the last one narrower), so the
+  caller pads key dims only as far as that last block's width is a power of two, as Triton
+  tiles must be (OLMo Hybrid's 96 is 64 + 32), and value dims to a multiple of the value
+  block.
   Triton rather than Mosaic GPU because Mosaic GPU copies each block to shared memory
   whole, which a whole sequence cannot fit, and jax 0.10/0.11's Mosaic GPU ``pallas_call``
   path is deprecated in favour of ``plgpu.kernel``, whose structure (warp groups, explicit
@@ -48,71 +50,122 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hybrid_jax.kernels.common import chunk_block, compiler_params, cost_estimate
+from hybrid_jax.kernels.common import (
+    BLOCK_COLUMNS,
+    chunk_block,
+    column_blocks,
+    compiler_params,
+    cost_estimate,
+)
 from hybrid_jax.kernels.common import mm as _mm
 
 
+# The GPU kernels hold the state as key blocks of rows ([64, block_v] tiles, the last one
+# narrower): Triton tiles must be powers of two, and so Dk need not be (OLMo Hybrid's 96 is
+# 64 + 32, not padded to 128). The Mosaic TPU kernels hold one block, the whole state.
+def _key_blocks(dk: int) -> list:
+    return column_blocks(dk, BLOCK_COLUMNS["gpu"])
+
+
 def _advance(u, w, kd, decay, state):
-    """One chunk: (v_new [C, Dv], next state [Dk, Dv]) from its factors and the state entering
-    it. The state and all sums are float32; matmul operands take the factors' dtype (bf16 for
-    bf16 inputs: tensor cores)."""
+    """One chunk: (v_new [C, Dv], next state) from its factors and the state entering it, w and
+    k_decayed as tuples of [C, block] column blocks and the state as the matching tuple of
+    [block, Dv] row blocks. The state and all sums are float32; matmul operands take the
+    factors' dtype (bf16 for bf16 inputs: tensor cores)."""
     dt = u.dtype
-    v_new = u.astype(jnp.float32) - _mm(w, state, dt)  # [C, Dv]
-    return v_new, decay * state + _mm(kd.T, v_new, dt)
+    v_new = u.astype(jnp.float32)  # [C, Dv]
+    for w_b, s_b in zip(w, state):
+        v_new = v_new - _mm(w_b, s_b, dt)
+    return v_new, tuple(decay * s_b + _mm(kd_b.T, v_new, dt) for kd_b, s_b in zip(kd, state))
 
 
 def _output(qd, intra, state, v_new):
-    """One chunk's output o [C, Dv] (float32) from the state entering it and its v_new."""
-    dt = qd.dtype
-    return _mm(qd, state, dt) + _mm(intra, v_new, dt)
+    """One chunk's output o [C, Dv] (float32) from the state entering it (key blocks, with
+    q_decayed's matching column blocks) and its v_new."""
+    dt = intra.dtype
+    out = _mm(intra, v_new, dt)
+    for qd_b, s_b in zip(qd, state):
+        out = out + _mm(qd_b, s_b, dt)
+    return out
 
 
 def _chunk_step_backward(do, w, qd, kd, intra, decay, grad):
-    """One chunk backwards: (dv_new [C, Dv], G [Dk, Dv]) from the output's cotangent dO, the
-    factors and G' = dL/d(state leaving the chunk). Float32 sums, operands in w's dtype."""
-    dt = w.dtype
-    dv_new = _mm(intra.T, do, dt) + _mm(kd, grad, dt)
-    return dv_new, decay * grad + _mm(qd.T, do, dt) - _mm(w.T, dv_new, dt)
+    """One chunk backwards: (dv_new [C, Dv], G) from the output's cotangent dO, the factors and
+    G' = dL/d(state leaving the chunk), key blocks as in ``_advance``. Float32 sums, operands
+    in intra's dtype."""
+    dt = intra.dtype
+    dv_new = _mm(intra.T, do, dt)
+    for kd_b, g_b in zip(kd, grad):
+        dv_new = dv_new + _mm(kd_b, g_b, dt)
+    return dv_new, tuple(decay * g_b + _mm(qd_b.T, do, dt) - _mm(w_b.T, dv_new, dt)
+                         for w_b, qd_b, g_b in zip(w, qd, grad))
+
+
+def _columns(ref, n, keys):
+    """Chunk n of a whole-sequence [N, C, Dk] block, as its key column blocks."""
+    return tuple(ref[n, :, cols] for cols in keys)
+
+
+def _load_rows(ref, keys):
+    return tuple(ref[cols, :] for cols in keys)
+
+
+def _store_rows(ref, keys, blocks, *chunk):
+    """Key row blocks into a [Dk, block_v] block, or given ``chunk`` (n), into chunk n of a
+    whole-sequence [N, Dk, block_v] one."""
+    for cols, x in zip(keys, blocks):
+        ref[(*chunk, cols, slice(None))] = x.astype(ref.dtype)
 
 
 def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref, *,
                 n_chunks: int):
+    keys = _key_blocks(w_ref.shape[-1])
+
     def chunk(n, state):
-        v_new, next_state = _advance(u_ref[n], w_ref[n], kd_ref[n], decay_ref[n], state)
-        o_ref[n] = _output(qd_ref[n], intra_ref[n], state, v_new).astype(o_ref.dtype)
+        v_new, next_state = _advance(u_ref[n], _columns(w_ref, n, keys),
+                                     _columns(kd_ref, n, keys), decay_ref[n], state)
+        o_ref[n] = _output(_columns(qd_ref, n, keys), intra_ref[n], state,
+                           v_new).astype(o_ref.dtype)
         return next_state
 
-    s_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
+    _store_rows(s_ref, keys, jax.lax.fori_loop(0, n_chunks, chunk, _load_rows(s0_ref, keys)))
 
 
 def _gpu_states_kernel(u_ref, w_ref, kd_ref, decay_ref, s0_ref, s_ref, states_ref, v_new_ref,
                        *, n_chunks: int):
     """The forward pass again for the backward: the states and v_new, no output."""
+    keys = _key_blocks(w_ref.shape[-1])
+
     def chunk(n, state):
-        states_ref[n] = state.astype(states_ref.dtype)
-        v_new, state = _advance(u_ref[n], w_ref[n], kd_ref[n], decay_ref[n], state)
+        _store_rows(states_ref, keys, state, n)
+        v_new, state = _advance(u_ref[n], _columns(w_ref, n, keys), _columns(kd_ref, n, keys),
+                                decay_ref[n], state)
         v_new_ref[n] = v_new.astype(v_new_ref.dtype)
         return state
 
-    s_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
+    _store_rows(s_ref, keys, jax.lax.fori_loop(0, n_chunks, chunk, _load_rows(s0_ref, keys)))
 
 
 def _gpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, dfinal_ref,
                          dv_ref, grads_ref, ds0_ref, *, n_chunks: int):
+    keys = _key_blocks(w_ref.shape[-1])
+
     def chunk(j, grad):
         n = n_chunks - 1 - j
-        grads_ref[n] = grad.astype(grads_ref.dtype)  # G': cotangent of the state leaving n
-        dv_new, grad = _chunk_step_backward(do_ref[n], w_ref[n], qd_ref[n], kd_ref[n],
-                                            intra_ref[n], decay_ref[n], grad)
+        _store_rows(grads_ref, keys, grad, n)  # G': cotangent of the state leaving n
+        dv_new, grad = _chunk_step_backward(
+            do_ref[n], _columns(w_ref, n, keys), _columns(qd_ref, n, keys),
+            _columns(kd_ref, n, keys), intra_ref[n], decay_ref[n], grad)
         dv_ref[n] = dv_new.astype(dv_ref.dtype)
         return grad
 
-    ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk, dfinal_ref[...])
+    _store_rows(ds0_ref, keys,
+                jax.lax.fori_loop(0, n_chunks, chunk, _load_rows(dfinal_ref, keys)))
 
 
 def _tpu_kernel(*refs, save: bool):
-    """One chunk per grid step, the state in a VMEM scratch; ``save``: the backward's pass
-    (states and v_new written, no output)."""
+    """One chunk per grid step, the state in a VMEM scratch (one key block: whole tiles);
+    ``save``: the backward's pass (states and v_new written, no output)."""
     if save:
         (u_ref, w_ref, kd_ref, decay_ref, s0_ref, s_ref, states_ref, v_new_ref,
          state_ref) = refs
@@ -126,12 +179,14 @@ def _tpu_kernel(*refs, save: bool):
         state_ref[...] = s0_ref[...]
 
     state = state_ref[...]
-    v_new, next_state = _advance(u_ref[...], w_ref[...], kd_ref[...], decay_ref[...], state)
+    v_new, (next_state,) = _advance(u_ref[...], (w_ref[...],), (kd_ref[...],), decay_ref[...],
+                                    (state,))
     if save:
         states_ref[...] = state.astype(states_ref.dtype)
         v_new_ref[...] = v_new.astype(v_new_ref.dtype)
     else:
-        o_ref[...] = _output(qd_ref[...], intra_ref[...], state, v_new).astype(o_ref.dtype)
+        o_ref[...] = _output((qd_ref[...],), intra_ref[...], (state,),
+                             v_new).astype(o_ref.dtype)
     state_ref[...] = next_state
 
     @pl.when(n == pl.num_programs(1) - 1)
@@ -148,8 +203,9 @@ def _tpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, df
         grad_ref[...] = dfinal_ref[...]
 
     grads_ref[...] = grad_ref[...].astype(grads_ref.dtype)
-    dv_new, grad = _chunk_step_backward(do_ref[...], w_ref[...], qd_ref[...], kd_ref[...],
-                                        intra_ref[...], decay_ref[...], grad_ref[...])
+    dv_new, (grad,) = _chunk_step_backward(do_ref[...], (w_ref[...],), (qd_ref[...],),
+                                           (kd_ref[...],), intra_ref[...], decay_ref[...],
+                                           (grad_ref[...],))
     dv_ref[...] = dv_new.astype(dv_ref.dtype)
     grad_ref[...] = grad
 

@@ -45,15 +45,15 @@ from hybrid_jax.kernels.common import mm as _mm
 
 
 def _kernel(vn_ref, do_ref, dvn_ref, s_ref, g_ref,
-            dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int, key_blocks: int,
-            intra_block: int):
+            dw_ref, dqd_ref, dkd_ref, dintra_ref, ddecay_ref, *, width: int, intra_block: int):
     """One program per (sequence, chunk, block of key columns) for that key block's d_w,
-    d_q_decayed, d_k_decayed and part of d_chunk_decay (``s_ref`` and ``g_ref`` hold the key
-    block's rows); the program ``intra_block`` also forms d_intra. On GPU that is one more
-    program per chunk: separate programs keep few sums live at once (d_intra's pass and
-    d_k_decayed's, in one program, spilled registers even one key block at a time). On TPU
-    (one key block, whole tiles in VMEM) it is the same program: each grid step costs fixed
-    time there."""
+    d_q_decayed, d_k_decayed and part of d_chunk_decay (``s_ref`` and ``g_ref`` hold the
+    chunk's whole states, the outputs its whole rows: each program reads and writes its own
+    key block, a static slice, so the last block may be narrower, as Dk = 96 = 64 + 32); the
+    program ``intra_block`` also forms d_intra. On GPU that is one more program per chunk:
+    separate programs keep few sums live at once (d_intra's pass and d_k_decayed's, in one
+    program, spilled registers even one key block at a time). On TPU (one key block, whole
+    tiles in VMEM) it is the same program: each grid step costs fixed time there."""
     f32 = jnp.float32
     dt = vn_ref.dtype
     value_blocks = column_blocks(vn_ref.shape[-1], width)
@@ -66,20 +66,21 @@ def _kernel(vn_ref, do_ref, dvn_ref, s_ref, g_ref,
             d_intra = d_intra + _mm(do_ref[:, cols], vn_ref[:, cols].T, dt)
         dintra_ref[...] = d_intra
 
-    @pl.when(block < key_blocks)
-    def _():
-        d_w = d_qd = d_kd = d_decay = 0.0
-        for cols in value_blocks:
-            state, grad = s_ref[:, cols], g_ref[:, cols]  # [block, block]
-            d_w = d_w - _mm(dvn_ref[:, cols], state.T, dt)
-            d_qd = d_qd + _mm(do_ref[:, cols], state.T, dt)
-            d_decay = d_decay + jnp.sum(state.astype(f32) * grad.astype(f32))
-        dw_ref[...] = d_w.astype(dw_ref.dtype)
-        dqd_ref[...] = d_qd
-        for cols in value_blocks:
-            d_kd = d_kd + _mm(vn_ref[:, cols], g_ref[:, cols].T, dt)
-        dkd_ref[...] = d_kd
-        ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
+    for b, keys in enumerate(column_blocks(s_ref.shape[0], width)):
+        @pl.when(block == b)
+        def _(keys=keys):
+            d_w = d_qd = d_kd = d_decay = 0.0
+            for cols in value_blocks:
+                state, grad = s_ref[keys, cols], g_ref[keys, cols]  # [block, block]
+                d_w = d_w - _mm(dvn_ref[:, cols], state.T, dt)
+                d_qd = d_qd + _mm(do_ref[:, cols], state.T, dt)
+                d_decay = d_decay + jnp.sum(state.astype(f32) * grad.astype(f32))
+            dw_ref[:, keys] = d_w.astype(dw_ref.dtype)
+            dqd_ref[:, keys] = d_qd
+            for cols in value_blocks:
+                d_kd = d_kd + _mm(vn_ref[:, cols], g_ref[keys, cols].T, dt)
+            dkd_ref[:, keys] = d_kd
+            ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret"))
@@ -105,10 +106,8 @@ def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, state
     dk = states.shape[-2]
     f32, dt = jnp.float32, v_new.dtype
 
-    width = min(BLOCK_COLUMNS[backend], dk)
-    if dk % width:
-        raise ValueError(f"step_cotangents: Dk={dk} is not a multiple of {width}")
-    key_blocks = dk // width
+    width = BLOCK_COLUMNS[backend]
+    key_blocks = len(column_blocks(dk, width))
     separate_intra = backend == "gpu"  # d_intra in a program of its own (``_kernel``)
     operands = (v_new, d_out.astype(dt), dv_new.astype(dt), states, grads)
     # d_w is only ever a matmul operand (of the factors' VJP): it takes their dtype.
@@ -119,25 +118,22 @@ def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, state
     # d_w, d_qd and d_kd: [C, Dk, Dv] products; d_intra: [C, C, Dv].
     flops = 3 * 2 * c * dk * dv + 2 * c * c * dv
 
-    def block(*shape, keys=None):
-        """Grid (R, N, key block [+ 1]); ``keys``: the axis split in key blocks, whose index a
-        separate d_intra program (which reads no key block and writes none) clamps."""
-        def index(i, j, b):
-            b = jnp.minimum(b, key_blocks - 1)
-            return (i, j) + tuple(b if axis == keys else 0 for axis in range(len(shape)))
-        return pl.BlockSpec((None, None, *shape), index)
+    def whole(*shape):
+        return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
 
+    # Grid (R, N, key block [+ 1]); d_chunk_decay's part from each key block goes to a block
+    # of its own, which a separate d_intra program (which writes none) clamps.
+    decay_part = pl.BlockSpec((None, None, 1, 1),
+                              lambda i, j, b: (i, j, jnp.minimum(b, key_blocks - 1), 0))
     d_w, d_qd, d_kd, d_intra, d_decay = pl.pallas_call(
-        functools.partial(_kernel, width=width, key_blocks=key_blocks,
+        functools.partial(_kernel, width=width,
                           intra_block=key_blocks if separate_intra else 0),
         grid=(r, n, key_blocks + separate_intra),
-        in_specs=[block(c, dv), block(c, dv), block(c, dv), block(width, dv, keys=0),
-                  block(width, dv, keys=0)],
-        out_specs=[block(c, width, keys=1), block(c, width, keys=1), block(c, width, keys=1),
-                   block(c, c), block(1, 1, keys=0)],
+        in_specs=[whole(c, dv), whole(c, dv), whole(c, dv), whole(dk, dv), whole(dk, dv)],
+        out_specs=[whole(c, dk), whole(c, dk), whole(c, dk), whole(c, c), decay_part],
         out_shape=out_shape,
-        # The last axis is "arbitrary": its programs share output blocks (each written by one
-        # of them), which Mosaic TPU must not split across cores.
+        # The last axis is "arbitrary": its programs share output blocks (each writing its own
+        # part), which Mosaic TPU must not split across cores.
         compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")),
         cost_estimate=cost_estimate(r * n, flops, 0, operands, out_shape),
         interpret=interpret,

@@ -61,15 +61,27 @@ def _unsequences(x: jax.Array, b: int, t: int, h: int, d: int | None = None) -> 
     return jnp.moveaxis(x, 1, 2)
 
 
+def _gpu_key_dim(dk: int) -> int:
+    """Dk padded for the GPU kernels, which split key columns into blocks of 64: as far as
+    the last block's width is a power of two (Triton tiles must be), at least 16 (the
+    smallest a tensor-core dot takes). 96 stays 96 (64 + 32), 72 -> 80, 112 -> 128; a Dk up to
+    64 goes to a power of two."""
+    if dk <= 64:
+        return _pow2(dk)
+    rest = dk % 64
+    return dk - rest + (max(_pow2(rest), 16) if rest else 0)
+
+
 def _padded_dims(dk: int, dv: int, variant: str) -> tuple[int, int]:
-    """(pk, pv): the head dims the kernels work on. Key dims go to a power of two: the state
-    pass holds [Dk, block_v] tiles, and Triton's must be powers of two. On GPU the value dims
-    only go to a multiple of 64, the width every GPU kernel splits them into (OLMo Hybrid's 192
-    stays 192: a power of two, 256, would be a third more value work and state memory); on
-    TPU to a power of two, whole tiles of 128 lanes. The zero padding is exact: padded key
-    dimensions never enter the state, padded value dimensions are sliced off."""
-    if variant == "gpu" and dv > 64:
-        return _pow2(dk), -(-dv // 64) * 64
+    """(pk, pv): the head dims the kernels work on. On GPU, key dims only as far as
+    ``_gpu_key_dim`` says (the kernels hold keys, and the state's rows, as blocks of 64 and a
+    narrower last one: OLMo Hybrid's 96 stays 96), and value dims to a multiple of 64, the
+    width every GPU kernel splits them into (its 192 stays 192: a power of two, 256, would be
+    a third more value work and state memory). On TPU both go to a power of two, whole tiles
+    of 128 lanes. The zero padding is exact: padded key dimensions never enter the state,
+    padded value dimensions are sliced off."""
+    if variant == "gpu":
+        return _gpu_key_dim(dk), (-(-dv // 64) * 64 if dv > 64 else _pow2(dv))
     return _pow2(dk), _pow2(dv)
 
 
