@@ -3,6 +3,7 @@ parameters and the cost estimates XLA sees."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -23,12 +24,21 @@ def column_blocks(d: int, width: int) -> list:
 
 
 def chunk_block(*shape: int, n_chunks: int | None = None) -> pl.BlockSpec:
-    """Block of one chunk of one sequence, ``shape`` its trailing dims, on a (sequence, chunk)
-    grid over [R, N, *shape] arrays; given ``n_chunks``, the chunk axis runs last to first."""
+    """Block of one chunk of one sequence, ``shape`` its trailing dims, on a (sequence, chunk,
+    ...) grid over [R, N, *shape] arrays (further grid axes, such as key blocks, leave it
+    whole); given ``n_chunks``, the chunk axis runs last to first."""
     if n_chunks is None:
-        return pl.BlockSpec((None, None, *shape), lambda i, j: (i, j) + (0,) * len(shape))
+        return pl.BlockSpec((None, None, *shape), lambda i, j, *_: (i, j) + (0,) * len(shape))
     return pl.BlockSpec((None, None, *shape),
-                        lambda i, j: (i, n_chunks - 1 - j) + (0,) * len(shape))
+                        lambda i, j, *_: (i, n_chunks - 1 - j) + (0,) * len(shape))
+
+
+def in_own_program(program: jax.Array, d: int, width: int, body) -> None:
+    """Run ``body(cols)`` for block b of ``column_blocks(d, width)`` only in the program whose
+    grid index ``program`` is b. Each block is a static slice of a whole-row block, so the
+    last one may be narrower (Dk = 96 = 64 + 32), which a BlockSpec per block cannot be."""
+    for b, cols in enumerate(column_blocks(d, width)):
+        pl.when(program == b)(functools.partial(body, cols))
 
 
 def mm(a: jax.Array, b: jax.Array, dtype=None) -> jax.Array:

@@ -20,9 +20,9 @@ layer the forward takes 0.59 ms (0.56 without any solve). The VJP took 4.0 ms as
 spilled 3 KB of registers per thread (experiments/kernel_registers.py). It is now three
 kernels that take T from the backward's recompute of the factors instead of solving again,
 and at OLMo's Dk = 96 (no longer padded to 128: column blocks of 64 and 32) spill 0, 16 and
-0 bytes per thread (the forward 28); their speed is not yet measured on a GPU. The TPU variant is verified in interpret mode and compiled by Mosaic
-ahead of time for v5e, v5p and v6e (experiments/RESULTS.md, TPU pods), never yet run on a
-TPU.
+0 bytes per thread (the forward 28); their speed is not yet measured on a GPU. The TPU
+variant is verified in interpret mode and compiled by Mosaic ahead of time for v5e, v5p and
+v6e (experiments/RESULTS.md, TPU pods), never yet run on a TPU.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from hybrid_jax.kernels.common import (
     compiler_params,
     cost_estimate,
     dot_dtype,
+    in_own_program,
     mm_exact_mask,
     mm_pieces,
     solve_flops,
@@ -251,18 +252,18 @@ def _backward_columns_kernel(q_ref, k_ref, beta_ref, dw_ref, dqd_ref, dkd_ref, i
     dq = d_qk k + scale fs dqd;  dk = beta fs T^T dw + d_qk^T q + (d_kk + d_kk^T) k + te dkd."""
     f32 = jnp.float32
     dt = d_qk_ref.dtype
-    block = pl.program_id(2)
-    for b, cols in enumerate(column_blocks(q_ref.shape[-1], width)):
-        @pl.when(block == b)
-        def _(cols=cols):
-            q, k = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32)
-            d_qk, from_start = d_qk_ref[...], _column(from_start_ref)
-            dq_ref[:, cols] = (_mm(d_qk, k, dt)
-                               + scale * from_start * dqd_ref[:, cols]).astype(dq_ref.dtype)
-            dk_ref[:, cols] = (
-                _column(beta_ref) * from_start * _mm(inv_t_ref[...], dw_ref[:, cols], dt)
-                + _mm(d_qk.T, q, dt) + _mm(d_kk_ref[...], k, dt)
-                + _column(to_end_ref) * dkd_ref[:, cols]).astype(dk_ref.dtype)
+
+    def key_block(cols):
+        q, k = q_ref[:, cols].astype(f32), k_ref[:, cols].astype(f32)
+        d_qk, from_start = d_qk_ref[...], _column(from_start_ref)
+        dq_ref[:, cols] = (_mm(d_qk, k, dt)
+                           + scale * from_start * dqd_ref[:, cols]).astype(dq_ref.dtype)
+        dk_ref[:, cols] = (
+            _column(beta_ref) * from_start * _mm(inv_t_ref[...], dw_ref[:, cols], dt)
+            + _mm(d_qk.T, q, dt) + _mm(d_kk_ref[...], k, dt)
+            + _column(to_end_ref) * dkd_ref[:, cols]).astype(dk_ref.dtype)
+
+    in_own_program(pl.program_id(2), q_ref.shape[-1], width, key_block)
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -405,9 +406,6 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
         interpret=interpret,
     )(*operands)
 
-    def whole(*shape):  # grid (R, N, key block): each program takes its columns itself
-        return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
-
     operands = (q, k, beta_row, d_w, d_q_decayed, d_k_decayed, inverse_t[0], d_qk, d_kk,
                 from_start, to_end)
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), q.dtype),
@@ -415,9 +413,11 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     dq, dk_ = pl.pallas_call(
         functools.partial(_backward_columns_kernel, scale=scale, width=width),
         grid=(r, n, key_blocks),
-        in_specs=[whole(c, dk), whole(c, dk), whole(1, c), whole(c, dk), whole(c, dk),
-                  whole(c, dk), *[whole(c, c)] * 3, whole(1, c), whole(1, c)],
-        out_specs=[whole(c, dk), whole(c, dk)],
+        # Grid (R, N, key block): each program takes its key columns itself.
+        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(1, c),
+                  *[chunk_block(c, dk)] * 3, *[chunk_block(c, c)] * 3, chunk_block(1, c),
+                  chunk_block(1, c)],
+        out_specs=[chunk_block(c, dk), chunk_block(c, dk)],
         out_shape=out_shape,
         # The last axis is "arbitrary": its programs share output blocks (each writing its own
         # columns), which Mosaic TPU must not split across cores.

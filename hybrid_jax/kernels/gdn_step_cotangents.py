@@ -37,9 +37,11 @@ from jax.experimental import pallas as pl
 
 from hybrid_jax.kernels.common import (
     BLOCK_COLUMNS,
+    chunk_block,
     column_blocks,
     compiler_params,
     cost_estimate,
+    in_own_program,
 )
 from hybrid_jax.kernels.common import mm as _mm
 
@@ -66,21 +68,21 @@ def _kernel(vn_ref, do_ref, dvn_ref, s_ref, g_ref,
             d_intra = d_intra + _mm(do_ref[:, cols], vn_ref[:, cols].T, dt)
         dintra_ref[...] = d_intra
 
-    for b, keys in enumerate(column_blocks(s_ref.shape[0], width)):
-        @pl.when(block == b)
-        def _(keys=keys):
-            d_w = d_qd = d_kd = d_decay = 0.0
-            for cols in value_blocks:
-                state, grad = s_ref[keys, cols], g_ref[keys, cols]  # [block, block]
-                d_w = d_w - _mm(dvn_ref[:, cols], state.T, dt)
-                d_qd = d_qd + _mm(do_ref[:, cols], state.T, dt)
-                d_decay = d_decay + jnp.sum(state.astype(f32) * grad.astype(f32))
-            dw_ref[:, keys] = d_w.astype(dw_ref.dtype)
-            dqd_ref[:, keys] = d_qd
-            for cols in value_blocks:
-                d_kd = d_kd + _mm(vn_ref[:, cols], g_ref[keys, cols].T, dt)
-            dkd_ref[:, keys] = d_kd
-            ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
+    def key_block(keys):
+        d_w = d_qd = d_kd = d_decay = 0.0
+        for cols in value_blocks:
+            state, grad = s_ref[keys, cols], g_ref[keys, cols]  # [block, block]
+            d_w = d_w - _mm(dvn_ref[:, cols], state.T, dt)
+            d_qd = d_qd + _mm(do_ref[:, cols], state.T, dt)
+            d_decay = d_decay + jnp.sum(state.astype(f32) * grad.astype(f32))
+        dw_ref[:, keys] = d_w.astype(dw_ref.dtype)
+        dqd_ref[:, keys] = d_qd
+        for cols in value_blocks:
+            d_kd = d_kd + _mm(vn_ref[:, cols], g_ref[keys, cols].T, dt)
+        dkd_ref[:, keys] = d_kd
+        ddecay_ref[...] = d_decay * jnp.ones((1, 1), f32)
+
+    in_own_program(block, s_ref.shape[0], width, key_block)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret"))
@@ -118,9 +120,6 @@ def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, state
     # d_w, d_qd and d_kd: [C, Dk, Dv] products; d_intra: [C, C, Dv].
     flops = 3 * 2 * c * dk * dv + 2 * c * c * dv
 
-    def whole(*shape):
-        return pl.BlockSpec((None, None, *shape), lambda i, j, b: (i, j) + (0,) * len(shape))
-
     # Grid (R, N, key block [+ 1]); d_chunk_decay's part from each key block goes to a block
     # of its own, which a separate d_intra program (which writes none) clamps.
     decay_part = pl.BlockSpec((None, None, 1, 1),
@@ -129,8 +128,8 @@ def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, state
         functools.partial(_kernel, width=width,
                           intra_block=key_blocks if separate_intra else 0),
         grid=(r, n, key_blocks + separate_intra),
-        in_specs=[whole(c, dv), whole(c, dv), whole(c, dv), whole(dk, dv), whole(dk, dv)],
-        out_specs=[whole(c, dk), whole(c, dk), whole(c, dk), whole(c, c), decay_part],
+        in_specs=[chunk_block(c, dv)] * 3 + [chunk_block(dk, dv)] * 2,
+        out_specs=[chunk_block(c, dk)] * 3 + [chunk_block(c, c), decay_part],
         out_shape=out_shape,
         # The last axis is "arbitrary": its programs share output blocks (each writing its own
         # part), which Mosaic TPU must not split across cores.
