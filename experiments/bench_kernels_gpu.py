@@ -167,7 +167,9 @@ def ablation(data, repeats: int) -> dict:
     kernels (forward and VJP, three kernels) as they are, with 8 warps, and with no solve at
     all (the floor of everything else); the factors' cotangents as one kernel (4 or 8 warps)
     or as the XLA einsums before it, alone and inside the whole fwd+bwd; the state passes by
-    value block and software-pipelining stages."""
+    value block and software-pipelining stages; first, the forward with its output formed in
+    the state pass or by its own parallel kernel (``gdn_pallas.GPU_FORWARD_OUTPUT``), whole and
+    the passes alone."""
     import hybrid_jax.kernels.gdn_chunk_factors as cf
     import hybrid_jax.kernels.gdn_state_pass as sp
     import hybrid_jax.kernels.gdn_step_cotangents as sc
@@ -179,6 +181,18 @@ def ablation(data, repeats: int) -> dict:
     interpret = jax.default_backend() == "cpu"
     scale = q.shape[-1] ** -0.5
     times = {}
+
+    def forward():
+        fwd = jax_fns("pallas")[0]  # built inside the patch: traced with its output choice
+        return best_of(lambda: fwd(*data), repeats), fwd(*data)
+
+    outs = {}
+    for mode in ("fused", "parallel"):
+        times[f"whole pallas fwd, output {mode}"], outs[mode] = _patched(
+            gp, {"GPU_FORWARD_OUTPUT": mode}, forward)
+    print("  parallel against fused output, relative difference: o "
+          f"{rel(outs['parallel'][0], outs['fused'][0]):.1e}, state "
+          f"{rel(outs['parallel'][1], outs['fused'][1]):.1e}", flush=True)
 
     def factors():
         fwd = jax.jit(lambda *a: cf.chunk_factors_kernel(*a, seg, scale=scale,
@@ -209,6 +223,15 @@ def ablation(data, repeats: int) -> dict:
         fn = jax.jit(lambda *a: gp.step_cotangents(*a, backend="gpu", interpret=interpret))
         return best_of(lambda: fn(v_new, d_o, dv_new, states, grads), repeats)
 
+    def output_passes():
+        fused = jax.jit(lambda *a: sp.state_pass(*a, interpret=interpret))
+        split = jax.jit(lambda *a: sp.chunk_outputs(
+            a[2], a[4], *sp.state_pass(*a, return_states=True, interpret=interpret)[1:],
+            interpret=interpret))
+        return best_of(lambda: fused(*f, s0p), repeats), best_of(lambda: split(*f, s0p),
+                                                                 repeats)
+
+    times["state pass fused / with states + chunk_outputs"] = output_passes()
     times["step_cotangents kernel as is (4 warps)"] = cotangents()
     times["step_cotangents kernel, 8 warps"] = _patched(
         sc, {"compiler_params": _with_params(sc.compiler_params, num_warps=8)}, cotangents)

@@ -54,8 +54,10 @@ for k in json.load(open(sys.argv[1])):
 '''
 
 
-def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int) -> list[dict]:
-    """Lower gdn_pallas's forward and gradient for CUDA; the Triton IR of each kernel call
+def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
+            gpu_output: str = "fused") -> list[dict]:
+    """Lower gdn_pallas's forward and gradient for CUDA, the forward's output formed as
+    ``gpu_output`` says (``gdn_pallas.GPU_FORWARD_OUTPUT``); the Triton IR of each kernel call
     (in call order) with its num_warps and num_stages."""
     # Lowering for CUDA needs no GPU; keep libtpu (the tpu extra) from looking for a TPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -66,8 +68,10 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int) -> list[dict
     import jax.numpy as jnp
     from jax._src.pallas.triton import lowering
 
+    import hybrid_jax.ops.gdn_pallas as gp
     from hybrid_jax.ops.gdn_pallas import gdn_pallas
 
+    gp.GPU_FORWARD_OUTPUT = gpu_output
     texts = []
     original = lowering.lower_jaxpr_to_triton_module
 
@@ -138,10 +142,12 @@ def main() -> None:
                    help="a Python interpreter with the triton package")
     p.add_argument("--warps", type=int, default=None, help="compile every kernel at this")
     p.add_argument("--shape", default="1,256,2,96,192", help="B,T,H,Dk,Dv")
+    p.add_argument("--gpu-output", default="fused", choices=["fused", "parallel"],
+                   help="the forward's output in the state pass or its own kernel")
     args = p.parse_args()
     b, t, h, dk, dv = (int(x) for x in args.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        kernels = capture(tmp, b, t, h, dk, dv)
+        kernels = capture(tmp, b, t, h, dk, dv, args.gpu_output)
         meta = os.path.join(tmp, "meta.json")
         with open(meta, "w") as f:
             json.dump(kernels, f)
@@ -153,7 +159,9 @@ def main() -> None:
     print(f"gdn_pallas gradient, bf16, (B, T, H, Dk, Dv) = {(b, t, h, dk, dv)}, sm_90a")
     print("| kernel | name | warps | stages | registers | spill stores (bytes) |")
     print("|---|---|---:|---:|---:|---:|")
-    for role, r in zip(ROLES + [""] * len(results), results):
+    roles = ROLES if args.gpu_output == "fused" else (
+        ROLES[:1] + ["state pass with states", "outputs from the states"] + ROLES[2:])
+    for role, r in zip(roles + [""] * len(results), results):
         if "error" in r:
             print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
                   f"failed: {r['error']} | |")

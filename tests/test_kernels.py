@@ -10,6 +10,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from hybrid_jax.kernels.gdn_state_pass import (
+    chunk_outputs,
     state_pass,
     state_pass_backward,
     state_pass_backward_tpu,
@@ -19,8 +20,16 @@ from hybrid_jax.ops.gdn_chunk import _state_step
 from hybrid_jax.ops.gdn_common import ChunkFactors
 
 
+def _states_then_outputs(u, w, qd, kd, intra, decay, s0):
+    """The GPU forward with its output from the parallel kernel: (o, final)."""
+    final, states, v_new = state_pass(u, w, qd, kd, intra, decay, s0, return_states=True,
+                                      block_v=16, interpret=True)
+    return chunk_outputs(qd, intra, states, v_new, block_v=16, interpret=True), final
+
+
 VARIANTS = {
     "gpu": lambda *a: state_pass(*a, interpret=True),
+    "gpu, parallel output": _states_then_outputs,
     # Mosaic TPU semantics in the interpreter, with race and out-of-bounds detection.
     "tpu": lambda *a: state_pass_tpu(*a, interpret=pltpu.InterpretParams(detect_races=True)),
 }
@@ -142,13 +151,20 @@ def test_head_dims_are_padded_as_each_backends_tiles_need():
     assert _padded_dims(96, 192, "tpu") == (128, 256)
 
 
-@pytest.mark.parametrize("variant,dk,dv", [("gpu", 24, 48), ("tpu", 24, 48), ("gpu", 96, 192)])
-def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, dv):
+@pytest.mark.parametrize("variant,dk,dv,output", [
+    ("gpu", 24, 48, "fused"), ("gpu", 24, 48, "parallel"), ("tpu", 24, 48, "fused"),
+    ("gpu", 96, 192, "fused")])
+def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, dv, output,
+                                                                   monkeypatch):
     """The whole op: OLMo's head-dim ratio, padded (24 -> 32, 48 -> 64; on TPU to powers of
     two, on GPU OLMo's own 96 and 192 unpadded), a partial last chunk, segment resets and an
-    initial state; outputs, final state and gradients."""
+    initial state; outputs, final state and gradients; on GPU with the forward's output
+    formed in the state pass or by its own parallel kernel."""
+    import hybrid_jax.ops.gdn_pallas as gp
     from hybrid_jax.ops.gdn_chunk import gdn_chunk
     from hybrid_jax.ops.gdn_pallas import gdn_pallas
+
+    monkeypatch.setattr(gp, "GPU_FORWARD_OUTPUT", output)
 
     rng = np.random.default_rng(1)
     b, t, h = 2, 45, 2

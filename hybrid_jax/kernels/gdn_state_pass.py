@@ -19,6 +19,9 @@ computes it). The per-chunk factors (the WY/UT solve, u, w, the intra-chunk atte
 segment resets) come from ``gdn_chunk_factors`` (or XLA's ``gdn_common.chunk_factors``). The
 slow, obviously-right twin is ``hybrid_jax.ops.gdn_chunk``'s scan step and its autodiff.
 
+On GPU the forward's output can also come from its own parallel kernel, ``chunk_outputs``,
+given the states the pass writes for the backward (``gdn_pallas.GPU_FORWARD_OUTPUT`` chooses).
+
 Two variants of each pass, over one chunk step:
 - ``state_pass`` / ``state_pass_backward`` (GPU, Triton lowering): one program per (row and
   head, block of value columns) loops over its chunks inside the kernel, reading each chunk
@@ -303,6 +306,49 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         cost_estimate=_cost(operands, out_shape, save=return_states),
         interpret=interpret,
     )(*operands))
+
+
+def _gpu_output_kernel(qd_ref, intra_ref, states_ref, v_new_ref, o_ref):
+    keys = _key_blocks(qd_ref.shape[-1])
+    qd = tuple(qd_ref[:, cols] for cols in keys)
+    o_ref[...] = _output(qd, intra_ref[...], _load_rows(states_ref, keys),
+                         v_new_ref[...]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
+def chunk_outputs(q_decayed: jax.Array, intra: jax.Array, states: jax.Array,
+                  v_new: jax.Array, *, block_v: int = 64, interpret: bool = False) -> jax.Array:
+    """Every chunk's output at once from the states entering the chunks (GPU, Triton lowering):
+    the output half of ``state_pass``, for a forward that runs ``state_pass(...,
+    return_states=True)`` and then this, as flash-linear-attention's forward does
+    (``chunk_fwd_h`` then ``chunk_fwd_o``). The sequential pass then does two products per
+    chunk instead of four, and these run on a (sequence, chunk, value block) grid of many
+    programs; the price is writing and reading the states and v_new once more.
+
+    Args:
+      q_decayed: [R, N, C, Dk] and intra [R, N, C, C], the factors (their dtype is the matmul
+        operands'); states: [R, N, Dk, Dv] and v_new [R, N, C, Dv], from ``state_pass``.
+      block_v: value columns per program.
+    Returns:
+      o [R, N, C, Dv] in v_new's dtype, float32-accumulated.
+    """
+    r, n, c, dk = q_decayed.shape
+    dv = v_new.shape[-1]
+    bv = _block_v(dv, block_v, "chunk_outputs")
+    per_v = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda i, j, k: (i, j, 0, k))
+    operands = (q_decayed, intra, states, v_new)
+    out_shape = jax.ShapeDtypeStruct((r, n, c, dv), v_new.dtype)
+    return pl.pallas_call(
+        _gpu_output_kernel,
+        grid=(r, n, dv // bv),
+        in_specs=[chunk_block(c, dk), chunk_block(c, c), per_v(dk), per_v(c)],
+        out_specs=per_v(c),
+        out_shape=out_shape,
+        compiler_params=compiler_params("gpu", ("parallel",) * 3),
+        cost_estimate=cost_estimate(r * n * (dv // bv), 2 * c * (dk + c) * bv, 0, operands,
+                                    [out_shape]),
+        interpret=interpret,
+    )(*operands)
 
 
 @functools.partial(jax.jit, static_argnames=("block_v", "interpret"))

@@ -27,6 +27,7 @@ from hybrid_jax.kernels.gdn_chunk_factors import (
     chunk_factors_kernel,
 )
 from hybrid_jax.kernels.gdn_state_pass import (
+    chunk_outputs,
     state_pass,
     state_pass_backward,
     state_pass_backward_tpu,
@@ -117,6 +118,16 @@ def _kernels(variant: str, r: int, dv: int):
             functools.partial(state_pass_backward, block_v=bv))
 
 
+# Where the GPU forward forms its output. "fused": inside the state pass, two of its four
+# products per chunk (0.39 ms alone at OLMo Hybrid's layer on an H200, 90 programs). "parallel":
+# the state pass writes the states and v_new (as it does for the backward) and
+# ``chunk_outputs`` forms every chunk's output in parallel, as flash-linear-attention does: a
+# shorter sequential pass for 0.47 GB more traffic at that layer (states and v_new written and
+# read). Unmeasured on a GPU;
+# ``experiments/bench_kernels_gpu.py --ablation`` times both.
+GPU_FORWARD_OUTPUT = "fused"
+
+
 def _pad_state(x: jax.Array, pk: int, pv: int) -> jax.Array:
     """[B, H, Dk, Dv] -> [B*H, pk, pv], zero-padded."""
     b, h, dk, dv = x.shape
@@ -129,33 +140,42 @@ def _unpad_state(x: jax.Array, like: jax.Array) -> jax.Array:
     return x[:, :dk, :dv].reshape(b, h, dk, dv).astype(like.dtype)
 
 
-def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, interpret):
+def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, gpu_output, variant,
+             interpret):
     b, t, h, _ = q.shape
     inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, interpret=interpret)
     forward, _ = _kernels(variant, b * h, pv)
-    o, final = forward(*f, _pad_state(initial_state, pk, pv), interpret=interpret)
+    s0 = _pad_state(initial_state, pk, pv)
+    if variant == "gpu" and gpu_output == "parallel":
+        final, states, v_new = forward(*f, s0, return_states=True, interpret=interpret)
+        o = chunk_outputs(f[2], f[4], states, v_new, interpret=interpret)
+    else:
+        o, final = forward(*f, s0, interpret=interpret)
     return _unsequences(o, b, t, h, v.shape[-1]), _unpad_state(final, initial_state)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _gdn_pallas(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, interpret):
-    return _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant,
-                    interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _gdn_pallas(q, k, v, g, beta, initial_state, reset, scale, chunk_size, gpu_output, variant,
+                interpret):
+    return _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, gpu_output,
+                    variant, interpret)
 
 
-def _fwd(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant, interpret):
-    out = _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, variant,
-                   interpret)
+def _fwd(q, k, v, g, beta, initial_state, reset, scale, chunk_size, gpu_output, variant,
+         interpret):
+    out = _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, gpu_output,
+                   variant, interpret)
     return out, (q, k, v, g, beta, initial_state, reset)
 
 
-def _bwd(scale, chunk_size, variant, interpret, saved, cotangents):
+def _bwd(scale, chunk_size, gpu_output, variant, interpret, saved, cotangents):
     """Recompute, don't store: each chunk's factors (forward factor kernel), the state entering
     each chunk (forward state pass), then the state's cotangent from the last chunk to the first
     (backward state pass). The factors' cotangents given those states are local to each chunk
     (``step_cotangents``, one kernel), and the factor kernel's VJP, given the recompute's
     (I + A)^-1, takes them back to q, k, v, g and beta."""
+    del gpu_output  # the forward's choice; this pass writes the states either way
     q, k, v, g, beta, initial_state, reset = saved
     d_out, d_final = cotangents
     b, t, h, dk = q.shape
@@ -209,7 +229,8 @@ def gdn_pallas(
     if variant is not None and variant not in BACKENDS:
         raise ValueError(f"gdn_pallas: variant must be one of {BACKENDS}, got {variant!r}")
     args = (q, k, v, g, beta, initial_state, reset)
-    static = (scale, chunk_size)
+    # The output choice is a static argument, not read inside the trace: jax caches traces.
+    static = (scale, chunk_size, GPU_FORWARD_OUTPUT)
     if variant is not None and interpret is not None:
         return _gdn_pallas(*args, *static, variant, interpret)
 
