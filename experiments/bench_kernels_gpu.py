@@ -131,19 +131,6 @@ def fla_run(data, repeats: int) -> dict | str:
     return out
 
 
-def _xla_step_cotangents(v_new, d_out, dv_new, states, grads, *, backend, interpret):
-    """The factors' cotangents as float32 XLA einsums (what the backward used before
-    ``step_cotangents``), for the ablation."""
-    from hybrid_jax.ops.gdn_common import dot
-
-    del backend, interpret
-    d_o, v_new, dv_new, states, grads = (x.astype(jnp.float32)
-                                         for x in (d_out, v_new, dv_new, states, grads))
-    return (-dot("rnce,rnde->rncd", dv_new, states), dot("rnce,rnde->rncd", d_o, states),
-            dot("rnce,rnde->rncd", v_new, grads), dot("rnce,rnme->rncm", d_o, v_new),
-            jnp.sum(states * grads, axis=(-2, -1)))
-
-
 def _patched(module, attrs: dict, fn):
     """fn() with module attributes replaced (and jax's caches cleared, so kernels retrace)."""
     saved = {name: getattr(module, name) for name in attrs}
@@ -163,13 +150,14 @@ def _with_params(saved, **overrides):
 
 
 def ablation(data, repeats: int) -> dict:
-    """Kernels alone, and under variants swapped in by patching their modules: the factor
-    kernels (forward and VJP, three kernels) as they are, with 8 warps, and with no solve at
-    all (the floor of everything else); the factors' cotangents as one kernel (4 or 8 warps)
-    or as the XLA einsums before it, alone and inside the whole fwd+bwd; the state passes by
-    value block and software-pipelining stages; first, the forward with its output formed in
-    the state pass or by its own parallel kernel (``gdn_pallas.GPU_FORWARD_OUTPUT``), whole and
-    the passes alone."""
+    """Kernels alone, and under variants swapped in by patching their modules, in this order:
+    the whole op with q, k, v and the output read and written token-major (as it is) or
+    transposed to [B*H, N, C, D] sequences around the kernels (as before); the forward with
+    its output formed in the state pass or by its own parallel kernel
+    (``gdn_pallas.GPU_FORWARD_OUTPUT``), whole and the passes alone; the factor kernels
+    (forward and VJP, three kernels) as they are, with 8 warps, and with no solve at all (the
+    floor of everything else); the factors' cotangents kernel at 4 or 8 warps; the state
+    passes by value block and software-pipelining stages."""
     import hybrid_jax.kernels.gdn_chunk_factors as cf
     import hybrid_jax.kernels.gdn_state_pass as sp
     import hybrid_jax.kernels.gdn_step_cotangents as sc
@@ -178,9 +166,18 @@ def ablation(data, repeats: int) -> dict:
 
     q, k, v, g, beta, s0 = data
     (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64, "gpu")
+    heads = q.shape[2]  # q, k, v token-major, as gdn_pallas passes them on GPU
     interpret = jax.default_backend() == "cpu"
     scale = q.shape[-1] ** -0.5
     times = {}
+
+    def whole_op():
+        fwd, grad = jax_fns("pallas")
+        return best_of(lambda: fwd(*data), repeats), best_of(lambda: grad(*data), repeats)
+
+    times["whole pallas fwd / fwd+bwd, token-major (as is)"] = _patched(gp, {}, whole_op)
+    times["whole pallas fwd / fwd+bwd, transposed to sequences"] = _patched(
+        gp, {"_heads": lambda variant, h: None}, whole_op)
 
     def forward():
         fwd = jax_fns("pallas")[0]  # built inside the patch: traced with its output choice
@@ -195,14 +192,14 @@ def ablation(data, repeats: int) -> dict:
           f"{rel(outs['parallel'][1], outs['fused'][1]):.1e}", flush=True)
 
     def factors():
-        fwd = jax.jit(lambda *a: cf.chunk_factors_kernel(*a, seg, scale=scale,
+        fwd = jax.jit(lambda *a: cf.chunk_factors_kernel(*a, seg, scale=scale, heads=heads,
                                                          interpret=interpret))
         f = jax.block_until_ready(fwd(*args))
         d_f = [jnp.ones(x.shape, jnp.float32) for x in f]
         # The VJP given T, as the backward has it from its recompute of the factors.
         inverse_t = cf.chunk_factors_kernel(*args, seg, scale=scale, return_inverse=True,
-                                            interpret=interpret)[6:]
-        bwd = jax.jit(lambda *a: cf.chunk_factors_backward_kernel(*a, scale=scale,
+                                            heads=heads, interpret=interpret)[6:]
+        bwd = jax.jit(lambda *a: cf.chunk_factors_backward_kernel(*a, scale=scale, heads=heads,
                                                                   interpret=interpret))
         return best_of(lambda: fwd(*args), repeats), best_of(
             lambda: bwd(*args, seg, *d_f, inverse_t), repeats)
@@ -213,7 +210,7 @@ def ablation(data, repeats: int) -> dict:
                         "no solve (floor)": {"_unit_lower_inverse": lambda a, r, c, mm: a}}.items():
         times[f"factors, factors_backward {name}"] = _patched(cf, patch, factors)
 
-    f = cf.chunk_factors_kernel(*args, seg, scale=scale, interpret=interpret)
+    f = cf.chunk_factors_kernel(*args, seg, scale=scale, heads=heads, interpret=interpret)
     s0p = _pad_state(s0, pk, pv)
     _, states, v_new = sp.state_pass(*f, s0p, return_states=True, interpret=interpret)
     d_o = jnp.ones_like(f[0])
@@ -224,10 +221,10 @@ def ablation(data, repeats: int) -> dict:
         return best_of(lambda: fn(v_new, d_o, dv_new, states, grads), repeats)
 
     def output_passes():
-        fused = jax.jit(lambda *a: sp.state_pass(*a, interpret=interpret))
+        fused = jax.jit(lambda *a: sp.state_pass(*a, heads=heads, interpret=interpret))
         split = jax.jit(lambda *a: sp.chunk_outputs(
             a[2], a[4], *sp.state_pass(*a, return_states=True, interpret=interpret)[1:],
-            interpret=interpret))
+            heads=heads, interpret=interpret))
         return best_of(lambda: fused(*f, s0p), repeats), best_of(lambda: split(*f, s0p),
                                                                  repeats)
 
@@ -235,14 +232,6 @@ def ablation(data, repeats: int) -> dict:
     times["step_cotangents kernel as is (4 warps)"] = cotangents()
     times["step_cotangents kernel, 8 warps"] = _patched(
         sc, {"compiler_params": _with_params(sc.compiler_params, num_warps=8)}, cotangents)
-    times["step_cotangents XLA einsums (previous)"] = _patched(
-        gp, {"step_cotangents": _xla_step_cotangents}, cotangents)
-    def whole():
-        grad = jax_fns("pallas")[1]  # built inside the patch: traced with the XLA cotangents
-        return best_of(lambda: grad(*data), repeats)
-
-    times["whole pallas fwd+bwd, XLA cotangents (previous)"] = _patched(
-        gp, {"step_cotangents": _xla_step_cotangents}, whole)
 
     for bv, stages in ((64, 2), (64, 3), (32, 3)):
         def passes(bv=bv):
@@ -279,7 +268,8 @@ def main() -> None:
                    help="jax methods to time beside FLA (chunk is slow at long T)")
     p.add_argument("--ablation", action="store_true",
                    help="after the table, time each kernel alone and under variants (warps, "
-                        "no solve, cotangents in XLA, value blocks, pipelining), first shape")
+                        "no solve, layouts, output kernel, value blocks, pipelining), first "
+                        "shape")
     p.add_argument("--shapes", default=None,
                    help="which of the shapes to run, by index, e.g. 0,2")
     args = p.parse_args()

@@ -33,6 +33,19 @@ def chunk_block(*shape: int, n_chunks: int | None = None) -> pl.BlockSpec:
                         lambda i, j, *_: (i, n_chunks - 1 - j) + (0,) * len(shape))
 
 
+def sequence_block(rows: int, d: int, heads: int | None = None) -> pl.BlockSpec:
+    """Block of one chunk's [rows, d] of a per-token array (q, k, v, the output and their
+    cotangents) on a (sequence, chunk, ...) grid: of [R, N, rows, d] sequences
+    (``chunk_block``), or given ``heads``, of a token-major [B, N * rows, H, d] array as the
+    model holds it, sequence r being batch row r // heads and head r % heads. Token-major
+    arrays are read and written where they lie, with no transpose into and out of the
+    kernels (on GPU a chunk's rows are just strided); Mosaic TPU wants whole [rows, d] tiles,
+    so TPU callers pass sequences."""
+    if heads is None:
+        return chunk_block(rows, d)
+    return pl.BlockSpec((None, rows, None, d), lambda i, j, *_: (i // heads, j, i % heads, 0))
+
+
 def in_own_program(program: jax.Array, d: int, width: int, body) -> None:
     """Run ``body(cols)`` for block b of ``column_blocks(d, width)`` only in the program whose
     grid index ``program`` is b. Each block is a static slice of a whole-row block, so the

@@ -43,6 +43,7 @@ from hybrid_jax.kernels.common import (
     in_own_program,
     mm_exact_mask,
     mm_pieces,
+    sequence_block,
     solve_flops,
     solve_matmul,
     solve_passes,
@@ -279,15 +280,18 @@ def _column(ref) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "backend", "return_inverse",
-                                           "interpret"))
+                                           "heads", "interpret"))
 def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                          beta: jax.Array, seg: jax.Array, *, scale: float, backend: str = "gpu",
-                         return_inverse: bool = False, interpret=False):
+                         return_inverse: bool = False, heads: int | None = None,
+                         interpret=False):
     """Per-chunk factors for every chunk of every sequence.
 
     Args:
       q, k: [R, N, C, Dk]; v: [R, N, C, Dv] (float32 or bfloat16); g, beta: [R, N, C] float32;
       seg: [R, N, C] int32 segment index inside each chunk (all 0 without resets).
+      heads: given, q, k and v are token-major instead, [B, N * C, H, D] with R = B * H
+        (``common.sequence_block``; GPU: no transposes); the rest is as above.
       backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU), see ``common.compiler_params``.
       interpret: True, or ``pltpu.InterpretParams`` (TPU semantics), to run on CPU.
       return_inverse: also return each chunk's T^T, T = (I + A)^-1, for
@@ -300,8 +304,9 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
       products take (``common.solve_pieces``): bf16 (hi, lo) for 16-bit inputs, one float32
       array otherwise.
     """
-    r, n, c, dk = q.shape
-    dv = v.shape[-1]
+    r, n, c = g.shape
+    dk, dv = q.shape[-1], v.shape[-1]
+    tok = functools.partial(sequence_block, heads=heads)
 
     f32, dt = jnp.float32, dot_dtype(q.dtype)
     operands = (q, k, v, _rows(g.astype(f32)), _rows(beta.astype(f32)),
@@ -321,8 +326,8 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     u, w, qd, kd, intra, decay, *inv_t = pl.pallas_call(
         functools.partial(_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
-        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(1, c),
-                  chunk_block(1, c), chunk_block(1, c)],
+        in_specs=[tok(c, dk), tok(c, dk), tok(c, dv), chunk_block(1, c), chunk_block(1, c),
+                  chunk_block(1, c)],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=compiler_params(backend, ("parallel", "parallel")),
@@ -332,16 +337,18 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     return (u, w, qd, kd, intra, decay[..., 0, 0], *inv_t)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "backend", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "backend", "heads", "interpret"))
 def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                                   beta: jax.Array, seg: jax.Array, d_u: jax.Array,
                                   d_w: jax.Array, d_q_decayed: jax.Array, d_k_decayed: jax.Array,
                                   d_intra: jax.Array, d_chunk_decay: jax.Array,
                                   inverse_t: tuple[jax.Array, ...] | None = None, *,
-                                  scale: float, backend: str = "gpu", interpret=False):
+                                  scale: float, backend: str = "gpu",
+                                  heads: int | None = None, interpret=False):
     """The VJP of ``chunk_factors_kernel``: returns (dq, dk [R, N, C, Dk], dv [R, N, C, Dv]) in
     the dtypes of q, k and v (each summed in float32 and rounded once, in the kernel), and
-    (dg, dbeta [R, N, C]) float32. Inputs as for ``chunk_factors_kernel``; the cotangents have
+    (dg, dbeta [R, N, C]) float32. Inputs as for ``chunk_factors_kernel``; given ``heads``,
+    q, k, v, dq, dk and dv are token-major [B, N * C, H, D] as there. The cotangents have
     the factors' shapes (any float dtype; d_u and d_w are only matmul operands and are cast to
     the matmul dtype, the rest used as float32). ``inverse_t``: each chunk's T^T as
     ``chunk_factors_kernel(..., return_inverse=True)`` returns it (the backward's recompute of
@@ -349,16 +356,18 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     are recomputed. Three kernels, each small enough to stay in a GPU program's registers:
     per chunk, through the solve (dv, dA); per chunk, through the gates (dg, dbeta, and the
     [C, C] cotangents of q k^T and k k^T); per (chunk, block of key columns), dq and dk."""
-    r, n, c, dk = q.shape
-    dv = v.shape[-1]
+    r, n, c = g.shape
+    dk, dv = q.shape[-1], v.shape[-1]
     f32 = jnp.float32
+    tok = functools.partial(sequence_block, heads=heads)
 
     dt = dot_dtype(q.dtype)
     width = BLOCK_COLUMNS[backend]
     key_blocks = len(column_blocks(dk, width))
     if inverse_t is None:
         inverse_t = chunk_factors_kernel(q, k, v, g, beta, seg, scale=scale, backend=backend,
-                                         return_inverse=True, interpret=interpret)[6:]
+                                         return_inverse=True, heads=heads,
+                                         interpret=interpret)[6:]
     inverse_t = tuple(inverse_t)
     params = compiler_params(backend, ("parallel", "parallel"))
     g_row, beta_row = _rows(g.astype(f32)), _rows(beta.astype(f32))
@@ -369,18 +378,18 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     passes = solve_passes(q.dtype)
     operands = (q, k, v, g_row, beta_row, seg_row, d_u, d_w, d_q_decayed, d_k_decayed,
                 *inverse_t)
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), v.dtype),
+    out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct((r, n, c, c), f32), per_row(), per_row(), per_row()]
     # Two [C, C, Dv] and two [C, C, Dk] products, and dA's two.
     flops = 2 * c * c * (2 * dk + 2 * dv) + 4 * c ** 3 * passes
     dv_, d_a, dbeta, d_fs, d_te = pl.pallas_call(
         functools.partial(_backward_solve_kernel, scale=scale, width=width),
         grid=(r, n),
-        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dv), chunk_block(1, c),
-                  chunk_block(1, c), chunk_block(1, c),
+        in_specs=[tok(c, dk), tok(c, dk), tok(c, dv), chunk_block(1, c), chunk_block(1, c),
+                  chunk_block(1, c),
                   chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
                   *[chunk_block(c, c)] * len(inverse_t)],
-        out_specs=[chunk_block(c, dv), chunk_block(c, c), *[chunk_block(1, c)] * 3],
+        out_specs=[tok(c, dv), chunk_block(c, c), *[chunk_block(1, c)] * 3],
         out_shape=out_shape,
         compiler_params=params,
         cost_estimate=cost_estimate(r * n, flops, c * c + 2 * c, operands, out_shape),
@@ -395,7 +404,7 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     dg, dbeta, d_qk, d_kk, from_start, to_end = pl.pallas_call(
         functools.partial(_backward_gates_kernel, scale=scale, width=width),
         grid=(r, n),
-        in_specs=[chunk_block(c, dk), chunk_block(c, dk), *[chunk_block(1, c)] * 3,
+        in_specs=[tok(c, dk), tok(c, dk), *[chunk_block(1, c)] * 3,
                   chunk_block(c, c), chunk_block(1, 1), chunk_block(c, c),
                   *[chunk_block(1, c)] * 3],
         out_specs=[chunk_block(1, c), chunk_block(1, c), chunk_block(c, c), chunk_block(c, c),
@@ -408,16 +417,15 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
 
     operands = (q, k, beta_row, d_w, d_q_decayed, d_k_decayed, inverse_t[0], d_qk, d_kk,
                 from_start, to_end)
-    out_shape = [jax.ShapeDtypeStruct((r, n, c, dk), q.dtype),
-                 jax.ShapeDtypeStruct((r, n, c, dk), k.dtype)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)]
     dq, dk_ = pl.pallas_call(
         functools.partial(_backward_columns_kernel, scale=scale, width=width),
         grid=(r, n, key_blocks),
         # Grid (R, N, key block): each program takes its key columns itself.
-        in_specs=[chunk_block(c, dk), chunk_block(c, dk), chunk_block(1, c),
+        in_specs=[tok(c, dk), tok(c, dk), chunk_block(1, c),
                   *[chunk_block(c, dk)] * 3, *[chunk_block(c, c)] * 3, chunk_block(1, c),
                   chunk_block(1, c)],
-        out_specs=[chunk_block(c, dk), chunk_block(c, dk)],
+        out_specs=[tok(c, dk), tok(c, dk)],
         out_shape=out_shape,
         # The last axis is "arbitrary": its programs share output blocks (each writing its own
         # columns), which Mosaic TPU must not split across cores.

@@ -59,6 +59,7 @@ from hybrid_jax.kernels.common import (
     column_blocks,
     compiler_params,
     cost_estimate,
+    sequence_block,
 )
 from hybrid_jax.kernels.common import mm as _mm
 
@@ -120,15 +121,22 @@ def _store_rows(ref, keys, blocks, *chunk):
         ref[(*chunk, cols, slice(None))] = x.astype(ref.dtype)
 
 
+def _rows_of_chunk(ref, n, c: int):
+    """Index of chunk n in a whole-sequence block: [N, C, block_v] of sequences, or the rows
+    [N * C, block_v] of a token-major array (``_whole_tokens``)."""
+    return n if len(ref.shape) == 3 else pl.ds(pl.multiple_of(n * c, c), c)
+
+
 def _gpu_kernel(u_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, s0_ref, o_ref, s_ref, *,
                 n_chunks: int):
     keys = _key_blocks(w_ref.shape[-1])
+    c = u_ref.shape[1]
 
     def chunk(n, state):
         v_new, next_state = _advance(u_ref[n], _columns(w_ref, n, keys),
                                      _columns(kd_ref, n, keys), decay_ref[n], state)
-        o_ref[n] = _output(_columns(qd_ref, n, keys), intra_ref[n], state,
-                           v_new).astype(o_ref.dtype)
+        o_ref[_rows_of_chunk(o_ref, n, c)] = _output(
+            _columns(qd_ref, n, keys), intra_ref[n], state, v_new).astype(o_ref.dtype)
         return next_state
 
     _store_rows(s_ref, keys, jax.lax.fori_loop(0, n_chunks, chunk, _load_rows(s0_ref, keys)))
@@ -152,12 +160,14 @@ def _gpu_states_kernel(u_ref, w_ref, kd_ref, decay_ref, s0_ref, s_ref, states_re
 def _gpu_backward_kernel(do_ref, w_ref, qd_ref, kd_ref, intra_ref, decay_ref, dfinal_ref,
                          dv_ref, grads_ref, ds0_ref, *, n_chunks: int):
     keys = _key_blocks(w_ref.shape[-1])
+    c = dv_ref.shape[1]
 
     def chunk(j, grad):
         n = n_chunks - 1 - j
         _store_rows(grads_ref, keys, grad, n)  # G': cotangent of the state leaving n
         dv_new, grad = _chunk_step_backward(
-            do_ref[n], _columns(w_ref, n, keys), _columns(qd_ref, n, keys),
+            do_ref[_rows_of_chunk(do_ref, n, c)], _columns(w_ref, n, keys),
+            _columns(qd_ref, n, keys),
             _columns(kd_ref, n, keys), intra_ref[n], decay_ref[n], grad)
         dv_ref[n] = dv_new.astype(dv_ref.dtype)
         return grad
@@ -230,12 +240,29 @@ def _whole(*shape, split_v=False):
     return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * (len(shape) - 1) + last(j))
 
 
-def _gpu_in_specs(n: int, c: int, dk: int, bv: int, save: bool = False) -> list:
-    """Both GPU passes read a [C, block_v] slice per chunk (u or dO), the [C, Dk] / [C, C]
-    factors whole (``save``: w and k_decayed only), the per-chunk decay, and a [Dk, block_v]
-    state (initial or final)."""
+def _whole_tokens(t: int, bv: int, heads: int):
+    """GPU block: a token-major [B, T, H, Dv] array's [T, block_v] for one sequence (batch row
+    i // heads, head i % heads) and value block, its rows strided (``common.sequence_block``)."""
+    return pl.BlockSpec((None, t, None, bv), lambda i, j: (i // heads, 0, i % heads, j))
+
+
+def _per_token(n: int, c: int, bv: int, heads: int | None):
+    """GPU block of a per-token array (the output or its cotangent), in either layout."""
+    return _whole(n, c, bv, split_v=True) if heads is None else _whole_tokens(n * c, bv, heads)
+
+
+def _token_shape(r: int, n: int, c: int, d: int, heads: int | None) -> tuple:
+    """A per-token array's shape: [R, N, C, d] sequences or token-major [B, N * C, H, d]."""
+    return (r, n, c, d) if heads is None else (r // heads, n * c, heads, d)
+
+
+def _gpu_in_specs(n: int, c: int, dk: int, bv: int, save: bool = False,
+                  first: pl.BlockSpec | None = None) -> list:
+    """Both GPU passes read a [C, block_v] slice per chunk (u, or dO: ``first``, its block if
+    not u's), the [C, Dk] / [C, C] factors whole (``save``: w and k_decayed only), the
+    per-chunk decay, and a [Dk, block_v] state (initial or final)."""
     factors = [_whole(n, c, dk)] * (2 if save else 3) + ([] if save else [_whole(n, c, c)])
-    return [_whole(n, c, bv, split_v=True), *factors, _whole(n, 1, 1),
+    return [first or _whole(n, c, bv, split_v=True), *factors, _whole(n, 1, 1),
             _whole(dk, bv, split_v=True)]
 
 
@@ -251,17 +278,18 @@ def _decay_blocks(chunk_decay: jax.Array) -> jax.Array:
 def _cost(operands, out_shape, save: bool = False) -> object:
     """Per chunk, either way: three [C, Dk, Dv] products (w S, q S, k^T v; backwards k G,
     q^T dO, w^T dv) and one [C, C, Dv] (intra v; backwards intra^T dO); ``save`` (no output):
-    two [C, Dk, Dv] (w S, k^T v)."""
-    r, n, c, dv = operands[0].shape
-    dk = operands[1].shape[-1]
+    two [C, Dk, Dv] (w S, k^T v). Operands: (u or dO, w, ..., the initial or final state)."""
+    r, n, c, dk = operands[1].shape
+    dv = operands[-1].shape[-1]
     flops = 2 * 2 * c * dk * dv if save else 3 * 2 * c * dk * dv + 2 * c * c * dv
     return cost_estimate(r * n, flops, 0, operands, out_shape)
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "return_states", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_v", "return_states", "heads", "interpret"))
 def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.Array,
                intra: jax.Array, chunk_decay: jax.Array, initial_state: jax.Array, *,
-               block_v: int = 64, return_states: bool = False, interpret: bool = False):
+               block_v: int = 64, return_states: bool = False, heads: int | None = None,
+               interpret: bool = False):
     """Run the state across chunks.
 
     Args (one leading axis R for the independent (row, head) sequences):
@@ -271,6 +299,8 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
       block_v: value columns per program; the grid is (R, Dv / block_v).
       return_states: the backward's pass: instead of the output, the state entering each
         chunk and its corrected values v_new = u - w S (q_decayed and intra go unread).
+      heads: given, the output is token-major, [B, N * C, H, Dv] with R = B * H
+        (``common.sequence_block``: no transpose after the kernel).
       interpret: run the kernel body as ordinary JAX ops (CPU tests).
     Returns:
       (o [R, N, C, Dv] in u's dtype, final state [R, Dk, Dv] float32); with
@@ -290,7 +320,9 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         kernel, outs = _gpu_states_kernel, [final, per_chunk(dk), per_chunk(c)]
         factors = (w, k_decayed)
     else:
-        kernel, outs = _gpu_kernel, [per_chunk(c), final]
+        out = (_per_token(n, c, bv, heads),
+               jax.ShapeDtypeStruct(_token_shape(r, n, c, dv, heads), u.dtype))
+        kernel, outs = _gpu_kernel, [out, final]
         factors = (w, q_decayed, k_decayed, intra)
     out_specs, out_shape = (list(x) for x in zip(*outs))
     operands = (u, *factors, _decay_blocks(chunk_decay), initial_state)
@@ -315,9 +347,10 @@ def _gpu_output_kernel(qd_ref, intra_ref, states_ref, v_new_ref, o_ref):
                          v_new_ref[...]).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_v", "heads", "interpret"))
 def chunk_outputs(q_decayed: jax.Array, intra: jax.Array, states: jax.Array,
-                  v_new: jax.Array, *, block_v: int = 64, interpret: bool = False) -> jax.Array:
+                  v_new: jax.Array, *, block_v: int = 64, heads: int | None = None,
+                  interpret: bool = False) -> jax.Array:
     """Every chunk's output at once from the states entering the chunks (GPU, Triton lowering):
     the output half of ``state_pass``, for a forward that runs ``state_pass(...,
     return_states=True)`` and then this, as flash-linear-attention's forward does
@@ -328,21 +361,23 @@ def chunk_outputs(q_decayed: jax.Array, intra: jax.Array, states: jax.Array,
     Args:
       q_decayed: [R, N, C, Dk] and intra [R, N, C, C], the factors (their dtype is the matmul
         operands'); states: [R, N, Dk, Dv] and v_new [R, N, C, Dv], from ``state_pass``.
-      block_v: value columns per program.
+      block_v: value columns per program; heads: as for ``state_pass``.
     Returns:
-      o [R, N, C, Dv] in v_new's dtype, float32-accumulated.
+      o [R, N, C, Dv] (or token-major) in v_new's dtype, float32-accumulated.
     """
     r, n, c, dk = q_decayed.shape
     dv = v_new.shape[-1]
     bv = _block_v(dv, block_v, "chunk_outputs")
     per_v = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda i, j, k: (i, j, 0, k))
     operands = (q_decayed, intra, states, v_new)
-    out_shape = jax.ShapeDtypeStruct((r, n, c, dv), v_new.dtype)
+    out_shape = jax.ShapeDtypeStruct(_token_shape(r, n, c, dv, heads), v_new.dtype)
+    out_spec = per_v(c) if heads is None else pl.BlockSpec(
+        (None, c, None, bv), lambda i, j, k: (i // heads, j, i % heads, k))
     return pl.pallas_call(
         _gpu_output_kernel,
         grid=(r, n, dv // bv),
         in_specs=[chunk_block(c, dk), chunk_block(c, c), per_v(dk), per_v(c)],
-        out_specs=per_v(c),
+        out_specs=out_spec,
         out_shape=out_shape,
         compiler_params=compiler_params("gpu", ("parallel",) * 3),
         cost_estimate=cost_estimate(r * n * (dv // bv), 2 * c * (dk + c) * bv, 0, operands,
@@ -351,14 +386,16 @@ def chunk_outputs(q_decayed: jax.Array, intra: jax.Array, states: jax.Array,
     )(*operands)
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_v", "heads", "interpret"))
 def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
                         k_decayed: jax.Array, intra: jax.Array, chunk_decay: jax.Array,
-                        d_final: jax.Array, *, block_v: int = 64, interpret: bool = False):
+                        d_final: jax.Array, *, block_v: int = 64, heads: int | None = None,
+                        interpret: bool = False):
     """The state pass backwards, last chunk first.
 
     Args:
-      d_out: [R, N, C, Dv], the output's cotangent, in the factors' dtype; w, q_decayed,
+      d_out: [R, N, C, Dv], the output's cotangent, in the factors' dtype (given ``heads``,
+        token-major [B, N * C, H, Dv], as ``state_pass`` writes the output); w, q_decayed,
         k_decayed: [R, N, C, Dk] and intra [R, N, C, C] as for ``state_pass``;
       chunk_decay: [R, N] and d_final: [R, Dk, Dv] (the final state's cotangent), float32.
     Returns:
@@ -367,8 +404,8 @@ def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
       (the matmul operands they become; summed in float32, the running cotangent state too);
       d_initial [R, Dk, Dv] float32, the initial state's cotangent.
     """
-    r, n, c, dv = d_out.shape
-    dk = w.shape[-1]
+    r, n, c, dk = w.shape
+    dv = d_out.shape[-1]
     bv = _block_v(dv, block_v, "state_pass_backward")
     operands = (d_out, w, q_decayed, k_decayed, intra, _decay_blocks(chunk_decay), d_final)
     out_shape = [jax.ShapeDtypeStruct((r, n, c, dv), w.dtype),
@@ -377,7 +414,7 @@ def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
     return tuple(pl.pallas_call(
         functools.partial(_gpu_backward_kernel, n_chunks=n),
         grid=(r, dv // bv),
-        in_specs=_gpu_in_specs(n, c, dk, bv),
+        in_specs=_gpu_in_specs(n, c, dk, bv, first=_per_token(n, c, bv, heads)),
         out_specs=[_whole(n, c, bv, split_v=True), _whole(n, dk, bv, split_v=True),
                    _whole(dk, bv, split_v=True)],
         out_shape=out_shape,

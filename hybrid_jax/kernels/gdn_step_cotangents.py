@@ -42,6 +42,7 @@ from hybrid_jax.kernels.common import (
     compiler_params,
     cost_estimate,
     in_own_program,
+    sequence_block,
 )
 from hybrid_jax.kernels.common import mm as _mm
 
@@ -85,15 +86,17 @@ def _kernel(vn_ref, do_ref, dvn_ref, s_ref, g_ref,
     in_own_program(block, s_ref.shape[0], width, key_block)
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "interpret"))
+@functools.partial(jax.jit, static_argnames=("backend", "heads", "interpret"))
 def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, states: jax.Array,
-                    grads: jax.Array, *, backend: str = "gpu", interpret=False):
+                    grads: jax.Array, *, backend: str = "gpu", heads: int | None = None,
+                    interpret=False):
     """The factors' cotangents from the states and the backward state pass.
 
     Args:
       v_new: [R, N, C, Dv], each chunk's corrected values u - w S (the forward state pass
         returns them with its states), in the factors' dtype, which the matmul operands take;
-      d_out: [R, N, C, Dv], the output's cotangent, and dv_new: [R, N, C, Dv], both only
+      d_out: [R, N, C, Dv], the output's cotangent (given ``heads``, token-major
+        [B, N * C, H, Dv]: ``common.sequence_block``), and dv_new: [R, N, C, Dv], both only
         matmul operands (cast to that dtype, as the products would anyway);
       states: [R, N, Dk, Dv], the state entering each chunk, and grads: [R, N, Dk, Dv], the
         cotangent of the state leaving it: float32 or the factors' dtype (the state passes
@@ -128,7 +131,8 @@ def step_cotangents(v_new: jax.Array, d_out: jax.Array, dv_new: jax.Array, state
         functools.partial(_kernel, width=width,
                           intra_block=key_blocks if separate_intra else 0),
         grid=(r, n, key_blocks + separate_intra),
-        in_specs=[chunk_block(c, dv)] * 3 + [chunk_block(dk, dv)] * 2,
+        in_specs=[chunk_block(c, dv), sequence_block(c, dv, heads), chunk_block(c, dv),
+                  *[chunk_block(dk, dv)] * 2],
         out_specs=[chunk_block(c, dk)] * 3 + [chunk_block(c, c), decay_part],
         out_shape=out_shape,
         # The last axis is "arbitrary": its programs share output blocks (each writing its own

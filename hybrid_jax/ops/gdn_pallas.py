@@ -11,7 +11,10 @@ entering each chunk (forward state pass), the state's cotangent from the last ch
 ``gdn_step_cotangents``), and finally the factor kernel's VJP (``chunk_factors_backward_kernel``),
 which recomputes the gates. The per-chunk arrays the backward passes between kernels (states,
 their cotangents, (I + A)^-1) are stored in the matmul operand dtype, bf16 for bf16 inputs, as
-flash-linear-attention stores them; every running state and sum is float32.
+flash-linear-attention stores them; every running state and sum is float32. On GPU the
+kernels read q, k, v and the output's cotangent, and write the output, dq, dk and dv, where
+they lie in the model's [B, T, H, D] layout (strided rows), as flash-linear-attention does;
+Mosaic TPU takes [B*H, N, C, D] sequences of whole tiles, transposed around the kernels.
 """
 
 from __future__ import annotations
@@ -62,6 +65,30 @@ def _unsequences(x: jax.Array, b: int, t: int, h: int, d: int | None = None) -> 
     return jnp.moveaxis(x, 1, 2)
 
 
+def _tokens(x: jax.Array, chunk_size: int, pad_to: int) -> jax.Array:
+    """[B, T, H, D] -> [B, N * C, H, pad_to]: T zero-padded to whole chunks and D to
+    ``pad_to``, token-major as the GPU kernels read it (``common.sequence_block``); no copy
+    when nothing needs padding (OLMo Hybrid's 96 and 192, T a multiple of 64)."""
+    widths = ((0, 0), (0, -x.shape[1] % chunk_size), (0, 0), (0, pad_to - x.shape[-1]))
+    return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+
+def _per_token(x: jax.Array, chunk_size: int, pad_to: int, heads: int | None) -> jax.Array:
+    """A per-token [B, T, H, D] array (q, k, v, dO) as the kernels take it: token-major given
+    ``heads`` (GPU), else [B*H, N, C, D] sequences (Mosaic TPU's whole tiles)."""
+    if heads is None:
+        return _sequences(x, chunk_size, pad_to)
+    return _tokens(x, chunk_size, pad_to)
+
+
+def _from_per_token(x: jax.Array, b: int, t: int, h: int, d: int,
+                    heads: int | None) -> jax.Array:
+    """The inverse of ``_per_token``: [B, T, H, d], padding dropped."""
+    if heads is None:
+        return _unsequences(x, b, t, h, d)
+    return x[:, :t, :, :d]
+
+
 def _gpu_key_dim(dk: int) -> int:
     """Dk padded for the GPU kernels, which split key columns into blocks of 64: as far as
     the last block's width is a power of two (Triton tiles must be), at least 16 (the
@@ -86,11 +113,19 @@ def _padded_dims(dk: int, dv: int, variant: str) -> tuple[int, int]:
     return _pow2(dk), _pow2(dv)
 
 
+def _heads(variant: str, h: int) -> int | None:
+    """The kernels' ``heads`` argument: H on GPU, where they read and write [B, T, H, D]
+    arrays token-major (at OLMo Hybrid's layer the transposes in and out would move 0.57 GB
+    in the forward besides the kernels' 0.83 GB); None on TPU (sequences, whole tiles)."""
+    return h if variant == "gpu" else None
+
+
 def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int, variant: str):
-    """The factor kernels' inputs and the padded head dims: (q, k, v, g, beta, seg) as
-    [B*H, N, C, ...] sequences, seg the [B*H, N, C] segment index inside each chunk (zeros
-    without resets); pk, pv (``_padded_dims``)."""
+    """The factor kernels' inputs and the padded head dims: (q, k, v, g, beta, seg), q, k and v
+    as ``_per_token`` lays them out, g, beta and seg (the segment index inside each chunk,
+    zeros without resets) as [B*H, N, C] sequences; pk, pv (``_padded_dims``)."""
     b, t, h, dk = q.shape
+    heads = _heads(variant, h)
     pk, pv = _padded_dims(dk, v.shape[-1], variant)
     n = -(-t // chunk_size)
     seg = chunk_segments(reset, chunk_size)  # [N, B, 1, C] or None
@@ -99,23 +134,23 @@ def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int, variant: str):
     else:
         seg = jnp.broadcast_to(jnp.moveaxis(seg, 0, 2), (b, h, n, chunk_size))
         seg = seg.reshape(b * h, n, chunk_size)
-    inputs = (_sequences(q, chunk_size, pk), _sequences(k, chunk_size, pk),
-              _sequences(v, chunk_size, pv), _sequences(g, chunk_size),
+    inputs = (_per_token(q, chunk_size, pk, heads), _per_token(k, chunk_size, pk, heads),
+              _per_token(v, chunk_size, pv, heads), _sequences(g, chunk_size),
               _sequences(beta, chunk_size), seg)
     return inputs, pk, pv
 
 
-def _kernels(variant: str, r: int, dv: int):
+def _kernels(variant: str, r: int, dv: int, heads: int | None):
     """(forward state pass, backward state pass) for the variant and R sequences of Dv value
-    columns. On GPU, value blocks of 64 unless that leaves under 64 programs (half the
+    columns (GPU: ``heads`` as the kernels take it). On GPU, value blocks of 64 unless that leaves under 64 programs (half the
     H100/H200's 132 SMs), then 32. Measured on an H200: 64 best at 120 programs, 32 at 32
     programs; OLMo Hybrid's layer at B = 1 (30 heads, 192 value columns) makes 90 programs of
     64, each doing what each of the 120 programs did with Dv padded to 256."""
     if variant == "tpu":
         return state_pass_tpu, state_pass_backward_tpu
     bv = 64 if r * dv // 64 >= 64 else 32
-    return (functools.partial(state_pass, block_v=bv),
-            functools.partial(state_pass_backward, block_v=bv))
+    return (functools.partial(state_pass, block_v=bv, heads=heads),
+            functools.partial(state_pass_backward, block_v=bv, heads=heads))
 
 
 # Where the GPU forward forms its output. "fused": inside the state pass, two of its four
@@ -143,16 +178,19 @@ def _unpad_state(x: jax.Array, like: jax.Array) -> jax.Array:
 def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, gpu_output, variant,
              interpret):
     b, t, h, _ = q.shape
+    heads = _heads(variant, h)
     inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
-    f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, interpret=interpret)
-    forward, _ = _kernels(variant, b * h, pv)
+    f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, heads=heads,
+                             interpret=interpret)
+    forward, _ = _kernels(variant, b * h, pv, heads)
     s0 = _pad_state(initial_state, pk, pv)
     if variant == "gpu" and gpu_output == "parallel":
         final, states, v_new = forward(*f, s0, return_states=True, interpret=interpret)
-        o = chunk_outputs(f[2], f[4], states, v_new, interpret=interpret)
+        o = chunk_outputs(f[2], f[4], states, v_new, heads=heads, interpret=interpret)
     else:
         o, final = forward(*f, s0, interpret=interpret)
-    return _unsequences(o, b, t, h, v.shape[-1]), _unpad_state(final, initial_state)
+    return (_from_per_token(o, b, t, h, v.shape[-1], heads),
+            _unpad_state(final, initial_state))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
@@ -180,24 +218,28 @@ def _bwd(scale, chunk_size, gpu_output, variant, interpret, saved, cotangents):
     d_out, d_final = cotangents
     b, t, h, dk = q.shape
     dv = v.shape[-1]
+    heads = _heads(variant, h)
     inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, return_inverse=True,
-                             interpret=interpret)
+                             heads=heads, interpret=interpret)
     f, inverse_t = f[:6], f[6:]  # the factors; T^T's pieces for their VJP
-    forward, backward = _kernels(variant, b * h, pv)
+    forward, backward = _kernels(variant, b * h, pv, heads)
     _, states, v_new = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
                                interpret=interpret)
-    d_o = _sequences(d_out, chunk_size, pv).astype(f[0].dtype)  # zero past T and past Dv
+    # Zero past T and past Dv.
+    d_o = _per_token(d_out, chunk_size, pv, heads).astype(f[0].dtype)
     dv_new, grads, d_s0 = backward(d_o, *f[1:],
                                    _pad_state(d_final.astype(jnp.float32), pk, pv),
                                    interpret=interpret)
     d_factors = (dv_new, *step_cotangents(v_new, d_o, dv_new, states, grads,
-                                          backend=variant, interpret=interpret))
+                                          backend=variant, heads=heads, interpret=interpret))
     dq, dk_, dv_, dg, dbeta = chunk_factors_backward_kernel(
-        *inputs, *d_factors, inverse_t, scale=scale, backend=variant, interpret=interpret)
+        *inputs, *d_factors, inverse_t, scale=scale, backend=variant, heads=heads,
+        interpret=interpret)
     cast = lambda x, like: x.astype(like.dtype)
-    return (cast(_unsequences(dq, b, t, h, dk), q), cast(_unsequences(dk_, b, t, h, dk), k),
-            cast(_unsequences(dv_, b, t, h, dv), v), cast(_unsequences(dg, b, t, h), g),
+    per_token = lambda x, d, like: cast(_from_per_token(x, b, t, h, d, heads), like)
+    return (per_token(dq, dk, q), per_token(dk_, dk, k), per_token(dv_, dv, v),
+            cast(_unsequences(dg, b, t, h), g),
             cast(_unsequences(dbeta, b, t, h), beta), _unpad_state(d_s0, initial_state), None)
 
 
