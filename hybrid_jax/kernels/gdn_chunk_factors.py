@@ -20,7 +20,7 @@ layer the forward takes 0.59 ms (0.56 without any solve). The VJP took 4.0 ms as
 spilled 3 KB of registers per thread (experiments/kernel_registers.py). It is now three
 kernels that take T from the backward's recompute of the factors instead of solving again,
 and at OLMo's Dk = 96 (no longer padded to 128: column blocks of 64 and 32) spill 0, 16 and
-0 bytes per thread (the forward 28); their speed is not yet measured on a GPU. The TPU
+0 bytes per thread (the forward 44); their speed is not yet measured on a GPU. The TPU
 variant is verified in interpret mode and compiled by Mosaic ahead of time for v5e, v5p and
 v6e (experiments/RESULTS.md, TPU pods), never yet run on a TPU.
 """
