@@ -115,8 +115,9 @@ def _padded_dims(dk: int, dv: int, variant: str) -> tuple[int, int]:
 
 def _heads(variant: str, h: int) -> int | None:
     """The kernels' ``heads`` argument: H on GPU, where they read and write [B, T, H, D]
-    arrays token-major (at OLMo Hybrid's layer the transposes in and out would move 0.57 GB
-    in the forward besides the kernels' 0.83 GB); None on TPU (sequences, whole tiles)."""
+    arrays token-major (at OLMo Hybrid's layer the transposes in and out, as traced, would
+    move up to 0.57 GB in the forward besides the kernels' 0.83 GB); None on TPU (sequences,
+    whole tiles)."""
     return h if variant == "gpu" else None
 
 
