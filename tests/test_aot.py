@@ -102,7 +102,7 @@ def test_loop_costs_match_an_unrolled_compile(topology):
 
 @pytest.mark.parametrize("dk, dv, dtype", [
     (96, 192, "bfloat16"), (32, 256, "float32"),
-    pytest.param(128, 128, "bfloat16", marks=pytest.mark.slow),  # whole 128-lane tiles
+    pytest.param(128, 128, "bfloat16", marks=pytest.mark.slow),  # like 96, 192 on TPU's tiles
 ])
 def test_pallas_tpu_kernels_compile_with_mosaic(topology, dk, dv, dtype):
     shape = dict(seq_len=256, heads=2, dk=dk, dv=dv, dtype=dtype)

@@ -142,13 +142,13 @@ def test_step_cotangents_kernel_matches_autodiff_of_the_step(variant, dk, dv):
 
 def test_head_dims_are_padded_as_each_backends_tiles_need():
     """GPU: keys in blocks of 64 with a last block a power of two of at least 16 (up to 64,
-    a power of two), values to a multiple of 64; TPU: none."""
+    a power of two), values to a multiple of 64; TPU: powers of two."""
     from hybrid_jax.ops.gdn_pallas import _padded_dims
 
     keys = [_padded_dims(d, 192, "gpu")[0] for d in (8, 24, 64, 72, 96, 112, 128, 200)]
     assert keys == [8, 32, 64, 80, 96, 128, 128, 208]
     assert [_padded_dims(96, d, "gpu")[1] for d in (48, 64, 160, 192)] == [64, 64, 192, 192]
-    assert _padded_dims(96, 192, "tpu") == (96, 192)  # whole-dim blocks: no padding
+    assert _padded_dims(96, 192, "tpu") == (128, 256)
 
 
 @pytest.mark.parametrize("variant,dk,dv,output", [
@@ -156,8 +156,8 @@ def test_head_dims_are_padded_as_each_backends_tiles_need():
     ("gpu", 96, 192, "fused")])
 def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, dv, output,
                                                                    monkeypatch):
-    """The whole op: OLMo's head-dim ratio, on GPU padded (24 -> 32, 48 -> 64; OLMo's own 96
-    and 192 unpadded), on TPU never padded, a partial last chunk, segment resets and an
+    """The whole op: OLMo's head-dim ratio, padded (24 -> 32, 48 -> 64; on TPU to powers of
+    two, on GPU OLMo's own 96 and 192 unpadded), a partial last chunk, segment resets and an
     initial state; outputs, final state and gradients; on GPU with the forward's output
     formed in the state pass or by its own parallel kernel."""
     import hybrid_jax.ops.gdn_pallas as gp

@@ -105,15 +105,12 @@ def _padded_dims(dk: int, dv: int, variant: str) -> tuple[int, int]:
     ``_gpu_key_dim`` says (the kernels hold keys, and the state's rows, as blocks of 64 and a
     narrower last one: OLMo Hybrid's 96 stays 96), and value dims to a multiple of 64, the
     width every GPU kernel splits them into (its 192 stays 192: a power of two, 256, would be
-    a third more value work and state memory). On TPU neither is padded: a block as wide as
-    the whole dim is always a legal Mosaic block, whatever its width, and Mosaic masks the
-    lanes past it on chip, so padding in memory (96 -> 128, 192 -> 256) only added HBM traffic
-    and XLA pads (compiled for v5e, v5p and v6e at widths from 4 to 200). The zero padding is
-    exact: padded key dimensions never enter the state, padded value dimensions are sliced
-    off."""
+    a third more value work and state memory). On TPU both go to a power of two, whole tiles
+    of 128 lanes. The zero padding is exact: padded key dimensions never enter the state,
+    padded value dimensions are sliced off."""
     if variant == "gpu":
         return _gpu_key_dim(dk), (-(-dv // 64) * 64 if dv > 64 else _pow2(dv))
-    return dk, dv
+    return _pow2(dk), _pow2(dv)
 
 
 def _heads(variant: str, h: int) -> int | None:
