@@ -106,7 +106,10 @@ def _padded_dims(dk: int, dv: int, variant: str) -> tuple[int, int]:
     narrower last one: OLMo Hybrid's 96 stays 96), and value dims to a multiple of 64, the
     width every GPU kernel splits them into (its 192 stays 192: a power of two, 256, would be
     a third more value work and state memory). On TPU both go to a power of two, whole tiles
-    of 128 lanes. The zero padding is exact: padded key dimensions never enter the state,
+    of 128 lanes. (Mosaic would take unpadded whole-dim blocks, and at one layer XLA counted a
+    fifth fewer bytes, but TPU memory tiles the minor dim to 128 lanes anyway and the 7B train
+    step at 65,536 tokens per v5p chip then needed 77.7 GiB instead of 70.4:
+    experiments/RESULTS.md, 2026-12-04.) The zero padding is exact: padded key dimensions never enter the state,
     padded value dimensions are sliced off."""
     if variant == "gpu":
         return _gpu_key_dim(dk), (-(-dv // 64) * 64 if dv > 64 else _pow2(dv))
