@@ -166,7 +166,7 @@ def ablation(data, repeats: int) -> dict:
 
     q, k, v, g, beta, s0 = data
     (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64, "gpu")
-    heads = q.shape[2]  # q, k, v token-major, as gdn_pallas passes them on GPU
+    heads = v.shape[2]  # q, k, v token-major, as gdn_pallas passes them on GPU
     interpret = jax.default_backend() == "cpu"
     scale = q.shape[-1] ** -0.5
     times = {}

@@ -151,15 +151,17 @@ def test_head_dims_are_padded_as_each_backends_tiles_need():
     assert _padded_dims(96, 192, "tpu") == (128, 256)
 
 
-@pytest.mark.parametrize("variant,dk,dv,output", [
-    ("gpu", 24, 48, "fused"), ("gpu", 24, 48, "parallel"), ("tpu", 24, 48, "fused"),
-    ("gpu", 96, 192, "fused")])
-def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, dv, output,
+@pytest.mark.parametrize("variant,dk,dv,output,hk", [
+    ("gpu", 24, 48, "fused", 2), ("gpu", 24, 48, "parallel", 1), ("tpu", 24, 48, "fused", 1),
+    ("gpu", 96, 192, "fused", 2)])
+def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, dv, output, hk,
                                                                    monkeypatch):
     """The whole op: OLMo's head-dim ratio, padded (24 -> 32, 48 -> 64; on TPU to powers of
     two, on GPU OLMo's own 96 and 192 unpadded), a partial last chunk, segment resets and an
     initial state; outputs, final state and gradients; on GPU with the forward's output
-    formed in the state pass or by its own parallel kernel."""
+    formed in the state pass or by its own parallel kernel; with hk = 1, one key head for
+    both value heads (q and k unrepeated: the GPU kernels read them per group, TPU repeats
+    them), against ``gdn_chunk`` on repeated ones."""
     import hybrid_jax.ops.gdn_pallas as gp
     from hybrid_jax.ops.gdn_chunk import gdn_chunk
     from hybrid_jax.ops.gdn_pallas import gdn_pallas
@@ -169,7 +171,7 @@ def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, 
     rng = np.random.default_rng(1)
     b, t, h = 2, 45, 2
     x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    q, k, v = x(b, t, h, dk), x(b, t, h, dk), x(b, t, h, dv)
+    q, k, v = x(b, t, hk, dk), x(b, t, hk, dk), x(b, t, h, dv)
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     g = -jnp.abs(x(b, t, h)) * 0.5
     beta = jnp.asarray(rng.uniform(0, 2, (b, t, h)), jnp.float32)
@@ -184,7 +186,8 @@ def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, 
         return jax.value_and_grad(f, argnums=range(6), has_aux=True)(q, k, v, g, beta, s0)
 
     (_, got), got_grads = loss(gdn_pallas, variant=variant, interpret=interpret)
-    (_, want), want_grads = loss(gdn_chunk)
+    repeat = lambda x: jnp.repeat(x, h // hk, axis=2)
+    (_, want), want_grads = loss(lambda q, k, *a: gdn_chunk(repeat(q), repeat(k), *a))
     for a, b_ in zip((*got, *got_grads), (*want, *want_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=2e-5, atol=2e-5)
 

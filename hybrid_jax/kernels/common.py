@@ -33,17 +33,20 @@ def chunk_block(*shape: int, n_chunks: int | None = None) -> pl.BlockSpec:
                         lambda i, j, *_: (i, n_chunks - 1 - j) + (0,) * len(shape))
 
 
-def sequence_block(rows: int, d: int, heads: int | None = None) -> pl.BlockSpec:
+def sequence_block(rows: int, d: int, heads: int | None = None,
+                   group: int = 1) -> pl.BlockSpec:
     """Block of one chunk's [rows, d] of a per-token array (q, k, v, the output and their
     cotangents) on a (sequence, chunk, ...) grid: of [R, N, rows, d] sequences
-    (``chunk_block``), or given ``heads``, of a token-major [B, N * rows, H, d] array as the
-    model holds it, sequence r being batch row r // heads and head r % heads. Token-major
-    arrays are read and written where they lie, with no transpose into and out of the
-    kernels (on GPU a chunk's rows are just strided); Mosaic TPU wants whole [rows, d] tiles,
-    so TPU callers pass sequences."""
+    (``chunk_block``), or given ``heads``, of a token-major [B, N * rows, H / group, d] array
+    as the model holds it, sequence r being batch row r // heads and (value) head r % heads,
+    which reads head (r % heads) // group: with ``group`` value heads per key head, q and k
+    are read unrepeated. Token-major arrays are read and written where they lie, with no
+    transpose or repeat around the kernels (on GPU a chunk's rows are just strided); Mosaic
+    TPU wants whole [rows, d] tiles, so TPU callers pass sequences."""
     if heads is None:
         return chunk_block(rows, d)
-    return pl.BlockSpec((None, rows, None, d), lambda i, j, *_: (i // heads, j, i % heads, 0))
+    return pl.BlockSpec((None, rows, None, d),
+                        lambda i, j, *_: (i // heads, j, (i % heads) // group, 0))
 
 
 def in_own_program(program: jax.Array, d: int, width: int, body) -> None:

@@ -267,6 +267,17 @@ def _backward_columns_kernel(q_ref, k_ref, beta_ref, dw_ref, dqd_ref, dkd_ref, i
     in_own_program(pl.program_id(2), q_ref.shape[-1], width, key_block)
 
 
+def _token_blocks(q: jax.Array, heads: int | None):
+    """(blocks of v's layout, blocks of q's and k's): ``common.sequence_block`` for sequences,
+    or token-major with H = ``heads`` value heads and q, k holding H / group key heads."""
+    if heads is not None and heads % q.shape[2]:
+        raise ValueError(f"chunk factors: {heads} value heads do not group evenly over "
+                         f"q's and k's {q.shape[2]} heads")
+    group = 1 if heads is None else heads // q.shape[2]
+    return (functools.partial(sequence_block, heads=heads),
+            functools.partial(sequence_block, heads=heads, group=group))
+
+
 def _rows(x: jax.Array) -> jax.Array:
     """[R, N, C] -> [R, N, 1, C]: per-position values as one row per chunk. Lane-dense: a
     [C, 1] column block per chunk would be padded to 128 lanes per position in TPU memory
@@ -291,7 +302,9 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
       q, k: [R, N, C, Dk]; v: [R, N, C, Dv] (float32 or bfloat16); g, beta: [R, N, C] float32;
       seg: [R, N, C] int32 segment index inside each chunk (all 0 without resets).
       heads: given, q, k and v are token-major instead, [B, N * C, H, D] with R = B * H
-        (``common.sequence_block``; GPU: no transposes); the rest is as above.
+        (``common.sequence_block``; GPU: no transposes), q and k possibly with fewer heads, a
+        divisor of H (each serving a group of consecutive value heads, read unrepeated);
+        the rest is as above.
       backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU), see ``common.compiler_params``.
       interpret: True, or ``pltpu.InterpretParams`` (TPU semantics), to run on CPU.
       return_inverse: also return each chunk's T^T, T = (I + A)^-1, for
@@ -306,7 +319,7 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     """
     r, n, c = g.shape
     dk, dv = q.shape[-1], v.shape[-1]
-    tok = functools.partial(sequence_block, heads=heads)
+    tok, keys = _token_blocks(q, heads)
 
     f32, dt = jnp.float32, dot_dtype(q.dtype)
     operands = (q, k, v, _rows(g.astype(f32)), _rows(beta.astype(f32)),
@@ -326,7 +339,7 @@ def chunk_factors_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     u, w, qd, kd, intra, decay, *inv_t = pl.pallas_call(
         functools.partial(_kernel, scale=scale, width=BLOCK_COLUMNS[backend]),
         grid=(r, n),
-        in_specs=[tok(c, dk), tok(c, dk), tok(c, dv), chunk_block(1, c), chunk_block(1, c),
+        in_specs=[keys(c, dk), keys(c, dk), tok(c, dv), chunk_block(1, c), chunk_block(1, c),
                   chunk_block(1, c)],
         out_specs=out_specs,
         out_shape=out_shape,
@@ -348,7 +361,8 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     """The VJP of ``chunk_factors_kernel``: returns (dq, dk [R, N, C, Dk], dv [R, N, C, Dv]) in
     the dtypes of q, k and v (each summed in float32 and rounded once, in the kernel), and
     (dg, dbeta [R, N, C]) float32. Inputs as for ``chunk_factors_kernel``; given ``heads``,
-    q, k, v, dq, dk and dv are token-major [B, N * C, H, D] as there. The cotangents have
+    q, k, v, dq, dk and dv are token-major [B, N * C, H, D] as there (dq and dk per value
+    head: with grouped q and k, the caller sums each group). The cotangents have
     the factors' shapes (any float dtype; d_u and d_w are only matmul operands and are cast to
     the matmul dtype, the rest used as float32). ``inverse_t``: each chunk's T^T as
     ``chunk_factors_kernel(..., return_inverse=True)`` returns it (the backward's recompute of
@@ -359,7 +373,7 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     r, n, c = g.shape
     dk, dv = q.shape[-1], v.shape[-1]
     f32 = jnp.float32
-    tok = functools.partial(sequence_block, heads=heads)
+    tok, keys = _token_blocks(q, heads)
 
     dt = dot_dtype(q.dtype)
     width = BLOCK_COLUMNS[backend]
@@ -385,7 +399,7 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     dv_, d_a, dbeta, d_fs, d_te = pl.pallas_call(
         functools.partial(_backward_solve_kernel, scale=scale, width=width),
         grid=(r, n),
-        in_specs=[tok(c, dk), tok(c, dk), tok(c, dv), chunk_block(1, c), chunk_block(1, c),
+        in_specs=[keys(c, dk), keys(c, dk), tok(c, dv), chunk_block(1, c), chunk_block(1, c),
                   chunk_block(1, c),
                   chunk_block(c, dv), chunk_block(c, dk), chunk_block(c, dk), chunk_block(c, dk),
                   *[chunk_block(c, c)] * len(inverse_t)],
@@ -404,7 +418,7 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     dg, dbeta, d_qk, d_kk, from_start, to_end = pl.pallas_call(
         functools.partial(_backward_gates_kernel, scale=scale, width=width),
         grid=(r, n),
-        in_specs=[tok(c, dk), tok(c, dk), *[chunk_block(1, c)] * 3,
+        in_specs=[keys(c, dk), keys(c, dk), *[chunk_block(1, c)] * 3,
                   chunk_block(c, c), chunk_block(1, 1), chunk_block(c, c),
                   *[chunk_block(1, c)] * 3],
         out_specs=[chunk_block(1, c), chunk_block(1, c), chunk_block(c, c), chunk_block(c, c),
@@ -417,12 +431,14 @@ def chunk_factors_backward_kernel(q: jax.Array, k: jax.Array, v: jax.Array, g: j
 
     operands = (q, k, beta_row, d_w, d_q_decayed, d_k_decayed, inverse_t[0], d_qk, d_kk,
                 from_start, to_end)
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)]
+    per_value_head = (*v.shape[:-1], dk)  # [R, N, C, Dk], or [B, N * C, H, Dk]
+    out_shape = [jax.ShapeDtypeStruct(per_value_head, q.dtype),
+                 jax.ShapeDtypeStruct(per_value_head, k.dtype)]
     dq, dk_ = pl.pallas_call(
         functools.partial(_backward_columns_kernel, scale=scale, width=width),
         grid=(r, n, key_blocks),
         # Grid (R, N, key block): each program takes its key columns itself.
-        in_specs=[tok(c, dk), tok(c, dk), chunk_block(1, c),
+        in_specs=[keys(c, dk), keys(c, dk), chunk_block(1, c),
                   *[chunk_block(c, dk)] * 3, *[chunk_block(c, c)] * 3, chunk_block(1, c),
                   chunk_block(1, c)],
         out_specs=[tok(c, dk), tok(c, dk)],

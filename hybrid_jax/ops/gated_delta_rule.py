@@ -117,7 +117,7 @@ def gated_delta_rule(
         scale = dk ** -0.5
     if use_qk_l2norm:
         q, k = l2_normalize(q), l2_normalize(k)
-    if hv != hk:
+    if hv != hk and method != "pallas":  # the Pallas path takes grouped q, k as they are
         q, k = (jnp.repeat(x, hv // hk, axis=2) for x in (q, k))
     g = g.astype(jnp.float32)
     beta = beta.astype(jnp.float32)

@@ -126,10 +126,15 @@ def _heads(variant: str, h: int) -> int | None:
 
 def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int, variant: str):
     """The factor kernels' inputs and the padded head dims: (q, k, v, g, beta, seg), q, k and v
-    as ``_per_token`` lays them out, g, beta and seg (the segment index inside each chunk,
-    zeros without resets) as [B*H, N, C] sequences; pk, pv (``_padded_dims``)."""
-    b, t, h, dk = q.shape
+    as ``_per_token`` lays them out (on GPU q and k keep their Hk heads, which the kernels
+    read per group of value heads; on TPU they are repeated to H), g, beta and seg (the
+    segment index inside each chunk, zeros without resets) as [B*H, N, C] sequences; pk, pv
+    (``_padded_dims``)."""
+    b, t, h = v.shape[:3]
+    dk = q.shape[-1]
     heads = _heads(variant, h)
+    if heads is None and q.shape[2] != h:
+        q, k = (jnp.repeat(x, h // q.shape[2], axis=2) for x in (q, k))
     pk, pv = _padded_dims(dk, v.shape[-1], variant)
     n = -(-t // chunk_size)
     seg = chunk_segments(reset, chunk_size)  # [N, B, 1, C] or None
@@ -181,7 +186,7 @@ def _unpad_state(x: jax.Array, like: jax.Array) -> jax.Array:
 
 def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, gpu_output, variant,
              interpret):
-    b, t, h, _ = q.shape
+    b, t, h = v.shape[:3]
     heads = _heads(variant, h)
     inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, heads=heads,
@@ -220,8 +225,8 @@ def _bwd(scale, chunk_size, gpu_output, variant, interpret, saved, cotangents):
     del gpu_output  # the forward's choice; this pass writes the states either way
     q, k, v, g, beta, initial_state, reset = saved
     d_out, d_final = cotangents
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+    b, t, h, dv = v.shape
+    dk = q.shape[-1]
     heads = _heads(variant, h)
     inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, return_inverse=True,
@@ -242,7 +247,14 @@ def _bwd(scale, chunk_size, gpu_output, variant, interpret, saved, cotangents):
         interpret=interpret)
     cast = lambda x, like: x.astype(like.dtype)
     per_token = lambda x, d, like: cast(_from_per_token(x, b, t, h, d, heads), like)
-    return (per_token(dq, dk, q), per_token(dk_, dk, k), per_token(dv_, dv, v),
+
+    def per_key_head(x, like):  # dq, dk are per value head: sum each key head's group
+        if like.shape[2] == h:
+            return per_token(x, dk, like)
+        x = _from_per_token(x, b, t, h, dk, heads).astype(jnp.float32)
+        return cast(jnp.sum(x.reshape(b, t, like.shape[2], -1, dk), axis=3), like)
+
+    return (per_key_head(dq, q), per_key_head(dk_, k), per_token(dv_, dv, v),
             cast(_unsequences(dg, b, t, h), g),
             cast(_unsequences(dbeta, b, t, h), beta), _unpad_state(d_s0, initial_state), None)
 
@@ -264,7 +276,9 @@ def gdn_pallas(
     interpret=None,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked form with the Pallas state pass: the arguments and results of ``gdn_chunk``
-    (shapes documented there), plus ``variant``: "tpu" (Mosaic TPU kernel) or "gpu"
+    (shapes documented there; q and k may also have fewer heads than v, Hk dividing H, each
+    serving a group of consecutive value heads: the GPU kernels read them unrepeated), plus
+    ``variant``: "tpu" (Mosaic TPU kernel) or "gpu"
     (GPU-style kernel), and ``interpret``: run the kernels in Pallas interpret mode (True, or
     ``pltpu.InterpretParams`` for the TPU variant).
 
