@@ -149,6 +149,16 @@ def _with_params(saved, **overrides):
     return lambda *a, **kw: saved(*a, **{**kw, **overrides})
 
 
+class _Printed(dict):
+    """The ablation's times, each printed as it is measured: a call stopped by its time limit
+    still reports every figure it reached."""
+
+    def __setitem__(self, name: str, ms) -> None:
+        super().__setitem__(name, ms)
+        ms = " / ".join(f"{x:.3f}" for x in (ms if isinstance(ms, tuple) else (ms,)))
+        print(f"  {name:<52} {ms} ms", flush=True)
+
+
 def ablation(data, repeats: int) -> dict:
     """Kernels alone, and under variants swapped in by patching their modules, in this order:
     the whole op with q, k, v and the output read and written token-major (as it is) or
@@ -169,7 +179,7 @@ def ablation(data, repeats: int) -> dict:
     heads = v.shape[2]  # q, k, v token-major, as gdn_pallas passes them on GPU
     interpret = jax.default_backend() == "cpu"
     scale = q.shape[-1] ** -0.5
-    times = {}
+    times = _Printed()
 
     def whole_op():
         fwd, grad = jax_fns("pallas")
@@ -333,10 +343,7 @@ def main() -> None:
 
     if args.ablation:
         print(f"\n{stamp()} ablation at {shapes[0]}:", flush=True)
-        parts = guarded("ablation", lambda: ablation(inputs(shapes[0], dtype), args.repeats))
-        for name, ms in (parts or {}).items():
-            ms = " / ".join(f"{x:.3f}" for x in (ms if isinstance(ms, tuple) else (ms,)))
-            print(f"  {name:<52} {ms} ms", flush=True)
+        guarded("ablation", lambda: ablation(inputs(shapes[0], dtype), args.repeats))
         print(f"{stamp()} done", flush=True)
 
 
