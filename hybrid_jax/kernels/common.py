@@ -45,8 +45,18 @@ def sequence_block(rows: int, d: int, heads: int | None = None,
     TPU wants whole [rows, d] tiles, so TPU callers pass sequences."""
     if heads is None:
         return chunk_block(rows, d)
-    return pl.BlockSpec((None, rows, None, d),
-                        lambda i, j, *_: (i // heads, j, (i % heads) // group, 0))
+
+    def index(i, j, *_):
+        b, h = batch_and_head(i, heads, group)
+        return b, j, h, 0
+
+    return pl.BlockSpec((None, rows, None, d), index)
+
+
+def batch_and_head(i: jax.Array, heads: int, group: int = 1) -> tuple:
+    """(batch row, head) of sequence i in [B*H] order (batch-major, as the sequences are laid
+    out) for a token-major [B, T, H / group, D] array: the index maps' one mapping."""
+    return i // heads, (i % heads) // group
 
 
 def in_own_program(program: jax.Array, d: int, width: int, body) -> None:

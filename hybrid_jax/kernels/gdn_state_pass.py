@@ -55,6 +55,7 @@ from jax.experimental import pallas as pl
 
 from hybrid_jax.kernels.common import (
     BLOCK_COLUMNS,
+    batch_and_head,
     chunk_block,
     column_blocks,
     compiler_params,
@@ -243,10 +244,14 @@ def _whole(*shape, split_v=False):
 def _whole_tokens(t: int, bv: int, heads: int):
     """GPU block: a token-major [B, T, H, Dv] array's [T, block_v] for one sequence (batch row
     i // heads, head i % heads) and value block, its rows strided (``common.sequence_block``)."""
-    return pl.BlockSpec((None, t, None, bv), lambda i, j: (i // heads, 0, i % heads, j))
+    def index(i, j):
+        b, h = batch_and_head(i, heads)
+        return b, 0, h, j
+
+    return pl.BlockSpec((None, t, None, bv), index)
 
 
-def _per_token(n: int, c: int, bv: int, heads: int | None):
+def _per_token_block(n: int, c: int, bv: int, heads: int | None):
     """GPU block of a per-token array (the output or its cotangent), in either layout."""
     return _whole(n, c, bv, split_v=True) if heads is None else _whole_tokens(n * c, bv, heads)
 
@@ -320,7 +325,7 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         kernel, outs = _gpu_states_kernel, [final, per_chunk(dk), per_chunk(c)]
         factors = (w, k_decayed)
     else:
-        out = (_per_token(n, c, bv, heads),
+        out = (_per_token_block(n, c, bv, heads),
                jax.ShapeDtypeStruct(_token_shape(r, n, c, dv, heads), u.dtype))
         kernel, outs = _gpu_kernel, [out, final]
         factors = (w, q_decayed, k_decayed, intra)
@@ -371,8 +376,12 @@ def chunk_outputs(q_decayed: jax.Array, intra: jax.Array, states: jax.Array,
     per_v = lambda rows: pl.BlockSpec((None, None, rows, bv), lambda i, j, k: (i, j, 0, k))
     operands = (q_decayed, intra, states, v_new)
     out_shape = jax.ShapeDtypeStruct(_token_shape(r, n, c, dv, heads), v_new.dtype)
-    out_spec = per_v(c) if heads is None else pl.BlockSpec(
-        (None, c, None, bv), lambda i, j, k: (i // heads, j, i % heads, k))
+
+    def token_index(i, j, k):
+        b, h = batch_and_head(i, heads)
+        return b, j, h, k
+
+    out_spec = per_v(c) if heads is None else pl.BlockSpec((None, c, None, bv), token_index)
     return pl.pallas_call(
         _gpu_output_kernel,
         grid=(r, n, dv // bv),
@@ -414,7 +423,7 @@ def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
     return tuple(pl.pallas_call(
         functools.partial(_gpu_backward_kernel, n_chunks=n),
         grid=(r, dv // bv),
-        in_specs=_gpu_in_specs(n, c, dk, bv, first=_per_token(n, c, bv, heads)),
+        in_specs=_gpu_in_specs(n, c, dk, bv, first=_per_token_block(n, c, bv, heads)),
         out_specs=[_whole(n, c, bv, split_v=True), _whole(n, dk, bv, split_v=True),
                    _whole(dk, bv, split_v=True)],
         out_shape=out_shape,

@@ -109,8 +109,8 @@ def _padded_dims(dk: int, dv: int, variant: str) -> tuple[int, int]:
     of 128 lanes. (Mosaic would take unpadded whole-dim blocks, and at one layer XLA counted a
     fifth fewer bytes, but TPU memory tiles the minor dim to 128 lanes anyway and the 7B train
     step at 65,536 tokens per v5p chip then needed 77.7 GiB instead of 70.4:
-    experiments/RESULTS.md, 2026-12-04.) The zero padding is exact: padded key dimensions never enter the state,
-    padded value dimensions are sliced off."""
+    experiments/RESULTS.md, 2026-12-04.) The zero padding is exact: padded key dimensions
+    never enter the state, padded value dimensions are sliced off."""
     if variant == "gpu":
         return _gpu_key_dim(dk), (-(-dv // 64) * 64 if dv > 64 else _pow2(dv))
     return _pow2(dk), _pow2(dv)
@@ -151,10 +151,11 @@ def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int, variant: str):
 
 def _kernels(variant: str, r: int, dv: int, heads: int | None):
     """(forward state pass, backward state pass) for the variant and R sequences of Dv value
-    columns (GPU: ``heads`` as the kernels take it). On GPU, value blocks of 64 unless that leaves under 64 programs (half the
-    H100/H200's 132 SMs), then 32. Measured on an H200: 64 best at 120 programs, 32 at 32
-    programs; OLMo Hybrid's layer at B = 1 (30 heads, 192 value columns) makes 90 programs of
-    64, each doing what each of the 120 programs did with Dv padded to 256."""
+    columns (GPU: ``heads`` as the kernels take it). On GPU, value blocks of 64 unless that
+    leaves under 64 programs (half the H100/H200's 132 SMs), then 32. Measured on an H200: 64
+    best at 120 programs, 32 at 32 programs; OLMo Hybrid's layer at B = 1 (30 heads, 192 value
+    columns) makes 90 programs of 64, each doing what each of the 120 programs did with Dv
+    padded to 256."""
     if variant == "tpu":
         return state_pass_tpu, state_pass_backward_tpu
     bv = 64 if r * dv // 64 >= 64 else 32
@@ -167,8 +168,7 @@ def _kernels(variant: str, r: int, dv: int, heads: int | None):
 # the state pass writes the states and v_new (as it does for the backward) and
 # ``chunk_outputs`` forms every chunk's output in parallel, as flash-linear-attention does: a
 # shorter sequential pass for 0.47 GB more traffic at that layer (states and v_new written and
-# read). Unmeasured on a GPU;
-# ``experiments/bench_kernels_gpu.py --ablation`` times both.
+# read). Unmeasured on a GPU; ``experiments/bench_kernels_gpu.py --ablation`` times both.
 GPU_FORWARD_OUTPUT = "fused"
 
 
@@ -278,9 +278,9 @@ def gdn_pallas(
     """Chunked form with the Pallas state pass: the arguments and results of ``gdn_chunk``
     (shapes documented there; q and k may also have fewer heads than v, Hk dividing H, each
     serving a group of consecutive value heads: the GPU kernels read them unrepeated), plus
-    ``variant``: "tpu" (Mosaic TPU kernel) or "gpu"
-    (GPU-style kernel), and ``interpret``: run the kernels in Pallas interpret mode (True, or
-    ``pltpu.InterpretParams`` for the TPU variant).
+    ``variant``: "tpu" (Mosaic TPU kernel) or "gpu" (GPU-style kernel), and ``interpret``:
+    run the kernels in Pallas interpret mode (True, or ``pltpu.InterpretParams`` for the TPU
+    variant).
 
     Left None, both are chosen when the program is lowered, for the platform it is lowered for
     (``jax.lax.platform_dependent``): "tpu" compiled on TPU, "gpu" compiled on CUDA and ROCm,
