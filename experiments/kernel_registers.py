@@ -3,13 +3,14 @@
     python experiments/kernel_registers.py --triton-python /path/to/venv/bin/python
 
 A kernel whose tiles do not fit its registers spills to local memory, which costs far more than
-its arithmetic; ptxas reports it. This script lowers ``gdn_pallas`` (forward and gradient, bf16,
-OLMo Hybrid's head dims) for CUDA on this CPU machine, captures the Triton IR of every Pallas
+its arithmetic; ptxas reports it. This script lowers ``gdn_pallas`` (forward and gradient; bf16 and
+OLMo Hybrid's head dims unless ``--dtype`` and ``--shape`` say otherwise) for CUDA on this CPU machine, captures the Triton IR of every Pallas
 kernel as jax's Triton lowering emits it, then compiles each for sm_90a with the ``triton``
 package (in the interpreter given by ``--triton-python``: triton is not a dependency of this
 project; ``python -m venv /tmp/tv && /tmp/tv/bin/pip install triton`` is enough) and runs its
-bundled ptxas with ``-v``. It prints each kernel's registers per thread and spill bytes at its
-own num_warps and num_stages, and at ``--warps`` if given.
+bundled ptxas with ``-v``. It prints each kernel's registers per thread, spill bytes and shared
+memory at its own num_warps and num_stages (or at ``--warps`` / ``--stages``), and names any
+kernel whose shared memory is over what a Hopper block may have, which would fail at launch.
 
 The IR is captured by wrapping ``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``
 (a private jax function; this is a developer tool, not library code). The Triton that compiles
@@ -26,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 
-# The compile step, run by the interpreter that has triton: argv = [meta.json, warps or ""].
+# The compile step, run by the interpreter that has triton:
+# argv = [meta.json, warps or "", stages or ""].
 _COMPILE = r'''
 import json, os, subprocess, sys
 import triton
@@ -37,6 +39,8 @@ ptxas = next(os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")
              if os.path.exists(os.path.join(bin_dir, n)))
 for k in json.load(open(sys.argv[1])):
     warps = int(sys.argv[2]) if sys.argv[2] else k["num_warps"]
+    if sys.argv[3]:
+        k["num_stages"] = int(sys.argv[3])
     try:
         c = triton.compile(k["path"], target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": k["num_stages"]})
@@ -47,7 +51,8 @@ for k in json.load(open(sys.argv[1])):
         regs = [l for l in out.splitlines() if "registers" in l]
         spills = [l for l in out.splitlines() if "spill" in l]
         k.update(warps=warps, registers=regs[-1].split("Used ")[1].split(" registers")[0],
-                 spill_stores=spills[-1].split("bytes stack frame, ")[1].split(" bytes spill")[0])
+                 spill_stores=spills[-1].split("bytes stack frame, ")[1].split(" bytes spill")[0],
+                 shared=c.metadata.shared)
     except Exception as e:  # reported per kernel
         k.update(warps=warps, error=f"{type(e).__name__}: {str(e)[:200]}")
     print(json.dumps(k), flush=True)
@@ -55,7 +60,7 @@ for k in json.load(open(sys.argv[1])):
 
 
 def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
-            gpu_output: str = "fused") -> list[dict]:
+            gpu_output: str = "fused", dtype: str = "bfloat16") -> list[dict]:
     """Lower gdn_pallas's forward and gradient for CUDA, the forward's output formed as
     ``gpu_output`` says (``gdn_pallas.GPU_FORWARD_OUTPUT``); the Triton IR of each kernel call
     (in call order) with its num_warps and num_stages."""
@@ -83,7 +88,7 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
     lowering.lower_jaxpr_to_triton_module = wrapped
     try:
         s = jax.ShapeDtypeStruct
-        bf = jnp.bfloat16
+        bf = jnp.dtype(dtype)
         args = (s((b, t, h, dk), bf), s((b, t, h, dk), bf), s((b, t, h, dv), bf),
                 s((b, t, h), jnp.float32), s((b, t, h), jnp.float32),
                 s((b, h, dk, dv), jnp.float32))
@@ -141,33 +146,40 @@ def main() -> None:
     p.add_argument("--triton-python", default=sys.executable,
                    help="a Python interpreter with the triton package")
     p.add_argument("--warps", type=int, default=None, help="compile every kernel at this")
+    p.add_argument("--stages", type=int, default=None,
+                   help="compile every kernel with this many pipelining stages")
     p.add_argument("--shape", default="1,256,2,96,192", help="B,T,H,Dk,Dv")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--gpu-output", default="fused", choices=["fused", "parallel"],
                    help="the forward's output in the state pass or its own kernel")
     args = p.parse_args()
     b, t, h, dk, dv = (int(x) for x in args.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        kernels = capture(tmp, b, t, h, dk, dv, args.gpu_output)
+        kernels = capture(tmp, b, t, h, dk, dv, args.gpu_output, args.dtype)
         meta = os.path.join(tmp, "meta.json")
         with open(meta, "w") as f:
             json.dump(kernels, f)
-        out = subprocess.run([args.triton_python, "-c", _COMPILE, meta, str(args.warps or "")],
+        out = subprocess.run([args.triton_python, "-c", _COMPILE, meta, str(args.warps or ""),
+                              str(args.stages or "")],
                              capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"the triton compile step failed:\n{out.stderr[-2000:]}")
         results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    print(f"gdn_pallas gradient, bf16, (B, T, H, Dk, Dv) = {(b, t, h, dk, dv)}, sm_90a")
-    print("| kernel | name | warps | stages | registers | spill stores (bytes) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"gdn_pallas gradient, {args.dtype}, (B, T, H, Dk, Dv) = {(b, t, h, dk, dv)}, sm_90a")
+    print("| kernel | name | warps | stages | registers | spill stores (bytes) | shared KiB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     roles = ROLES if args.gpu_output == "fused" else (
         ROLES[:1] + ["state pass with states", "outputs from the states"] + ROLES[2:])
     for role, r in zip(roles + [""] * len(results), results):
         if "error" in r:
             print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
-                  f"failed: {r['error']} | |")
+                  f"failed: {r['error']} | | |")
         else:
             print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
-                  f"{r['registers']} | {r['spill_stores']} |")
+                  f"{r['registers']} | {r['spill_stores']} | {r['shared'] / 1024:.1f} |")
+    over = [r["name"] for r in results if r.get("shared", 0) > 227 * 1024]
+    if over:  # Hopper's limit per block: these would fail at launch on an H100 or H200
+        print(f"shared memory over Hopper's 227 KiB: {', '.join(over)}")
 
 
 if __name__ == "__main__":

@@ -333,6 +333,38 @@ def test_kernels_lower_for_their_accelerator(variant, platform, marker, dtype):
     assert lower(grads).count(marker) == 9
 
 
+@pytest.mark.parametrize("dtype,dk,block_v,stages", [
+    # (forward, with states, backward), as lowered for CUDA with no GPU here (Hopper's 227 KiB).
+    # OLMo's layer in bf16 keeps the stages measured fastest on an H200.
+    (jnp.bfloat16, 96, 32, (3, 3, 2)),
+    # Dk 256: three stages took 340 KiB and two 232 KiB in the forward, compiled for sm_90a
+    # with pip's Triton (experiments/kernel_registers.py): more than the card has.
+    (jnp.bfloat16, 256, 32, (1, 2, 1)),
+    # float32 factors: twice the bytes per stage (three stages took 248 KiB at Dk 128).
+    (jnp.float32, 128, 64, (1, 2, 1)),
+])
+def test_gpu_state_passes_pipeline_only_as_deep_as_shared_memory_allows(dtype, dk, block_v,
+                                                                        stages):
+    import re
+
+    from hybrid_jax.kernels.common import gpu_shared_memory_bytes, pipeline_stages
+
+    assert gpu_shared_memory_bytes() == 227 * 1024  # no GPU: the Hopper jax lowers for
+    assert pipeline_stages(1, 3) == 3 and pipeline_stages(10 ** 9, 3) == 1
+    r, n, c, dv = 2, 4, 64, 128
+    s = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    factors = (s((r, n, c, dv), dtype), *[s((r, n, c, dk), dtype)] * 3,
+               s((r, n, c, c), dtype), s((r, n), f32))
+    passes = [lambda *a: state_pass(*a, block_v=block_v),
+              lambda *a: state_pass(*a, block_v=block_v, return_states=True),
+              lambda *a: state_pass_backward(*a, block_v=block_v)]
+    lowered = [re.findall(r"num_stages = (\d+)", jax.jit(f).trace(
+        *factors, s((r, dk, dv), f32)).lower(lowering_platforms=("cuda",)).as_text())
+        for f in passes]
+    assert tuple(int(x) for (x,) in lowered) == stages
+
+
 def test_gdn_pallas_bf16_inputs_stay_close_to_float32():
     """bf16 inputs: matmul operands in bf16 (float32 state, gates and solve; the backward's
     per-chunk states, state cotangents and dv_new stored in bf16, as flash-linear-attention

@@ -158,6 +158,42 @@ def compiler_params(backend: str, semantics: tuple[str, ...], num_warps: int = 4
     raise ValueError(f"Pallas backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# The most shared memory one thread block may use (with opt-in), KiB, by compute capability:
+# the CUDA C++ Programming Guide's table of technical specifications.
+_SHARED_KIB = {(7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 7): 163,
+               (8, 9): 99, (9, 0): 227, (10, 0): 227, (10, 3): 227, (12, 0): 99, (12, 1): 99}
+
+
+@functools.cache
+def gpu_shared_memory_bytes() -> int:
+    """Shared memory a block may use on this process's first GPU. Hopper's 227 KiB where there
+    is no GPU (lowering for CUDA on another machine: jax's Triton lowering then assumes sm_90
+    too); 99 KiB, the smallest of recent cards, for a capability not in the table."""
+    try:
+        device = jax.local_devices(backend="gpu")[0]
+    except RuntimeError:
+        return 227 * 1024
+    try:
+        capability = tuple(int(x) for x in str(device.compute_capability).split("."))
+    except (AttributeError, ValueError):  # ROCm names an architecture (gfx942): 64 KiB LDS
+        return 64 * 1024
+    return _SHARED_KIB.get(capability, 99) * 1024
+
+
+def pipeline_stages(per_stage_bytes: int, preferred: int, resident_bytes: int = 0) -> int:
+    """Triton's software-pipelining stages for a kernel whose loop loads ``per_stage_bytes``
+    each iteration beside ``resident_bytes`` of matmul operands it keeps in shared memory (the
+    state, on Hopper): the most stages, up to ``preferred``, that fit the device's.
+
+    Triton keeps a copy of every pipelined load per stage, so ``s`` stages take about
+    ``s * per_stage_bytes + resident_bytes``: compiled for sm_90a (Dk 64 to 256, block_v 32
+    and 64), the state passes used at most that, and up to 232 KiB of the H100's 227 where
+    the stages were chosen without it, which fails at launch. One stage (no prefetch) is the
+    floor: it stages only the matmul operands."""
+    budget = gpu_shared_memory_bytes() - resident_bytes - 8 * 1024
+    return next((s for s in range(preferred, 1, -1) if s * per_stage_bytes <= budget), 1)
+
+
 def solve_passes(input_dtype) -> int:
     """Matmuls per product inside a solve (``solve_matmul``): 3 for 16-bit inputs, else 1."""
     return 3 if dot_dtype(input_dtype) != jnp.float32 else 1

@@ -60,6 +60,7 @@ from hybrid_jax.kernels.common import (
     column_blocks,
     compiler_params,
     cost_estimate,
+    pipeline_stages,
     sequence_block,
 )
 from hybrid_jax.kernels.common import mm as _mm
@@ -271,6 +272,17 @@ def _gpu_in_specs(n: int, c: int, dk: int, bv: int, save: bool = False,
             _whole(dk, bv, split_v=True)]
 
 
+def _stages(c: int, dk: int, bv: int, dtype, factors: int, intra: bool, preferred: int) -> int:
+    """Pipelining stages for a GPU pass whose loop loads, per chunk, a [C, block_v] slice,
+    ``factors`` [C, Dk] factors and (``intra``) the [C, C] one, all in ``dtype``, and keeps
+    the [Dk, block_v] state (or its cotangent) as a matmul operand: ``preferred`` at OLMo's
+    layer in bf16, fewer where the buffers would not fit shared memory (Dk 192 or 256, float32
+    inputs)."""
+    size = jnp.dtype(dtype).itemsize
+    per_stage = size * (c * bv + factors * c * dk + (c * c if intra else 0))
+    return pipeline_stages(per_stage, preferred, resident_bytes=size * dk * bv)
+
+
 def _per_seq(*shape):
     """TPU block: one sequence's [Dk, Dv] state (the same block at every chunk)."""
     return pl.BlockSpec((None, *shape), lambda i, j: (i,) + (0,) * len(shape))
@@ -339,7 +351,9 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         out_shape=out_shape,
         # Three pipelining stages prefetch further ahead: 0.55 -> 0.39 ms at OLMo's layer on an
         # H200 (bv=64); the backward pass measured slower with three (0.60 -> 0.65 ms).
-        compiler_params=compiler_params("gpu", ("parallel", "parallel"), num_stages=3),
+        compiler_params=compiler_params("gpu", ("parallel", "parallel"), num_stages=_stages(
+            c, dk, bv, w.dtype, 2 if return_states else 3, intra=not return_states,
+            preferred=3)),
         cost_estimate=_cost(operands, out_shape, save=return_states),
         interpret=interpret,
     )(*operands))
@@ -427,7 +441,8 @@ def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
         out_specs=[_whole(n, c, bv, split_v=True), _whole(n, dk, bv, split_v=True),
                    _whole(dk, bv, split_v=True)],
         out_shape=out_shape,
-        compiler_params=compiler_params("gpu", ("parallel", "parallel")),
+        compiler_params=compiler_params("gpu", ("parallel", "parallel"), num_stages=_stages(
+            c, dk, bv, w.dtype, 3, intra=True, preferred=2)),
         cost_estimate=_cost(operands, out_shape),
         interpret=interpret,
     )(*operands))
