@@ -167,7 +167,7 @@ def ablation(data, repeats: int) -> dict:
     (``gdn_pallas.GPU_FORWARD_OUTPUT``), whole and the passes alone; the factor kernels
     (forward and VJP, three kernels) as they are, with 8 warps, and with no solve at all (the
     floor of everything else); the factors' cotangents kernel at 4 or 8 warps; the state
-    passes by value block and software-pipelining stages."""
+    passes by value block, software-pipelining stages and warps."""
     import hybrid_jax.kernels.gdn_chunk_factors as cf
     import hybrid_jax.kernels.gdn_state_pass as sp
     import hybrid_jax.kernels.gdn_step_cotangents as sc
@@ -243,15 +243,18 @@ def ablation(data, repeats: int) -> dict:
     times["step_cotangents kernel, 8 warps"] = _patched(
         sc, {"compiler_params": _with_params(sc.compiler_params, num_warps=8)}, cotangents)
 
-    for bv, stages in ((64, 2), (64, 3), (32, 3)):
+    # At OLMo's layer (block_v 64) the forward pass spills 64 bytes per thread at 4 warps and
+    # none at 8 (ptxas for sm_90a, experiments/kernel_registers.py).
+    for bv, stages, warps in ((64, 2, 4), (64, 3, 4), (32, 3, 4), (64, 3, 8), (64, 2, 8)):
         def passes(bv=bv):
             fwd = jax.jit(lambda *a: sp.state_pass(*a, block_v=bv, interpret=interpret))
             bwd = jax.jit(lambda *a: sp.state_pass_backward(*a, block_v=bv,
                                                             interpret=interpret))
             return (best_of(lambda: fwd(*f, s0p), repeats),
                     best_of(lambda: bwd(d_o, *f[1:], s0p), repeats))
-        times[f"state_pass, backward bv={bv} stages={stages}"] = _patched(
-            sp, {"compiler_params": _with_params(sp.compiler_params, num_stages=stages)}, passes)
+        times[f"state_pass, backward bv={bv} stages={stages} warps={warps}"] = _patched(
+            sp, {"compiler_params": _with_params(sp.compiler_params, num_stages=stages,
+                                                 num_warps=warps)}, passes)
     return times
 
 

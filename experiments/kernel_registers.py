@@ -148,7 +148,8 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=None, help="compile every kernel at this")
     p.add_argument("--stages", type=int, default=None,
                    help="compile every kernel with this many pipelining stages")
-    p.add_argument("--shape", default="1,256,2,96,192", help="B,T,H,Dk,Dv")
+    # 30 heads: OLMo Hybrid's layer, whose 90 programs take value blocks of 64 (gdn_pallas).
+    p.add_argument("--shape", default="1,256,30,96,192", help="B,T,H,Dk,Dv")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--gpu-output", default="fused", choices=["fused", "parallel"],
                    help="the forward's output in the state pass or its own kernel")

@@ -151,6 +151,16 @@ def test_head_dims_are_padded_as_each_backends_tiles_need():
     assert _padded_dims(96, 192, "tpu") == (128, 256)
 
 
+def test_gpu_value_blocks_keep_the_state_in_registers_and_the_card_busy():
+    """Value blocks of 64 at OLMo's layer (30 heads of 192: 90 programs), 32 where 64 would
+    leave under 64 programs or where a [Dk, 64] float32 state spilled (Dk over 128, ptxas)."""
+    from hybrid_jax.ops.gdn_pallas import _kernels
+
+    block_v = lambda r, dk, dv: _kernels("gpu", r, dk, dv, None)[0].keywords["block_v"]
+    assert [block_v(30, 96, 192), block_v(2, 96, 192), block_v(64, 128, 128),
+            block_v(64, 192, 192), block_v(64, 256, 256)] == [64, 32, 64, 32, 32]
+
+
 @pytest.mark.parametrize("variant,dk,dv,output,hk", [
     ("gpu", 24, 48, "fused", 2), ("gpu", 24, 48, "parallel", 1), ("tpu", 24, 48, "fused", 1),
     ("gpu", 96, 192, "fused", 2)])

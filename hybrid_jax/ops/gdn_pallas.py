@@ -149,16 +149,18 @@ def _kernel_inputs(q, k, v, g, beta, reset, chunk_size: int, variant: str):
     return inputs, pk, pv
 
 
-def _kernels(variant: str, r: int, dv: int, heads: int | None):
-    """(forward state pass, backward state pass) for the variant and R sequences of Dv value
-    columns (GPU: ``heads`` as the kernels take it). On GPU, value blocks of 64 unless that
-    leaves under 64 programs (half the H100/H200's 132 SMs), then 32. Measured on an H200: 64
-    best at 120 programs, 32 at 32 programs; OLMo Hybrid's layer at B = 1 (30 heads, 192 value
-    columns) makes 90 programs of 64, each doing what each of the 120 programs did with Dv
-    padded to 256."""
+def _kernels(variant: str, r: int, dk: int, dv: int, heads: int | None):
+    """(forward state pass, backward state pass) for the variant and R sequences of Dk key and
+    Dv value columns (GPU: ``heads`` as the kernels take it). On GPU, value blocks of 64 unless
+    that leaves under 64 programs (half the H100/H200's 132 SMs), or Dk is over 128, then 32.
+    Measured on an H200: 64 best at 120 programs, 32 at 32 programs; OLMo Hybrid's layer at
+    B = 1 (30 heads, 192 value columns) makes 90 programs of 64, each doing what each of the
+    120 programs did with Dv padded to 256. The float32 [Dk, block_v] state takes
+    Dk * block_v / 128 registers per thread: compiled for sm_90a, block_v 64 spilled at Dk 192
+    (92 bytes in the forward pass) and 256 (356 and 320), 32 did not."""
     if variant == "tpu":
         return state_pass_tpu, state_pass_backward_tpu
-    bv = 64 if r * dv // 64 >= 64 else 32
+    bv = 64 if r * dv // 64 >= 64 and dk <= 128 else 32
     return (functools.partial(state_pass, block_v=bv, heads=heads),
             functools.partial(state_pass_backward, block_v=bv, heads=heads))
 
@@ -191,7 +193,7 @@ def _forward(q, k, v, g, beta, initial_state, reset, scale, chunk_size, gpu_outp
     inputs, pk, pv = _kernel_inputs(q, k, v, g, beta, reset, chunk_size, variant)
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, heads=heads,
                              interpret=interpret)
-    forward, _ = _kernels(variant, b * h, pv, heads)
+    forward, _ = _kernels(variant, b * h, pk, pv, heads)
     s0 = _pad_state(initial_state, pk, pv)
     if variant == "gpu" and gpu_output == "parallel":
         final, states, v_new = forward(*f, s0, return_states=True, interpret=interpret)
@@ -232,7 +234,7 @@ def _bwd(scale, chunk_size, gpu_output, variant, interpret, saved, cotangents):
     f = chunk_factors_kernel(*inputs, scale=scale, backend=variant, return_inverse=True,
                              heads=heads, interpret=interpret)
     f, inverse_t = f[:6], f[6:]  # the factors; T^T's pieces for their VJP
-    forward, backward = _kernels(variant, b * h, pv, heads)
+    forward, backward = _kernels(variant, b * h, pk, pv, heads)
     _, states, v_new = forward(*f, _pad_state(initial_state, pk, pv), return_states=True,
                                interpret=interpret)
     # Zero past T and past Dv.
