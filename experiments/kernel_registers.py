@@ -28,7 +28,7 @@ import sys
 import tempfile
 
 # The compile step, run by the interpreter that has triton:
-# argv = [meta.json, warps or "", stages or ""].
+# argv = [meta.json, warps or "", stages or "", compute capability as 90].
 _COMPILE = r'''
 import json, os, subprocess, sys
 import triton
@@ -42,11 +42,13 @@ for k in json.load(open(sys.argv[1])):
     if sys.argv[3]:
         k["num_stages"] = int(sys.argv[3])
     try:
-        c = triton.compile(k["path"], target=GPUTarget("cuda", 90, 32),
+        arch = int(sys.argv[4])
+        c = triton.compile(k["path"], target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": warps, "num_stages": k["num_stages"]})
         ptx = k["path"] + ".ptx"
         open(ptx, "w").write(c.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".cubin"],
+        name = "sm_90a" if arch == 90 else f"sm_{arch}"  # 90a: Hopper's wgmma
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={name}", ptx, "-o", ptx + ".cubin"],
                              capture_output=True, text=True).stderr
         regs = [l for l in out.splitlines() if "registers" in l]
         spills = [l for l in out.splitlines() if "spill" in l]
@@ -60,7 +62,7 @@ for k in json.load(open(sys.argv[1])):
 
 
 def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
-            gpu_output: str = "fused", dtype: str = "bfloat16") -> list[dict]:
+            gpu_output: str = "fused", dtype: str = "bfloat16", arch: int = 90) -> list[dict]:
     """Lower gdn_pallas's forward and gradient for CUDA, the forward's output formed as
     ``gpu_output`` says (``gdn_pallas.GPU_FORWARD_OUTPUT``); the Triton IR of each kernel call
     (in call order) with its num_warps and num_stages."""
@@ -77,6 +79,10 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
     from hybrid_jax.ops.gdn_pallas import gdn_pallas
 
     gp.GPU_FORWARD_OUTPUT = gpu_output
+    # The kernels size their pipelining to the card's shared memory: the one compiled for.
+    import hybrid_jax.kernels.common as common
+
+    common.gpu_shared_memory_bytes = lambda: shared_limit(arch)
     texts = []
     original = lowering.lower_jaxpr_to_triton_module
 
@@ -134,6 +140,13 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
     return kernels
 
 
+def shared_limit(arch: int) -> int:
+    """Shared memory a block may have on compute capability ``arch`` (as 90), bytes."""
+    from hybrid_jax.kernels.common import _SHARED_KIB
+
+    return _SHARED_KIB[divmod(arch, 10)] * 1024
+
+
 # The calls of one gradient, in order (see gdn_pallas's _fwd and _bwd).
 ROLES = ["factors (forward)", "state pass (forward)", "factors (backward's recompute)",
          "state pass with states", "state pass backward", "step cotangents",
@@ -151,22 +164,25 @@ def main() -> None:
     # 30 heads: OLMo Hybrid's layer, whose 90 programs take value blocks of 64 (gdn_pallas).
     p.add_argument("--shape", default="1,256,30,96,192", help="B,T,H,Dk,Dv")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--arch", type=int, default=90,
+                   help="compute capability to compile for, as 90 (H100), 80 (A100), 89")
     p.add_argument("--gpu-output", default="fused", choices=["fused", "parallel"],
                    help="the forward's output in the state pass or its own kernel")
     args = p.parse_args()
     b, t, h, dk, dv = (int(x) for x in args.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        kernels = capture(tmp, b, t, h, dk, dv, args.gpu_output, args.dtype)
+        kernels = capture(tmp, b, t, h, dk, dv, args.gpu_output, args.dtype, args.arch)
         meta = os.path.join(tmp, "meta.json")
         with open(meta, "w") as f:
             json.dump(kernels, f)
         out = subprocess.run([args.triton_python, "-c", _COMPILE, meta, str(args.warps or ""),
-                              str(args.stages or "")],
+                              str(args.stages or ""), str(args.arch)],
                              capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"the triton compile step failed:\n{out.stderr[-2000:]}")
         results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    print(f"gdn_pallas gradient, {args.dtype}, (B, T, H, Dk, Dv) = {(b, t, h, dk, dv)}, sm_90a")
+    print(f"gdn_pallas gradient, {args.dtype}, (B, T, H, Dk, Dv) = {(b, t, h, dk, dv)}, "
+          f"sm_{args.arch}")
     print("| kernel | name | warps | stages | registers | spill stores (bytes) | shared KiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     roles = ROLES if args.gpu_output == "fused" else (
@@ -178,9 +194,10 @@ def main() -> None:
         else:
             print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
                   f"{r['registers']} | {r['spill_stores']} | {r['shared'] / 1024:.1f} |")
-    over = [r["name"] for r in results if r.get("shared", 0) > 227 * 1024]
-    if over:  # Hopper's limit per block: these would fail at launch on an H100 or H200
-        print(f"shared memory over Hopper's 227 KiB: {', '.join(over)}")
+    limit = shared_limit(args.arch)
+    over = [r["name"] for r in results if r.get("shared", 0) > limit]
+    if over:  # these would fail at launch
+        print(f"shared memory over sm_{args.arch}'s {limit // 1024} KiB: {', '.join(over)}")
 
 
 if __name__ == "__main__":
