@@ -3,14 +3,15 @@
     python experiments/kernel_registers.py --triton-python /path/to/venv/bin/python
 
 A kernel whose tiles do not fit its registers spills to local memory, which costs far more than
-its arithmetic; ptxas reports it. This script lowers ``gdn_pallas`` (forward and gradient; bf16 and
-OLMo Hybrid's head dims unless ``--dtype`` and ``--shape`` say otherwise) for CUDA on this CPU machine, captures the Triton IR of every Pallas
-kernel as jax's Triton lowering emits it, then compiles each for sm_90a with the ``triton``
-package (in the interpreter given by ``--triton-python``: triton is not a dependency of this
-project; ``python -m venv /tmp/tv && /tmp/tv/bin/pip install triton`` is enough) and runs its
-bundled ptxas with ``-v``. It prints each kernel's registers per thread, spill bytes and shared
-memory at its own num_warps and num_stages (or at ``--warps`` / ``--stages``), and names any
-kernel whose shared memory is over what a Hopper block may have, which would fail at launch.
+its arithmetic; ptxas reports it. This script lowers ``gdn_pallas`` (forward and gradient; bf16
+and OLMo Hybrid's head dims unless ``--dtype`` and ``--shape`` say otherwise) for CUDA on this
+CPU machine, captures the Triton IR of every Pallas kernel as jax's Triton lowering emits it,
+then compiles each for sm_90a (or ``--arch``) with the ``triton`` package (in the interpreter
+given by ``--triton-python``: triton is not a dependency of this project; ``python -m venv
+/tmp/tv && /tmp/tv/bin/pip install triton`` is enough) and runs its bundled ptxas with ``-v``.
+It prints each kernel's registers per thread, spill bytes and shared memory at its own
+num_warps and num_stages (or at ``--warps`` / ``--stages``), and names any kernel whose shared
+memory is over what a block may have on that card, which would fail at launch.
 
 The IR is captured by wrapping ``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``
 (a private jax function; this is a developer tool, not library code). The Triton that compiles
@@ -82,7 +83,7 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
     # The kernels size their pipelining to the card's shared memory: the one compiled for.
     import hybrid_jax.kernels.common as common
 
-    common.gpu_shared_memory_bytes = lambda: shared_limit(arch)
+    common.gpu_shared_memory_bytes = lambda: common.shared_memory_bytes(divmod(arch, 10))
     texts = []
     original = lowering.lower_jaxpr_to_triton_module
 
@@ -140,13 +141,6 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
     return kernels
 
 
-def shared_limit(arch: int) -> int:
-    """Shared memory a block may have on compute capability ``arch`` (as 90), bytes."""
-    from hybrid_jax.kernels.common import _SHARED_KIB
-
-    return _SHARED_KIB[divmod(arch, 10)] * 1024
-
-
 # The calls of one gradient, in order (see gdn_pallas's _fwd and _bwd).
 ROLES = ["factors (forward)", "state pass (forward)", "factors (backward's recompute)",
          "state pass with states", "state pass backward", "step cotangents",
@@ -194,7 +188,9 @@ def main() -> None:
         else:
             print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
                   f"{r['registers']} | {r['spill_stores']} | {r['shared'] / 1024:.1f} |")
-    limit = shared_limit(args.arch)
+    from hybrid_jax.kernels.common import shared_memory_bytes
+
+    limit = shared_memory_bytes(divmod(args.arch, 10))
     over = [r["name"] for r in results if r.get("shared", 0) > limit]
     if over:  # these would fail at launch
         print(f"shared memory over sm_{args.arch}'s {limit // 1024} KiB: {', '.join(over)}")

@@ -164,20 +164,25 @@ _SHARED_KIB = {(7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 
                (8, 9): 99, (9, 0): 227, (10, 0): 227, (10, 3): 227, (12, 0): 99, (12, 1): 99}
 
 
+def shared_memory_bytes(capability: tuple[int, int]) -> int:
+    """Shared memory a block may use on a CUDA card of ``capability`` (major, minor); 99 KiB,
+    the smallest of recent cards, for one not in the table."""
+    return _SHARED_KIB.get(capability, 99) * 1024
+
+
 @functools.cache
 def gpu_shared_memory_bytes() -> int:
-    """Shared memory a block may use on this process's first GPU. Hopper's 227 KiB where there
-    is no GPU (lowering for CUDA on another machine: jax's Triton lowering then assumes sm_90
-    too); 99 KiB, the smallest of recent cards, for a capability not in the table."""
+    """Shared memory a block may use on this process's first GPU; Hopper's where there is no
+    GPU (lowering for CUDA on another machine: jax's Triton lowering then assumes sm_90 too)."""
     try:
         device = jax.local_devices(backend="gpu")[0]
     except RuntimeError:
-        return 227 * 1024
+        return shared_memory_bytes((9, 0))
     try:
         capability = tuple(int(x) for x in str(device.compute_capability).split("."))
     except (AttributeError, ValueError):  # ROCm names an architecture (gfx942): 64 KiB LDS
         return 64 * 1024
-    return _SHARED_KIB.get(capability, 99) * 1024
+    return shared_memory_bytes(capability)
 
 
 def pipeline_stages(per_stage_bytes: int, preferred: int, resident_bytes: int = 0) -> int:

@@ -272,14 +272,17 @@ def _gpu_in_specs(n: int, c: int, dk: int, bv: int, save: bool = False,
             _whole(dk, bv, split_v=True)]
 
 
-def _stages(c: int, dk: int, bv: int, dtype, factors: int, intra: bool, preferred: int) -> int:
-    """Pipelining stages for a GPU pass whose loop loads, per chunk, a [C, block_v] slice,
-    ``factors`` [C, Dk] factors and (``intra``) the [C, C] one, all in ``dtype``, and keeps
-    the [Dk, block_v] state (or its cotangent) as a matmul operand: ``preferred`` at OLMo's
-    layer in bf16, fewer where the buffers would not fit shared memory (Dk 192 or 256, float32
-    inputs)."""
-    size = jnp.dtype(dtype).itemsize
-    per_stage = size * (c * bv + factors * c * dk + (c * c if intra else 0))
+def _stages(factors: tuple, bv: int, preferred: int) -> int:
+    """Pipelining stages for a GPU pass whose loop loads, per chunk, a [C, block_v] slice in
+    the factors' dtype and each of ``factors``' [C, Dk] or [C, C] blocks ([R, N, C, d]
+    arrays, w first), and keeps the [Dk, block_v] state (or its cotangent) as a matmul
+    operand: ``preferred`` at OLMo's layer in bf16, fewer where the buffers would not fit
+    shared memory (Dk 192 or 256, float32 inputs)."""
+    w = factors[0]
+    c, dk = w.shape[-2:]
+    size = jnp.dtype(w.dtype).itemsize
+    per_stage = size * c * bv + sum(c * x.shape[-1] * jnp.dtype(x.dtype).itemsize
+                                    for x in factors)
     return pipeline_stages(per_stage, preferred, resident_bytes=size * dk * bv)
 
 
@@ -351,9 +354,8 @@ def state_pass(u: jax.Array, w: jax.Array, q_decayed: jax.Array, k_decayed: jax.
         out_shape=out_shape,
         # Three pipelining stages prefetch further ahead: 0.55 -> 0.39 ms at OLMo's layer on an
         # H200 (bv=64); the backward pass measured slower with three (0.60 -> 0.65 ms).
-        compiler_params=compiler_params("gpu", ("parallel", "parallel"), num_stages=_stages(
-            c, dk, bv, w.dtype, 2 if return_states else 3, intra=not return_states,
-            preferred=3)),
+        compiler_params=compiler_params("gpu", ("parallel", "parallel"),
+                                        num_stages=_stages(factors, bv, 3)),
         cost_estimate=_cost(operands, out_shape, save=return_states),
         interpret=interpret,
     )(*operands))
@@ -441,8 +443,9 @@ def state_pass_backward(d_out: jax.Array, w: jax.Array, q_decayed: jax.Array,
         out_specs=[_whole(n, c, bv, split_v=True), _whole(n, dk, bv, split_v=True),
                    _whole(dk, bv, split_v=True)],
         out_shape=out_shape,
-        compiler_params=compiler_params("gpu", ("parallel", "parallel"), num_stages=_stages(
-            c, dk, bv, w.dtype, 3, intra=True, preferred=2)),
+        compiler_params=compiler_params(
+            "gpu", ("parallel", "parallel"),
+            num_stages=_stages((w, q_decayed, k_decayed, intra), bv, 2)),
         cost_estimate=_cost(operands, out_shape),
         interpret=interpret,
     )(*operands))
