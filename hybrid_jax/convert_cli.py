@@ -1,7 +1,8 @@
 """``hybrid-jax convert``: transformers <-> orbax checkpoints, and a logit check between them.
 
     hybrid-jax convert hf-to-orbax SRC DST [--dtype D] [--compress] [--overwrite]
-    hybrid-jax convert orbax-to-hf SRC DST [--dtype D] [--max-shard-size 5GB] [--overwrite]
+    hybrid-jax convert orbax-to-hf SRC DST [--dtype D] [--max-shard-size 5GB]
+                                           [--layout release|save_pretrained] [--overwrite]
     hybrid-jax convert verify HF_DIR ORBAX_DIR [--seq-len 32] [--batch 2] [--seed 0] [--tol T]
 
 ``hf-to-orbax`` reads a transformers OLMo Hybrid checkpoint (``from_hf``) and writes an orbax
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hybrid_jax.convert.hf_names import LAYOUT_RELEASE, LAYOUTS
+
 DTYPES = ["float32", "bfloat16", "float16"]
 TOL_FLOAT32 = 1e-4
 TOL_LOW_PRECISION = 1e-1
@@ -59,6 +62,10 @@ def add_convert_parser(sub: Any) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="tensor dtype of the output (default: the parameters')")
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT_RELEASE,
+                   help="tensors named and cut as AI2's released checkpoints hold them (default: "
+                        "each GDN conv its projection's own), or byte for byte as transformers' "
+                        "save_pretrained writes them (the fused GDN conv in equal thirds)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p = csub.add_parser("verify", help="compare the logits of a transformers and an orbax checkpoint")
     p.add_argument("hf_dir")
@@ -167,7 +174,7 @@ def orbax_to_hf_cmd(args: argparse.Namespace) -> int:
                 bar.update()
 
         out = orbax_to_hf(src, dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite, on_read=on_read)
+                          overwrite=args.overwrite, on_read=on_read, layout=args.layout)
     n_tensors, n_params = _safetensors_summary(out)
     print(f"wrote {out}: {n_tensors} tensors, {n_params:,} parameters, "
           f"{_fmt_bytes(_dir_bytes(out))} written in {time.perf_counter() - start:.1f} s")

@@ -83,3 +83,46 @@ def assert_close(ours: Any, ref: np.ndarray, rtol: float = 1e-4) -> None:
     scale = np.max(np.abs(ref))
     assert rel <= rtol, f"relative error {rel:.3e} > {rtol:.1e}"
     assert max_abs <= rtol * scale, f"max abs error {max_abs:.3e} > {rtol:.1e} * {scale:.3e}"
+
+
+def save_release_layout(model: OlmoHybridForCausalLM, path: Any, **save_kwargs: Any) -> None:
+    """Save ``model`` as AI2's released checkpoints hold the weights (transformers'
+    ``convert_olmo_hybrid_weights_to_hf.py`` writes them from OLMo-core's):
+    ``linear_attn.{q,k,v}_conv1d.weight`` are the q, k and v convolutions themselves, [Kd, 1, K],
+    [Kd, 1, K] and [Vd, 1, K], cut here from the fused conv the torch module holds, and an
+    attention layer's post-attention norm is ``post_attention_layernorm.weight``. Everything else
+    is what ``save_pretrained`` writes (which stores equal thirds under the conv names and renames
+    that norm ``feedforward_layer_norm``)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = model.config
+    kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    state = model.state_dict()
+    model.save_pretrained(path, **save_kwargs)
+    index_path = Path(path) / "model.safetensors.index.json"
+    renamed = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for name in list(tensors):
+            layer = ".".join(name.split(".")[:3]) + "."  # model.layers.N.
+            if name.endswith("linear_attn.q_conv1d.weight"):
+                fused = state[layer + "linear_attn.conv1d.weight"]
+                assert fused.shape[0] == 2 * kd + vd
+                cuts = ((0, kd), (kd, 2 * kd), (2 * kd, 2 * kd + vd))
+                for part, (a, b) in zip("qkv", cuts):
+                    tensors[f"{layer}linear_attn.{part}_conv1d.weight"] = fused[a:b].clone()
+            elif (name.endswith("feedforward_layer_norm.weight")
+                  and cfg.layer_types[int(name.split(".")[2])] == "full_attention"):
+                new = layer + "post_attention_layernorm.weight"
+                tensors[new] = tensors.pop(name)
+                renamed[name] = new
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    if index_path.is_file():
+        import json
+
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {renamed.get(k, k): v for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

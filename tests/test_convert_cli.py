@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import make_hf_model
+from hf_models import make_hf_model, save_release_layout
 from safetensors_dirs import assert_same_tensors, read_all
 from hybrid_jax.cli import main
 from hybrid_jax.config import ModelConfig
@@ -23,10 +23,11 @@ TOKENIZER = {"tokenizer.json": '{"version": "1.0", "model": {"type": "WordLevel"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A random transformers model saved in shards, converted hf -> orbax -> hf by the CLI."""
+    """A random transformers model saved in shards as the release lays them out, converted
+    hf -> orbax -> hf by the CLI."""
     root = tmp_path_factory.mktemp("convert")
     hf = make_hf_model(seed=3, eos_token_id=5)
-    hf.save_pretrained(root / "hf", max_shard_size="60KB")
+    save_release_layout(hf, root / "hf", max_shard_size="60KB")
     # A tokenizer saved beside the weights travels with them (its content is not parsed here).
     for name, text in TOKENIZER.items():
         (root / "hf" / name).write_text(text)
@@ -137,9 +138,10 @@ def test_config_json_round_trips_exactly():
 
 def test_bf16_round_trip_and_verify(tmp_path, capsys):
     hf = make_hf_model(seed=5).to(torch.bfloat16)
-    hf.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf")  # its own layout, kept by --layout save_pretrained
     assert main(["convert", "hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "o")]) == 0
-    assert main(["convert", "orbax-to-hf", str(tmp_path / "o"), str(tmp_path / "back")]) == 0
+    assert main(["convert", "orbax-to-hf", str(tmp_path / "o"), str(tmp_path / "back"),
+                 "--layout", "save_pretrained"]) == 0
     assert_same_tensors(tmp_path / "back", tmp_path / "hf")
     capsys.readouterr()
     # Default: both models in float32 (bf16 weights upcast exactly), the float32 tolerance.

@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors import safe_open
 from transformers import OlmoHybridForCausalLM
 
-from hf_models import NOPE, assert_close, hf_logits, make_hf_model, random_ids
+from hf_models import NOPE, assert_close, hf_logits, make_hf_model, random_ids, save_release_layout
 from safetensors_dirs import assert_same_tensors, read_all
 from hybrid_jax import HybridLM, apply, olmo_hybrid_tiny, split
 from hybrid_jax.convert import from_hf, to_hf
@@ -71,12 +71,14 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_is_bitwise_and_loads_in_transformers(case, tmp_path):
+    """Against save_pretrained's own files: layout="save_pretrained" writes them byte for byte."""
     spec = CASES[case]
     hf = make_hf_model(seed=len(case), **spec["overrides"])
     ref = tmp_path / "ref"
     hf.save_pretrained(ref, **({"max_shard_size": spec["shard"]} if "shard" in spec else {}))
     model = from_hf(ref, gdn_chunk_size=8)
-    out = to_hf(model, tmp_path / "out", max_shard_size=spec.get("shard", "5GB"))
+    out = to_hf(model, tmp_path / "out", max_shard_size=spec.get("shard", "5GB"),
+                layout="save_pretrained")
     assert out == tmp_path / "out"
 
     assert_same_tensors(out, ref)
@@ -105,14 +107,53 @@ def test_bfloat16_bitwise_and_cast_like_torch(tmp_path):
     hf.save_pretrained(tmp_path / "f32")
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
 
-    out = to_hf(from_hf(tmp_path / "bf16"), tmp_path / "out_bf16")
+    out = to_hf(from_hf(tmp_path / "bf16"), tmp_path / "out_bf16", layout="save_pretrained")
     assert_same_tensors(out, tmp_path / "bf16")
     assert _json(out / "config.json") == _json(tmp_path / "bf16" / "config.json")
     assert {v["dtype"] for v in _header(out / "model.safetensors").values()} == {"BF16"}
 
-    cast = to_hf(from_hf(tmp_path / "f32"), tmp_path / "out_cast", dtype=jnp.bfloat16)
+    cast = to_hf(from_hf(tmp_path / "f32"), tmp_path / "out_cast", dtype=jnp.bfloat16,
+                 layout="save_pretrained")
     assert_same_tensors(cast, tmp_path / "bf16")
     assert json.loads((cast / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_release_layout_round_trip_is_bitwise(dtype, tmp_path):
+    """A checkpoint laid out as the release holds it (the q, k and v convolutions themselves,
+    Kd = 32 != Vd = 96 channels, as OLMo-core holds them; an attention layer's
+    post_attention_layernorm) comes back tensor for tensor by default: the same names, shapes,
+    dtypes and bytes, each conv its own projection's."""
+    hf = make_hf_model(seed=11).to(dtype)
+    ref = tmp_path / "release"
+    save_release_layout(hf, ref, max_shard_size="60KB")
+    out = to_hf(from_hf(ref), tmp_path / "out", max_shard_size="60KB")
+    assert_same_tensors(out, ref)
+    assert _json(out / "config.json") == _json(ref / "config.json")
+
+    kd, vd = 2 * 16, 4 * 24
+    tensors = read_all(out)
+    fused = hf.state_dict()["model.layers.0.linear_attn.conv1d.weight"]
+    for part, (a, b) in zip("qkv", ((0, kd), (kd, 2 * kd), (2 * kd, 2 * kd + vd))):
+        conv = tensors[f"model.layers.0.linear_attn.{part}_conv1d.weight"]
+        assert conv.shape == (b - a, 1, 4)
+        assert torch.equal(conv, fused[a:b])
+
+    assert "model.layers.3.post_attention_layernorm.weight" in tensors  # an attention layer
+
+    # save_pretrained's thirds are another cut of the same fused conv (and its norm name another
+    # name): both load the same model in transformers, and from_hf reads either.
+    thirds = to_hf(from_hf(ref), tmp_path / "thirds", layout="save_pretrained")
+    written = read_all(thirds)
+    assert written["model.layers.0.linear_attn.q_conv1d.weight"].shape == (54, 1, 4)
+    assert "model.layers.3.feedforward_layer_norm.weight" in written
+    ids = random_ids(3, 2, T)
+    want = hf_logits(_load_hf(ref), ids)
+    for path in (out, thirds):
+        np.testing.assert_array_equal(hf_logits(_load_hf(path), ids), want)
+    with pytest.raises(ValueError, match="layout must be one of 'release', 'save_pretrained'"):
+        to_hf(from_hf(ref), tmp_path / "bad", layout="thirds")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_jax_model_sharded_export_loads_in_transformers(tmp_path):

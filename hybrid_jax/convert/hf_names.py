@@ -1,12 +1,23 @@
 """Our parameter paths <-> transformers ``OlmoHybridForCausalLM`` tensor names and shapes.
 
-Shared by ``from_hf`` (reading) and ``to_hf`` (writing). Per HF layer N (prefix ``model.layers.N.``)
-the on-disk names are the ones transformers 5.23's ``save_pretrained`` writes; it renames every
-layer's ``input_layernorm`` to ``attention_layer_norm`` and ``post_attention_layernorm`` to
-``feedforward_layer_norm`` (attention layers included: their post-attention norm is written as
-``feedforward_layer_norm``), and splits the fused GDN conv ``linear_attn.conv1d.weight`` into
-``linear_attn.{q,k,v}_conv1d.weight`` with ``torch.chunk(3)`` (three equal thirds, the last one
-smaller when the channel count is not a multiple of 3, whatever the q/k/v widths are).
+Shared by ``from_hf`` (reading) and ``to_hf`` (writing). Two on-disk layouts use these names,
+per HF layer N (prefix ``model.layers.N.``); ``from_hf`` reads both, ``to_hf`` writes either:
+
+* ``"release"`` (``LAYOUT_RELEASE``), as AI2's released checkpoints hold the weights (written
+  from OLMo-core's by transformers' ``convert_olmo_hybrid_weights_to_hf.py``): a GDN layer's
+  norms are ``attention_layer_norm`` and ``feedforward_layer_norm``, an attention layer's
+  ``post_attention_layernorm`` and ``post_feedforward_layernorm``, and
+  ``linear_attn.{q,k,v}_conv1d.weight`` are the q, k and v convolutions themselves, [Kd, 1, K],
+  [Kd, 1, K] and [Vd, 1, K], as OLMo-core's modules hold them.
+* ``"save_pretrained"`` (``LAYOUT_SAVE_PRETRAINED``), what transformers 5.23's
+  ``save_pretrained`` writes from the module, whose ``state_dict()`` names differ: it renames
+  every layer's ``input_layernorm`` to ``attention_layer_norm`` and ``post_attention_layernorm``
+  to ``feedforward_layer_norm`` (attention layers included), and cuts the module's fused
+  ``linear_attn.conv1d.weight`` [2 Kd + Vd, 1, K] with ``torch.chunk(3)`` into three equal
+  thirds (the last one smaller when the channel count is not a multiple of 3, whatever the
+  q/k/v widths are) stored under the q, k and v names.
+
+transformers loads either: on load it renames the norms back and concatenates the three convs.
 """
 
 from __future__ import annotations
@@ -60,6 +71,16 @@ def _transpose(a: np.ndarray) -> np.ndarray:
     return np.asarray(a).T
 
 
+LAYOUT_RELEASE = "release"  # AI2's released checkpoints (and OLMo-core's convs)
+LAYOUT_SAVE_PRETRAINED = "save_pretrained"  # transformers' save_pretrained of the module
+LAYOUTS = (LAYOUT_RELEASE, LAYOUT_SAVE_PRETRAINED)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+
+
 @dataclass(frozen=True)
 class Want:
     """One of our parameters and the checkpoint tensor(s) it may come from."""
@@ -68,11 +89,16 @@ class Want:
     names: tuple[str, ...]  # accepted names (relative to the layer prefix), on-disk name first
     shape: tuple[int, ...]  # checkpoint (torch) shape
     transposed: bool = False  # a Linear weight: torch [out, in], ours [in, out]
+    release_name: str | None = None  # the release's name, where it is not ``names[0]``
 
     @property
     def disk_name(self) -> str:
         """The name transformers' ``save_pretrained`` writes."""
         return self.names[0]
+
+    def name_in(self, layout: str) -> str:
+        """The name this tensor has in ``layout`` (``LAYOUTS``)."""
+        return (self.release_name or self.disk_name) if layout == LAYOUT_RELEASE else self.disk_name
 
     @property
     def transform(self) -> Transform:
@@ -135,7 +161,8 @@ def attention_wants(cfg: ModelConfig) -> list[Want]:
         Want(("attn", "q_norm", "weight"), ("self_attn.q_norm.weight",), (q_dim,)),
         Want(("attn", "k_norm", "weight"), ("self_attn.k_norm.weight",), (kv_dim,)),
         Want(("post_attn_norm", "weight"),
-             ("feedforward_layer_norm.weight", "post_attention_layernorm.weight"), (d,)),
+             ("feedforward_layer_norm.weight", "post_attention_layernorm.weight"), (d,),
+             release_name="post_attention_layernorm.weight"),
         Want(("post_mlp_norm", "weight"), ("post_feedforward_layernorm.weight",), (d,)),
         *mlp_wants(cfg),
     ]
@@ -165,13 +192,19 @@ def conv_targets(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int, int]
             "v": (("gdn", "v_conv", "weight"), 2 * kd, vd)}
 
 
-def conv_disk_split(cfg: ModelConfig) -> list[tuple[str, int, int]]:
-    """How ``save_pretrained`` splits the fused conv on disk: (name, first channel, count) for
-    ``linear_attn.{q,k,v}_conv1d.weight``, as ``torch.chunk(fused, 3, dim=0)`` cuts it.
+def conv_disk_split(cfg: ModelConfig, layout: str = LAYOUT_RELEASE) -> list[tuple[str, int, int]]:
+    """(name, first channel, channel count) in the fused [2 Kd + Vd] conv of each of
+    ``linear_attn.{q,k,v}_conv1d.weight`` as ``layout`` writes them.
 
-    torch.chunk makes chunks of ceil(C / 3) channels, the last one holding the remainder (and
-    fewer than three chunks for tiny C; the missing ones are written with 0 channels).
+    ``"release"``: the q, k and v convolutions themselves (Kd, Kd and Vd channels).
+    ``"save_pretrained"``: what ``torch.chunk(fused, 3, dim=0)`` cuts: chunks of ceil(C / 3)
+    channels, the last one holding the remainder (and fewer than three chunks for tiny C; the
+    missing ones are written with 0 channels).
     """
+    check_layout(layout)
+    if layout == LAYOUT_RELEASE:
+        return [(name, start, count) for name, (_, start, count)
+                in zip(split_conv_names(), conv_targets(cfg).values())]
     total = 2 * cfg.linear_key_dim + cfg.linear_value_dim
     step = -(-total // 3)
     out = []

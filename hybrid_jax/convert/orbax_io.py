@@ -52,7 +52,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hybrid_jax.convert.hf_names import tokenizer_files
+from hybrid_jax.convert.hf_names import LAYOUT_RELEASE, tokenizer_files
 from hybrid_jax.convert.param_paths import path_key
 from hybrid_jax.convert.output_dir import check_extra_files, refuse_existing, writing
 from hybrid_jax.config import ModelConfig
@@ -418,15 +418,16 @@ def lazy_params(path: str | os.PathLike,
 
 def orbax_to_hf(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any = None,
                 max_shard_size: int | str = "5GB", overwrite: bool = False,
-                on_read: Callable[[Path_, Any], None] | None = None) -> Path:
-    """Write the orbax checkpoint ``src`` as a transformers checkpoint ``out_dir`` (``to_hf``),
-    reading one layer slice of one parameter at a time rather than restoring the whole model.
-    Tokenizer files in ``src`` are copied along."""
+                on_read: Callable[[Path_, Any], None] | None = None,
+                layout: str = LAYOUT_RELEASE) -> Path:
+    """Write the orbax checkpoint ``src`` as a transformers checkpoint ``out_dir`` (``to_hf``,
+    ``layout`` as there), reading one layer slice of one parameter at a time rather than
+    restoring the whole model. Tokenizer files in ``src`` are copied along."""
     from hybrid_jax.convert.to_hf import to_hf
 
     cfg, params = lazy_params(src, on_read)
     return to_hf(params, out_dir, config=cfg, dtype=dtype, max_shard_size=max_shard_size,
-                 overwrite=overwrite, extra_files=tokenizer_files(src))
+                 overwrite=overwrite, extra_files=tokenizer_files(src), layout=layout)
 
 
 __all__ = ["OrbaxCheckpointError", "hf_to_orbax", "lazy_params", "load_orbax", "orbax_to_hf",

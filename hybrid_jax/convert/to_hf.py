@@ -1,11 +1,12 @@
 """Write a ``HybridLM`` (or its parameters) as a transformers ``OlmoHybridForCausalLM`` checkpoint.
 
-The output is what transformers 5.23's ``save_pretrained`` writes: ``config.json``,
-``generation_config.json`` and safetensors weights (``model.safetensors``, or
-``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``) with the same
-tensor names, shapes and split convs (see ``hybrid_jax.convert.hf_names``), so that
-``OlmoHybridForCausalLM.from_pretrained`` loads it with no missing or unexpected keys and ``from_hf``
-reads it back bit for bit.
+The output is a transformers checkpoint directory: ``config.json``, ``generation_config.json``
+and safetensors weights (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards
+plus ``model.safetensors.index.json``), that ``OlmoHybridForCausalLM.from_pretrained`` loads with
+no missing or unexpected keys and ``from_hf`` reads back bit for bit. Its tensors are named and
+cut as AI2's released checkpoints hold them (``layout="release"``, the default: each GDN conv its
+projection's own) or as transformers' ``save_pretrained`` writes them
+(``layout="save_pretrained"``: the fused conv in equal thirds); see ``hybrid_jax.convert.hf_names``.
 
 The parameters are checked against the config before anything is written. Tensors are converted
 (sliced out of the stacked [n, ...] layer parameters, transposed, cast) and written one at a time,
@@ -39,10 +40,12 @@ from hybrid_jax.config import GDN, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
+    LAYOUT_RELEASE,
     INDEX_FILE,
     SINGLE_FILE,
     conv_disk_split,
     conv_targets,
+    check_layout,
     describe_problems,
     global_wants,
     layer_prefix,
@@ -202,8 +205,10 @@ class _TransposedRows:
         return _host(self._arr[:, start:max(start, stop)]).T
 
 
-def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None) -> list[_Tensor]:
-    """All tensors in checkpoint order: embeddings, layers 0..L-1, final norm, lm head."""
+def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None,
+          layout: str = LAYOUT_RELEASE) -> list[_Tensor]:
+    """All tensors in checkpoint order: embeddings, layers 0..L-1, final norm, lm head, named and
+    cut as ``layout`` holds them (``hf_names.LAYOUTS``)."""
     def dt(array: Any) -> np.dtype:
         return out_dtype if out_dtype is not None else np.dtype(array.dtype)
 
@@ -219,9 +224,10 @@ def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None) 
         if w.transposed and (isinstance(arr, (np.ndarray, jax.Array))
                              or getattr(arr, "box_reads", False)):
             # The head's kernel: its transpose's row blocks are read as column blocks of it.
-            tensors.append(_Tensor(w.disk_name, w.shape, d, lambda arr=arr: _TransposedRows(arr)))
+            tensors.append(_Tensor(w.name_in(layout), w.shape, d,
+                                   lambda arr=arr: _TransposedRows(arr)))
             return
-        tensors.append(_Tensor(w.disk_name, w.shape, d,
+        tensors.append(_Tensor(w.name_in(layout), w.shape, d,
                                lambda w=w, arr=arr: w.transform(_host(arr))))
 
     add_global("embed")
@@ -235,7 +241,7 @@ def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None) 
             arr = flat[base + w.target]
             d = dt(arr)
             tensors.append(_Tensor(
-                prefix + w.disk_name, w.shape, d,
+                prefix + w.name_in(layout), w.shape, d,
                 lambda w=w, arr=arr, j=j: w.transform(_host(arr[j]))))
         if kind == GDN:
             parts = [flat[base + path] for path, _, _ in conv_targets(cfg).values()]
@@ -247,7 +253,7 @@ def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None) 
                 fused = np.concatenate([_host(p[j]) for p in parts], axis=0)
                 return fused[start:start + count, None, :]
 
-            for name, start, count in conv_disk_split(cfg):
+            for name, start, count in conv_disk_split(cfg, layout):
                 tensors.append(_Tensor(prefix + name, (count, 1, k), d,
                                        lambda s=start, c=count, f=chunk: f(s, c)))
     add_global("final_norm")
@@ -357,6 +363,7 @@ def to_hf(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     extra_files: Sequence[str | os.PathLike] = (),
+    layout: str = LAYOUT_RELEASE,
 ) -> Path:
     """Write a transformers ``OlmoHybridForCausalLM`` checkpoint directory.
 
@@ -371,6 +378,13 @@ def to_hf(
         ``model.safetensors`` when everything fits, else numbered shards plus an index.
       overwrite: replace an existing non-empty ``out_dir`` (only once the new one is complete).
       extra_files: files copied into ``out_dir`` by name (e.g. the tokenizer's).
+      layout: ``"release"`` (default): as AI2's released checkpoints hold the weights: each of
+        ``linear_attn.{q,k,v}_conv1d.weight`` is its projection's own convolution, [Kd, 1, K],
+        [Kd, 1, K] and [Vd, 1, K] (as OLMo-core holds them), an attention layer's first norm is
+        ``post_attention_layernorm``. ``"save_pretrained"``: byte for byte what transformers'
+        ``save_pretrained`` writes: the fused [2 Kd + Vd, 1, K] conv in three equal thirds under
+        those names (only their concatenation means anything when Kd != Vd), that norm named
+        ``feedforward_layer_norm``. transformers and ``from_hf`` load either.
     Returns:
       ``Path(out_dir)``.
     Raises:
@@ -378,6 +392,10 @@ def to_hf(
       FileExistsError when ``out_dir`` exists, is not empty and ``overwrite`` is false.
     """
     cfg, params = _resolve(model_or_params, config)
+    try:
+        check_layout(layout)
+    except ValueError as e:
+        raise ValueError(f"to_hf: {e}") from None
     limit = parse_size(max_shard_size)
     out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype_name(dtype)))
     flat = _check_params(cfg, _flatten(params))
@@ -391,7 +409,7 @@ def to_hf(
     out = Path(out_dir)
     refuse_existing(out, overwrite)
     check_extra_files(extra_files, (CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, ".safetensors"))
-    tensors = _plan(cfg, flat, out_dtype)
+    tensors = _plan(cfg, flat, out_dtype, layout)
     with writing(out, overwrite) as tmp:
         for f in extra_files:
             shutil.copyfile(f, tmp / Path(f).name)
