@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_jax.ops.projection import projection_dot_general, projection_matmul
+from hybrid_jax.ops.projection import projection_dot, projection_dot_general, projection_matmul
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -19,8 +19,10 @@ def test_value_and_gradients_match_autodiff_of_a_plain_matmul(dtype, tol, d_in, 
     cot = jnp.asarray(rng.standard_normal((37, d_out)), jnp.float32)
     plain = lambda x, w: jnp.dot(x, w, precision=HIGHEST)
     ours = lambda x, w: projection_matmul(x, w, HIGHEST)
-    np.testing.assert_array_equal(np.asarray(ours(x, w), np.float32),
-                                  np.asarray(plain(x, w), np.float32))
+    if dtype == jnp.float32:
+        np.testing.assert_array_equal(ours(x, w), plain(x, w))
+    else:  # accumulated in float32, rounded once: within one bf16 step of the exact product
+        _assert_within_one_bf16_step(ours(x, w), np.asarray(x, np.float64) @ np.asarray(w, np.float64))
     loss = lambda f: (lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * cot))
     want = jax.grad(loss(plain), (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
     got = jax.grad(loss(ours), (0, 1))(x, w)
@@ -28,6 +30,34 @@ def test_value_and_gradients_match_autodiff_of_a_plain_matmul(dtype, tol, d_in, 
         assert a.dtype == dtype and a.shape == b.shape, name
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol, atol=tol * 10,
                                    err_msg=name)
+
+
+def _assert_within_one_bf16_step(got, exact: np.ndarray) -> None:
+    """``got`` (bf16) is ``exact`` (float64) rounded to bf16, or a neighbour of that."""
+    assert got.dtype == jnp.bfloat16
+    rounded = np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16))
+    steps = np.abs(np.asarray(got).view(np.int16).astype(np.int32)
+                   - rounded.view(np.int16).astype(np.int32))
+    assert steps.max() <= 1, steps.max()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_bf16_products_accumulate_in_float32_and_read_bf16_weights(rows):
+    """[rows, in] @ [in, out] in bf16, a single row included (computed as two on the CPU):
+    within one bf16 step of the float64 product; on the CPU the compiled product reads the
+    bf16 weight where it lies (no float32 copy of it among its temporaries)."""
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((256, 512)) / 16, jnp.bfloat16)
+    got = jax.jit(projection_dot)(x, w)
+    assert got.shape == (rows, 512)
+    _assert_within_one_bf16_step(got, np.asarray(x, np.float64) @ np.asarray(w, np.float64))
+    # The same with the weight as the right operand's rows ([out, in], as a tied head reads it).
+    got_t = jax.jit(lambda x, wt: projection_dot(x, wt, ((1,), (1,))))(x, w.T)
+    np.testing.assert_array_equal(np.asarray(got_t, np.float32), np.asarray(got, np.float32))
+    if jax.default_backend() == "cpu":
+        temp = jax.jit(projection_dot).lower(x, w).compile().memory_analysis().temp_size_in_bytes
+        assert temp < w.nbytes, temp  # a float32 copy of w would be 2 * w.nbytes
 
 
 def test_the_kernel_cotangent_is_a_plain_product_of_the_transposed_input():

@@ -39,18 +39,20 @@ TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
 
 @partial(jax.jit, static_argnums=0, static_argnames="mesh", donate_argnums=3)
 def prefill(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array,
-            cache: DecodeCache, attention_mask: jax.Array, *, mesh: Mesh | None = None
-            ) -> tuple[jax.Array, DecodeCache]:
+            cache: DecodeCache, attention_mask: jax.Array, *, mesh: Mesh | None = None,
+            block_params: tuple[nnx.State, ...] | None = None) -> tuple[jax.Array, DecodeCache]:
     """One prefill piece, jitted, the cache donated (updated in place).
 
     input_ids, attention_mask: [B, T]. Returns (last-position logits [B, V] float32, cache).
     With ``mesh`` (the cache's), activations follow the mesh's sharding rules and the GDN
     rule runs per shard (``sharding.activation_sharding``): the Pallas kernels cannot be
-    partitioned by XLA.
+    partitioned by XLA. ``block_params``: the stack's per-block parameters, e.g.
+    ``DecoderStack.block_views()``; default: sliced out of ``params`` in the program.
     """
     with activation_sharding(mesh):
         model = nnx.merge(graphdef, params)
-        logits, cache = model.extend(input_ids, cache, attention_mask, last_only=True)
+        logits, cache = model.extend(input_ids, cache, attention_mask, last_only=True,
+                                     block_params=block_params)
     return logits[:, 0], cache
 
 
@@ -60,7 +62,8 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logits
            key: jax.Array, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
            eos_ids: tuple[int, ...] = (), pad_id: int = 0,
            on_tokens: TokenCallback | None = None,
-           slice_weights_once: bool = True) -> tuple[jax.Array, DecodeCache]:
+           slice_weights_once: bool = True,
+           block_params: tuple[nnx.State, ...] | None = None) -> tuple[jax.Array, DecodeCache]:
     """The decode loop, jitted: sample ``max_new_tokens`` tokens per row, starting from the
     prefill's last logits [B, V], inside one ``lax.while_loop`` (the cache donated and updated in
     place).
@@ -68,15 +71,19 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logits
     Token i is sampled from the logits after token i-1; N tokens take N-1 decode steps. The loop
     ends early once every row has produced one of ``eos_ids``. Keyword arguments are static
     (hashable: ``eos_ids`` a tuple); ``generate`` checks and normalises them.
-    ``slice_weights_once``: slice the stack's stacked [n, ...] weights once, before the loop
-    (a second copy of them while decoding); False slices them at every step instead, which
-    XLA:CPU does by copying every weight matrix per step.
+    ``block_params``: the stack's per-block parameters, read by every step (e.g.
+    ``DecoderStack.block_views()``: on the CPU, arrays over the stacked weights' own memory).
+    Without them, ``slice_weights_once`` slices the stacked [n, ...] weights once, before the
+    loop (a second copy of them while decoding); False slices them in every step instead, which
+    XLA:TPU fuses into the products that read them and XLA:CPU does by copying every weight
+    matrix per step.
     Returns (tokens [B, max_new_tokens] int32, the cache after the loop, aliasing the donated
     one). That cache holds every token fed back: not the last token sampled, and for rows that
     had stopped, the pad ids fed after their EOS.
     """
     model = nnx.merge(graphdef, params)
-    block_params = model.stack.block_params() if slice_weights_once else None
+    if block_params is None and slice_weights_once:
+        block_params = model.stack.block_params()
     batch = logits.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
 
@@ -189,7 +196,7 @@ def generate(
     prefill_chunk_size: int | None = None,
     cache_sharding: DecodeCache | None = None,
     on_tokens: TokenCallback | None = None,
-    slice_weights_once: bool = True,
+    slice_weights_once: bool | None = None,
 ) -> jax.Array:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -213,7 +220,13 @@ def generate(
       cache_sharding: optional ``cache_shardings(...)`` tree to place the cache on a mesh.
       on_tokens: optional host callback ``(step, tokens [B], finished [B])`` called as each
         token is chosen, for streaming. A new callable compiles a new decode loop.
-      slice_weights_once: see ``decode`` (False saves a copy of the stack's weights).
+      slice_weights_once: how prefill and decode read the stack's stacked [n, ...] weights.
+        None (default): on a CPU, through ``DecoderStack.block_views()``, arrays over the
+        weights' own memory (no copy at all; where the weights cannot be viewed, e.g. sharded
+        over several CPU devices, as True); on an accelerator, sliced in every step, where XLA
+        fuses each slice into the product that reads it. True: sliced once before the decode
+        loop, a second copy of them while decoding. False: sliced in every step (on a CPU,
+        copies of the weights every step).
     Returns:
       [B, T + max_new_tokens] int32: the prompt as given, then the new tokens (pad ids after a
       row's EOS, and for every row once all rows have stopped).
@@ -263,14 +276,22 @@ def generate(
     valid_p = np.pad(valid, ((0, 0), (extra, 0)))
 
     graphdef, params = nnx.split(model)
+    block_params = None
+    if slice_weights_once is None:
+        block_params = model.stack.block_views()
+        on_cpu = all(d.platform == "cpu" for a in jax.tree.leaves(params)
+                     for d in a.sharding.device_set)
+        slice_weights_once = on_cpu and block_params is None
     # Allocated by a jit straight into its shards (never whole on one device first).
     cache = _cache_allocator(cache_sharding)(cfg, b, max_length)
     logits = None
     mesh = None if cache_sharding is None else jax.tree.leaves(cache_sharding)[0].mesh
     for start in range(0, ids_p.shape[1], piece):
         logits, cache = prefill(graphdef, params, jnp.asarray(ids_p[:, start:start + piece]),
-                                cache, jnp.asarray(valid_p[:, start:start + piece]), mesh=mesh)
+                                cache, jnp.asarray(valid_p[:, start:start + piece]), mesh=mesh,
+                                block_params=block_params)
     new, _ = decode(graphdef, params, cache, logits, jax.random.key(seed),
                     max_new_tokens=int(max_new_tokens), sampling=sampling, eos_ids=eos_ids,
-                    pad_id=pad_id, on_tokens=on_tokens, slice_weights_once=slice_weights_once)
+                    pad_id=pad_id, on_tokens=on_tokens, slice_weights_once=slice_weights_once,
+                    block_params=block_params)
     return jnp.concatenate([jnp.asarray(ids, jnp.int32), new], axis=1)

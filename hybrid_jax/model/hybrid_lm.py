@@ -7,11 +7,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax.config import ATTENTION, ModelConfig
+from hybrid_jax.model import widening
 from hybrid_jax.model.cache import DecodeCache, check_cache
 from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import RMSNorm
 from hybrid_jax.model.stack import DecoderStack
 from hybrid_jax.ops.attention import segment_positions
+from hybrid_jax.ops.projection import projection_dot
 from hybrid_jax.ops.rope import rope_cos_sin
 from hybrid_jax.sharding import RESIDUAL, constrain
 
@@ -88,7 +90,7 @@ class HybridLM(nnx.Module):
                     positions = jnp.arange(input_ids.shape[1])
             positions = jnp.broadcast_to(positions, input_ids.shape)
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        x = self.stack(constrain(self.embed(input_ids), RESIDUAL), rope=rope,
+        x = self.stack(constrain(self._embed(input_ids), RESIDUAL), rope=rope,
                        segment_ids=segment_ids)
         return self.final_norm(x)
 
@@ -104,10 +106,24 @@ class HybridLM(nnx.Module):
     def _uses_rope(self) -> bool:
         return self.config.rope_theta is not None and ATTENTION in self.config.layer_types
 
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] ids -> [B, T, D] rows of the embedding table, in the compute dtype. The
+        lookup is tied to the ids (``widening``): in a decode loop, XLA:CPU would otherwise
+        hold a float32 copy of a 16-bit table for the whole loop."""
+        table = self.embed.embedding[...]
+        if widening.widens(table):
+            table = widening.after(table, input_ids)
+        return jnp.take(table, input_ids, axis=0).astype(self.config.compute_dtype)
+
     def _head(self, x: jax.Array) -> jax.Array:
         """LM head: [B, T, D] normed -> [B, T, V] float32."""
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32)
+        if self.lm_head is not None:
+            return self.lm_head(x).astype(jnp.float32)
+        # Tied: x [B*T, D] against the table's rows [V, D], accumulated in float32.
+        compute = self.config.compute_dtype
+        flat = x.reshape(-1, x.shape[-1]).astype(compute)
+        logits = projection_dot(flat, self.embed.embedding[...].astype(compute), ((1,), (1,)))
+        return logits.reshape(*x.shape[:-1], -1).astype(jnp.float32)
 
     def _logits(self, x: jax.Array) -> jax.Array:
         """Final norm and LM head: [B, T, D] -> [B, T, V] float32."""
@@ -162,7 +178,7 @@ class HybridLM(nnx.Module):
         rope = None
         if self._uses_rope:
             rope = rope_cos_sin(jnp.maximum(slots, 0), cfg.head_dim, cfg.rope_theta)
-        x, layers = self.stack.extend(self.embed(input_ids), cache.layers, valid=valid,
+        x, layers = self.stack.extend(self._embed(input_ids), cache.layers, valid=valid,
                                       slots=slots, rope=rope, block_params=block_params)
         if last_only:
             x = x[:, -1:]

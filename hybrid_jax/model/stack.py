@@ -17,6 +17,8 @@ from flax import nnx
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.cache import LayerCache
 from hybrid_jax.model.decoder import Rope, make_layer
+from hybrid_jax.model import widening
+from hybrid_jax.model.host_views import row_views
 from hybrid_jax.sharding import RESIDUAL, constrain
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
@@ -25,6 +27,14 @@ _REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def block_after(state: nnx.State, j: jax.Array, after: jax.Array) -> nnx.State:
+    """Block ``j``'s parameters, sliced out of the stacked [n, ...] ``state`` inside a loop over
+    blocks once ``after`` (the block's input) is computed. With 16-bit weights on XLA:CPU this
+    keeps one block's copy at a time and no float32 copy of any (``widening``)."""
+    state = widening.after(state, after)
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), state)
 
 
 class DecoderBlock(nnx.Module):
@@ -76,8 +86,14 @@ class DecoderStack(nnx.Module):
 
     def __call__(self, x: jax.Array, *, rope: Rope = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        """x: [B, T, D] -> [B, T, D]."""
+        """x: [B, T, D] -> [B, T, D].
+
+        Scanned over the stacked blocks, or unrolled, as ``scanned`` says; but with 16-bit
+        weights on XLA:CPU always a loop that slices block j once its input is ready
+        (``block_after``): XLA:CPU would otherwise hold float32 copies of the stacked weights
+        (scanned) or bf16 copies of every block at once (unrolled)."""
         graphdef, state = nnx.split(self.blocks)
+        sliced_in_loop = widening.widens(state)
 
         def run_block(h: jax.Array, block_state: nnx.State) -> jax.Array:
             h = nnx.merge(graphdef, block_state)(h, rope=rope, segment_ids=segment_ids)
@@ -85,10 +101,13 @@ class DecoderStack(nnx.Module):
 
         remat = self.config.remat
         if remat not in ("none", "layers"):  # "layers": DecoderBlock checkpoints each layer
-            # Inside scan, CSE across iterations cannot undo the remat, so prevent_cse is not needed.
+            # Inside a loop, CSE across iterations cannot undo the remat: prevent_cse not needed.
             run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[remat],
-                                       prevent_cse=not self.scanned)
-        if self.scanned:
+                                       prevent_cse=not (self.scanned or sliced_in_loop))
+        if sliced_in_loop:
+            x = jax.lax.fori_loop(0, self.num_blocks,
+                                  lambda j, h: run_block(h, block_after(state, j, h)), x)
+        elif self.scanned:
             x, _ = jax.lax.scan(lambda h, s: (run_block(h, s), None), x, state)
         else:
             for j in range(self.num_blocks):
@@ -106,6 +125,19 @@ class DecoderStack(nnx.Module):
         state = nnx.state(self.blocks)
         return tuple(jax.tree.map(lambda a, j=j: a[j], state) for j in range(self.num_blocks))
 
+    def block_views(self) -> tuple[nnx.State, ...] | None:
+        """Each block's parameters as arrays sharing the stacked arrays' memory (no copy), or
+        None where the arrays cannot be viewed (``host_views.row_views``: only concrete arrays
+        on one CPU device can). Made outside a program and passed to it as ``block_params``,
+        they leave nothing for the program to slice."""
+        state = nnx.state(self.blocks)
+        leaves, treedef = jax.tree.flatten(state)
+        rows = [row_views(a) for a in leaves]
+        if not leaves or any(r is None for r in rows):
+            return None
+        return tuple(jax.tree.unflatten(treedef, [r[j] for r in rows])
+                     for j in range(self.num_blocks))
+
     def extend(self, x: jax.Array, caches: tuple[LayerCache, ...], *, valid: jax.Array | None,
                slots: jax.Array, rope: Rope = None,
                block_params: tuple[nnx.State, ...] | None = None,
@@ -115,7 +147,8 @@ class DecoderStack(nnx.Module):
         Unrolled over layers even when ``__call__`` scans: every layer's cache is its own
         buffer, updated in place inside a decode loop. Scanning would pass each key/value cache
         through the scan's stacked outputs, a full copy of the cache per token.
-        ``block_params``: optional ``self.block_params()``, computed once outside a decode loop.
+        ``block_params``: optional per-block parameters, ``self.block_params()`` computed once
+        outside a decode loop or ``self.block_views()``; default: sliced here.
         """
         graphdef = nnx.graphdef(self.blocks)
         if block_params is None:

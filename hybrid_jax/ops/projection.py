@@ -1,4 +1,5 @@
-"""The [rows, in] @ [in, out] product of every projection, with a VJP laid out for XLA:CPU."""
+"""The [rows, in] @ [in, out] product of every projection: float32 accumulation for 16-bit
+operands, and a VJP laid out for XLA:CPU."""
 
 from __future__ import annotations
 
@@ -20,28 +21,52 @@ def projection_matmul(x: jax.Array, kernel: jax.Array, precision=None,
     into the dot, the same product runs at 400-450 GFLOP/s for one extra copy of x (of dy, and
     of the kernel-sized result, where dy is the narrower: the MLP's down projection). Other
     backends keep autodiff's form, which their matmul units take as it is."""
-    return _dot(x, kernel, precision, preferred_element_type)
+    return projection_dot(x, kernel, precision=precision,
+                          preferred_element_type=preferred_element_type)
 
 
-def _dot(a, b, precision, preferred_element_type, contract=((1,), (0,))):
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                               preferred_element_type=preferred_element_type)
+def projection_dot(a: jax.Array, b: jax.Array, contract=((1,), (0,)), precision=None,
+                   preferred_element_type=None) -> jax.Array:
+    """2-D ``a`` and ``b`` contracted over one axis each (``contract``, as ``dot_general``
+    takes it): [N, in] x [in, out] -> [N, out] by default. 16-bit float operands are
+    accumulated in float32 and the result rounded once to their dtype, as on every backend.
+
+    Asking for the float32 result explicitly is what keeps XLA:CPU off the weights: it hands a
+    dot to YNNPACK, which reads bf16 operands where they lie, only when the result is float32
+    and each operand has at least two rows; otherwise it converts both operands to float32
+    first, and inside a loop (over layers, over decode steps) it hoists the conversion of a
+    loop-invariant weight out of the loop, so float32 copies of every weight the loop reads
+    are live at once. A single row (decode at batch 1) is therefore computed as two, the
+    second zeros, on the CPU.
+    """
+    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(a, b))
+    narrow = jnp.issubdtype(out_dtype, jnp.floating) and out_dtype.itemsize < 4
+    free = 1 - contract[0][0]  # a's other axis: the result's first
+    single = narrow and a.shape[free] == 1 and jax.default_backend() == "cpu"
+    if single:
+        a = jnp.concatenate([a, jnp.zeros_like(a)], axis=free)
+    out = jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                              preferred_element_type=jnp.float32 if narrow else out_dtype)
+    return (out[:1] if single else out).astype(out_dtype)
 
 
 def _fwd(x, kernel, precision, preferred_element_type):
-    return _dot(x, kernel, precision, preferred_element_type), (x, kernel)
+    y = projection_dot(x, kernel, precision=precision, preferred_element_type=preferred_element_type)
+    return y, (x, kernel)
 
 
 def _bwd(precision, preferred_element_type, res, dy):
     x, kernel = res
-    d_x = _dot(dy, kernel, precision, preferred_element_type, ((1,), (1,)))  # dy kernel^T
+    dot = functools.partial(projection_dot, precision=precision,
+                            preferred_element_type=preferred_element_type)
+    d_x = dot(dy, kernel, ((1,), (1,)))  # dy kernel^T
     barrier = jax.lax.optimization_barrier
     if jax.default_backend() == "cpu" and x.shape[1] <= dy.shape[1]:
-        d_kernel = _dot(barrier(x.T), dy, precision, preferred_element_type)
+        d_kernel = dot(barrier(x.T), dy)
     elif jax.default_backend() == "cpu":  # transpose the narrower dy, then the [out, in] result
-        d_kernel = barrier(_dot(barrier(dy.T), x, precision, preferred_element_type)).T
+        d_kernel = barrier(dot(barrier(dy.T), x)).T
     else:
-        d_kernel = _dot(x, dy, precision, preferred_element_type, ((0,), (0,)))
+        d_kernel = dot(x, dy, ((0,), (0,)))
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
