@@ -153,3 +153,18 @@ def test_the_loop_over_blocks_computes_what_the_scan_does(remat, monkeypatch):
     # stacks them): a wrong block's weights would be off by the gradients' own size.
     for a, b in zip(jax.tree.leaves(looped[1]), jax.tree.leaves(scanned[1])):
         assert_close(a, np.asarray(b), rtol=1e-5)
+
+
+def test_aligned_host_buffers_become_device_arrays_in_place():
+    """from_hf reads each parameter into such a buffer: on the CPU the device array is the
+    buffer itself, so loading holds no second copy of any parameter."""
+    from hybrid_jax.model.host_views import aligned_empty
+
+    for shape, dtype in (((3, 100), np.float32), ((7, 33, 5), jnp.bfloat16), ((0,), np.float32)):
+        a = aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == np.dtype(dtype)
+        a[...] = np.arange(a.size).reshape(shape)
+        x = jax.device_put(a, may_alias=True)
+        np.testing.assert_array_equal(np.asarray(x), a)
+        if a.size:  # (an empty array has no data to align or alias)
+            assert a.ctypes.data % 64 == 0 and x.unsafe_buffer_pointer() == a.ctypes.data

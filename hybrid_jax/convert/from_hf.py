@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -47,7 +46,6 @@ from hybrid_jax.convert.hf_names import (
     INDEX_FILE,
     SINGLE_FILE,
     Want,
-    _transpose,
     conv_targets,
     describe_problems,
 )
@@ -57,7 +55,6 @@ from hybrid_jax.convert.safetensors_file import (
     FLOAT_DTYPES,
     SafetensorsError,
     TensorInfo,
-    load_tensor,
     load_tensor_slice,
     read_header,
 )
@@ -68,6 +65,7 @@ from hybrid_jax.convert.torch_file import (
     load_torch_tensor,
     read_state_dict,
 )
+from hybrid_jax.model.host_views import aligned_empty
 from hybrid_jax.model.hybrid_lm import HybridLM
 from hybrid_jax.sharding import sharding_problem
 
@@ -241,12 +239,6 @@ def _raise_if(problems: list[str], title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- name mapping
-def _load(info: AnyTensorInfo) -> np.ndarray:
-    if isinstance(info, TorchTensorInfo):
-        return load_torch_tensor(info)
-    return load_tensor(info)
-
-
 # A box of a tensor: one [start, stop) per axis.
 Spans = tuple[tuple[int, int], ...]
 
@@ -278,11 +270,8 @@ class _Choice:
 
     target: tuple[str | int, ...]
     infos: tuple[AnyTensorInfo, ...]
-    transform: Callable[..., np.ndarray]  # one array per info -> our array
+    transposed: bool  # ours is the transpose of the one tensor in ``infos``
     read: Callable[[Spans], np.ndarray]  # a box of our array, reading only the tensors' parts in it
-
-    def load(self) -> np.ndarray:
-        return np.asarray(self.transform(*(_load(i) for i in self.infos)))
 
 
 class _Planner:
@@ -323,7 +312,7 @@ class _Planner:
         info = self.tensors[present[0]]
         if not self._check(info, want.shape):
             return None
-        return _Choice(target, (info,), want.transform, _direct_reader(info, want.transposed))
+        return _Choice(target, (info,), want.transposed, _direct_reader(info, want.transposed))
 
     def pick_convs(self, prefix: str, cfg: ModelConfig, target: tuple) -> list[_Choice]:
         """q/k/v convs: split or fused, all read as the concatenation of the q, k and v channels
@@ -381,12 +370,6 @@ class _Planner:
             if not all(self._check_dtype(i) for i in infos):
                 return []
 
-        def cut(start: int, size: int) -> Callable[..., np.ndarray]:
-            def f(*parts: np.ndarray) -> np.ndarray:
-                whole = np.concatenate([np.asarray(p).reshape(-1, k) for p in parts])
-                return whole[start:start + size]
-            return f
-
         def read_cut(start: int) -> Callable[[Spans], np.ndarray]:
             def read(index: Spans) -> np.ndarray:
                 # Rows [lo, hi) of the concatenated channels, from the parts that hold them.
@@ -404,8 +387,8 @@ class _Planner:
                 return np.concatenate(pieces)
             return read
 
-        return [_Choice(target + path, infos, cut(start, size), read_cut(start))
-                for path, start, size in conv_targets(cfg).values()]
+        return [_Choice(target + path, infos, False, read_cut(start))
+                for path, start, _ in conv_targets(cfg).values()]
 
     def unexpected(self, cfg: ModelConfig) -> None:
         for name, info in self.tensors.items():
@@ -474,39 +457,17 @@ def _build(cfg: ModelConfig, global_choices: list[_Choice],
     abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
-    expected = {
-        tuple(k.key for k in path): leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]
-    }
-    dtype = cfg.params_dtype
     if shardings is not None:
+        expected = {tuple(path_key(k) for k in path): leaf
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
         resolved = _resolve_shardings(shardings, {p: tuple(v.shape) for p, v in expected.items()})
         _build_sharded(cfg, global_choices, layers, pure, expected, resolved)
-        nnx.replace_by_pure_dict(state, pure)
-        return nnx.merge(graphdef, state)
-    filled: set[tuple] = set()
-
-    def put(path: tuple, array: np.ndarray) -> None:
-        want = expected.get(path)
-        if want is None or tuple(want.shape) != array.shape:
-            raise AssertionError(f"internal: conversion produced {path} {array.shape}, model "
-                                 f"expects {None if want is None else want.shape}")
-        _set(pure, path, jnp.asarray(np.asarray(array).astype(dtype, copy=False)))
-        filled.add(path)
-
-    for c in global_choices:
-        put(c.target, c.load())
-
-    # Stack layer j * p + i of every block copy j into [n, ...] at block position i.
-    period = cfg.layer_period
-    n_blocks = cfg.num_hidden_layers // period
-    for i in range(period):
-        per_copy = [layers[j * period + i] for j in range(n_blocks)]
-        for slot, first in enumerate(per_copy[0]):
-            arrays = [choices[slot].load() for choices in per_copy]
-            put(("stack", "blocks", "layers", i) + first.target, np.stack(arrays))
-    if filled != set(expected):
-        raise AssertionError(f"internal: parameters left unfilled: {sorted(set(expected) - filled)}")
+    else:
+        # Each parameter is read into a 64-byte-aligned host buffer that the CPU backend then
+        # uses in place (``device_put(may_alias=True)``): no second copy of any parameter, so
+        # loading peaks at the model's bytes plus one read box.
+        for path, (_, read) in _param_readers(cfg, global_choices, layers, aligned_empty).items():
+            _set(pure, path, jax.device_put(read(), may_alias=True))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -729,19 +690,17 @@ def _resolve(path: str | Path, dtype: Any, config: ModelConfig | str | Path | No
 _READ_BLOCK_BYTES = 32 * 2**20
 
 
-def _read_blocked(choice: _Choice, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Our parameter ``shape`` from ``choice``, cast to ``dtype``, read in boxes of at most
-    ~32 MiB that are contiguous in the checkpoint (torch's leading axis: our last axis for a
-    transposed kernel, else our first), so that no more than one box of the file is mapped or
-    copied at a time beside the result."""
-    out = np.empty(shape, dtype)
+def _read_blocked(choice: _Choice, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (our parameter's shape, any float dtype: values are cast) from ``choice``,
+    reading boxes of at most ~32 MiB that are contiguous in the checkpoint (torch's leading axis:
+    our last axis for a transposed kernel, else our first), so that no more than one box of the
+    file is mapped or copied at a time beside the result. Returns ``out``."""
+    shape = out.shape
     if not out.size:
         return out
-    infos = choice.infos
-    transposed = len(infos) == 1 and len(shape) == 2 and choice.transform is _transpose
-    axis = 1 if transposed else 0
+    axis = 1 if choice.transposed and len(shape) == 2 else 0
     other = math.prod(shape) // shape[axis]
-    step = max(1, _READ_BLOCK_BYTES // max(1, other * np.dtype(dtype).itemsize))
+    step = max(1, _READ_BLOCK_BYTES // max(1, other * out.dtype.itemsize))
     full = tuple((0, n) for n in shape)
     for a in range(0, shape[axis], step):
         b = min(shape[axis], a + step)
@@ -753,6 +712,46 @@ def _read_blocked(choice: _Choice, shape: tuple[int, ...], dtype: Any) -> np.nda
             out[:, a:b] = box
         del box
     return out
+
+
+Reader = Callable[[], np.ndarray]
+
+
+def _param_readers(cfg: ModelConfig, global_choices: list[_Choice],
+                   layers: dict[int, list[_Choice]],
+                   alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty,
+                   ) -> dict[ParamPath, tuple[tuple[int, ...], Reader]]:
+    """For every parameter of ``HybridLM(cfg)``, in the model's order: its shape, and ``read()``,
+    which reads it from the checkpoint into ``alloc(shape, cfg.params_dtype)`` (a stacked
+    [n, ...] parameter one layer at a time, each tensor in boxes of <= 32 MiB) and returns it."""
+    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
+    pure = nnx.to_pure_dict(nnx.state(abstract))
+    expected = {tuple(path_key(k) for k in p): tuple(leaf.shape)
+                for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    pdtype = np.dtype(cfg.params_dtype)
+    readers: dict[ParamPath, Reader] = {}
+    for c in global_choices:
+        shape = expected[c.target]
+        readers[c.target] = lambda c=c, shape=shape: _read_blocked(c, alloc(shape, pdtype))
+    period = cfg.layer_period
+    n_blocks = cfg.num_hidden_layers // period
+    for i in range(period):
+        per_copy = [layers[j * period + i] for j in range(n_blocks)]
+        for slot, first in enumerate(per_copy[0]):
+            target = ("stack", "blocks", "layers", i) + first.target
+            shape = expected[target]
+
+            def read(per_copy=per_copy, slot=slot, shape=shape) -> np.ndarray:
+                out = alloc(shape, pdtype)
+                for j, choices in enumerate(per_copy):
+                    _read_blocked(choices[slot], out[j])
+                return out
+
+            readers[target] = read
+    if set(readers) != set(expected):
+        raise AssertionError(f"internal: parameters without a source: "
+                             f"{sorted(set(expected) ^ set(readers))}")
+    return {p: (shape, readers[p]) for p, shape in expected.items()}
 
 
 def stream_params(path: str | Path, *, dtype: Any = None,
@@ -767,31 +766,5 @@ def stream_params(path: str | Path, *, dtype: Any = None,
     headers is read before a ``read()``. Lets a writer convert a checkpoint one parameter at a
     time (see ``hybrid_jax.convert.orbax_io.hf_to_orbax``)."""
     cfg, global_choices, layers = _resolve(path, dtype, config, config_overrides)
-    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
-    pure = nnx.to_pure_dict(nnx.state(abstract))
-    expected = {tuple(path_key(k) for k in p): tuple(leaf.shape)
-                for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
-    pdtype = np.dtype(cfg.params_dtype)
-    readers: dict[tuple, Callable[[], np.ndarray]] = {}
-    for c in global_choices:
-        shape = expected[c.target]
-        readers[c.target] = lambda c=c, shape=shape: _read_blocked(c, shape, pdtype)
-    period = cfg.layer_period
-    n_blocks = cfg.num_hidden_layers // period
-    for i in range(period):
-        per_copy = [layers[j * period + i] for j in range(n_blocks)]
-        for slot, first in enumerate(per_copy[0]):
-            target = ("stack", "blocks", "layers", i) + first.target
-            shape = expected[target]
-
-            def read(per_copy=per_copy, slot=slot, shape=shape) -> np.ndarray:
-                out = np.empty(shape, pdtype)
-                for j, choices in enumerate(per_copy):
-                    out[j] = _read_blocked(choices[slot], shape[1:], pdtype)
-                return out
-
-            readers[target] = read
-    if set(readers) != set(expected):
-        raise AssertionError(f"internal: parameters without a source: "
-                             f"{sorted(set(expected) ^ set(readers))}")
-    return cfg, [(p, shape, readers[p]) for p, shape in expected.items()]
+    readers = _param_readers(cfg, global_choices, layers)
+    return cfg, [(p, shape, read) for p, (shape, read) in readers.items()]

@@ -11,6 +11,8 @@ place. Both steps are checked by buffer address: nothing here ever copies a larg
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 
@@ -47,3 +49,14 @@ def row_views(a: jax.Array) -> list[jax.Array] | None:
             return None
         rows.append(row)
     return rows
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised NumPy array whose data starts on a 64-byte boundary, so that
+    ``jax.device_put(a, may_alias=True)`` on the CPU uses its memory in place (NumPy's own
+    allocations start 16 bytes into a block, which XLA:CPU copies instead)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
