@@ -200,29 +200,11 @@ def prompt_ids(work: Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the steps
-def reference(work: Path) -> None:
+def _compute_in_float32(model: Any) -> None:
+    """Make a bf16 transformers model compute in float32 over its bf16 weights: each decoder
+    layer, the final norm and the head cast to float32 just before they run (and back after),
+    their inputs and the rotary tables cast up too."""
     import torch
-    from transformers import OlmoHybridForCausalLM
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    ids = torch.as_tensor(prompt_ids(work))
-    model = OlmoHybridForCausalLM.from_pretrained(work / "release", dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        logits = model(ids).logits[0, -1].float().numpy()
-        tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].numpy()
-    np.savez(work / "transformers.npz", logits=logits, tokens=tokens)
-    print("transformers tokens", tokens.tolist())
-
-
-def reference_f32(work: Path) -> None:
-    """transformers computing in float32 over the bf16 checkpoint: each decoder layer, the
-    final norm and the head cast to float32 just before they run (and back after), their
-    inputs and the rotary tables cast up too."""
-    import torch
-    from transformers import OlmoHybridForCausalLM
-
-    torch.set_num_threads(os.cpu_count() or 1)
 
     def up(x: Any) -> Any:
         if torch.is_tensor(x) and x.is_floating_point():
@@ -237,19 +219,37 @@ def reference_f32(work: Path) -> None:
         module.to(torch.bfloat16)
         return out
 
-    ids = torch.as_tensor(prompt_ids(work))
-    model = OlmoHybridForCausalLM.from_pretrained(work / "release", dtype=torch.bfloat16).eval()
     for m in [*model.model.layers, model.model.norm, model.lm_head]:
         m.register_forward_pre_hook(before, with_kwargs=True)
         m.register_forward_hook(after, with_kwargs=True)
     model.model.rotary_emb.register_forward_pre_hook(
         lambda m, args, kwargs: (tuple(up(a) for a in args), kwargs), with_kwargs=True)
+
+
+def _transformers(work: Path, out: str, float32_compute: bool) -> None:
+    """transformers' logits at the last prompt position and its greedy tokens, saved to out."""
+    import torch
+    from transformers import OlmoHybridForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ids = torch.as_tensor(prompt_ids(work))
+    model = OlmoHybridForCausalLM.from_pretrained(work / "release", dtype=torch.bfloat16).eval()
+    if float32_compute:
+        _compute_in_float32(model)
     with torch.no_grad():
         logits = model(ids).logits[0, -1].float().numpy()
         tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].numpy()
-    np.savez(work / "transformers_f32.npz", logits=logits, tokens=tokens)
-    print("transformers (float32 compute) tokens", tokens.tolist())
+    np.savez(work / out, logits=logits, tokens=tokens)
+    print(f"{out}: tokens", tokens.tolist())
+
+
+def reference(work: Path) -> None:
+    _transformers(work, "transformers.npz", float32_compute=False)
+
+
+def reference_f32(work: Path) -> None:
+    _transformers(work, "transformers_f32.npz", float32_compute=True)
 
 
 def forward(work: Path) -> None:

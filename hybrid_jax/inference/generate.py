@@ -69,8 +69,9 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: DecodeCache, logits
     place).
 
     Token i is sampled from the logits after token i-1; N tokens take N-1 decode steps. The loop
-    ends early once every row has produced one of ``eos_ids``. Keyword arguments are static
-    (hashable: ``eos_ids`` a tuple); ``generate`` checks and normalises them.
+    ends early once every row has produced one of ``eos_ids``. Keyword arguments other than
+    ``block_params`` are static (hashable: ``eos_ids`` a tuple); ``generate`` checks and
+    normalises them.
     ``block_params``: the stack's per-block parameters, read by every step (e.g.
     ``DecoderStack.block_views()``: on the CPU, arrays over the stacked weights' own memory).
     Without them, ``slice_weights_once`` slices the stacked [n, ...] weights once, before the
