@@ -6,6 +6,7 @@ the longest sequences that fit, and the Pallas TPU kernels compiled by Mosaic.
     python experiments/aot_tpu_7b.py maxlen    # longest train sequence / decode cache per chip
     python experiments/aot_tpu_7b.py kernels   # GDN kernels for v5e, v5p, v6e
     python experiments/aot_tpu_7b.py attention # one attention layer alone: dense and blocks
+    python experiments/aot_tpu_7b.py weights   # bf16 inference on one chip: weight copies?
     python experiments/aot_tpu_7b.py report    # markdown tables from the results
 
 ``--attention dense`` (table, maxlen) uses the attention layers' dense form, whose [H, T, T]
@@ -241,11 +242,70 @@ def attention_layer(force: bool) -> None:
         _case("attention", f"{method}_{block}", force, run)
 
 
+WEIGHT_PROGRAMS = ("forward", "prefill", "decode_per_step", "decode_sliced_once")
+
+
+def weights(force: bool) -> None:
+    """The 7B in bf16 (weights bf16, as a checkpoint loads) on one v6e chip: the forward
+    (``apply``), a prefill and the decode loop ``generate`` runs, 1 row, 8 prompt tokens, 4 new
+    ones. Their temporaries say whether a program holds a copy of the stacked weights: the
+    decode loop reading them slice by slice in every step (``generate``'s default on an
+    accelerator) or sliced once before the loop (its default before)."""
+    from flax import nnx
+    from jax.sharding import SingleDeviceSharding
+
+    from hybrid_jax import HybridLM, apply, split
+    from hybrid_jax.inference.generate import decode, prefill
+    from hybrid_jax.model.cache import init_cache
+
+    device = tpu_topology("v6e:2x2").devices[0]
+    cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="bfloat16", gdn_method="pallas")
+    on_chip = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(device)),
+        tree)
+    graphdef, params = split(nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0))))
+    params = on_chip(params)
+    weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+    ids = on_chip(jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    cache = on_chip(jax.eval_shape(lambda: init_cache(cfg, 1, 16)))
+    logits = on_chip(jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32))
+    key = on_chip(jax.eval_shape(lambda: jax.random.key(0)))
+    lowered = {
+        "forward": lambda: jax.jit(apply, static_argnums=0).lower(graphdef, params, ids),
+        "prefill": lambda: prefill.lower(graphdef, params, ids, cache,
+                                         on_chip(jax.ShapeDtypeStruct((1, 8), jnp.bool_))),
+        "decode_per_step": lambda: decode.lower(graphdef, params, cache, logits, key,
+                                                max_new_tokens=4, slice_weights_once=False),
+        "decode_sliced_once": lambda: decode.lower(graphdef, params, cache, logits, key,
+                                                   max_new_tokens=4, slice_weights_once=True),
+    }
+
+    def run(name: str) -> dict:
+        start = time.perf_counter()
+        compiled = lowered[name]().compile()
+        return {"program": name, "topology": "v6e:2x2 (one chip)", "weights": weight_bytes,
+                "compile_s": time.perf_counter() - start, **memory_stats(compiled)}
+
+    for name in WEIGHT_PROGRAMS:
+        _case("weights", name, force, lambda name=name: run(name))
+
+
+def _weights_report() -> None:
+    rows = _load("weights")
+    if not rows:
+        return
+    print("\n| program (7B bf16, one v6e chip) | weights GB | temporaries GB | x weights |")
+    print("|---|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: WEIGHT_PROGRAMS.index(r["program"])):
+        print(f"| {r['program']} | {r['weights'] / 1e9:.2f} | {r['temp'] / 1e9:.2f} | "
+              f"{r['temp'] / r['weights']:.3f} |")
+
+
 def _load(part: str) -> list[dict]:
     """Every record of ``part`` over both attention forms and both losses (records before the
     blockwise form have no "attention" field: they are dense; before the chunked loss, no
     "loss" field: full logits)."""
-    dirs = ([OUT / part] if part in ("kernels", "attention")
+    dirs = ([OUT / part] if part in ("kernels", "attention", "weights")
             else [OUT / _part(part, a, loss, remat) for a in ATTENTION_FORMS
                   for loss in LOSS_FORMS for remat in REMATS])
     rows = [json.loads(p.read_text()) for d in dirs for p in sorted(d.glob("*.json"))]
@@ -328,7 +388,8 @@ def _attention_report() -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["table", "maxlen", "kernels", "attention", "report"])
+    p.add_argument("part", choices=["table", "maxlen", "kernels", "attention", "weights",
+                                    "report"])
     p.add_argument("--force", action="store_true", help="recompile cases already saved")
     p.add_argument("--limit", type=int, default=1 << 20, help="maxlen: longest length tried")
     p.add_argument("--start", type=int, default=SEQ,
@@ -356,8 +417,11 @@ def main() -> int:
     if args.part == "report":
         report()
         _attention_report()
+        _weights_report()
     elif args.part == "attention":
         attention_layer(args.force)
+    elif args.part == "weights":
+        weights(args.force)
     elif args.part == "table":
         table(args.force, args.attention, args.loss, args.attention_block, args.remat,
               topologies, models, mesh_names)

@@ -60,6 +60,20 @@ def test_bf16_products_accumulate_in_float32_and_read_bf16_weights(rows):
         assert temp < w.nbytes, temp  # a float32 copy of w would be 2 * w.nbytes
 
 
+def test_the_cpu_form_is_chosen_when_lowering():
+    """A single bf16 row: on the CPU two rows and a float32 result, elsewhere the plain product
+    (an AOT compile for a TPU from this host must not get the CPU form)."""
+    x = jax.ShapeDtypeStruct((1, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16)
+    traced = jax.jit(projection_dot).trace(x, w)
+    dots = {p: [line for line in traced.lower(lowering_platforms=(p,)).as_text().splitlines()
+                if "dot_general" in line] for p in ("cpu", "tpu", "cuda")}
+    assert len(dots["cpu"]) == 1 and "(tensor<2x256xbf16>" in dots["cpu"][0]
+    assert "-> tensor<2x512xf32>" in dots["cpu"][0]
+    for platform in ("tpu", "cuda"):
+        assert len(dots[platform]) == 1 and "-> tensor<1x512xbf16>" in dots[platform][0]
+
+
 def test_the_kernel_cotangent_is_a_plain_product_of_the_transposed_input():
     """On CPU the kernel's cotangent reads x through a transpose that XLA must not fold back
     into the dot (the point of the VJP): the barrier is in the gradient's HLO."""

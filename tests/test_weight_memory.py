@@ -146,7 +146,7 @@ def test_the_loop_over_blocks_computes_what_the_scan_does(remat, monkeypatch):
     from hybrid_jax.model import widening
 
     scanned = value_and_grad()
-    monkeypatch.setattr(widening, "widens", lambda tree: True)
+    monkeypatch.setattr(widening, "has_16bit_floats", lambda tree: True)
     looped = value_and_grad()
     np.testing.assert_allclose(looped[0], scanned[0], rtol=1e-6)
     # float32 rounding apart (the loop sums each block's gradient into the stack; the scan
@@ -168,3 +168,19 @@ def test_aligned_host_buffers_become_device_arrays_in_place():
         np.testing.assert_array_equal(np.asarray(x), a)
         if a.size:  # (an empty array has no data to align or alias)
             assert a.ctypes.data % 64 == 0 and x.unsafe_buffer_pointer() == a.ctypes.data
+
+
+def test_accelerator_programs_keep_the_stack_and_products_as_they_were():
+    """The CPU forms are chosen when a program is lowered: the same bf16 forward lowered for a
+    TPU or a GPU (as an AOT compile on this host does) scans the stack with no barrier, and its
+    products give bf16 results; lowered for the CPU it loops with the barrier."""
+    cfg = _config(num_hidden_layers=8, layer_types=hybrid_layer_types(8))
+    graphdef, params, _, _ = _abstract(cfg)
+    traced = jax.jit(apply, static_argnums=0).trace(graphdef, params,
+                                                     jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
+    assert "optimization_barrier" in text["cpu"]
+    for platform in ("tpu", "cuda"):
+        assert "optimization_barrier" not in text[platform], platform
+        assert "xbf16>) -> tensor<8x768xbf16>" in text[platform], platform  # an MLP product
+    assert "xbf16>) -> tensor<8x768xf32>" in text["cpu"]

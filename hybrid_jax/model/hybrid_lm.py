@@ -111,8 +111,8 @@ class HybridLM(nnx.Module):
         lookup is tied to the ids (``widening``): in a decode loop, XLA:CPU would otherwise
         hold a float32 copy of a 16-bit table for the whole loop."""
         table = self.embed.embedding[...]
-        if widening.widens(table):
-            table = widening.after(table, input_ids)
+        if widening.has_16bit_floats(table):
+            table = widening.on_cpu(table, input_ids, cpu=widening.after, other=lambda t, _: t)
         return jnp.take(table, input_ids, axis=0).astype(self.config.compute_dtype)
 
     def _head(self, x: jax.Array) -> jax.Array:

@@ -89,30 +89,39 @@ class DecoderStack(nnx.Module):
         """x: [B, T, D] -> [B, T, D].
 
         Scanned over the stacked blocks, or unrolled, as ``scanned`` says; but with 16-bit
-        weights on XLA:CPU always a loop that slices block j once its input is ready
-        (``block_after``): XLA:CPU would otherwise hold float32 copies of the stacked weights
-        (scanned) or bf16 copies of every block at once (unrolled)."""
+        weights in a program for XLA:CPU always a loop that slices block j once its input is
+        ready (``block_after``): XLA:CPU would otherwise hold float32 copies of the stacked
+        weights (scanned) or bf16 copies of every block at once (unrolled)."""
         graphdef, state = nnx.split(self.blocks)
-        sliced_in_loop = widening.widens(state)
 
-        def run_block(h: jax.Array, block_state: nnx.State) -> jax.Array:
-            h = nnx.merge(graphdef, block_state)(h, rope=rope, segment_ids=segment_ids)
-            return constrain(h, RESIDUAL)
+        def block_fn(looped: bool) -> Callable[[jax.Array, nnx.State], jax.Array]:
+            def run_block(h: jax.Array, block_state: nnx.State) -> jax.Array:
+                h = nnx.merge(graphdef, block_state)(h, rope=rope, segment_ids=segment_ids)
+                return constrain(h, RESIDUAL)
 
-        remat = self.config.remat
-        if remat not in ("none", "layers"):  # "layers": DecoderBlock checkpoints each layer
+            remat = self.config.remat
+            if remat in ("none", "layers"):  # "layers": DecoderBlock checkpoints each layer
+                return run_block
             # Inside a loop, CSE across iterations cannot undo the remat: prevent_cse not needed.
-            run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[remat],
-                                       prevent_cse=not (self.scanned or sliced_in_loop))
-        if sliced_in_loop:
-            x = jax.lax.fori_loop(0, self.num_blocks,
-                                  lambda j, h: run_block(h, block_after(state, j, h)), x)
-        elif self.scanned:
-            x, _ = jax.lax.scan(lambda h, s: (run_block(h, s), None), x, state)
-        else:
+            return jax.checkpoint(run_block, policy=_REMAT_POLICIES[remat],
+                                  prevent_cse=not looped)
+
+        def stacked(h: jax.Array, state: nnx.State) -> jax.Array:
+            run_block = block_fn(looped=self.scanned)
+            if self.scanned:
+                return jax.lax.scan(lambda h, s: (run_block(h, s), None), h, state)[0]
             for j in range(self.num_blocks):
-                x = run_block(x, jax.tree.map(lambda a, j=j: a[j], state))
-        return x
+                h = run_block(h, jax.tree.map(lambda a, j=j: a[j], state))
+            return h
+
+        def sliced_in_loop(h: jax.Array, state: nnx.State) -> jax.Array:
+            run_block = block_fn(looped=True)
+            return jax.lax.fori_loop(0, self.num_blocks,
+                                     lambda j, h: run_block(h, block_after(state, j, h)), h)
+
+        if widening.has_16bit_floats(state):
+            return widening.on_cpu(x, state, cpu=sliced_in_loop, other=stacked)
+        return stacked(x, state)
 
     def block_params(self) -> tuple[nnx.State, ...]:
         """Each block's parameters, sliced out of the stacked [n, ...] arrays (a copy).

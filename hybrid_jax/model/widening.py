@@ -12,18 +12,24 @@ in the loop, where XLA fuses it with the slice or gather and converts only what 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
-def widens(tree: Any) -> bool:
-    """Whether XLA:CPU would widen slices or gathers of ``tree``'s arrays to float32: on the
-    CPU backend, for any 16-bit float leaf."""
-    return jax.default_backend() == "cpu" and any(
-        jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize < 4
-        for a in jax.tree.leaves(tree))
+def has_16bit_floats(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is a 16-bit float (what XLA:CPU widens)."""
+    return any(jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize < 4
+               for a in jax.tree.leaves(tree))
+
+
+def on_cpu(*args: Any, cpu: Callable[..., Any], other: Callable[..., Any]) -> Any:
+    """``cpu(*args)`` in a program lowered for XLA:CPU, ``other(*args)`` elsewhere: the choice
+    is made when the program is lowered (``jax.lax.platform_dependent``), so an ahead-of-time
+    compile for a TPU on a CPU host takes ``other``."""
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=other)
 
 
 def after(tree: Any, value: Any) -> Any:

@@ -28,26 +28,39 @@ def projection_matmul(x: jax.Array, kernel: jax.Array, precision=None,
 def projection_dot(a: jax.Array, b: jax.Array, contract=((1,), (0,)), precision=None,
                    preferred_element_type=None) -> jax.Array:
     """2-D ``a`` and ``b`` contracted over one axis each (``contract``, as ``dot_general``
-    takes it): [N, in] x [in, out] -> [N, out] by default. 16-bit float operands are
-    accumulated in float32 and the result rounded once to their dtype, as on every backend.
+    takes it): [N, in] x [in, out] -> [N, out] by default, as ``jax.lax.dot_general``
+    computes it.
 
-    Asking for the float32 result explicitly is what keeps XLA:CPU off the weights: it hands a
-    dot to YNNPACK, which reads bf16 operands where they lie, only when the result is float32
-    and each operand has at least two rows; otherwise it converts both operands to float32
-    first, and inside a loop (over layers, over decode steps) it hoists the conversion of a
-    loop-invariant weight out of the loop, so float32 copies of every weight the loop reads
-    are live at once. A single row (decode at batch 1) is therefore computed as two, the
-    second zeros, on the CPU.
+    On XLA:CPU (chosen when the program is lowered, ``jax.lax.platform_dependent``: an AOT
+    compile for a TPU takes the TPU form), 16-bit float operands ask for a float32 result,
+    rounded once to their dtype, and a single row is computed as two, the second zeros. Both
+    keep XLA:CPU off the weights: it hands a product to YNNPACK, which reads bf16 operands
+    where they lie, only when the result is float32 and each operand has two or more rows;
+    otherwise it converts both operands to float32 first, and inside a loop (over layers, over
+    decode steps) it hoists the conversion of a loop-invariant weight out of the loop, so
+    float32 copies of every weight the loop reads are live at once. Accelerators accumulate in
+    float32 and round once either way, and keep the product as it is.
     """
+    dims = (contract, ((), ()))
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(a, b))
     narrow = jnp.issubdtype(out_dtype, jnp.floating) and out_dtype.itemsize < 4
-    free = 1 - contract[0][0]  # a's other axis: the result's first
-    single = narrow and a.shape[free] == 1 and jax.default_backend() == "cpu"
-    if single:
-        a = jnp.concatenate([a, jnp.zeros_like(a)], axis=free)
-    out = jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                              preferred_element_type=jnp.float32 if narrow else out_dtype)
-    return (out[:1] if single else out).astype(out_dtype)
+
+    def plain(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jax.lax.dot_general(a, b, dims, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+
+    def on_cpu(a: jax.Array, b: jax.Array) -> jax.Array:
+        free = 1 - contract[0][0]  # a's other axis: the result's first
+        single = a.shape[free] == 1
+        if single:
+            a = jnp.concatenate([a, jnp.zeros_like(a)], axis=free)
+        out = jax.lax.dot_general(a, b, dims, precision=precision,
+                                  preferred_element_type=jnp.float32)
+        return (out[:1] if single else out).astype(out_dtype)
+
+    if not narrow:
+        return plain(a, b)
+    return jax.lax.platform_dependent(a, b, cpu=on_cpu, default=plain)
 
 
 def _fwd(x, kernel, precision, preferred_element_type):
