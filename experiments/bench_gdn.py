@@ -1,7 +1,7 @@
 """Benchmark: the gated delta rule's three JAX forms against transformers' torch reference.
 
 Times, in one run and on the same inputs, forward and forward+backward of
-  - hybrid_jax.ops.gated_delta_rule(method="recurrent" | "chunk" | "assoc_scan"), jitted;
+  - hybrid_jax.gdn.gated_delta_rule(method="recurrent" | "chunk" | "assoc_scan"), jitted;
   - transformers' ``torch_chunk_gated_delta_rule`` (the pure-torch fallback, torch CPU);
 and prints each one's ratio to the torch reference plus the forward's achieved FLOP rate against
 this machine's float32 matmul rate, measured in the same run.
@@ -77,7 +77,7 @@ def _rule(method: str, chunk_size: int):
     rule = functools.partial(gated_delta_rule, use_qk_l2norm=True, chunk_size=chunk_size)
     if method not in ("chunk_in_scan", "chunk_batched"):
         return functools.partial(rule, method=method)
-    dispatch = importlib.import_module("hybrid_jax.ops.gated_delta_rule")
+    dispatch = importlib.import_module("hybrid_jax.gdn.rule")
 
     def forced(*args):
         original = dispatch.gdn_chunk  # patched only while tracing

@@ -20,6 +20,7 @@ against FLA measured in the same run; the device is printed with every table.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 import traceback
@@ -31,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hybrid_jax.ops import gated_delta_rule  # noqa: E402
+from hybrid_jax.gdn import gated_delta_rule  # noqa: E402
 
 # (B, T, H, Dk, Dv): OLMo Hybrid's layer, a mid-size batch, one long sequence.
 SHAPES = [(1, 8192, 30, 96, 192), (4, 4096, 16, 128, 128), (1, 65536, 8, 128, 128)]
@@ -145,10 +146,6 @@ def _patched(module, attrs: dict, fn):
         jax.clear_caches()
 
 
-def _with_params(saved, **overrides):
-    return lambda *a, **kw: saved(*a, **{**kw, **overrides})
-
-
 class _Printed(dict):
     """The ablation's times, each printed as it is measured: a call stopped by its time limit
     still reports every figure it reached."""
@@ -159,102 +156,113 @@ class _Printed(dict):
         print(f"  {name:<52} {ms} ms", flush=True)
 
 
+def _pallas_fns(plan):
+    """(forward, gradient) of the Pallas pipeline under ``plan``, jitted (q and k are
+    L2-normalised first, as in ``jax_fns``)."""
+    from hybrid_jax.gdn import l2_normalize
+    from hybrid_jax.gdn.pallas import gdn_pallas
+
+    def fwd(q, k, v, g, beta, s0):
+        q, k = l2_normalize(q), l2_normalize(k)
+        return gdn_pallas(q, k, v, g, beta, q.shape[-1] ** -0.5, s0, None, plan=plan)
+
+    def loss(*args):
+        o, final = fwd(*args)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
+
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=range(6)))
+
+
 def ablation(data, repeats: int) -> dict:
-    """Kernels alone, and under variants swapped in by patching their modules, in this order:
-    the whole op with q, k, v and the output read and written token-major (as it is) or
-    transposed to [B*H, N, C, D] sequences around the kernels (as before); the forward with
-    its output formed in the state pass or by its own parallel kernel
-    (``gdn_pallas.GPU_FORWARD_OUTPUT``), whole and the passes alone; the factor kernels
-    (forward and VJP, three kernels) as they are, with 8 warps, and with no solve at all (the
-    floor of everything else); the factors' cotangents kernel at 4 or 8 warps; the state
-    passes by value block, software-pipelining stages and warps."""
-    import hybrid_jax.kernels.gdn_chunk_factors as cf
-    import hybrid_jax.kernels.gdn_state_pass as sp
-    import hybrid_jax.kernels.gdn_step_cotangents as sc
-    import hybrid_jax.ops.gdn_pallas as gp
-    from hybrid_jax.ops.gdn_pallas import _kernel_inputs, _pad_state
+    """Kernels alone, and under variants of the plan (``hybrid_jax.gdn.pallas.KernelPlan``), in
+    this order: the whole op with q, k, v and the output read and written token-major (as it
+    is) or as [B*H, N, C, D] sequences around the kernels; the forward with its output formed
+    in the state pass or by its own parallel kernel, whole and the passes alone; the factor
+    kernels (forward and VJP, three kernels) as they are, with 8 warps, and with no solve at
+    all (the floor of everything else; the only variant swapped in by patching); the factors'
+    cotangents kernel at 4 or 8 warps; the state passes by value block, software-pipelining
+    stages and warps."""
+    import dataclasses
+
+    import hybrid_jax.gdn.pallas.chunk_factors as cf
+    from hybrid_jax.gdn.chunk_factors import ChunkFactors
+    from hybrid_jax.gdn.pallas import Layout, PassStages, plan_kernels
+    from hybrid_jax.gdn.pallas.chunk_factors_vjp import chunk_factors_vjp
+    from hybrid_jax.gdn.pallas.layout import kernel_inputs, pad_state
+    from hybrid_jax.gdn.pallas.state_pass import (
+        chunk_outputs,
+        entering_states_gpu,
+        state_pass_backward_gpu,
+        state_pass_gpu,
+    )
+    from hybrid_jax.gdn.pallas.step_cotangents import step_cotangents
 
     q, k, v, g, beta, s0 = data
-    (*args, seg), pk, pv = _kernel_inputs(q, k, v, g, beta, None, 64, "gpu")
-    heads = v.shape[2]  # q, k, v token-major, as gdn_pallas passes them on GPU
-    interpret = jax.default_backend() == "cpu"
+    b, _, h, dv = v.shape
+    plan = plan_kernels(batch=b, heads=h, key_dim=q.shape[-1], value_dim=dv, dtype=q.dtype,
+                        interpret=jax.default_backend() == "cpu")
+    with_ = functools.partial(dataclasses.replace, plan)
+    inputs = kernel_inputs(q, k, v, g, beta, None, plan)
     scale = q.shape[-1] ** -0.5
     times = _Printed()
 
-    def whole_op():
-        fwd, grad = jax_fns("pallas")
+    def whole_op(p):
+        fwd, grad = _pallas_fns(p)
         return best_of(lambda: fwd(*data), repeats), best_of(lambda: grad(*data), repeats)
 
-    times["whole pallas fwd / fwd+bwd, token-major (as is)"] = _patched(gp, {}, whole_op)
-    times["whole pallas fwd / fwd+bwd, transposed to sequences"] = _patched(
-        gp, {"_heads": lambda variant, h: None}, whole_op)
-
-    def forward():
-        fwd = jax_fns("pallas")[0]  # built inside the patch: traced with its output choice
-        return best_of(lambda: fwd(*data), repeats), fwd(*data)
-
+    times["whole pallas fwd / fwd+bwd, token-major (as is)"] = whole_op(plan)
+    times["whole pallas fwd / fwd+bwd, transposed to sequences"] = whole_op(
+        with_(layout=Layout(token_major=False, heads=h)))
     outs = {}
     for mode in ("fused", "parallel"):
-        times[f"whole pallas fwd, output {mode}"], outs[mode] = _patched(
-            gp, {"GPU_FORWARD_OUTPUT": mode}, forward)
+        fwd = _pallas_fns(with_(forward_output=mode))[0]
+        times[f"whole pallas fwd, output {mode}"] = best_of(lambda: fwd(*data), repeats)
+        outs[mode] = fwd(*data)
     print("  parallel against fused output, relative difference: o "
           f"{rel(outs['parallel'][0], outs['fused'][0]):.1e}, state "
           f"{rel(outs['parallel'][1], outs['fused'][1]):.1e}", flush=True)
 
-    def factors():
-        fwd = jax.jit(lambda *a: cf.chunk_factors_kernel(*a, seg, scale=scale, heads=heads,
-                                                         interpret=interpret))
-        f = jax.block_until_ready(fwd(*args))
-        d_f = [jnp.ones(x.shape, jnp.float32) for x in f]
+    def factors(p):
+        fwd = jax.jit(lambda x: cf.chunk_factors_kernel(x, scale=scale, plan=p))
+        f = jax.block_until_ready(fwd(inputs))
+        d_f = ChunkFactors(*(jnp.ones(x.shape, jnp.float32) for x in f))
         # The VJP given T, as the backward has it from its recompute of the factors.
-        inverse_t = cf.chunk_factors_kernel(*args, seg, scale=scale, return_inverse=True,
-                                            heads=heads, interpret=interpret)[6:]
-        bwd = jax.jit(lambda *a: cf.chunk_factors_backward_kernel(*a, scale=scale, heads=heads,
-                                                                  interpret=interpret))
-        return best_of(lambda: fwd(*args), repeats), best_of(
-            lambda: bwd(*args, seg, *d_f, inverse_t), repeats)
+        inverse_t = cf.chunk_factors_with_inverse(inputs, scale=scale, plan=p).inverse_t
+        bwd = jax.jit(lambda *a: chunk_factors_vjp(*a, scale=scale, plan=p))
+        return best_of(lambda: fwd(inputs), repeats), best_of(
+            lambda: bwd(inputs, d_f, inverse_t), repeats)
 
-    for name, patch in {"as is": {},
-                        "8 warps": {"compiler_params": _with_params(cf.compiler_params,
-                                                                    num_warps=8)},
-                        "no solve (floor)": {"_unit_lower_inverse": lambda a, r, c, mm: a}}.items():
-        times[f"factors, factors_backward {name}"] = _patched(cf, patch, factors)
+    times["factors, factors_backward as is"] = factors(plan)
+    times["factors, factors_backward 8 warps"] = factors(with_(num_warps=8))
+    times["factors, factors_backward no solve (floor)"] = _patched(
+        cf, {"unit_lower_inverse_tile": lambda a, r, c, mm: a}, lambda: factors(plan))
 
-    f = cf.chunk_factors_kernel(*args, seg, scale=scale, heads=heads, interpret=interpret)
-    s0p = _pad_state(s0, pk, pv)
-    _, states, v_new = sp.state_pass(*f, s0p, return_states=True, interpret=interpret)
-    d_o = jnp.ones_like(f[0])
-    dv_new, grads, _ = sp.state_pass_backward(d_o, *f[1:], s0p, interpret=interpret)
+    f = cf.chunk_factors_kernel(inputs, scale=scale, plan=plan)
+    s0p = pad_state(s0, plan)
+    entering = entering_states_gpu(f, s0p, plan=plan)
+    d_o = jnp.ones(plan.layout.shape(*f.u.shape), f.u.dtype)
+    passed = state_pass_backward_gpu(d_o, f, s0p, plan=plan)
 
-    def cotangents():
-        fn = jax.jit(lambda *a: gp.step_cotangents(*a, backend="gpu", interpret=interpret))
-        return best_of(lambda: fn(v_new, d_o, dv_new, states, grads), repeats)
+    def cotangents(p):
+        fn = jax.jit(lambda *a: step_cotangents(*a, plan=p))
+        return best_of(lambda: fn(entering, d_o, passed), repeats)
 
-    def output_passes():
-        fused = jax.jit(lambda *a: sp.state_pass(*a, heads=heads, interpret=interpret))
-        split = jax.jit(lambda *a: sp.chunk_outputs(
-            a[2], a[4], *sp.state_pass(*a, return_states=True, interpret=interpret)[1:],
-            heads=heads, interpret=interpret))
-        return best_of(lambda: fused(*f, s0p), repeats), best_of(lambda: split(*f, s0p),
-                                                                 repeats)
+    fused = jax.jit(lambda *a: state_pass_gpu(*a, plan=plan))
+    split = jax.jit(lambda f, s: chunk_outputs(f, entering_states_gpu(f, s, plan=plan),
+                                               plan=plan))
+    times["state pass fused / with states + chunk_outputs"] = (
+        best_of(lambda: fused(f, s0p), repeats), best_of(lambda: split(f, s0p), repeats))
+    times["step_cotangents kernel as is (4 warps)"] = cotangents(plan)
+    times["step_cotangents kernel, 8 warps"] = cotangents(with_(num_warps=8))
 
-    times["state pass fused / with states + chunk_outputs"] = output_passes()
-    times["step_cotangents kernel as is (4 warps)"] = cotangents()
-    times["step_cotangents kernel, 8 warps"] = _patched(
-        sc, {"compiler_params": _with_params(sc.compiler_params, num_warps=8)}, cotangents)
-
-    # At OLMo's layer (block_v 64) the forward pass spills 64 bytes per thread at 4 warps and
-    # none at 8 (ptxas for sm_90a, experiments/kernel_registers.py).
+    # At OLMo's layer (block_v 64) the forward pass spilled registers at 4 warps and not at 8
+    # (experiments/kernel_registers.py, experiments/RESULTS.md).
     for bv, stages, warps in ((64, 2, 4), (64, 3, 4), (32, 3, 4), (64, 3, 8), (64, 2, 8)):
-        def passes(bv=bv):
-            fwd = jax.jit(lambda *a: sp.state_pass(*a, block_v=bv, interpret=interpret))
-            bwd = jax.jit(lambda *a: sp.state_pass_backward(*a, block_v=bv,
-                                                            interpret=interpret))
-            return (best_of(lambda: fwd(*f, s0p), repeats),
-                    best_of(lambda: bwd(d_o, *f[1:], s0p), repeats))
-        times[f"state_pass, backward bv={bv} stages={stages} warps={warps}"] = _patched(
-            sp, {"compiler_params": _with_params(sp.compiler_params, num_stages=stages,
-                                                 num_warps=warps)}, passes)
+        p = with_(block_v=bv, stages=PassStages(stages, stages, stages), num_warps=warps)
+        fwd = jax.jit(lambda f, s, p=p: state_pass_gpu(f, s, plan=p))
+        bwd = jax.jit(lambda d, f, s, p=p: state_pass_backward_gpu(d, f, s, plan=p))
+        times[f"state_pass, backward bv={bv} stages={stages} warps={warps}"] = (
+            best_of(lambda: fwd(f, s0p), repeats), best_of(lambda: bwd(d_o, f, s0p), repeats))
     return times
 
 

@@ -65,8 +65,9 @@ for k in json.load(open(sys.argv[1])):
 def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
             gpu_output: str = "fused", dtype: str = "bfloat16", arch: int = 90) -> list[dict]:
     """Lower gdn_pallas's forward and gradient for CUDA, the forward's output formed as
-    ``gpu_output`` says (``gdn_pallas.GPU_FORWARD_OUTPUT``); the Triton IR of each kernel call
-    (in call order) with its num_warps and num_stages."""
+    ``gpu_output`` says (``KernelPlan.forward_output``), its pipelining sized to sm_``arch``'s
+    shared memory; the Triton IR of each kernel call (in call order) with its num_warps and
+    num_stages."""
     # Lowering for CUDA needs no GPU; keep libtpu (the tpu extra) from looking for a TPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from hybrid_jax.aot.topology import quiet_libtpu_environment
@@ -76,14 +77,12 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
     import jax.numpy as jnp
     from jax._src.pallas.triton import lowering
 
-    import hybrid_jax.ops.gdn_pallas as gp
-    from hybrid_jax.ops.gdn_pallas import gdn_pallas
+    from hybrid_jax.gdn.pallas import gdn_pallas, plan_kernels
+    from hybrid_jax.gdn.pallas.tiles import shared_memory_bytes
 
-    gp.GPU_FORWARD_OUTPUT = gpu_output
-    # The kernels size their pipelining to the card's shared memory: the one compiled for.
-    import hybrid_jax.kernels.common as common
-
-    common.gpu_shared_memory_bytes = lambda: common.shared_memory_bytes(divmod(arch, 10))
+    plan = plan_kernels(batch=b, heads=h, key_dim=dk, value_dim=dv, dtype=dtype,
+                        forward_output=gpu_output,
+                        shared_bytes=shared_memory_bytes(divmod(arch, 10)))
     texts = []
     original = lowering.lower_jaxpr_to_triton_module
 
@@ -101,8 +100,7 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
                 s((b, h, dk, dv), jnp.float32))
 
         def fwd(q, k, v, g, beta, s0):
-            return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, variant="gpu",
-                              interpret=False)
+            return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, plan=plan)
 
         def grads(*a):
             return jax.grad(lambda *x: jnp.sum(fwd(*x)[0].astype(jnp.float32) ** 2),
@@ -141,7 +139,7 @@ def capture(out_dir: str, b: int, t: int, h: int, dk: int, dv: int,
     return kernels
 
 
-# The calls of one gradient, in order (see gdn_pallas's _fwd and _bwd).
+# The calls of one gradient, in order (see hybrid_jax.gdn.pallas.pipeline).
 ROLES = ["factors (forward)", "state pass (forward)", "factors (backward's recompute)",
          "state pass with states", "state pass backward", "step cotangents",
          "factors VJP: through the solve", "factors VJP: through the gates",
@@ -155,7 +153,7 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=None, help="compile every kernel at this")
     p.add_argument("--stages", type=int, default=None,
                    help="compile every kernel with this many pipelining stages")
-    # 30 heads: OLMo Hybrid's layer, whose 90 programs take value blocks of 64 (gdn_pallas).
+    # 30 heads: OLMo Hybrid's layer, whose 90 programs take value blocks of 64 (plan.gpu_value_block).
     p.add_argument("--shape", default="1,256,30,96,192", help="B,T,H,Dk,Dv")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--arch", type=int, default=90,
@@ -188,7 +186,7 @@ def main() -> None:
         else:
             print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
                   f"{r['registers']} | {r['spill_stores']} | {r['shared'] / 1024:.1f} |")
-    from hybrid_jax.kernels.common import shared_memory_bytes
+    from hybrid_jax.gdn.pallas.tiles import shared_memory_bytes
 
     limit = shared_memory_bytes(divmod(args.arch, 10))
     over = [r["name"] for r in results if r.get("shared", 0) > limit]

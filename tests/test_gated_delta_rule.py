@@ -261,9 +261,9 @@ def test_chunk_factor_placements_match_float64(factors_in_scan, monkeypatch):
     both placements are checked here, on CPU, forward and backward."""
     import importlib
 
-    from hybrid_jax.ops.gdn_chunk import gdn_chunk
+    from hybrid_jax.gdn import gdn_chunk
 
-    gdr = importlib.import_module("hybrid_jax.ops.gated_delta_rule")  # the module, not the function
+    gdr = importlib.import_module("hybrid_jax.gdn.rule")  # the module, not the function
 
     monkeypatch.setattr(gdr, "gdn_chunk", functools.partial(gdn_chunk, factors_in_scan=factors_in_scan))
     x = make_inputs(12, t=75, hk=1, hv=3, n_segments=3, g_range=(-8.0, 0.0))
@@ -301,7 +301,7 @@ def test_unit_lower_inverse_vjp_matches_autodiff_of_substitution(c):
     through the forward substitution it replaces, on unit keys with beta up to 2. Only the
     strictly lower part is A's (the callers mask the rest before the solve); autodiff of the
     substitution also reports the zero entries it multiplies, which the VJP leaves at 0."""
-    from hybrid_jax.ops.gdn_common import substitution_inverse, unit_lower_inverse
+    from hybrid_jax.gdn.chunk_factors import substitution_inverse, unit_lower_inverse
 
     rng = np.random.default_rng(9)
     k = rng.standard_normal((3, c, 8))

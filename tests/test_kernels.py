@@ -9,29 +9,42 @@ import pytest
 
 from jax.experimental.pallas import tpu as pltpu
 
-from hybrid_jax.kernels.gdn_state_pass import (
+from hybrid_jax.gdn import ChunkFactors, chunk_factors, chunk_state_step
+from hybrid_jax.gdn.pallas import KernelInputs, gdn_pallas, padded_head_dims, plan_kernels
+from hybrid_jax.gdn.pallas.state_pass import (
     chunk_outputs,
-    state_pass,
-    state_pass_backward,
+    entering_states_gpu,
+    state_pass_backward_gpu,
+    state_pass_gpu,
+)
+from hybrid_jax.gdn.pallas.state_pass_tpu import (
+    entering_states_tpu,
     state_pass_backward_tpu,
     state_pass_tpu,
 )
-from hybrid_jax.ops.gdn_chunk import _state_step
-from hybrid_jax.ops.gdn_common import ChunkFactors
+
+# Mosaic TPU semantics in the interpreter, with race and out-of-bounds detection.
+TPU_INTERPRET = pltpu.InterpretParams(detect_races=True)
 
 
-def _states_then_outputs(u, w, qd, kd, intra, decay, s0):
+def _plan(backend: str, r: int, dk: int, dv: int, dtype=jnp.float32, c: int = 16,
+          block_v: int | None = None):
+    """A plan driving one kernel directly on [R, N, C, ...] sequences, interpreted."""
+    return plan_kernels(batch=r, heads=1, key_dim=dk, value_dim=dv, dtype=dtype, chunk_size=c,
+                        backend=backend, token_major=False, block_v=block_v,
+                        interpret=True if backend == "gpu" else TPU_INTERPRET)
+
+
+def _states_then_outputs(factors, s0, plan):
     """The GPU forward with its output from the parallel kernel: (o, final)."""
-    final, states, v_new = state_pass(u, w, qd, kd, intra, decay, s0, return_states=True,
-                                      block_v=16, interpret=True)
-    return chunk_outputs(qd, intra, states, v_new, block_v=16, interpret=True), final
+    entering = entering_states_gpu(factors, s0, plan=plan)
+    return chunk_outputs(factors, entering, plan=plan), entering.final
 
 
 VARIANTS = {
-    "gpu": lambda *a: state_pass(*a, interpret=True),
-    "gpu, parallel output": _states_then_outputs,
-    # Mosaic TPU semantics in the interpreter, with race and out-of-bounds detection.
-    "tpu": lambda *a: state_pass_tpu(*a, interpret=pltpu.InterpretParams(detect_races=True)),
+    "gpu": ("gpu", 64, lambda f, s0, plan: state_pass_gpu(f, s0, plan=plan)),
+    "gpu, parallel output": ("gpu", 16, _states_then_outputs),
+    "tpu": ("tpu", None, lambda f, s0, plan: state_pass_tpu(f, s0, plan=plan)),
 }
 
 
@@ -39,7 +52,7 @@ VARIANTS = {
 @pytest.mark.parametrize("dk,dv", [(16, 32), (96, 64)])
 def test_state_pass_kernel_matches_the_scan_step(dk, dv, variant):
     """Random factors, a chunk with a reset (decay 0) among them: the kernel's outputs and final
-    state equal ``gdn_chunk``'s lax.scan over ``_state_step``. Dk = 96: the GPU kernel holds
+    state equal ``gdn_chunk``'s lax.scan over ``chunk_state_step``. Dk = 96: the GPU kernel holds
     the state as key blocks of 64 and 32 rows."""
     rng = np.random.default_rng(0)
     r, n, c = 3, 5, 16
@@ -50,33 +63,36 @@ def test_state_pass_kernel_matches_the_scan_step(dk, dv, variant):
     w, qd, kd = (f(r, n, c, dk, std=1.2 / dk ** 0.5) for _ in range(3))
     decay = jnp.asarray(rng.uniform(0.2, 1.0, (r, n)), jnp.float32).at[1, 2].set(0.0)
     s0 = f(r, dk, dv)
-    o, final = VARIANTS[variant](u, w, qd, kd, intra, decay, s0)
+    backend, block_v, run = VARIANTS[variant]
+    o, final = run(ChunkFactors(u, w, qd, kd, intra, decay), s0,
+                   _plan(backend, r, dk, dv, block_v=block_v))
 
     # The twin: chunk-major, [N, B=r, H=1, ...].
     factors = ChunkFactors(*(jnp.moveaxis(x, 1, 0)[:, :, None] for x in (u, w, qd, kd, intra)),
                            chunk_decay=jnp.moveaxis(decay, 1, 0)[:, :, None])
-    want_final, want_o = jax.lax.scan(_state_step, s0[:, None], factors)
+    want_final, want_o = jax.lax.scan(chunk_state_step, s0[:, None], factors)
     np.testing.assert_allclose(np.asarray(o), np.asarray(jnp.moveaxis(want_o[:, :, 0], 0, 1)),
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(final), np.asarray(want_final[:, 0]),
                                rtol=1e-5, atol=1e-5)
 
 
-BACKWARD = {
-    "gpu": lambda *a, **kw: (state_pass(*a, return_states=True, interpret=True, **kw),
-                             lambda *b: state_pass_backward(*b, interpret=True, **kw)),
-    "tpu": lambda *a: (
-        state_pass_tpu(*a, return_states=True, interpret=pltpu.InterpretParams(detect_races=True)),
-        lambda *b: state_pass_backward_tpu(*b,
-                                           interpret=pltpu.InterpretParams(detect_races=True))),
-}
+BACKWARD = {"gpu": (entering_states_gpu, state_pass_backward_gpu),
+            "tpu": (entering_states_tpu, state_pass_backward_tpu)}
+
+
+def _both_passes(variant, factors, s0, d_out, d_final, plan):
+    """(EnteringStates, PassCotangents) of the variant's forward-for-backward and backward."""
+    entering, backward = BACKWARD[variant]
+    return (entering(factors, s0, plan=plan),
+            backward(d_out, factors, d_final, plan=plan))
 
 
 @pytest.mark.parametrize("variant,block_v,dk", [("gpu", 16, 16), ("gpu", 64, 96),
                                                 ("tpu", None, 16)])
 def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v, dk):
-    """The backward kernel's cotangents against jax.vjp of the scan over ``_state_step``: d u
-    (= dv_new), d initial state, and d chunk_decay (= sum(S * G') from the kernel's states and
+    """The backward kernel's cotangents against jax.vjp of the scan over ``chunk_state_step``:
+    d u (= dv_new), d initial state, and d chunk_decay (= sum(S * G') from the kernel's states and
     cotangent states); the forward pass's states and v_new for the backward; a chunk with
     decay 0 (a reset) among them; value blocks of 16 split the 32 value columns in two; Dk = 96
     splits the GPU kernels' states in key blocks of 64 and 32 rows."""
@@ -87,14 +103,14 @@ def test_state_pass_backward_matches_autodiff_of_the_scan(variant, block_v, dk):
     w, qd, kd = (f(r, n, c, dk, std=1.2 / dk ** 0.5) for _ in range(3))  # as above
     decay = jnp.asarray(rng.uniform(0.2, 1.0, (r, n)), jnp.float32).at[1, 2].set(0.0)
     s0, d_out, d_final = f(r, dk, dv), f(r, n, c, dv), f(r, dk, dv)
-    kw = {} if block_v is None else {"block_v": block_v}
-    (final, states, v_new), backward = BACKWARD[variant](u, w, qd, kd, intra, decay, s0, **kw)
-    dv_new, grads, d_s0 = backward(d_out, w, qd, kd, intra, decay, d_final)
+    plan = _plan(variant, r, dk, dv, block_v=block_v)
+    (final, states, v_new), (dv_new, grads, d_s0) = _both_passes(
+        variant, ChunkFactors(u, w, qd, kd, intra, decay), s0, d_out, d_final, plan)
 
     def scan(u, decay, s0):
         factors = ChunkFactors(*(jnp.moveaxis(x, 1, 0)[:, :, None] for x in (u, w, qd, kd, intra)),
                                chunk_decay=jnp.moveaxis(decay, 1, 0)[:, :, None])
-        final, o = jax.lax.scan(_state_step, s0[:, None], factors)
+        final, o = jax.lax.scan(chunk_state_step, s0[:, None], factors)
         return jnp.moveaxis(o[:, :, 0], 0, 1), final[:, 0]
 
     (_, want_final), vjp = jax.vjp(scan, u, decay, s0)
@@ -117,7 +133,8 @@ def test_step_cotangents_kernel_matches_autodiff_of_the_step(variant, dk, dv):
     d_k_decayed, d_intra, d_chunk_decay (d_u, = dv_new, is the kernel's input). On GPU, 96 key
     columns make two programs' blocks (64 and 32) and 160 value columns three blocks, the last
     narrower."""
-    from hybrid_jax.kernels.gdn_step_cotangents import step_cotangents
+    from hybrid_jax.gdn.pallas.state_step import EnteringStates, PassCotangents
+    from hybrid_jax.gdn.pallas.step_cotangents import step_cotangents
 
     rng = np.random.default_rng(8)
     r, n, c = 2, 3, 16
@@ -127,15 +144,15 @@ def test_step_cotangents_kernel_matches_autodiff_of_the_step(variant, dk, dv):
                            chunk_decay=jnp.asarray(rng.uniform(0, 1, (r, n)), jnp.float32))
     states, d_out, grads = f(r, n, dk, dv), f(r, n, c, dv), f(r, n, dk, dv)
     # The step's batch axes [B, H] are this test's [R, N]: every chunk at its own state.
-    _, vjp = jax.vjp(lambda fs: _state_step(states, fs), factors)
+    _, vjp = jax.vjp(lambda fs: chunk_state_step(states, fs), factors)
     (want,) = vjp((grads, d_out))
-    interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
     # The corrected values the forward state pass hands over: u - w S, here in float64.
     v_new = np.asarray(factors.u, np.float64) - np.einsum(
         "rnck,rnkv->rncv", np.asarray(factors.w, np.float64), np.asarray(states, np.float64))
-    got = step_cotangents(jnp.asarray(v_new, jnp.float32), d_out, want.u, states, grads,
-                          backend=variant, interpret=interpret)
-    for a, b_, name in zip(got, want[1:], ChunkFactors._fields[1:]):
+    entering = EnteringStates(final=None, states=states, v_new=jnp.asarray(v_new, jnp.float32))
+    got = step_cotangents(entering, d_out, PassCotangents(want.u, grads, None),
+                          plan=_plan(variant, r, dk, dv))
+    for a, b_, name in zip(got[1:], want[1:], ChunkFactors._fields[1:]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5,
                                    err_msg=name)
 
@@ -143,20 +160,17 @@ def test_step_cotangents_kernel_matches_autodiff_of_the_step(variant, dk, dv):
 def test_head_dims_are_padded_as_each_backends_tiles_need():
     """GPU: keys in blocks of 64 with a last block a power of two of at least 16 (up to 64,
     a power of two), values to a multiple of 64; TPU: powers of two."""
-    from hybrid_jax.ops.gdn_pallas import _padded_dims
-
-    keys = [_padded_dims(d, 192, "gpu")[0] for d in (8, 24, 64, 72, 96, 112, 128, 200)]
+    keys = [padded_head_dims(d, 192, "gpu")[0] for d in (8, 24, 64, 72, 96, 112, 128, 200)]
     assert keys == [8, 32, 64, 80, 96, 128, 128, 208]
-    assert [_padded_dims(96, d, "gpu")[1] for d in (48, 64, 160, 192)] == [64, 64, 192, 192]
-    assert _padded_dims(96, 192, "tpu") == (128, 256)
+    assert [padded_head_dims(96, d, "gpu")[1] for d in (48, 64, 160, 192)] == [64, 64, 192, 192]
+    assert padded_head_dims(96, 192, "tpu") == (128, 256)
 
 
 def test_gpu_value_blocks_keep_the_state_in_registers_and_the_card_busy():
     """Value blocks of 64 at OLMo's layer (30 heads of 192: 90 programs), 32 where 64 would
     leave under 64 programs or where a [Dk, 64] float32 state spilled (Dk over 128, ptxas)."""
-    from hybrid_jax.ops.gdn_pallas import _kernels
-
-    block_v = lambda r, dk, dv: _kernels("gpu", r, dk, dv, None)[0].keywords["block_v"]
+    block_v = lambda b, dk, dv: plan_kernels(batch=b, heads=1, key_dim=dk, value_dim=dv,
+                                             dtype=jnp.bfloat16).block_v
     assert [block_v(30, 96, 192), block_v(2, 96, 192), block_v(64, 128, 128),
             block_v(64, 192, 192), block_v(64, 256, 256)] == [64, 32, 64, 32, 32]
 
@@ -164,19 +178,14 @@ def test_gpu_value_blocks_keep_the_state_in_registers_and_the_card_busy():
 @pytest.mark.parametrize("variant,dk,dv,output,hk", [
     ("gpu", 24, 48, "fused", 2), ("gpu", 24, 48, "parallel", 1), ("tpu", 24, 48, "fused", 1),
     ("gpu", 96, 192, "fused", 2)])
-def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, dv, output, hk,
-                                                                   monkeypatch):
+def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, dv, output, hk):
     """The whole op: OLMo's head-dim ratio, padded (24 -> 32, 48 -> 64; on TPU to powers of
     two, on GPU OLMo's own 96 and 192 unpadded), a partial last chunk, segment resets and an
     initial state; outputs, final state and gradients; on GPU with the forward's output
     formed in the state pass or by its own parallel kernel; with hk = 1, one key head for
     both value heads (q and k unrepeated: the GPU kernels read them per group, TPU repeats
     them), against ``gdn_chunk`` on repeated ones."""
-    import hybrid_jax.ops.gdn_pallas as gp
-    from hybrid_jax.ops.gdn_chunk import gdn_chunk
-    from hybrid_jax.ops.gdn_pallas import gdn_pallas
-
-    monkeypatch.setattr(gp, "GPU_FORWARD_OUTPUT", output)
+    from hybrid_jax.gdn import gdn_chunk
 
     rng = np.random.default_rng(1)
     b, t, h = 2, 45, 2
@@ -187,7 +196,7 @@ def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, 
     beta = jnp.asarray(rng.uniform(0, 2, (b, t, h)), jnp.float32)
     s0 = x(b, h, dk, dv) * 0.1
     reset = jnp.zeros((b, t), bool).at[0, 20].set(True).at[1, 3].set(True)
-    interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
+    interpret = True if variant == "gpu" else TPU_INTERPRET
 
     def loss(fn, **kw):
         def f(q, k, v, g, beta, s0):
@@ -195,7 +204,8 @@ def test_gdn_pallas_matches_chunk_with_padded_head_dims_and_resets(variant, dk, 
             return jnp.sum(o ** 2) + jnp.sum(final * s0), (o, final)
         return jax.value_and_grad(f, argnums=range(6), has_aux=True)(q, k, v, g, beta, s0)
 
-    (_, got), got_grads = loss(gdn_pallas, variant=variant, interpret=interpret)
+    (_, got), got_grads = loss(gdn_pallas, backend=variant, interpret=interpret,
+                               forward_output=output)
     repeat = lambda x: jnp.repeat(x, h // hk, axis=2)
     (_, want), want_grads = loss(lambda q, k, *a: gdn_chunk(repeat(q), repeat(k), *a))
     for a, b_ in zip((*got, *got_grads), (*want, *want_grads)):
@@ -223,7 +233,7 @@ def test_split_matmuls_against_float64():
     """The kernels' bf16-unit matmuls: ``mm_split`` keeps about 16 significant bits (a plain
     bf16 product keeps 8), and ``mm_exact_mask`` sums as float32 does (a cumulative sum of
     values spanning many magnitudes)."""
-    from hybrid_jax.kernels.common import mm, mm_exact_mask, mm_split
+    from hybrid_jax.gdn.pallas.tiles import mm, mm_exact_mask, mm_split
 
     rng = np.random.default_rng(6)
     a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
@@ -245,8 +255,8 @@ def test_kernel_solve_against_float64_inverse(split):
     """The factor kernels' doubling solve for (I + A)^-1 against NumPy's float64 inverse, on a
     hard A (unit keys, beta up to 2, no decay: every pair interacts), with the
     float32 and the split-bf16 matmuls."""
-    from hybrid_jax.kernels.common import mm, mm_split
-    from hybrid_jax.kernels.gdn_chunk_factors import _iotas, _unit_lower_inverse
+    from hybrid_jax.gdn.pallas.factor_tiles import iotas, unit_lower_inverse_tile
+    from hybrid_jax.gdn.pallas.tiles import mm, mm_split
 
     rng = np.random.default_rng(7)
     c = 64
@@ -254,8 +264,8 @@ def test_kernel_solve_against_float64_inverse(split):
     k /= np.linalg.norm(k, axis=1, keepdims=True)
     a = np.tril(rng.uniform(0, 2, (c, 1)) * (k @ k.T), -1)
     want = np.linalg.inv(np.eye(c) + a)
-    row, col = _iotas(c)
-    got = _unit_lower_inverse(jnp.asarray(a, jnp.float32), row, col, mm_split if split else mm)
+    row, col = iotas(c)
+    got = unit_lower_inverse_tile(jnp.asarray(a, jnp.float32), row, col, mm_split if split else mm)
     err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
     assert err < (1e-4 if split else 1e-5), err
 
@@ -267,13 +277,11 @@ def test_chunk_factors_kernel_matches_xla(variant, c, dk, dv):
     very strong, beta up to 2, resets inside chunks (and one at a chunk's first position), at
     a small chunk and the default one (64); head dims wider than the GPU kernels' 64-column
     blocks and not multiples of it."""
-    from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_kernel
-    from hybrid_jax.ops.gdn_common import chunk_factors
+    from hybrid_jax.gdn.pallas.chunk_factors import chunk_factors_kernel
 
     q, k, v, g, beta, seg = _hard_chunks(np.random.default_rng(2), c, dk=dk, dv=dv)
-    interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
-    got = chunk_factors_kernel(q, k, v, g, beta, seg, scale=0.3, backend=variant,
-                               interpret=interpret)
+    got = chunk_factors_kernel(KernelInputs(q, k, v, g, beta, seg), scale=0.3,
+                               plan=_plan(variant, q.shape[0], dk, dv, c=c))
     want = chunk_factors(q, k, v, g, beta, seg, 0.3)  # seg [.., N, C]: the "head" axis is N
     for a, b_, name in zip(got, want, want._fields):
         assert np.all(np.isfinite(np.asarray(a))), name
@@ -291,8 +299,8 @@ def test_chunk_factors_backward_kernel_matches_autodiff_of_xla(variant, c, dk, d
     ``chunk_factors`` (XLA) for random cotangents of all six factors: decays from none to very
     strong, beta up to 2, resets inside chunks and at a chunk's first position; head dims in
     several 64-column blocks, the last narrower (96 = 64 + 32 key columns)."""
-    from hybrid_jax.kernels.gdn_chunk_factors import chunk_factors_backward_kernel
-    from hybrid_jax.ops.gdn_common import chunk_factors
+    from hybrid_jax.gdn.pallas.chunk_factors import chunk_factors_with_inverse
+    from hybrid_jax.gdn.pallas.chunk_factors_vjp import chunk_factors_vjp
 
     rng = np.random.default_rng(5)
     q, k, v, g, beta, seg = _hard_chunks(rng, c, dk=dk, dv=dv)
@@ -300,9 +308,9 @@ def test_chunk_factors_backward_kernel_matches_autodiff_of_xla(variant, c, dk, d
     x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     cot = (x(r, n, c, dv), x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, dk), x(r, n, c, c),
            x(r, n))
-    interpret = True if variant == "gpu" else pltpu.InterpretParams(detect_races=True)
-    got = chunk_factors_backward_kernel(q, k, v, g, beta, seg, *cot, scale=0.3,
-                                        backend=variant, interpret=interpret)
+    inputs, plan = KernelInputs(q, k, v, g, beta, seg), _plan(variant, r, dk, dv, c=c)
+    inverse_t = chunk_factors_with_inverse(inputs, scale=0.3, plan=plan).inverse_t
+    got = chunk_factors_vjp(inputs, ChunkFactors(*cot), inverse_t, scale=0.3, plan=plan)
     _, vjp = jax.vjp(lambda *a: chunk_factors(*a, seg, 0.3), q, k, v, g, beta)
     want = vjp(ChunkFactors(*cot))
     for a, b_, name in zip(got, want, ("dq", "dk", "dv", "dg", "dbeta")):
@@ -321,15 +329,13 @@ def test_kernels_lower_for_their_accelerator(variant, platform, marker, dtype):
     Mosaic GPU, whose whole-block copies would not fit shared memory), the TPU variant through
     Pallas' Mosaic TPU lowering (libtpu's own compile is not run here). OLMo Hybrid's head dims
     and a partial chunk."""
-    from hybrid_jax.ops.gdn_pallas import gdn_pallas
-
     b, t, h, dk, dv = 1, 150, 2, 96, 192
     s = jax.ShapeDtypeStruct
     args = (s((b, t, h, dk), dtype), s((b, t, h, dk), dtype), s((b, t, h, dv), dtype),
             s((b, t, h), jnp.float32), s((b, t, h), jnp.float32), s((b, h, dk, dv), jnp.float32))
 
     def fwd(q, k, v, g, beta, s0):
-        return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, variant=variant,
+        return gdn_pallas(q, k, v, g, beta, dk ** -0.5, s0, None, backend=variant,
                           interpret=False)
 
     def grads(*args):
@@ -357,20 +363,22 @@ def test_gpu_state_passes_pipeline_only_as_deep_as_shared_memory_allows(dtype, d
                                                                         stages):
     import re
 
-    from hybrid_jax.kernels.common import gpu_shared_memory_bytes, pipeline_stages
+    from hybrid_jax.gdn.pallas.tiles import gpu_shared_memory_bytes, pipeline_stages
 
     assert gpu_shared_memory_bytes() == 227 * 1024  # no GPU: the Hopper jax lowers for
     assert pipeline_stages(1, 3) == 3 and pipeline_stages(10 ** 9, 3) == 1
     r, n, c, dv = 2, 4, 64, 128
     s = jax.ShapeDtypeStruct
     f32 = jnp.float32
-    factors = (s((r, n, c, dv), dtype), *[s((r, n, c, dk), dtype)] * 3,
-               s((r, n, c, c), dtype), s((r, n), f32))
-    passes = [lambda *a: state_pass(*a, block_v=block_v),
-              lambda *a: state_pass(*a, block_v=block_v, return_states=True),
-              lambda *a: state_pass_backward(*a, block_v=block_v)]
+    factors = ChunkFactors(s((r, n, c, dv), dtype), *[s((r, n, c, dk), dtype)] * 3,
+                           s((r, n, c, c), dtype), s((r, n), f32))
+    plan = plan_kernels(batch=r, heads=1, key_dim=dk, value_dim=dv, dtype=dtype, chunk_size=c,
+                        token_major=False, block_v=block_v)
+    passes = [lambda f, s0: state_pass_gpu(f, s0, plan=plan),
+              lambda f, s0: entering_states_gpu(f, s0, plan=plan),
+              lambda f, s0: state_pass_backward_gpu(f.u, f, s0, plan=plan)]
     lowered = [re.findall(r"num_stages = (\d+)", jax.jit(f).trace(
-        *factors, s((r, dk, dv), f32)).lower(lowering_platforms=("cuda",)).as_text())
+        factors, s((r, dk, dv), f32)).lower(lowering_platforms=("cuda",)).as_text())
         for f in passes]
     assert tuple(int(x) for (x,) in lowered) == stages
 
@@ -380,8 +388,7 @@ def test_gdn_pallas_bf16_inputs_stay_close_to_float32():
     per-chunk states, state cotangents and dv_new stored in bf16, as flash-linear-attention
     stores them), against the float32 chunk form on the same (bf16-rounded) inputs: outputs,
     final state and every gradient within bf16 rounding."""
-    from hybrid_jax.ops.gdn_chunk import gdn_chunk
-    from hybrid_jax.ops.gdn_pallas import gdn_pallas
+    from hybrid_jax.gdn import gdn_chunk
 
     rng = np.random.default_rng(3)
     b, t, h, dk, dv = 1, 100, 2, 32, 64
@@ -426,9 +433,9 @@ def test_state_passes_store_per_chunk_arrays_in_the_factors_dtype():
     for variant in BACKWARD:
         runs = []
         for dt in (jnp.bfloat16, jnp.float32):
-            fs = [a.astype(dt) for a in factors]
-            (final, states, v_new), backward = BACKWARD[variant](*fs, decay, s0)
-            dv_new, grads, d_s0 = backward(d_out.astype(dt), *fs[1:], decay, d_final)
+            fs = ChunkFactors(*(a.astype(dt) for a in factors), chunk_decay=decay)
+            (final, states, v_new), (dv_new, grads, d_s0) = _both_passes(
+                variant, fs, s0, d_out.astype(dt), d_final, _plan(variant, r, dk, dv, dt))
             runs.append((states, v_new, grads, dv_new, final, d_s0))
         for a, b_, name in zip(*runs, ("states", "v_new", "grads", "dv_new", "final",
                                        "d_initial")):

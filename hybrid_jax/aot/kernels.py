@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hybrid_jax.aot.report import kernel_calls, memory_stats, out_of_memory_message, xla_cost
 from hybrid_jax.aot.topology import AOTError, Topology
-from hybrid_jax.ops.gated_delta_rule import gated_delta_rule
+from hybrid_jax.gdn import gated_delta_rule
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from hybrid_jax.model.cache import GDNCache
 from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import GatedRMSNorm
 from hybrid_jax.model.short_conv import ShortConvolution
-from hybrid_jax.ops.gated_delta_rule import gated_delta_rule
+from hybrid_jax.gdn import gated_delta_rule
 from hybrid_jax.sharding import constrain, per_shard, splits
 
 # FLA's fused gated RMSNorm default, which the released model was trained with.

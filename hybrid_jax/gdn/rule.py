@@ -11,10 +11,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops.gdn_assoc_scan import gdn_assoc_scan
-from hybrid_jax.ops.gdn_chunk import gdn_chunk
-from hybrid_jax.ops.gdn_pallas import gdn_pallas
-from hybrid_jax.ops.gdn_recurrent import gdn_recurrent
+from hybrid_jax.gdn.assoc_scan import gdn_assoc_scan
+from hybrid_jax.gdn.chunk import gdn_chunk
+from hybrid_jax.gdn.pallas.pipeline import gdn_pallas
+from hybrid_jax.gdn.recurrent import gdn_recurrent
 
 Method = Literal["auto", "recurrent", "chunk", "assoc_scan", "pallas"]
 FORMS = ("recurrent", "chunk", "assoc_scan", "pallas")  # the implementations

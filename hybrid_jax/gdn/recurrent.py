@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops.gdn_common import HIGHEST
+from hybrid_jax.gdn.chunk_factors import HIGHEST
 
 
 def gdn_step(

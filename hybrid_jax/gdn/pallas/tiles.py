@@ -1,5 +1,5 @@
-"""What the Pallas kernels share: the float32-accumulating matmul, per-backend compiler
-parameters and the cost estimates XLA sees."""
+"""What the Pallas kernels share: blocks, the float32-accumulating matmuls (exact, split
+into bf16 pieces, or against a 0/1 mask), shared-memory budgets and the cost XLA sees."""
 
 from __future__ import annotations
 
@@ -31,26 +31,6 @@ def chunk_block(*shape: int, n_chunks: int | None = None) -> pl.BlockSpec:
         return pl.BlockSpec((None, None, *shape), lambda i, j, *_: (i, j) + (0,) * len(shape))
     return pl.BlockSpec((None, None, *shape),
                         lambda i, j, *_: (i, n_chunks - 1 - j) + (0,) * len(shape))
-
-
-def sequence_block(rows: int, d: int, heads: int | None = None,
-                   group: int = 1) -> pl.BlockSpec:
-    """Block of one chunk's [rows, d] of a per-token array (q, k, v, the output and their
-    cotangents) on a (sequence, chunk, ...) grid: of [R, N, rows, d] sequences
-    (``chunk_block``), or given ``heads``, of a token-major [B, N * rows, H / group, d] array
-    as the model holds it, sequence r being batch row r // heads and (value) head r % heads,
-    which reads head (r % heads) // group: with ``group`` value heads per key head, q and k
-    are read unrepeated. Token-major arrays are read and written where they lie, with no
-    transpose or repeat around the kernels (on GPU a chunk's rows are just strided); Mosaic
-    TPU wants whole [rows, d] tiles, so TPU callers pass sequences."""
-    if heads is None:
-        return chunk_block(rows, d)
-
-    def index(i, j, *_):
-        b, h = batch_and_head(i, heads, group)
-        return b, j, h, 0
-
-    return pl.BlockSpec((None, rows, None, d), index)
 
 
 def batch_and_head(i: jax.Array, heads: int, group: int = 1) -> tuple:
@@ -141,23 +121,6 @@ def dot_dtype(input_dtype) -> jnp.dtype:
     return input_dtype if input_dtype in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.float32)
 
 
-def compiler_params(backend: str, semantics: tuple[str, ...], num_warps: int = 4,
-                    num_stages: int = 2):
-    """Compiler parameters for ``backend``: "gpu" names the Triton lowering explicitly (jax's
-    default GPU lowering is Mosaic GPU, which copies whole blocks to shared memory and so
-    cannot hold a whole sequence's block); "tpu" gives Mosaic TPU the grid's ``semantics``
-    ("parallel" / "arbitrary" per grid axis). Interpret mode ignores both."""
-    if backend == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
-        return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    if backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        return pltpu.CompilerParams(dimension_semantics=semantics)
-    raise ValueError(f"Pallas backend must be one of {BACKENDS}, got {backend!r}")
-
-
 # The most shared memory one thread block may use (with opt-in), KiB, by compute capability:
 # the CUDA C++ Programming Guide's table of technical specifications.
 _SHARED_KIB = {(7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 7): 163,
@@ -185,17 +148,20 @@ def gpu_shared_memory_bytes() -> int:
     return shared_memory_bytes(capability)
 
 
-def pipeline_stages(per_stage_bytes: int, preferred: int, resident_bytes: int = 0) -> int:
+def pipeline_stages(per_stage_bytes: int, preferred: int, resident_bytes: int = 0,
+                    shared_bytes: int | None = None) -> int:
     """Triton's software-pipelining stages for a kernel whose loop loads ``per_stage_bytes``
     each iteration beside ``resident_bytes`` of matmul operands it keeps in shared memory (the
-    state, on Hopper): the most stages, up to ``preferred``, that fit the device's.
+    state, on Hopper): the most stages, up to ``preferred``, that fit ``shared_bytes`` (by
+    default the device's, ``gpu_shared_memory_bytes``), less 8 KiB of headroom.
 
     Triton keeps a copy of every pipelined load per stage, so ``s`` stages take about
-    ``s * per_stage_bytes + resident_bytes``: compiled for sm_90a (Dk 64 to 256, block_v 32
-    and 64), the state passes used at most that, and up to 232 KiB of the H100's 227 where
-    the stages were chosen without it, which fails at launch. One stage (no prefetch) is the
-    floor: it stages only the matmul operands."""
-    budget = gpu_shared_memory_bytes() - resident_bytes - 8 * 1024
+    ``s * per_stage_bytes + resident_bytes`` (ptxas for sm_90a agrees: experiments/
+    kernel_registers.py); more than a block may have fails at launch. One stage (no prefetch)
+    is the floor: it stages only the matmul operands."""
+    if shared_bytes is None:
+        shared_bytes = gpu_shared_memory_bytes()
+    budget = shared_bytes - resident_bytes - 8 * 1024
     return next((s for s in range(preferred, 1, -1) if s * per_stage_bytes <= budget), 1)
 
 
@@ -205,8 +171,8 @@ def solve_passes(input_dtype) -> int:
 
 
 def solve_flops(c: int, input_dtype) -> float:
-    """Matmul FLOPs of one chunk's gates and solve (``_gates`` and ``_unit_lower_inverse`` in
-    gdn_chunk_factors): the decay sums as three exact bf16 [C, C] products, then two [C, C]
+    """Matmul FLOPs of one chunk's gates and solve (``factor_tiles.gates`` and
+    ``factor_tiles.unit_lower_inverse_tile``): the decay sums as three exact bf16 [C, C] products, then two [C, C]
     products per doubling level (log2(C) - 1 levels), each ``solve_passes`` matmuls."""
     levels = c.bit_length() - 2
     return 3 * 2 * c ** 3 + levels * 2 * 2 * c ** 3 * solve_passes(input_dtype)

@@ -1,4 +1,5 @@
-"""Pieces shared by the chunked forms of the gated delta rule.
+"""Everything local to a chunk of the gated delta rule, in XLA: shared by the chunked forms,
+and the twin of the Pallas factor kernel (``pallas/chunk_factors.py``).
 
 ``chunk_factors`` does everything that is local to a chunk (gate cumsums, the WY/UT solve, the
 intra-chunk attention); the chunk and associative-scan forms differ only in how the state is
@@ -33,9 +34,8 @@ def dot(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def unit_lower_inverse(a: jax.Array, block: int = 16) -> jax.Array:
     """(I + A)^-1 for strictly lower triangular A [..., C, C], by forward substitution
     (``substitution_inverse``), with the inverse's own derivative as its VJP:
-    dA = -T^T dT T^T on A's strictly lower support, two matmuls. Autodiff through the
-    substitution's row updates took XLA:CPU 20 ms of a 37 ms chunk-factor gradient (small
-    preset); the twin test compares the two."""
+    dA = -T^T dT T^T on A's strictly lower support, two matmuls, rather than autodiff through
+    the substitution's sequential row updates; the twin test compares the two."""
     return substitution_inverse(a, block)
 
 
@@ -159,7 +159,7 @@ def chunk_factors(
     # decay_log[i, j] = sum_{j < t <= i} g_t, summed directly rather than as gamma_i - gamma_j:
     # a difference of two large cumsums loses the small decays next to strong ones.
     # Both sums are matmuls against the 0/1 matrix ``causal``: XLA:CPU lowers cumsum to a
-    # cascade of reduce-windows, which took 10x longer in the train step.
+    # cascade of reduce-windows, far slower in the train step.
     g_rows = jnp.where(strict, g[..., :, None], 0.0)  # [.., t, j] = g_t for t > j
     ones_to = causal.astype(jnp.float32)  # [i, t] = 1 for t <= i
     decay_log = dot("it,...tj->...ij", ones_to, g_rows)  # [.., i, j]

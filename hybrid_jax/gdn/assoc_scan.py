@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops.gdn_common import chunk_factors, chunk_segments, dot, from_chunks, to_chunks
+from hybrid_jax.gdn.chunk_factors import chunk_factors, chunk_segments, dot, from_chunks, to_chunks
 
 
 def _compose(earlier, later):
