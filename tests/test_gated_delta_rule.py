@@ -82,6 +82,48 @@ def test_forward_matches_float64(method, case):
     assert rel(s, ref_s) < 1e-5, rel(s, ref_s)
 
 
+def _segment_ids_around_a_chunk(b: int, t: int) -> np.ndarray:
+    """[B, T] ids for T near one 64-token chunk: row 0 changes id at position 1 (T = 2: the
+    last position), at the last position and, where T allows, at 63 and 64 (a segment of one
+    token at the chunk's end, one starting the next chunk); row 1 keeps one id (its initial
+    state stays live throughout)."""
+    seg = np.full((b, t), 5, np.int32)
+    seg[0] = 0
+    for start in sorted({1, t - 1, 63, 64}):
+        if 0 < start < t:
+            seg[0, start:] += 1
+    return seg
+
+
+@pytest.mark.parametrize("t", [1, 2, 63, 64, 65])
+@pytest.mark.parametrize("method", FORMS)
+def test_sequence_lengths_around_a_chunk_with_segments_and_a_state(method, t):
+    """T = 1, 2 and one chunk (64) less one, exactly and plus one, with segment ids and an
+    initial state: output, final state and every gradient against the float64 reference."""
+    x = make_inputs(40 + t, b=2, t=t, hk=1, hv=2, dk=16, dv=24, g_range=(-3.0, 0.0))
+    x["segment_ids"] = _segment_ids_around_a_chunk(2, t)
+    names = ("q", "k", "v", "g", "beta", "initial_state")
+    rng = np.random.default_rng(t)
+    do = rng.standard_normal(x["v"].shape)
+    dfin = rng.standard_normal(x["initial_state"].shape)
+
+    def loss(*args):
+        o, s = run(method, {**x, **dict(zip(names, args))}, chunk_size=64)
+        return jnp.sum(o * do) + jnp.sum(s * dfin), (o, s)
+
+    (_, (o, s)), grads = jax.value_and_grad(loss, argnums=range(6), has_aux=True)(
+        *(x[n] for n in names))
+    ref_o, ref_s = reference_forward(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                     initial_state=x["initial_state"],
+                                     segment_ids=x["segment_ids"], use_qk_l2norm=True)
+    ref = reference_grads(x["q"], x["k"], x["v"], x["g"], x["beta"], do, dfin,
+                          initial_state=x["initial_state"], segment_ids=x["segment_ids"],
+                          use_qk_l2norm=True)
+    assert rel(o, ref_o) < 1e-5 and rel(s, ref_s) < 1e-5, (rel(o, ref_o), rel(s, ref_s))
+    for name, got, want in zip(names, grads, ref):
+        assert rel(got, want) < 1e-4, (name, rel(got, want))
+
+
 class TestJitAndEager(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_methods_agree_jitted_and_not(self):

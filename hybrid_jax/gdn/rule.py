@@ -42,7 +42,8 @@ def segment_resets(segment_ids: jax.Array) -> jax.Array:
     Position 0 is never a reset: ``initial_state`` applies to each row's first segment.
     """
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
+    first = jnp.zeros((segment_ids.shape[0], 1), bool)  # not changed[:, :1]: empty when T = 1
+    return jnp.concatenate([first, changed], axis=1)
 
 
 def _check(q, k, v, g, beta, initial_state, segment_ids, method, chunk_size):
