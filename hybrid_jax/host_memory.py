@@ -1,14 +1,13 @@
 """Transparent huge pages for XLA:CPU's per-step buffers (Linux, glibc >= 2.35).
 
-XLA:CPU allocates an execution's temporaries as one block (1.57 GB for the small preset's train
-step at 4 x 512) and frees it when the step ends. glibc serves a block that large from a fresh
-``mmap`` and returns it with ``munmap``, so every step faults the whole block in again, 4 KiB at
-a time. On the project's 2-core machine that was about 430,000 page faults and 0.65 s of kernel
-time per step, a quarter of the step's CPU time.
+XLA:CPU allocates an execution's temporaries as one block and frees it when the step ends.
+glibc serves a block that large from a fresh ``mmap`` and returns it with ``munmap``, so every
+step faults the whole block in again, 4 KiB at a time: for a train step, hundreds of thousands
+of page faults and a large share of the step's CPU time in the kernel.
 
 glibc's ``glibc.malloc.hugetlb=1`` tunable makes malloc ask for transparent huge pages
-(``madvise``) for such blocks: 2 MiB pages, about 20,000 faults per step, and fewer TLB misses in
-the step's own loops. The small preset's train step went from 1253 to 952 ms per step.
+(``madvise``) for such blocks: 2 MiB pages, 512 times fewer faults, and fewer TLB misses in the
+step's own loops (experiments/RESULTS.md, Training, has the measured step times).
 
 Tunables are read once, when a process starts, so ``hybrid-jax`` restarts itself once with the
 tunable added to ``GLIBC_TUNABLES`` (``restart_with_hugepages``). It does so only where it helps:

@@ -13,7 +13,7 @@ class Dense(nnx.Linear):
     """``nnx.Linear`` applied to [..., in] inputs as one [rows, in] @ [in, out] product.
 
     Same parameters and values; the reshape is for XLA:CPU, whose gradients of a matmul over
-    [B, T, in] activations (the kernel's cotangent contracts two batch dimensions) ran 3x
+    [B, T, in] activations (the kernel's cotangent contracts two batch dimensions) are far
     slower than the same products on [B*T, in] (experiments/RESULTS.md, Training). The product
     itself is ``ops.projection.projection_matmul`` (``linear`` passes it as ``dot_general``)."""
 

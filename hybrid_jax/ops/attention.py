@@ -100,11 +100,11 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Ar
     g = h // hkv
     s = k.shape[1]
     # Plain batched matmuls over head-major operands, transposed once: q as [B, Hkv, G*T, D]
-    # (query head j*G+g uses kv head j), k and v as [B, Hkv, S, D]. XLA:CPU runs these about
-    # 3x faster forward and 1.7x with the gradient than the same einsums over [B, T, H, D].
+    # (query head j*G+g uses kv head j), k and v as [B, Hkv, S, D]: XLA:CPU runs these on its
+    # fast batched matmul, and the same einsums over [B, T, H, D] on its slow generic dot.
     qg = jnp.transpose(q.reshape(b, t, hkv, g, d), (0, 2, 3, 1, 4)).reshape(b, hkv, g * t, d)
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    # The mask merged the same way, [., ., G*T, S]: 5-D logits would slow XLA:CPU's softmax 3x.
+    # The mask merged the same way, [., ., G*T, S]: XLA:CPU's softmax is slow on 5-D logits.
     allowed = jnp.asarray(allowed)
     allowed = allowed.reshape((1,) * (5 - allowed.ndim) + allowed.shape)
     allowed = jnp.broadcast_to(allowed, (*allowed.shape[:2], g, t, s))
@@ -160,8 +160,8 @@ def _attention_bwd(scale, res, d_o):
 def _keys_cotangent(weights: jax.Array, x: jax.Array) -> jax.Array:
     """weights [B, J, Q, S], x [B, J, Q, D] -> sum over q of weights[q, s] x[q, d]: [B, J, S, D]
     float32. On CPU as (x^T weights)^T with the small x transposed behind an optimization
-    barrier: contracting the rows of both operands sends XLA:CPU to its generic dot, 2-3x
-    slower than the YNNPACK matmul that the plain product gets."""
+    barrier: contracting the rows of both operands sends XLA:CPU to its generic dot instead of
+    the YNNPACK matmul that the plain product gets."""
     if jax.default_backend() != "cpu":
         return jnp.einsum("bjqs,bjqd->bjsd", weights, x, preferred_element_type=jnp.float32)
     x_t = jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))  # [B, J, D, Q]
@@ -175,7 +175,7 @@ _head_major_attention.defvjp(_attention_fwd, _attention_bwd)
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                    scale: float) -> jax.Array:
     """The same numerics as ``jax.nn.dot_product_attention``'s XLA path, with head-major
-    matmuls (its [B, T, H, D] einsums run 3x slower on XLA:CPU) and without its explicit
+    matmuls (its [B, T, H, D] einsums take XLA:CPU's generic dot) and without its explicit
     ``F16_F16_F32`` dot algorithm, which XLA:CPU rejects under jit. Shapes as
     ``causal_attention``; mask [B, 1, T, S] or None."""
     allowed = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))

@@ -2,7 +2,7 @@
 memory linear in the sequence length.
 
 ``causal_attention``'s dense form holds a [H, T, T] float32 logit tensor per row, forward and
-backward: 8 GB for one OLMo Hybrid 7B attention layer (30 heads) at 8k tokens. Here each
+backward: 4 H T^2 bytes, quadratic in the sequence length. Here each
 query block runs over the key blocks at or before it with an online softmax (a running max,
 sum and weighted sum), so only [block_q, block_k] logits exist at a time, and the blocks
 above the diagonal are skipped rather than masked. The VJP keeps only the output and each row's
@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Compiled for a TPU v5p (fwd + bwd, 8k tokens, 30 heads), blocks of 1024 had XLA count 46 GB
-# of memory traffic against 85 GB for blocks of 512 (and 54 GB for the dense form), and
-# 4.7 GiB of temporaries against 11.4 GiB for the dense form. Unmeasured on hardware.
+# Query and key block length: larger blocks re-read K and V fewer times (XLA's byte count for
+# a TPU compile halves from 512 to 1024; experiments/RESULTS.md, "Figures moved out of code").
 DEFAULT_BLOCK = 1024
 
 
@@ -89,10 +88,9 @@ def blockwise_causal_attention(
 class _Blocks:
     """Blocks of ``size`` rows of x along ``axis``, read by block index: a dynamic slice in
     the looped program (traced index); in the unrolled one, a list of blocks split off once
-    behind an optimization barrier, so that no fusion reads a slice of the whole array. This
-    was meant to keep XLA TPU's byte count from charging whole arrays per block; measured at
-    8k tokens it did not (blocks of 512: 88.4 -> 84.9 GB; 1024: 40.6 -> 45.9 GB), and the
-    recorded AOT results were compiled with it."""
+    behind an optimization barrier, so that no fusion reads a slice of the whole array (the
+    recorded AOT results were compiled with it; what it changes in XLA's byte count is in
+    experiments/RESULTS.md, "Figures moved out of code")."""
 
     def __init__(self, x: jax.Array | None, size: int, axis: int, unroll: bool) -> None:
         self.x, self.size, self.axis = x, size, axis

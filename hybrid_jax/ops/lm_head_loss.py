@@ -1,8 +1,8 @@
 """The LM head's cross-entropy without [B, T, V] logits: chunked over positions, with the
 gradient formed chunk by chunk in the forward pass.
 
-At a 100k vocabulary the logits are the largest tensor of a training step (float32 [B, T, V]:
-3.3 GB per row of 8192 tokens, plus the softmax and its gradient of the same size), and they
+At a 100k vocabulary the logits are the largest tensor of a training step (float32 [B, T, V],
+4 V bytes per position, plus the softmax and its gradient of the same size), and they
 bound the trainable sequence length long before the layers do. This computes the summed loss
 from the final hidden states and the head kernel, ``chunk_size`` positions of every row at a
 time, so only [B, chunk, V] logits exist at once. Because the loss is a scalar, the logits'

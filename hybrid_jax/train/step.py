@@ -121,9 +121,8 @@ def scan_steps(step: Callable) -> Callable:
     """``steps(state, batches) -> (state, metrics)``: ``step`` applied to each of K batches in
     turn (``jax.lax.scan``), batches with a leading K axis ([K, A, B, T]) and metrics stacked
     as [K]. One dispatch and one allocation of the step's temporaries serve K steps: on CPU
-    XLA frees and re-maps a step's temporaries (1.5 GB for the small preset) at the end of
-    each call, which the host kernel makes up to 50% of a step's time every few steps
-    (experiments/RESULTS.md, Training)."""
+    XLA frees and re-maps a step's temporaries at the end of each call, which costs a large
+    share of a step's time every few steps (experiments/RESULTS.md, Training)."""
 
     def steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict]:
         return jax.lax.scan(step, state, batches)
