@@ -33,6 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hybrid_jax.tree_paths import path_keys
+
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 MeshAxes = str | tuple[str, ...] | None
@@ -321,10 +323,8 @@ def sharding_problem(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) ->
 
 
 def _flat_with_paths(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
-    from hybrid_jax.convert.param_paths import path_key  # convert imports this module
-
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [(tuple(path_key(k) for k in path), leaf) for path, leaf in flat], treedef
+    return [(path_keys(path), leaf) for path, leaf in flat], treedef
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: LogicalRules | None = None) -> Any:

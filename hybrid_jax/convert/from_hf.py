@@ -39,7 +39,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hybrid_jax.convert.param_paths import path_key
 from hybrid_jax.config import GDN, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
@@ -68,6 +67,7 @@ from hybrid_jax.convert.torch_file import (
 from hybrid_jax.model.host_views import aligned_empty
 from hybrid_jax.model.hybrid_lm import HybridLM
 from hybrid_jax.sharding import sharding_problem
+from hybrid_jax.tree_paths import path_key
 
 log = logging.getLogger(__name__)
 

@@ -53,10 +53,10 @@ import numpy as np
 from flax import nnx
 
 from hybrid_jax.convert.hf_names import LAYOUT_RELEASE, tokenizer_files
-from hybrid_jax.convert.param_paths import path_key
 from hybrid_jax.convert.output_dir import check_extra_files, refuse_existing, writing
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.hybrid_lm import HybridLM
+from hybrid_jax.tree_paths import flat_paths, path_keys
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -72,11 +72,6 @@ class OrbaxCheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _flat(tree: Any) -> dict[Path_, Any]:
-    return {tuple(path_key(k) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _set(tree: dict, path: Path_, value: Any) -> None:
     for key in path[:-1]:
         tree = tree[key]
@@ -137,7 +132,7 @@ def _save_args(pure: dict) -> dict:
     import orbax.checkpoint as ocp
 
     args: dict = jax.tree.map(lambda _: None, pure)
-    for path, leaf in _flat(pure).items():
+    for path, leaf in flat_paths(pure).items():
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
         stacked = _is_stacked(path) and len(leaf.shape) > 0 and leaf.shape[0] > 1
         big = nbytes > _CHUNK_BYTES
@@ -218,7 +213,7 @@ def save_orbax_leaves(cfg: ModelConfig,
     pdtype = np.dtype(cfg.params_dtype)
 
     def options(key: Any, value: Any) -> Any:
-        p = tuple(str(path_key(k)) for k in key)
+        p = tuple(str(k) for k in path_keys(key))
         return _storage_options(shapes[p][1] if p in shapes else p, tuple(value.shape),
                                 value.dtype)
 
@@ -396,8 +391,8 @@ def lazy_params(path: str | os.PathLike,
                                context=context).result()
 
     # Re-key the metadata's string keys ("0") with the model's own (0) from the abstract model.
-    expected = _flat(nnx.to_pure_dict(_abstract(cfg)[1]))
-    stored = {tuple(str(k) for k in p): m for p, m in _flat(tree).items()}
+    expected = flat_paths(nnx.to_pure_dict(_abstract(cfg)[1]))
+    stored = {tuple(str(k) for k in p): m for p, m in flat_paths(tree).items()}
     notify = on_read or (lambda p, i: None)
     out: dict = nnx.to_pure_dict(_abstract(cfg)[1])
     problems = []
