@@ -39,7 +39,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hybrid_jax.config import GDN, ModelConfig, dtype_name
+from hybrid_jax.config import (
+    GDN,
+    HF_SHAPE_FIELDS,
+    ModelConfig,
+    check_hf_dict,
+    dtype_name,
+    hf_dict_dtype,
+)
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -77,22 +84,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 IGNORED_PREFIXES = ("mtp.",)  # multi-token-prediction heads; transformers drops them too
 
-# config.json fields whose type we check before ModelConfig sees them (so that the error names the
-# field), and the fields without which shapes cannot be known.
-_INT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-    "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings",
-)
-_FLOAT_FIELDS = (
-    "rms_norm_eps", "initializer_range", "linear_a_log_min", "linear_a_log_max", "linear_dt_min",
-    "linear_dt_max", "linear_dt_init_floor", "rope_theta",
-)
-_BOOL_FIELDS = ("tie_word_embeddings", "linear_allow_neg_eigval", "attention_bias")
-_REQUIRED_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-)
-
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the culprit."""
@@ -109,56 +100,11 @@ def _load_json(path: Path, what: str) -> Any:
 def _read_config(path: Path) -> dict[str, Any]:
     """A config.json's fields, type-checked (the errors name ``path`` and the field)."""
     raw = _load_json(path, "config.json")
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: invalid config.json: expected a JSON object, "
-                              f"got {type(raw).__name__}")
-    _check_config_fields(raw, path)
+    try:
+        check_hf_dict(raw, required=HF_SHAPE_FIELDS)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid {e}") from None
     return raw
-
-
-def _check_config_fields(raw: dict[str, Any], path: Path) -> None:
-    def fail(field: str, msg: str) -> None:
-        raise CheckpointError(f"{path}: invalid config.json field {field!r}: {msg}")
-
-    for name in _REQUIRED_FIELDS:
-        if raw.get(name) is None:
-            fail(name, "missing (needed to know the tensor shapes)")
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    for name in _INT_FIELDS:
-        v = raw.get(name)
-        if v is not None and not (is_int(v) and v > 0):
-            fail(name, f"expected a positive integer, got {v!r}")
-    for name in _FLOAT_FIELDS:
-        v = raw.get(name)
-        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
-            fail(name, f"expected a number, got {v!r}")
-    for name in _BOOL_FIELDS:
-        v = raw.get(name)
-        if v is not None and not isinstance(v, bool):
-            fail(name, f"expected true or false, got {v!r}")
-    layer_types = raw.get("layer_types")
-    if layer_types is not None and not (
-            isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
-        fail("layer_types", f"expected a list of strings, got {layer_types!r}")
-    rope = raw.get("rope_parameters")
-    if rope is not None:
-        if not isinstance(rope, dict):
-            fail("rope_parameters", f"expected an object or null, got {rope!r}")
-        theta = rope.get("rope_theta")
-        if theta is not None and not (isinstance(theta, (int, float)) and not isinstance(theta, bool)):
-            fail("rope_parameters.rope_theta", f"expected a number or null, got {theta!r}")
-    for name in ("dtype", "torch_dtype"):
-        v = raw.get(name)
-        if v is not None:
-            try:
-                dtype_name(str(v).removeprefix("torch."))
-            except (TypeError, ValueError):
-                fail(name, f"unsupported dtype {v!r}; expected float32, bfloat16 or float16")
-
-
-def _config_dtype(raw: dict[str, Any]) -> str | None:
-    v = raw.get("dtype") or raw.get("torch_dtype")
-    return None if v is None else dtype_name(str(v).removeprefix("torch."))
 
 
 # ----------------------------------------------------------------------------- files
@@ -676,7 +622,7 @@ def _resolve(path: str | Path, dtype: Any, config: ModelConfig | str | Path | No
         if dtype is not None:
             compute = dtype_name(dtype)
         else:
-            compute = _config_dtype(raw) or _tensor_dtype(files, naming)
+            compute = hf_dict_dtype(raw) or _tensor_dtype(files, naming)
         config_overrides.setdefault("param_dtype", compute)
         try:
             cfg = ModelConfig.from_hf_dict(raw, dtype=compute, **config_overrides)
