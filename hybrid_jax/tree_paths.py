@@ -29,3 +29,10 @@ def flat_paths(tree: Any, **flatten_kwargs: Any) -> dict[tuple[str | int, ...], 
     (``flatten_kwargs``, e.g. ``is_leaf``, go to ``tree_flatten_with_path``)."""
     return {path_keys(path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree, **flatten_kwargs)[0]}
+
+
+def set_path(tree: Any, path: tuple[str | int, ...], value: Any) -> None:
+    """Replace, in place, the leaf at plain-key ``path`` of nested dicts/lists ``tree``."""
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value

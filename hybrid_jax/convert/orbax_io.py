@@ -56,7 +56,7 @@ from hybrid_jax.convert.hf_names import LAYOUT_RELEASE, tokenizer_files
 from hybrid_jax.convert.output_dir import check_extra_files, refuse_existing, writing
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.hybrid_lm import HybridLM
-from hybrid_jax.tree_paths import flat_paths, path_keys
+from hybrid_jax.tree_paths import flat_paths, path_keys, set_path
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -72,12 +72,6 @@ class OrbaxCheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _set(tree: dict, path: Path_, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
-
-
 def _is_stacked(path: Path_) -> bool:
     return path[:2] == ("stack", "blocks")
 
@@ -136,7 +130,7 @@ def _save_args(pure: dict) -> dict:
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
         stacked = _is_stacked(path) and len(leaf.shape) > 0 and leaf.shape[0] > 1
         big = nbytes > _CHUNK_BYTES
-        _set(args, path, ocp.SaveArgs(shard_axes=(0,) if stacked else (),
+        set_path(args, path, ocp.SaveArgs(shard_axes=(0,) if stacked else (),
                                       chunk_byte_size=_CHUNK_BYTES if big else None))
     return args
 
@@ -402,7 +396,7 @@ def lazy_params(path: str | os.PathLike,
             problems.append(f"missing parameter {'.'.join(map(str, p))}")
             continue
         name = getattr(m, "name", None) or ".".join(str(k) for k in p)
-        _set(out, p, _LazyParam(opener(name), p, tuple(m.shape), np.dtype(m.dtype), notify))
+        set_path(out, p, _LazyParam(opener(name), p, tuple(m.shape), np.dtype(m.dtype), notify))
     problems += [f"unexpected parameter {'.'.join(k)}" for k in stored]
     if problems:
         raise OrbaxCheckpointError(f"{params_dir}: parameters do not match {ckpt / CONFIG_FILE}: "
