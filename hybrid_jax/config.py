@@ -40,6 +40,84 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
+# transformers config.json fields, type-checked before any default is derived from them (a zero
+# head count would divide by zero), so that the error names the config.json field.
+_HF_INT_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+    "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings",
+)
+_HF_FLOAT_FIELDS = (
+    "rms_norm_eps", "initializer_range", "linear_a_log_min", "linear_a_log_max", "linear_dt_min",
+    "linear_dt_max", "linear_dt_init_floor", "rope_theta",
+)
+_HF_BOOL_FIELDS = ("tie_word_embeddings", "linear_allow_neg_eigval", "attention_bias")
+# Fields a checkpoint's config.json must have: without them the tensors' shapes would be the
+# 7B defaults' guess.
+HF_SHAPE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_hf_dict(d: Any, required: tuple[str, ...] = ()) -> None:
+    """Check the types of a transformers ``config.json`` dict's fields (absent or null fields
+    pass, except those in ``required``).
+
+    Raises ValueError naming the field: ``config.json field 'hidden_size': expected a positive
+    integer, got '64'``.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"config.json: expected a JSON object, got {type(d).__name__}")
+
+    def fail(field: str, msg: str) -> None:
+        raise ValueError(f"config.json field {field!r}: {msg}")
+
+    for name in required:
+        if d.get(name) is None:
+            fail(name, "missing (needed to know the tensor shapes)")
+    for names, ok, expected in ((_HF_INT_FIELDS, lambda v: _is_int(v) and v > 0,
+                                 "a positive integer"),
+                                (_HF_FLOAT_FIELDS, _is_number, "a number"),
+                                (_HF_BOOL_FIELDS, lambda v: isinstance(v, bool), "true or false")):
+        for name in names:
+            v = d.get(name)
+            if v is not None and not ok(v):
+                fail(name, f"expected {expected}, got {v!r}")
+    layer_types = d.get("layer_types")
+    if layer_types is not None and not (
+            isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
+        fail("layer_types", f"expected a list of strings, got {layer_types!r}")
+    rope = d.get("rope_parameters")
+    if rope is not None:
+        if not isinstance(rope, dict):
+            fail("rope_parameters", f"expected an object or null, got {rope!r}")
+        theta = rope.get("rope_theta")
+        if theta is not None and not _is_number(theta):
+            fail("rope_parameters.rope_theta", f"expected a number or null, got {theta!r}")
+    for name in ("dtype", "torch_dtype"):
+        v = d.get(name)
+        if v is not None:
+            try:
+                dtype_name(str(v).removeprefix("torch."))
+            except (TypeError, ValueError):
+                fail(name, f"unsupported dtype {v!r}; expected float32, bfloat16 or float16")
+
+
+def hf_dict_dtype(d: dict[str, Any]) -> str | None:
+    """The canonical dtype name of a checked config.json dict's ``dtype`` (or older
+    ``torch_dtype``, possibly ``"torch.bfloat16"``), or None when it names none."""
+    v = d.get("dtype") or d.get("torch_dtype")
+    return None if v is None else dtype_name(str(v).removeprefix("torch."))
+
+
 def hybrid_layer_types(num_layers: int, period: int = 4) -> tuple[str, ...]:
     """OLMo Hybrid's pattern: (period - 1) GDN layers then one attention layer, repeated."""
     return tuple(ATTENTION if i % period == period - 1 else GDN for i in range(num_layers))
@@ -239,12 +317,16 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> "ModelConfig":
         """Build from a transformers ``config.json`` dict, filling defaults the way
-        ``OlmoHybridConfig`` does. ``overrides`` replace fields (e.g. ``dtype``)."""
+        ``OlmoHybridConfig`` does. ``overrides`` replace fields (e.g. ``dtype``).
+
+        Raises ValueError naming the field: ``check_hf_dict``'s type checks, a model type other
+        than ``olmo_hybrid``, a RoPE type other than the default, then ``ModelConfig``'s own."""
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a dict, got {type(d).__name__}")
         model_type = d.get("model_type", "olmo_hybrid")
         if model_type != "olmo_hybrid":
             raise ValueError(f"config.model_type: expected 'olmo_hybrid', got {model_type!r}")
+        check_hf_dict(d)
         base = cls()
         get = lambda name: d.get(name) if d.get(name) is not None else getattr(base, name)
         n_layers = int(get("num_hidden_layers"))
@@ -274,7 +356,7 @@ class ModelConfig:
         eos = d.get("eos_token_id", base.eos_token_id)
         if isinstance(eos, list):
             eos = eos[0] if eos else None
-        dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        dtype = hf_dict_dtype(d) or "float32"
         kwargs: dict[str, Any] = dict(
             vocab_size=get("vocab_size"),
             hidden_size=hidden,

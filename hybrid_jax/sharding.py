@@ -12,6 +12,18 @@ Every parameter dimension has a logical name (``param_logical_axes``: "embed", "
 logical names to mesh axes. Shardings are checked against the shapes before anything compiles:
 a dimension a mesh axis does not divide is an error naming the parameter.
 
+The logical axes are tables keyed by parameter path here, not ``nnx.with_partitioning``
+metadata on each ``nnx.Param`` where it is created, because:
+  * the decoder blocks' parameters are made by ``jax.vmap`` over one block's init
+    (``model.stack``), so their leading [n] "layers" axis is added by the stacking code, not by
+    the module that declares the parameter: metadata would still need that axis prepended there;
+  * the callers hold plain pytrees, not Variables: ``param_shardings`` and
+    ``train_state_shardings`` take pure dicts and ``ShapeDtypeStruct``s (optimizer moments,
+    orbax restore targets), and ``from_hf(shardings=...)`` takes a (path, shape) -> sharding
+    callable; all are keyed by path, where metadata would first need a model built;
+  * a parameter missing from the tables is an error (``param_logical_axes``), while one
+    missing its metadata would silently be replicated.
+
 Activations get logical names too ("batch", "length", "act_embed", "mlp", "heads", ...): inside
 ``activation_sharding(mesh, rules)`` (entered while a step is traced), the model's
 ``constrain`` calls pin them with sharding constraints, so GSPMD gathers weights for FSDP
@@ -32,6 +44,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hybrid_jax.tree_paths import path_keys
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
@@ -321,10 +335,8 @@ def sharding_problem(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) ->
 
 
 def _flat_with_paths(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
-    from hybrid_jax.convert.param_paths import path_key  # convert imports this module
-
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [(tuple(path_key(k) for k in path), leaf) for path, leaf in flat], treedef
+    return [(path_keys(path), leaf) for path, leaf in flat], treedef
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: LogicalRules | None = None) -> Any:

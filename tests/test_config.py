@@ -86,3 +86,25 @@ def test_from_hf_dict_rejects_other_models():
         ModelConfig.from_hf_dict({"model_type": "llama"})
     with pytest.raises(ValueError, match="rope_type"):
         ModelConfig.from_hf_dict({"model_type": "olmo_hybrid", "rope_parameters": {"rope_type": "yarn"}})
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("hidden_size", "64", "'hidden_size': expected a positive integer"),
+    ("num_attention_heads", 0, "'num_attention_heads': expected a positive integer"),
+    ("rms_norm_eps", "small", "'rms_norm_eps': expected a number"),
+    ("tie_word_embeddings", "no", "'tie_word_embeddings': expected true or false"),
+    ("torch_dtype", "int8", "'torch_dtype': unsupported dtype"),
+])
+def test_from_hf_dict_names_the_config_json_field(field, value, expected):
+    """config.json's types are checked in one place (``check_hf_dict``), before any default is
+    derived from them; from_hf uses the same checks."""
+    d = dict(model_type="olmo_hybrid", vocab_size=128, hidden_size=64, intermediate_size=96,
+             num_hidden_layers=4, num_attention_heads=4)
+    with pytest.raises(ValueError, match=expected):
+        ModelConfig.from_hf_dict({**d, field: value})
+
+
+def test_from_hf_dict_reads_torch_prefixed_dtypes():
+    d = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+             num_attention_heads=4, torch_dtype="torch.bfloat16")
+    assert ModelConfig.from_hf_dict(d).param_dtype == "bfloat16"

@@ -58,7 +58,7 @@ def _child(out: Path) -> None:
     from hybrid_jax.convert import CheckpointError, from_hf
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    fh = importlib.import_module("hybrid_jax.convert.from_hf")  # the module, not the function
+    plan = importlib.import_module("hybrid_jax.convert.plan")  # whose box readers read slices
     assert jax.device_count() == N_DEVICES, jax.devices()
     root = out.parent
     hf = make_hf_model(seed=5, num_hidden_layers=LAYERS)
@@ -68,13 +68,13 @@ def _child(out: Path) -> None:
 
     mesh = Mesh(np.array(jax.devices()).reshape(MESH_SHAPE), AXES)
     reads: list[tuple[str, list[int], list[list[int]]]] = []
-    original = fh._read_slice
+    original = plan.read_slice
 
     def recording(info, index):
         reads.append((info.name, list(info.shape), [list(s) for s in index]))
         return original(info, index)
 
-    fh._read_slice = recording
+    plan.read_slice = recording
 
     def sharding_for(path, shape):
         return NamedSharding(mesh, _rule(path, shape))

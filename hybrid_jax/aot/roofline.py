@@ -12,21 +12,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import jax
-
 from hybrid_jax.aot.chips import ChipSpec
 from hybrid_jax.config import ATTENTION, GDN, ModelConfig
+from hybrid_jax.tree_paths import flat_paths
 
 
 def matmul_params(config: ModelConfig) -> int:
     """Parameters that multiply activations: every weight of two or more dimensions except
     the embedding table (a lookup), which counts when it is tied to the output layer."""
-    from hybrid_jax.convert.param_paths import path_key
     from hybrid_jax.train.state import model_template
 
     total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model_template(config).abstract)[0]:
-        keys = [path_key(k) for k in path]
+    for keys, leaf in flat_paths(model_template(config).abstract).items():
         if len(leaf.shape) >= 2 and (keys[0] != "embed" or config.tie_word_embeddings):
             total += math.prod(leaf.shape)
     return total

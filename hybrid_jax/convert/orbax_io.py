@@ -53,10 +53,10 @@ import numpy as np
 from flax import nnx
 
 from hybrid_jax.convert.hf_names import LAYOUT_RELEASE, tokenizer_files
-from hybrid_jax.convert.param_paths import path_key
 from hybrid_jax.convert.output_dir import check_extra_files, refuse_existing, writing
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.hybrid_lm import HybridLM
+from hybrid_jax.tree_paths import flat_paths, path_keys, set_path
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -72,17 +72,6 @@ class OrbaxCheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _flat(tree: Any) -> dict[Path_, Any]:
-    return {tuple(path_key(k) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _set(tree: dict, path: Path_, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
-
-
 def _is_stacked(path: Path_) -> bool:
     return path[:2] == ("stack", "blocks")
 
@@ -137,11 +126,11 @@ def _save_args(pure: dict) -> dict:
     import orbax.checkpoint as ocp
 
     args: dict = jax.tree.map(lambda _: None, pure)
-    for path, leaf in _flat(pure).items():
+    for path, leaf in flat_paths(pure).items():
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
         stacked = _is_stacked(path) and len(leaf.shape) > 0 and leaf.shape[0] > 1
         big = nbytes > _CHUNK_BYTES
-        _set(args, path, ocp.SaveArgs(shard_axes=(0,) if stacked else (),
+        set_path(args, path, ocp.SaveArgs(shard_axes=(0,) if stacked else (),
                                       chunk_byte_size=_CHUNK_BYTES if big else None))
     return args
 
@@ -218,7 +207,7 @@ def save_orbax_leaves(cfg: ModelConfig,
     pdtype = np.dtype(cfg.params_dtype)
 
     def options(key: Any, value: Any) -> Any:
-        p = tuple(str(path_key(k)) for k in key)
+        p = tuple(str(k) for k in path_keys(key))
         return _storage_options(shapes[p][1] if p in shapes else p, tuple(value.shape),
                                 value.dtype)
 
@@ -396,8 +385,8 @@ def lazy_params(path: str | os.PathLike,
                                context=context).result()
 
     # Re-key the metadata's string keys ("0") with the model's own (0) from the abstract model.
-    expected = _flat(nnx.to_pure_dict(_abstract(cfg)[1]))
-    stored = {tuple(str(k) for k in p): m for p, m in _flat(tree).items()}
+    expected = flat_paths(nnx.to_pure_dict(_abstract(cfg)[1]))
+    stored = {tuple(str(k) for k in p): m for p, m in flat_paths(tree).items()}
     notify = on_read or (lambda p, i: None)
     out: dict = nnx.to_pure_dict(_abstract(cfg)[1])
     problems = []
@@ -407,7 +396,7 @@ def lazy_params(path: str | os.PathLike,
             problems.append(f"missing parameter {'.'.join(map(str, p))}")
             continue
         name = getattr(m, "name", None) or ".".join(str(k) for k in p)
-        _set(out, p, _LazyParam(opener(name), p, tuple(m.shape), np.dtype(m.dtype), notify))
+        set_path(out, p, _LazyParam(opener(name), p, tuple(m.shape), np.dtype(m.dtype), notify))
     problems += [f"unexpected parameter {'.'.join(k)}" for k in stored]
     if problems:
         raise OrbaxCheckpointError(f"{params_dir}: parameters do not match {ckpt / CONFIG_FILE}: "

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hybrid_jax.convert.param_paths import path_key
 from hybrid_jax.convert.output_dir import check_extra_files, refuse_existing, writing
 from hybrid_jax.config import GDN, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
@@ -53,6 +52,7 @@ from hybrid_jax.convert.hf_names import (
 )
 from hybrid_jax.convert.safetensors_file import DTYPES
 from hybrid_jax.model.hybrid_lm import HybridLM
+from hybrid_jax.tree_paths import flat_paths
 
 
 # numpy dtype -> safetensors code, for the dtypes we write.
@@ -120,14 +120,9 @@ def _flatten(params: Any) -> dict[Path_, Any]:
     """path tuple -> array (nnx.Variable leaves unwrapped)."""
     if isinstance(params, nnx.State):
         params = nnx.to_pure_dict(params)
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    flat: dict[Path_, Any] = {}
-    for path, leaf in leaves:
-        if isinstance(leaf, nnx.Variable):
-            leaf = leaf[...]
-        flat[tuple(path_key(k) for k in path)] = leaf
-    return flat
+    flat = flat_paths(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return {path: leaf[...] if isinstance(leaf, nnx.Variable) else leaf
+            for path, leaf in flat.items()}
 
 
 def _fmt(path: Path_) -> str:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hybrid_jax.tree_paths import path_keys
+
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -95,10 +97,7 @@ def decays(path: Sequence[str | int]) -> bool:
 
 def weight_decay_mask(params) -> object:
     """A pytree of bools like ``params``: True where AdamW applies weight decay."""
-    from hybrid_jax.convert.param_paths import path_key
-
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: decays([path_key(k) for k in path]), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path_keys(path)), params)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.hybrid_lm import HybridLM
 from hybrid_jax.sharding import LogicalRules, param_shardings
+from hybrid_jax.tree_paths import path_keys
 
 
 class TrainState(NamedTuple):
@@ -57,16 +58,14 @@ def train_state_shardings(abstract: TrainState, mesh: Mesh, rules: LogicalRules 
     """Shardings for a ``TrainState`` (abstract or concrete): parameters by their logical axes;
     each optimizer-state leaf that mirrors a parameter (Adam's moments) like that parameter;
     everything else (counts, scalars) replicated."""
-    from hybrid_jax.convert.param_paths import path_key
-
     params = param_shardings(abstract.params, mesh, rules)
-    by_path = {tuple(path_key(k) for k in p): (s, leaf.shape) for (p, s), leaf in zip(
+    by_path = {path_keys(p): (s, leaf.shape) for (p, s), leaf in zip(
         jax.tree_util.tree_flatten_with_path(params)[0],
         jax.tree_util.tree_leaves(abstract.params))}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def opt_leaf(path, leaf):
-        keys = tuple(path_key(k) for k in path)
+        keys = path_keys(path)
         for start in range(len(keys)):
             hit = by_path.get(keys[start:])
             if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
