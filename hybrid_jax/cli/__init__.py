@@ -36,6 +36,7 @@ import sys
 
 from hybrid_jax.cli import aot, convert, demo, generate, main_job, train
 from hybrid_jax.cli.common import UsageError
+from hybrid_jax.cli.platforms import choose_platforms
 
 # Each command is a module with the same two entry points: ``register(subparsers)`` adds its
 # parser, ``run(args) -> int`` runs it and gives the exit code; what they share is in
@@ -57,11 +58,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; ``argv`` None means this process's command line, and then the process
     first restarts itself with transparent huge pages where that helps (``host_memory``).
-    No command, or options alone, run ``main``."""
+    No command, or options alone, run ``main``. jax's platforms are chosen first
+    (``platforms.choose_platforms``: no libtpu backend on a host without TPUs)."""
     if argv is None:
         from hybrid_jax.host_memory import restart_with_hugepages
 
         restart_with_hugepages()
+    choose_platforms()
     p = parser()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
