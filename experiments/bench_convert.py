@@ -96,7 +96,7 @@ def _dir_bytes(path: Path) -> int:
 _PRELUDE = """
 import json, re, sys
 import jax, flax, orbax.checkpoint, tensorstore, tqdm
-import hybrid_jax.cli, hybrid_jax.convert_cli, hybrid_jax.convert, hybrid_jax.convert.orbax_io
+import hybrid_jax.cli, hybrid_jax.cli.convert, hybrid_jax.convert, hybrid_jax.convert.orbax_io
 def _kb(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 base = _kb("VmRSS")

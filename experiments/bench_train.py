@@ -13,7 +13,8 @@ per step. jax runs one step per call and ``--steps-per-call`` steps per call (``
 as ``hybrid-jax train`` does with ``loop.steps_per_call``).
 Both run in one process, started as ``hybrid-jax train`` starts: with glibc's huge-page tunable
 where it helps (``hybrid_jax.host_memory``); ``--no-hugepages`` keeps glibc's defaults.
-MFU-style numbers use 6 x (non-embedding parameters) + attention FLOPs per token.
+GFLOP/s are model FLOPs (``hybrid_jax.aot.roofline.train_flops_per_token``: the matmul
+parameters, causal attention and the GDN chunk products), as ``hybrid-jax train`` reports them.
 
 Compile: lowers and compiles the full train step (forward, backward, AdamW) of the 7B preset
 for a global batch of ``--batch`` x ``--seq-len`` on a simulated fsdp x tensor mesh of 8 CPU
@@ -130,14 +131,14 @@ def throughput(args) -> None:
 
     from hybrid_jax import PRESETS
 
+    from hybrid_jax.aot.roofline import train_flops_per_token
     from hybrid_jax.train import OptimizerConfig, abstract_train_state, make_optimizer
-    from hybrid_jax.train_cli import _flops_per_token
 
     cfg = PRESETS[args.preset](gdn_method=args.gdn_method)
     n_params = sum(x.size for x in jax.tree.leaves(
         abstract_train_state(cfg, make_optimizer(OptimizerConfig())).params))
 
-    flops = _flops_per_token(cfg, n_params, args.seq_len)
+    flops = train_flops_per_token(cfg, args.seq_len)
     tokens = args.batch * args.seq_len
     print(f"{args.preset}: {n_params / 1e6:.2f}M parameters, batch {args.batch} x "
           f"{args.seq_len}, float32, CPU ({os.cpu_count()} cores), jax {jax.__version__}, "
@@ -163,7 +164,7 @@ def throughput(args) -> None:
     print(f"\nfloat32 matmul {'x'.join(map(str, shape))}: " +
           ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"\nMedian (and mean) over {args.steps} steps after {args.warmup}:\n")
-    print("| framework | ms/step | tokens/s | GFLOP/s (6N + attention) | of its matmul rate "
+    print("| framework | ms/step | tokens/s | GFLOP/s (model FLOPs) | of its matmul rate "
           "| vs torch |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (sec, mean, _) in rows.items():

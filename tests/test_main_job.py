@@ -51,17 +51,18 @@ def test_main_job_trains_and_samples(tmp_path, capsys):
 
 
 def _fake_run_train(monkeypatch, seen: list, where):
-    """Replace run_train by one that runs ``before_training`` on the merged config, then
+    """Replace train's run by one that runs ``before_training`` on the checked config, then
     records what the run would find in ``where`` and the config."""
-    import hybrid_jax.train_cli
+    from hybrid_jax.cli import train
+    from hybrid_jax.cli.train_config import train_config
 
-    def run_train(args, before_training=None):
-        cfg = hybrid_jax.train_cli.run_config(args)
+    def run(args, before_training=None):
+        cfg = train_config(args)
         code = before_training(cfg) if before_training is not None else None
         seen.append((sorted(p.name for p in where.iterdir()) if where.exists() else None, cfg))
         return 0 if code is None else code
 
-    monkeypatch.setattr(hybrid_jax.train_cli, "run_train", run_train)
+    monkeypatch.setattr(train, "run", run)
 
 
 def test_main_job_deletes_its_previous_run_first(tmp_path, monkeypatch, capsys):
@@ -97,9 +98,9 @@ def test_main_job_deletes_the_merged_checkpoint_dir_and_yields_to_config(tmp_pat
     config.write_text("data:\n  seq_len: 64\n  path: tokens.bin\nloop:\n  steps: 7\n")
     assert main(["main", "--config", str(config), "--checkpoint-dir", str(tmp_path / "c")]) == 0
     cfg = runs[1][1]
-    assert cfg["data"]["seq_len"] == 64 and cfg["loop"]["steps"] == 7
-    assert cfg["data"]["global_batch"] == 16  # the main job's default where YAML is silent
-    assert "text" not in cfg["data"]  # the embedded corpus only when no data is given
+    assert cfg.data.seq_len == 64 and cfg.loop.steps == 7
+    assert cfg.data.global_batch == 16  # the main job's default where YAML is silent
+    assert cfg.data.text is None  # the embedded corpus only when no data is given
 
 
 def test_main_job_keeps_its_previous_run_when_an_option_is_bad(tmp_path, capsys):

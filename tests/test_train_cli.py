@@ -8,7 +8,8 @@ import json
 import pytest
 
 from hybrid_jax.cli import main
-from hybrid_jax.train_cli import ConfigError, run_config
+from hybrid_jax.cli.common import ConfigError
+from hybrid_jax.cli.train_config import merge_layers
 
 TWO_LAYERS = ["--set", "model.num_hidden_layers=2",
               "--set", "model.layer_types=[linear_attention, full_attention]"]
@@ -73,7 +74,7 @@ def test_config_merges_preset_yaml_flags_and_sets(tmp_path):
         config=yaml_file, data=None, data_dtype=None, text="t.txt", tokenizer=None,
         seq_len=None, global_batch=16, steps=None, lr=0.02, checkpoint_dir=None,
         export_hf=None, mesh="fsdp=2,tensor=1", set=["optimizer.lr=3e-3", "loop.steps=7"])
-    cfg = run_config(args)
+    cfg = merge_layers(args)
     # --set over the flag over YAML; 1e-1 and 3e-3 are floats, as YAML 1.2 reads them.
     assert cfg["optimizer"] == {"lr": 3e-3, "schedule": "wsd", "min_lr_ratio": 0.1}
     assert cfg["loop"] == {"steps": 7}
@@ -81,7 +82,7 @@ def test_config_merges_preset_yaml_flags_and_sets(tmp_path):
     assert cfg["mesh"] == {"fsdp": 2, "tensor": 1}
     yaml_file.write_text("optimiser: {lr: 0.01}\n")
     with pytest.raises(ConfigError, match="unknown section 'optimiser'"):
-        run_config(args)
+        merge_layers(args)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -109,3 +110,18 @@ def test_occupied_export_dir_is_refused_before_training(corpus, tmp_path, capsys
     assert _train(corpus, tmp_path / "ckpt", 2, "--export-hf", str(tmp_path / "hf")) == 2
     assert "run.export_hf" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()  # nothing trained
+
+
+def test_sections_are_typed_with_their_defaults():
+    from hybrid_jax.cli.train_config import DataConfig, RunConfig, check_sections
+
+    sections = {"model": {}, "optimizer": {}, "loop": {"steps": 30}, "data": {"text": "t.txt"},
+                "mesh": {}, "run": {"checkpoint_dir": "ckpt"}}
+    cfg = check_sections(sections, "tiny")
+    assert cfg.data == DataConfig(text="t.txt")
+    assert (cfg.data.seq_len, cfg.data.global_batch, cfg.data.doc_separator) == (256, 8, "\n\n")
+    assert cfg.run == RunConfig(checkpoint_dir="ckpt") and cfg.run.log_path == "ckpt/log.jsonl"
+    assert (cfg.optimizer.total_steps, cfg.optimizer.warmup_steps) == (30, 3)
+    assert cfg.mesh is None
+    with pytest.raises(ConfigError, match=r"^run: unknown setting\(s\) \['log'\]"):
+        check_sections({**sections, "run": {"log": "x"}}, "tiny")

@@ -43,6 +43,12 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
             + gdn * layers.count(GDN))
 
 
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of training on one token of a [.., seq_len] sequence: 3x the forward's
+    (``model_flops``' train program per token; the numerator of a training run's MFU)."""
+    return 3 * forward_flops_per_token(config, seq_len)
+
+
 def model_flops(config: ModelConfig, program: str, batch: int, seq_len: int) -> float:
     """Model FLOPs of one call of ``program`` over ``batch`` rows: training 3x the forward
     (forward, and backward's two products per forward one); prefill the forward of seq_len

@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from hybrid_jax.cli.common import ConfigError, error, yaml_load
 
-def add_aot_parser(sub: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``aot`` parser to ``subparsers``."""
     from hybrid_jax.aot.programs import PROGRAMS
     from hybrid_jax.config import PRESETS
 
-    p = sub.add_parser("aot", help="compile for a TPU topology ahead of time; report memory "
+    p = subparsers.add_parser("aot", help="compile for a TPU topology ahead of time; report memory "
                        "and cost", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", required=True, help="libtpu topology name, e.g. v5p:4x4x4")
@@ -66,13 +67,12 @@ def add_aot_parser(sub: Any) -> argparse.ArgumentParser:
 def model_config(args: argparse.Namespace):
     """The preset, then --model-config, then --set, then dtypes and the Pallas GDN form."""
     from hybrid_jax.config import PRESETS
-    from hybrid_jax.train_cli import ConfigError, _yaml_load
 
     fields: dict[str, Any] = {}
     if args.model_config is not None:
         if not args.model_config.is_file():
             raise ConfigError(f"{args.model_config}: model config not found")
-        loaded = _yaml_load(args.model_config.read_text()) or {}
+        loaded = yaml_load(args.model_config.read_text()) or {}
         if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
             loaded = loaded["model"]
         if not isinstance(loaded, dict):
@@ -82,7 +82,7 @@ def model_config(args: argparse.Namespace):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
-        fields[key.strip()] = _yaml_load(value)
+        fields[key.strip()] = yaml_load(value)
     fields.setdefault("dtype", args.dtype)
     fields.setdefault("param_dtype", args.param_dtype)
     try:
@@ -135,7 +135,9 @@ def _kernels(topology, config, seq_len: int, backward: bool):
     return k
 
 
-def run_aot(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Compile and report each program: 0 (a program that does not fit is reported, not an
+    error), 2 bad input (one ``error:`` line naming the option)."""
     import os
 
     if "JAX_PLATFORMS" not in os.environ:
@@ -146,7 +148,6 @@ def run_aot(args: argparse.Namespace) -> int:
     from hybrid_jax.aot.report import report_program
     from hybrid_jax.aot.topology import AOTError, tpu_topology
     from hybrid_jax.sharding import MeshShape, ShardingError, parse_mesh_sizes
-    from hybrid_jax.train_cli import ConfigError
 
     try:
         programs = args.programs.split(",")
@@ -184,8 +185,7 @@ def run_aot(args: argparse.Namespace) -> int:
         kernels = [_kernels(topology, config, args.seq_len, backward)
                    for backward in (False, True)] if "kernels" in programs else []
     except (AOTError, ConfigError, ShardingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(str(e))
     for r in reports:
         if r.error:
             print(f"{r.program}: {r.error}")
@@ -200,3 +200,6 @@ def run_aot(args: argparse.Namespace) -> int:
                "kernels": [dataclasses.asdict(k) for k in kernels]}
         args.json.write_text(json.dumps(out, indent=1, default=str))
     return 0
+
+
+__all__ = ["HEADER", "format_row", "model_config", "register", "run"]

@@ -22,6 +22,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from hybrid_jax.cli import train
+from hybrid_jax.cli.common import error
+
 DEFAULT_DIR = "out/main"
 # Sized by runs on the project's 2-core CPU machine: 0.4 s a step (10,200 tokens/s at 4 steps per
 # call), 2.8 min in all, the loss from 5.57 to 1.47 (lr 6e-3 ended no lower). One checkpoint
@@ -39,15 +42,15 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
 FLAG_DEFAULTS: dict[str, Any] = {"preset": "bytes", "sample": 600}
 
 
-def add_main_parser(sub: Any) -> None:
-    """``hybrid-jax main``: the train parser with the main job's defaults, and ``--resume``."""
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``hybrid-jax main``'s parser to ``subparsers``: the train parser with the main
+    job's defaults, and ``--resume``."""
     from hybrid_jax.corpus import corpus_path
-    from hybrid_jax.train_cli import add_train_parser
 
     shown = [f"--{k} {v}" for k, v in FLAG_DEFAULTS.items()]
     shown += [f"{section}.{key}={value}" for section, values in BASE_CONFIG.items()
               for key, value in values.items()]
-    p = add_train_parser(sub, "main", help="the main job: train a small model on the "
+    p = train.register(subparsers, "main", help="the main job: train a small model on the "
                          "embedded corpus, then sample from it",
                          description=__doc__ + "\n" + textwrap.fill(
                              f"Defaults (any option overrides them): --text {corpus_path()} "
@@ -55,6 +58,7 @@ def add_main_parser(sub: Any) -> None:
     p.set_defaults(fallback_text=str(corpus_path()), base_config=BASE_CONFIG, **FLAG_DEFAULTS)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the checkpoint dir instead of starting afresh")
+    return p
 
 
 # What a training run writes in its checkpoint dir: orbax's step directories (named by the
@@ -75,36 +79,29 @@ def _start_afresh(ckpt: str | None) -> int | None:
         return None
     path = Path(ckpt)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        print(f"error: checkpoint dir {ckpt} is a link or a file; not deleting it (choose "
-              f"another directory, or --resume)", file=sys.stderr)
-        return 2
+        return error(f"checkpoint dir {ckpt} is a link or a file; not deleting it (choose "
+                     f"another directory, or --resume)")
     if not path.is_dir() or not any(path.iterdir()):
         return None
     strangers = sorted(p.name for p in path.iterdir() if not _is_run_entry(p))
     if strangers:
-        print(f"error: checkpoint dir {ckpt} holds {strangers[:5]}, which a training run "
-              f"does not write; not deleting it (choose another directory, or --resume)",
-              file=sys.stderr)
-        return 2
+        return error(f"checkpoint dir {ckpt} holds {strangers[:5]}, which a training run "
+                     f"does not write; not deleting it (choose another directory, or --resume)")
     print(f"{ckpt}: deleting the previous run to start afresh (--resume continues it)",
           file=sys.stderr)
     try:
         shutil.rmtree(path)
     except OSError as e:
-        print(f"error: deleting {ckpt}: {e}", file=sys.stderr)
-        return 2
+        return error(f"deleting {ckpt}: {e}")
     return None
 
 
-def run_main(args: argparse.Namespace) -> int:
-    """``hybrid-jax train``'s run, which first validates every option; then, unless --resume,
+def run(args: argparse.Namespace) -> int:
+    """``hybrid-jax train``'s run, which first checks every option; then, unless --resume,
     the previous run in the (merged) checkpoint dir is deleted before training."""
-    from hybrid_jax.train_cli import run_train
-
     if args.resume:
-        return run_train(args)
-    return run_train(args, before_training=lambda cfg: _start_afresh(
-        cfg["run"].get("checkpoint_dir")))
+        return train.run(args)
+    return train.run(args, before_training=lambda cfg: _start_afresh(cfg.run.checkpoint_dir))
 
 
-__all__ = ["BASE_CONFIG", "DEFAULT_DIR", "FLAG_DEFAULTS", "add_main_parser", "run_main"]
+__all__ = ["BASE_CONFIG", "DEFAULT_DIR", "FLAG_DEFAULTS", "register", "run"]

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hybrid_jax.cli.common import CommandError, error
 from hybrid_jax.convert.hf_names import LAYOUT_RELEASE, LAYOUTS
 
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -43,9 +44,12 @@ TOL_FLOAT32 = 1e-4
 TOL_LOW_PRECISION = 1e-1
 
 
-def add_convert_parser(sub: Any) -> None:
-    conv = sub.add_parser("convert", help="convert checkpoints between transformers and orbax",
-                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``convert`` parser, with its three subcommands, to ``subparsers``."""
+    conv = subparsers.add_parser("convert",
+                                 help="convert checkpoints between transformers and orbax",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     csub = conv.add_subparsers(dest="convert_command", required=True)
     p = csub.add_parser("hf-to-orbax", help="transformers checkpoint dir -> orbax checkpoint dir")
     p.add_argument("src")
@@ -79,15 +83,7 @@ def add_convert_parser(sub: Any) -> None:
     p.add_argument("--tol", type=float, default=None,
                    help=f"relative tolerance (default {TOL_FLOAT32:g}; {TOL_LOW_PRECISION:g} "
                         f"with --compute-dtype native and a bf16/fp16 checkpoint)")
-
-
-class _Fail(Exception):
-    """A user-facing error: printed as one line, exit 2."""
-
-
-def _err(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
+    return conv
 
 
 def _tqdm(**kw: Any):
@@ -132,7 +128,7 @@ def hf_to_orbax(args: argparse.Namespace) -> int:
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
-        raise _Fail(f"{src}: checkpoint directory not found")
+        raise CommandError(f"{src}: checkpoint directory not found")
     _check_dst(dst, args.overwrite)
     start = time.perf_counter()
     cfg, leaves = stream_params(src, dtype=args.dtype)  # validates; reads headers only
@@ -183,18 +179,18 @@ def orbax_to_hf_cmd(args: argparse.Namespace) -> int:
 
 def verify(args: argparse.Namespace) -> int:
     if args.batch <= 0 or args.seq_len <= 0:
-        raise _Fail("--batch and --seq-len must be positive")
+        raise CommandError("--batch and --seq-len must be positive")
     from hybrid_jax.convert.checkpoint import ORBAX, checkpoint_format
 
     hf_dir, orbax_dir = Path(args.hf_dir), Path(args.orbax_dir)
     if checkpoint_format(hf_dir) == ORBAX:
-        raise _Fail(f"{hf_dir}: an orbax checkpoint where the transformers one was expected "
+        raise CommandError(f"{hf_dir}: an orbax checkpoint where the transformers one was expected "
                     f"(verify HF_DIR ORBAX_DIR)")
     try:
         import torch
         from transformers import OlmoHybridForCausalLM
     except ImportError as e:
-        raise _Fail(f"verify needs torch and transformers to run the reference model ({e}); "
+        raise CommandError(f"verify needs torch and transformers to run the reference model ({e}); "
                     f"install them, e.g. pip install 'hybrid-jax[test]'") from None
     import jax
     import numpy as np
@@ -209,10 +205,10 @@ def verify(args: argparse.Namespace) -> int:
         hf = OlmoHybridForCausalLM.from_pretrained(
             hf_dir, dtype="auto" if native else torch.float32).eval()
     except Exception as e:  # noqa: BLE001 - transformers raises many types
-        raise _Fail(f"{hf_dir}: transformers cannot load it ({type(e).__name__}: "
+        raise CommandError(f"{hf_dir}: transformers cannot load it ({type(e).__name__}: "
                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     if hf.config.vocab_size != cfg.vocab_size or hf.config.num_hidden_layers != cfg.num_hidden_layers:
-        raise _Fail(f"{hf_dir} and {orbax_dir} are different models (vocab {hf.config.vocab_size} "
+        raise CommandError(f"{hf_dir} and {orbax_dir} are different models (vocab {hf.config.vocab_size} "
                     f"vs {cfg.vocab_size}, layers {hf.config.num_hidden_layers} vs "
                     f"{cfg.num_hidden_layers})")
     hf_dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
@@ -227,7 +223,7 @@ def verify(args: argparse.Namespace) -> int:
         ours = np.asarray(jax.jit(apply, static_argnums=0)(graphdef, params, ids.astype(np.int32)),
                           np.float32)
     if ours.shape != ref.shape:
-        raise _Fail(f"logits shapes differ: {ours.shape} (orbax) vs {ref.shape} (transformers)")
+        raise CommandError(f"logits shapes differ: {ours.shape} (orbax) vs {ref.shape} (transformers)")
     finite = bool(np.isfinite(ours).all() and np.isfinite(ref).all())
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     max_abs = float(diff.max()) if finite else float("inf")
@@ -241,21 +237,23 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def run_convert(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``args.convert_command``: 0 success, 1 verify above tolerance, 2 bad input (one
+    ``error:`` line naming the file)."""
     from hybrid_jax.convert.from_hf import CheckpointError
     from hybrid_jax.convert.orbax_io import OrbaxCheckpointError
 
     commands = {"hf-to-orbax": hf_to_orbax, "orbax-to-hf": orbax_to_hf_cmd, "verify": verify}
     try:
         return commands[args.convert_command](args)
-    except (_Fail, CheckpointError, OrbaxCheckpointError, FileExistsError, FileNotFoundError,
+    except (CommandError, CheckpointError, OrbaxCheckpointError, FileExistsError, FileNotFoundError,
             NotADirectoryError, PermissionError, ValueError) as e:
         text = str(e).strip()
         if isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)) and e.filename:
             text = f"{e.filename}: {e.strerror}"
-        return _err(text)
+        return error(text)
     except KeyboardInterrupt:
-        return _err("interrupted; no output was left behind")
+        return error("interrupted; no output was left behind")
 
 
-__all__ = ["add_convert_parser", "run_convert"]
+__all__ = ["register", "run"]

@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from hybrid_jax.convert_cli import _err
+from hybrid_jax.cli.common import CommandError, error
 
 
-def add_generate_parser(sub: Any) -> None:
-    p = sub.add_parser("generate", help="stream text generated from a checkpoint",
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``generate`` parser to ``subparsers``."""
+    p = subparsers.add_parser("generate", help="stream text generated from a checkpoint",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="transformers or orbax checkpoint directory")
@@ -55,10 +56,7 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--eos-token-id", type=int, nargs="*", default=None, metavar="ID",
                    help="token id(s) that end generation (default: the checkpoint config's; "
                         "the flag alone: never stop early)")
-
-
-class _Fail(Exception):
-    """A user-facing error: printed as one line, exit 2."""
+    return p
 
 
 class _Printer:
@@ -89,10 +87,10 @@ def _generate(args: argparse.Namespace) -> int:
     # Option checks that need neither the tokenizer nor the model. The sampling options are
     # checked by generate's own SamplingConfig; generate checks the rest once the model is here.
     if args.max_new_tokens <= 0:
-        raise _Fail(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+        raise CommandError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if not args.prompt:
-        raise _Fail("--prompt is empty")
+        raise CommandError("--prompt is empty")
 
     from hybrid_jax.convert.checkpoint import checkpoint_format, load_checkpoint
     from hybrid_jax.inference.text import load_codec
@@ -102,7 +100,7 @@ def _generate(args: argparse.Namespace) -> int:
     codec = load_codec(args.tokenizer, ckpt)
     prompt_ids = codec.encode(args.prompt)
     if not prompt_ids:
-        raise _Fail(f"--prompt {args.prompt!r} encodes to no tokens with {codec.description}")
+        raise CommandError(f"--prompt {args.prompt!r} encodes to no tokens with {codec.description}")
 
     import numpy as np
 
@@ -157,7 +155,9 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Generate and stream: 0 success, 1 stdout could not be written, 2 bad input (one
+    ``error:`` line naming the culprit)."""
     from hybrid_jax.convert.from_hf import CheckpointError
     from hybrid_jax.convert.orbax_io import OrbaxCheckpointError
     from hybrid_jax.inference.errors import InputError
@@ -165,15 +165,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
     try:
         return _generate(args)
-    except (_Fail, InputError, CheckpointError, OrbaxCheckpointError, TokenizerError) as e:
+    except (CommandError, InputError, CheckpointError, OrbaxCheckpointError, TokenizerError) as e:
         # Bad input only, each naming its culprit: the file (checkpoint, tokenizer) or the
         # argument (generate's and SamplingConfig's checks). Anything else is a bug: traceback.
-        return _err(str(e).strip() or type(e).__name__)
+        return error(str(e).strip() or type(e).__name__)
     except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        return _err(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+        return error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
     except KeyboardInterrupt:
         print(file=sys.stdout, flush=True)
-        return _err("interrupted")
+        return error("interrupted")
 
 
-__all__ = ["add_generate_parser", "run_generate"]
+__all__ = ["register", "run"]

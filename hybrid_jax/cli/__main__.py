@@ -1,0 +1,7 @@
+"""``python -m hybrid_jax.cli``: the ``hybrid-jax`` command."""
+
+import sys
+
+from hybrid_jax.cli import main
+
+sys.exit(main())
