@@ -36,19 +36,39 @@ LIBTPU_NOISE = ("could not determine TPU", "TPU_WORKER_HOSTNAMES", "INVALID_ARGU
                 "libtpu_init_utils", "Logging before InitGoogle")
 
 
+def _user_environment() -> dict:
+    """The user's environment: no JAX_PLATFORMS, nor conftest's libtpu settings that quiet it."""
+    quiet = {"JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY",
+             "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_HOST_BOUNDS"}
+    return {k: v for k, v in os.environ.items() if k not in quiet}
+
+
+def _libtpu_noise(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if any(n in line for n in LIBTPU_NOISE)]
+
+
 @pytest.mark.skipif(has_tpu_devices(), reason="a TPU host: libtpu is the backend here")
 def test_a_command_prints_no_libtpu_errors_without_jax_platforms(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("hello\n")
-    # The user's environment: no JAX_PLATFORMS, nor conftest's libtpu settings that quiet it.
-    quiet = {"JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY",
-             "ALLOW_MULTIPLE_LIBTPU_LOAD"}
-    env = {k: v for k, v in os.environ.items() if k not in quiet}
     # The mesh check asks jax for its devices (starting its backends), then fails at once.
     proc = subprocess.run([sys.executable, "-m", "hybrid_jax.cli", "train", "--text",
-                           str(text), "--mesh", "fsdp=4096"], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
+                           str(text), "--mesh", "fsdp=4096"], env=_user_environment(),
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "needs 4096 devices" in proc.stderr
-    noise = [line for line in proc.stderr.splitlines() if any(n in line for n in LIBTPU_NOISE)]
-    assert not noise, proc.stderr[-3000:]
+    assert not _libtpu_noise(proc.stderr), proc.stderr[-3000:]
+
+
+def test_aot_reaches_libtpus_compiler_without_its_warnings():
+    """``hybrid-jax aot`` loads libtpu as a compiler: it compiles, and prints none of
+    libtpu's start-up warnings (the host's accelerator type, worker hostnames)."""
+    proc = subprocess.run([sys.executable, "-m", "hybrid_jax.cli", "aot", "--topology",
+                           "v5e:2x2", "--preset", "tiny", "--batch", "4", "--seq-len", "64",
+                           "--programs", "decode"], env=_user_environment(),
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "decode" in proc.stdout and "yes" in proc.stdout, proc.stdout
+    assert not _libtpu_noise(proc.stderr + proc.stdout), proc.stderr[-3000:]

@@ -26,9 +26,12 @@ class AOTError(ValueError):
 
 def quiet_libtpu_environment() -> None:
     """Environment for using libtpu as a compiler only, set where not already set: libtpu
-    otherwise looks for TPU workers in cloud metadata and warns at length, and refuses a
-    second process while one holds it (its lockfile), which compile-only use does not need."""
+    otherwise looks for TPU workers in cloud metadata and warns at length, warns that it
+    cannot tell this host's accelerator type (the host bounds: the compile's topology is
+    named explicitly, so they do not enter it), and refuses a second process while one holds
+    it (its lockfile), which compile-only use does not need."""
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 

@@ -156,10 +156,10 @@ def orbax_to_hf_cmd(args: argparse.Namespace) -> int:
     import jax
 
     # One progress step per (parameter, layer slice): what to_hf reads for each output tensor.
-    from hybrid_jax.convert.orbax_io import _LazyParam
+    from hybrid_jax.convert.orbax_io import LazyParam
 
     total = sum(p.shape[0] if p.path[:2] == ("stack", "blocks") else 1
-                for p in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, _LazyParam)))
+                for p in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, LazyParam)))
     seen: set = set()
     start = time.perf_counter()
     with _tqdm(total=total, unit="tensor", desc="orbax-to-hf") as bar:

@@ -303,7 +303,7 @@ def load_orbax(path: str | os.PathLike, **config_overrides: Any) -> HybridLM:
 
 
 # ----------------------------------------------------------------------------- streaming
-class _LazyParam:
+class LazyParam:
     """A stored parameter read on demand: ``p[j]`` reads slice j only, ``p[:, a:b]`` that box,
     ``np.asarray(p)`` all of it. Shape and dtype come from the checkpoint's metadata, so checks
     need no reads."""
@@ -396,7 +396,7 @@ def lazy_params(path: str | os.PathLike,
             problems.append(f"missing parameter {'.'.join(map(str, p))}")
             continue
         name = getattr(m, "name", None) or ".".join(str(k) for k in p)
-        set_path(out, p, _LazyParam(opener(name), p, tuple(m.shape), np.dtype(m.dtype), notify))
+        set_path(out, p, LazyParam(opener(name), p, tuple(m.shape), np.dtype(m.dtype), notify))
     problems += [f"unexpected parameter {'.'.join(k)}" for k in stored]
     if problems:
         raise OrbaxCheckpointError(f"{params_dir}: parameters do not match {ckpt / CONFIG_FILE}: "

@@ -101,43 +101,13 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
     if state is None:
         state = init_train_state(model_config, optimizer, mesh=mesh, rules=rules,
                                  seed=loop.seed)
-    per_call = loop.steps_per_call
     step_fn = jit_train_step(
         make_train_step(template, optimizer, z_loss_weight=loop.z_loss_weight,
                         schedule=make_schedule(optimizer_config), mesh=mesh, rules=rules),
-        shardings, mesh, rules, steps_per_call=per_call)
-    stacked = micro_batches_sharding(mesh, rules) if mesh is not None else None
-    a = loop.micro_batches
-    if dataset.global_batch % a:
-        raise ValueError(f"LoopConfig.micro_batches: {a} does not divide the global batch "
-                         f"{dataset.global_batch}")
-    if stacked is not None:  # before anything compiles
-        check_batch((a, dataset.global_batch // a, dataset.seq_len), stacked,
-                    "batch [micro-batches, rows, positions]")
-        if per_call > 1:  # calls take [K, A, B, T]
-            stacked = NamedSharding(mesh, PartitionSpec(None, *stacked.spec))
-    index, count = jax.process_index(), jax.process_count()
-
-    def call_batch(first: int, k: int) -> dict:
-        """Steps first .. first+k-1 of this process's data as the jitted call takes them."""
-        hosts = [dataset.batch(s, index, count) for s in range(first, first + k)]
-        local = {key: np.stack([h[key].reshape(a, h[key].shape[0] // a, *h[key].shape[1:])
-                                for h in hosts]) for key in hosts[0]}
-        if per_call == 1:
-            local = {key: v[0] for key, v in local.items()}
-        if stacked is None:
-            return jax.tree.map(jnp.asarray, local)
-        return {key: jax.make_array_from_process_local_data(stacked, v)
-                for key, v in local.items()}
-
+        shardings, mesh, rules, steps_per_call=loop.steps_per_call)
+    call_batch = _call_batches(dataset, loop, mesh, rules)
     # One log for the run: process 0 writes it (every process sees the same global metrics).
-    log = (open(log_file, "a")  # noqa: SIM115 - closed below
-           if log_file is not None and index == 0 else None)
-    board = None
-    if tensorboard_dir is not None and index == 0:
-        from tensorboardX import SummaryWriter
-
-        board = SummaryWriter(str(tensorboard_dir))
+    sinks = _MetricSinks(log_file, tensorboard_dir, on_step, jax.process_index() == 0)
     try:
         step = int(state.step)
         bad_run = int(state.bad_steps)
@@ -145,25 +115,17 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
             # A call never runs past the next checkpoint or the end, so every run (resumed
             # or not) cuts its steps into the same calls.
             boundary = min(loop.steps, (step // loop.checkpoint_every + 1) * loop.checkpoint_every)
-            k = min(per_call, boundary - step)
+            k = min(loop.steps_per_call, boundary - step)
             start = time.perf_counter()
             state, metrics = step_fn(state, call_batch(step, k))
             metrics = jax.device_get(metrics)
             seconds = (time.perf_counter() - start) / k
             for i in range(k):
                 record = {"step": step + i,
-                          **{name: float(v if per_call == 1 else v[i])
+                          **{name: float(v if loop.steps_per_call == 1 else v[i])
                              for name, v in metrics.items()}}
                 record["tokens_per_s"] = record["tokens"] / seconds
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if board is not None:
-                    for name, value in record.items():
-                        if name != "step":
-                            board.add_scalar(f"train/{name}", value, global_step=step + i)
-                if on_step is not None:
-                    on_step(step + i, record)
+                sinks.write(record)
                 bad_run = bad_run + 1 if record["skipped"] else 0
                 if bad_run >= loop.max_bad_steps:
                     raise TrainingError(f"step {step + i}: {bad_run} non-finite losses or "
@@ -174,13 +136,75 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
                                             or step == loop.steps):
                 checkpoints.save(state)
     finally:
-        if log is not None:
-            log.close()
-        if board is not None:
-            board.close()
+        sinks.close()
         if checkpoints is not None:
             checkpoints.close()
     return state
+
+
+def _call_batches(dataset: PackedDataset, loop: LoopConfig, mesh: Mesh | None,
+                  rules: LogicalRules | None) -> Callable[[int, int], dict]:
+    """``call_batch(first, k)``: steps first .. first+k-1 of this process's data as the jitted
+    call takes them ([A, B/A, T] per step, stacked to [K, A, B/A, T] when a call runs several
+    steps), made global arrays over ``mesh``. Checks the batch against the mesh first."""
+    per_call, a = loop.steps_per_call, loop.micro_batches
+    if dataset.global_batch % a:
+        raise ValueError(f"LoopConfig.micro_batches: {a} does not divide the global batch "
+                         f"{dataset.global_batch}")
+    stacked = micro_batches_sharding(mesh, rules) if mesh is not None else None
+    if stacked is not None:  # before anything compiles
+        check_batch((a, dataset.global_batch // a, dataset.seq_len), stacked,
+                    "batch [micro-batches, rows, positions]")
+        if per_call > 1:  # calls take [K, A, B, T]
+            stacked = NamedSharding(mesh, PartitionSpec(None, *stacked.spec))
+    index, count = jax.process_index(), jax.process_count()
+
+    def call_batch(first: int, k: int) -> dict:
+        hosts = [dataset.batch(s, index, count) for s in range(first, first + k)]
+        local = {key: np.stack([h[key].reshape(a, h[key].shape[0] // a, *h[key].shape[1:])
+                                for h in hosts]) for key in hosts[0]}
+        if per_call == 1:
+            local = {key: v[0] for key, v in local.items()}
+        if stacked is None:
+            return jax.tree.map(jnp.asarray, local)
+        return {key: jax.make_array_from_process_local_data(stacked, v)
+                for key, v in local.items()}
+
+    return call_batch
+
+
+class _MetricSinks:
+    """Where each step's record goes: a JSON line in ``log_file`` and a TensorBoard scalar
+    per metric in ``tensorboard_dir`` (both only where ``writer``, process 0), and
+    ``on_step`` (every process)."""
+
+    def __init__(self, log_file: str | Path | None, tensorboard_dir: str | Path | None,
+                 on_step: Callable[[int, dict], None] | None, writer: bool) -> None:
+        self.on_step = on_step
+        self.log = open(log_file, "a") if log_file is not None and writer else None  # noqa: SIM115
+        self.board = None
+        if tensorboard_dir is not None and writer:
+            from tensorboardX import SummaryWriter
+
+            self.board = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+        if self.board is not None:
+            for name, value in record.items():
+                if name != "step":
+                    self.board.add_scalar(f"train/{name}", value, global_step=step)
+        if self.on_step is not None:
+            self.on_step(step, record)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def read_log(path: str | Path) -> dict[int, dict]:
