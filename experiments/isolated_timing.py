@@ -16,7 +16,10 @@ A bench script names its contenders as ``Contender(name, script, factory, kwargs
 worker imports ``script`` as a module and calls ``factory(**kwargs)``, which returns either a
 callable that runs one measured call (and blocks until it is done), or a dict of such callables
 (one per task, e.g. "fwd" and "fwd+bwd", so that one process serves both), or a tuple of
-either and a JSON-able dict of facts to report (sizes, memory, a loss value).
+either and a JSON-able dict of facts to report (sizes, memory, a loss value). A task may also
+be a pair (prepare, run): ``prepare()`` runs untimed before each timed ``run()`` (a fresh
+cache, say). A factory that returns no tasks (an empty dict) is reported as skipped, under
+the task None, with its facts.
 
     python experiments/isolated_timing.py --selftest   # two sleeps, to check the harness
 """
@@ -91,7 +94,7 @@ class Result:
     """A contender's times (seconds) for one task over every round, and its reported facts."""
 
     name: str
-    task: str
+    task: str | None  # None: the contender was skipped (no tasks)
     times: list[float]
     info: dict[str, Any]
 
@@ -155,16 +158,20 @@ def worker(script: str, factory: str, kwargs_json: str, warmup: int) -> None:
     """Build the contender, warm every task up, then time calls as the parent asks: each input
     line is ``TASK RUNS``; an empty line or end of input ends the process."""
     tasks, info = _tasks(getattr(_load(script), factory)(**json.loads(kwargs_json)))
-    for fn in tasks.values():
+    for task in tasks.values():
         for _ in range(warmup):
-            fn()
+            for fn in task if isinstance(task, tuple) else (task,):
+                fn()
     _say(_READY, {"tasks": list(tasks), "info": info})
     for line in sys.stdin:
         if not line.strip():
             break
         task, runs = line.rsplit(" ", 1)
-        fn, times = tasks[task], []
+        prepare, fn = tasks[task] if isinstance(tasks[task], tuple) else (None, tasks[task])
+        times = []
         for _ in range(int(runs)):
+            if prepare is not None:
+                prepare()
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
@@ -210,7 +217,7 @@ class _Process:
 
 
 def compare(contenders: Sequence[Contender], *, rounds: int = 3, runs: int = 5,
-            warmup: int = 1, settle_s: float = 0.5) -> dict[tuple[str, str], Result]:
+            warmup: int = 1, settle_s: float = 0.5) -> dict[tuple[str, str | None], Result]:
     """Time every task of every contender, each in its own process, alternated over ``rounds``
     rounds of ``runs`` calls: {(contender name, task): Result}. Only one process computes at a
     time; a contender whose process fails raises RuntimeError naming it."""
@@ -229,7 +236,9 @@ def compare(contenders: Sequence[Contender], *, rounds: int = 3, runs: int = 5,
         for p in processes:
             p.close()
     info = {p.contender.name: p.info for p in processes}
-    return {(n, t): Result(n, t, ts, info[n]) for (n, t), ts in times.items()}
+    skipped = {(p.contender.name, None): Result(p.contender.name, None, [], p.info)
+               for p in processes if not p.tasks}
+    return {(n, t): Result(n, t, ts, info[n]) for (n, t), ts in times.items()} | skipped
 
 
 def measure_alone(contender: Contender, *, rounds: int = 1, runs: int = 5,
