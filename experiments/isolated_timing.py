@@ -87,6 +87,7 @@ class Contender:
     script: str
     factory: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    runs: int | None = None  # timed calls per round, if not compare's (e.g. for longer calls)
 
 
 @dataclass
@@ -231,7 +232,7 @@ def compare(contenders: Sequence[Contender], *, rounds: int = 3, runs: int = 5,
             for p in processes:
                 for task in p.tasks:
                     time.sleep(settle_s)
-                    times[p.contender.name, task] += p.time(task, runs)
+                    times[p.contender.name, task] += p.time(task, p.contender.runs or runs)
     finally:
         for p in processes:
             p.close()
