@@ -221,7 +221,8 @@ def compare(contenders: Sequence[Contender], *, rounds: int = 3, runs: int = 5,
             warmup: int = 1, settle_s: float = 0.5) -> dict[tuple[str, str | None], Result]:
     """Time every task of every contender, each in its own process, alternated over ``rounds``
     rounds of ``runs`` calls: {(contender name, task): Result}. Only one process computes at a
-    time; a contender whose process fails raises RuntimeError naming it."""
+    time, but all stay alive, each holding its inputs, until the comparison ends. A contender
+    whose process fails raises RuntimeError naming it."""
     processes: list[_Process] = []
     try:
         for c in contenders:
