@@ -21,7 +21,7 @@ be a pair (prepare, run): ``prepare()`` runs untimed before each timed ``run()``
 cache, say). A factory that returns no tasks (an empty dict) is reported as skipped, under
 the task None, with its facts.
 
-    python experiments/isolated_timing.py --selftest   # two sleeps, to check the harness
+    python experiments/isolated_timing.py --selftest   # sleeps timed: checks the harness
 """
 
 from __future__ import annotations
@@ -266,22 +266,30 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- self test
-def sleeper(seconds: float) -> Callable[[], None]:
-    """The self test's contender: a call that sleeps."""
-    return (lambda: time.sleep(seconds)), {"seconds": seconds, "pid": os.getpid()}
+def sleeper(seconds: float, prepare_s: float = 0.0, skip: bool = False):
+    """The self test's contender: a call that sleeps, after an untimed sleep of ``prepare_s``
+    (as a (prepare, run) pair), or no tasks at all with ``skip``."""
+    info = {"seconds": seconds, "pid": os.getpid()}
+    if skip:
+        return {}, dict(info, skipped="asked to")
+    run = lambda: time.sleep(seconds)
+    return ({DEFAULT_TASK: (lambda: time.sleep(prepare_s), run)} if prepare_s else run), info
 
 
 def _selftest() -> None:
     a = Contender("sleep 10 ms", __file__, "sleeper", {"seconds": 0.01})
-    b = Contender("sleep 20 ms", __file__, "sleeper", {"seconds": 0.02})
-    res = compare([a, b], rounds=2, runs=3, settle_s=0.05)
+    b = Contender("sleep 20 ms", __file__, "sleeper", {"seconds": 0.02, "prepare_s": 0.05},
+                  runs=2)
+    skipped = Contender("skipped", __file__, "sleeper", {"seconds": 1.0, "skip": True})
+    res = compare([a, b, skipped], rounds=2, runs=3, settle_s=0.05)
     ra, rb = res["sleep 10 ms", DEFAULT_TASK], res["sleep 20 ms", DEFAULT_TASK]
     print(machine_header())
     for r in (ra, rb):
         print(f"{r.name}: {r.summary()} in process {r.info['pid']}")
     print(f"ratio of medians: {ratio(rb, ra):.2f}x")
-    assert ra.info["pid"] != rb.info["pid"] != os.getpid() and ra.runs == rb.runs == 6
-    assert 1.5 < ratio(rb, ra) < 2.5, ratio(rb, ra)
+    assert ra.info["pid"] != rb.info["pid"] != os.getpid() and (ra.runs, rb.runs) == (6, 4)
+    assert 1.5 < ratio(rb, ra) < 2.5, ratio(rb, ra)  # the untimed prepare left out
+    assert res["skipped", None].info["skipped"] == "asked to" and not res["skipped", None].times
 
 
 def main(argv: list[str] | None = None) -> None:
