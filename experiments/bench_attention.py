@@ -4,17 +4,20 @@ forward + backward and XLA's temporary memory for the gradient, as T grows.
     python experiments/bench_attention.py [--T 1024,2048,4096,8192] [--H 8] [--D 128]
 
 One row of T tokens, H query heads sharing ``--Hkv`` key/value heads of D dims, float32,
-causal, no segments; best of ``--repeats`` timed calls of the jitted gradient (compilation
-excluded). Memory is ``compiled.memory_analysis().temp_size_in_bytes``: what XLA allocates
-beyond arguments and outputs. Prints a markdown table with the ratios dense / blockwise.
+causal, no segments; the jitted gradient (compilation excluded), each form in its own process,
+the two alternated over ``--rounds`` rounds of ``--runs`` calls (experiments/isolated_timing.py):
+median and min of each, the ratio of medians. Memory is
+``compiled.memory_analysis().temp_size_in_bytes``: what XLA allocates beyond arguments and
+outputs. Prints a markdown table with the ratios dense / blockwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import time
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -29,19 +32,21 @@ import numpy as np  # noqa: E402
 from hybrid_jax.ops.attention import causal_attention  # noqa: E402
 from hybrid_jax.ops.blockwise_attention import DEFAULT_BLOCK  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import isolated_timing  # noqa: E402
 
-def measure(method: str, block: int, q, k, v, repeats: int) -> tuple[float, int]:
-    """(best seconds, temporary bytes) of the gradient of sum(attention^2) wrt q, k, v."""
+
+def attention_contender(method: str, block: int, t: int, h: int, hkv: int,
+                        d: int) -> tuple[Callable[[], None], dict]:
+    """The compiled gradient of sum(attention^2) wrt q, k, v in one form, and its XLA
+    temporary bytes."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, t, n, d)), jnp.float32) for n in (h, hkv, hkv))
     attend = lambda q, k, v: causal_attention(q, k, v, implementation=method, block_size=block)
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2)))
     compiled = grad.lower(q, k, v).compile()
-    jax.block_until_ready(compiled(q, k, v))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
-        times.append(time.perf_counter() - start)
-    return min(times), compiled.memory_analysis().temp_size_in_bytes
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    return (lambda: jax.block_until_ready(compiled(q, k, v))), {"temp_bytes": temp}
 
 
 def main() -> None:
@@ -52,23 +57,25 @@ def main() -> None:
     p.add_argument("--D", type=int, default=128)
     p.add_argument("--block", type=int, default=DEFAULT_BLOCK,
                    help="the blockwise form's block rows")
-    p.add_argument("--repeats", type=int, default=3)
+    isolated_timing.add_arguments(p, rounds=3, runs=3)
     args = p.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__}, {jax.devices()[0].platform}; H={args.H}, Hkv={args.Hkv}, "
-          f"D={args.D}, float32, block {args.block}")
-    print("| T | dense fwd+bwd ms | blockwise fwd+bwd ms | speed ratio | dense temp MiB "
-          "| blockwise temp MiB | memory ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    rng = np.random.default_rng(0)
+    print(isolated_timing.machine_header())
+    print(f"# H={args.H}, Hkv={args.Hkv}, D={args.D}, float32, block {args.block}; "
+          + isolated_timing.describe(args.rounds, args.runs, args.settle))
+    print("| T | dense ms (median) | dense ms (min) | blockwise ms (median) | blockwise ms (min) "
+          "| speed ratio | runs | dense temp MiB | blockwise temp MiB | memory ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in (int(x) for x in args.T.split(",")):
-        q, k, v = (jnp.asarray(rng.standard_normal((1, t, h, args.D)), jnp.float32)
-                   for h in (args.H, args.Hkv, args.Hkv))
-        dense_s, dense_b = measure("dense", args.block, q, k, v, args.repeats)
-        block_s, block_b = measure("blockwise", args.block, q, k, v, args.repeats)
-        print(f"| {t} | {1e3 * dense_s:.1f} | {1e3 * block_s:.1f} | {dense_s / block_s:.2f}x "
-              f"| {dense_b / 2 ** 20:.0f} | {block_b / 2 ** 20:.1f} | {dense_b / block_b:.0f}x |",
-              flush=True)
+        shape = dict(block=args.block, t=t, h=args.H, hkv=args.Hkv, d=args.D)
+        res = isolated_timing.compare(
+            [isolated_timing.Contender(m, __file__, "attention_contender", dict(method=m, **shape))
+             for m in ("dense", "blockwise")], **isolated_timing.options(args))
+        dense, block = res["dense", "call"], res["blockwise", "call"]
+        db, bb = dense.info["temp_bytes"], block.info["temp_bytes"]
+        print(f"| {t} | {1e3 * dense.median:.1f} | {1e3 * dense.min:.1f} | "
+              f"{1e3 * block.median:.1f} | {1e3 * block.min:.1f} | "
+              f"{isolated_timing.ratio(dense, block):.2f}x | {dense.runs} | {db / 2 ** 20:.0f} | "
+              f"{bb / 2 ** 20:.1f} | {db / bb:.0f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Peak resident memory of ``hybrid-jax convert`` in both directions, on a >= 1 GB checkpoint.
 
     .venv/bin/python experiments/bench_convert.py [--workdir /tmp/hybrid_jax_bench_convert]
+    .venv/bin/python experiments/bench_convert.py --smoke   # a tiny checkpoint, for CI
 
 1. Builds (or reuses, in --workdir) a random transformers-format OLMo Hybrid checkpoint of about
    1.6 GB in float32 (~400M parameters). It is written by ``to_hf`` from a pure dict of *lazy*
@@ -27,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +36,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+import isolated_timing  # noqa: E402
 
 # ~400M parameters: float32 ~1.6 GB.
 BENCH_CONFIG = dict(
@@ -42,6 +46,11 @@ BENCH_CONFIG = dict(
     linear_num_value_heads=8, linear_key_head_dim=96, linear_value_head_dim=192,
     pad_token_id=None, eos_token_id=None, max_position_embeddings=4096,
 )
+# --smoke: the same layout at a few hundred thousand parameters.
+SMOKE_CONFIG = dict(BENCH_CONFIG, vocab_size=256, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
+                    linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+                    linear_value_head_dim=32)
 
 
 class _RandomParam:
@@ -65,15 +74,16 @@ class _RandomParam:
         return a if dtype is None else a.astype(dtype, copy=False)
 
 
-def build_checkpoint(out: Path) -> None:
+def build_checkpoint(out: Path, config: dict = BENCH_CONFIG) -> None:
     import jax
     from flax import nnx
 
     from hybrid_jax import HybridLM, ModelConfig
     from hybrid_jax.convert import to_hf
 
-    cfg = ModelConfig(**BENCH_CONFIG, layer_types=tuple(
-        "full_attention" if i % 4 == 3 else "linear_attention" for i in range(16)))
+    n = config["num_hidden_layers"]
+    cfg = ModelConfig(**config, layer_types=tuple(
+        "full_attention" if i % 4 == 3 else "linear_attention" for i in range(n)))
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))))
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
     lazy = [_RandomParam(i + 1, leaf.shape, leaf.dtype) for i, leaf in enumerate(leaves)]
@@ -125,16 +135,20 @@ def peak_rss(argv: list[str]) -> tuple[int, int, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/hybrid_jax_bench_convert")
+    ap.add_argument("--workdir", default=None,
+                    help="default /tmp/hybrid_jax_bench_convert; with --smoke a fresh temporary one")
     ap.add_argument("--compress", action="store_true",
                     help="also measure hf-to-orbax --compress (zstd chunks)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny checkpoint (CI's check that it runs)")
     args = ap.parse_args()
-    work = Path(args.workdir)
+    print(isolated_timing.machine_header())
+    work = Path(args.workdir or (tempfile.mkdtemp(prefix="bench_convert_") if args.smoke
+                                 else "/tmp/hybrid_jax_bench_convert"))
     hf = work / "hf"
     if not (hf / "config.json").is_file():
         print(f"building a random float32 checkpoint in {hf} ...", flush=True)
         start = time.perf_counter()
-        build_checkpoint(hf)
+        build_checkpoint(hf, SMOKE_CONFIG if args.smoke else BENCH_CONFIG)
         print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
     else:
         print(f"reusing {hf}")
@@ -170,6 +184,8 @@ def main() -> int:
         print(f"| {name} | {secs:.1f} | {mb(base)} | {mb(peak)} | {mb(peak - base)} | {mb(_dir_bytes(out_dir))} | "
               f"{mb(resident)} | {mb(largest)} | {ratio:.2f} | {'met' if ratio < 2 else 'NOT met'} |")
     print(f"\nround trip hf -> orbax -> hf bitwise identical: {same}")
+    if args.smoke and not args.workdir:
+        shutil.rmtree(work)
     return 0 if same else 1
 
 

@@ -7,7 +7,7 @@ with the context, so a decode step reads about a quarter of the cache bytes.
 
     .venv/bin/python experiments/bench_decode.py              # contexts 1k..32k, batch 1 and 8
     .venv/bin/python experiments/bench_decode.py --contexts 256 1024 --batches 1 2 \\
-        --steps 4 --repeats 1 --hidden 128                    # a quick check
+        --steps 4 --rounds 1 --hidden 128                     # a quick check
 
 Models: ``--layers`` layers of width ``--hidden``; attention is MHA by default (``--kv-heads``
 for GQA), NoPE by default (OLMo Hybrid's long-context setting; ``--rope-theta`` for RoPE). A
@@ -20,10 +20,13 @@ activations; conv windows ~ N(0, 0.1); GDN states ~ N(0, 0.01)), every row at le
 ``context``, with ``context + steps`` slots. ``hybrid_jax.inference.decode``, the loop ``generate`` runs (one
 jitted ``lax.while_loop`` of ``model.extend`` with T = 1, the cache donated and updated in
 place), runs ``--steps`` greedy decode steps with no EOS. Compilation and ``--warmup``
-runs are excluded; the best of ``--repeats`` runs is reported as tokens/s = batch * steps /
-time. Each configuration is compiled for abstract shapes first; one whose estimated peak
-(the executable's arguments + temporaries, or the cache while it is being filled) exceeds
-``--max-gb`` is skipped with a note. Only one cache is alive at a time.
+runs are excluded; tokens/s = batch * steps / time, from the median run (and the best, beside
+it). Each model runs in its own process, the two alternated over ``--rounds`` rounds of
+``--runs`` runs (experiments/isolated_timing.py), so that neither slows the other down; each
+configuration's two processes end before the next configuration's start. Each configuration
+is compiled for abstract shapes first; one whose estimated peak (the executable's arguments +
+temporaries, or the cache while it is being filled) exceeds ``--max-gb`` is skipped with a
+note. The two processes of a configuration hold their caches at the same time.
 
 Copies per step: the compiled loop body (``compiled.as_text()``) is searched for writes of
 arrays shaped like one layer's key/value cache (in-place scatter updates vs. copies, e.g. the
@@ -34,19 +37,20 @@ aliases are counted too. Each step time is also compared with a bytes-read bound
 same run. ``--no-check-hlo`` skips the search.
 
 Prefill: ``model.extend`` over an empty cache with ``last_only=True``, batch ``--prefill-batch``,
-tokens/s = batch * length / time (best of ``--repeats`` after a warm-up).
+tokens/s = batch * length / time (the median run, alternated as decode is; each run on a fresh
+cache made outside the timed call).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
 import re
-import time
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +62,9 @@ from hybrid_jax.inference import decode
 from hybrid_jax.model.cache import DecodeCache, GDNCache, KVCache, init_cache
 from hybrid_jax.model.hybrid_lm import HybridLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import isolated_timing  # noqa: E402
+
 MODELS = ("hybrid", "transformer")
 
 # Targets from OLMo Hybrid's claim, checked at the end: decode throughput ratio (hybrid /
@@ -68,36 +75,24 @@ CACHE_TARGET_MIN_CONTEXT = 16384
 
 
 # --------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine_line() -> str:
     dev = jax.devices()[0]
-    return (f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.machine()}; "
-            f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
+    return (f"machine: {isolated_timing.cpu_model()}, {os.cpu_count()} cores, "
+            f"{platform.machine()}; jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
 
 
-def read_bandwidth(mib: int = 512, repeats: int = 3) -> float:
-    """Bytes/s of a jitted sum over a float32 array of ``mib`` MiB: this machine's practical
-    memory read rate, the bound a memory-bound decode step is compared with."""
+def bandwidth_contender(mib: int = 512) -> Callable[[], None]:
+    """A jitted sum over a float32 array of ``mib`` MiB: bytes / its best time is this
+    machine's practical memory read rate, the bound a memory-bound decode step is compared with."""
     x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    del x
-    return mib * 2**20 / best
+    return lambda: f(x).block_until_ready()
+
+
+def read_bandwidth(mib: int = 512, runs: int = 3) -> float:
+    """Bytes/s of ``bandwidth_contender``, timed in its own process (best of ``runs``)."""
+    c = isolated_timing.Contender("read rate", __file__, "bandwidth_contender", {"mib": mib})
+    return mib * 2**20 / isolated_timing.measure_alone(c, runs=runs)["call"].min
 
 
 # --------------------------------------------------------------------------- models
@@ -182,21 +177,6 @@ def compile_decode_loop(graphdef: nnx.GraphDef, params, cache, batch: int, vocab
                         max_new_tokens=steps + 1).compile()
 
 
-@dataclass
-class DecodeResult:
-    seconds: float
-    tokens_per_s: float
-    cache_bytes: int
-    read_bytes: int  # per step, at least: the weights a step multiplies by, and the whole cache
-    step_ms: float
-    bound_step_ms: float  # read_bytes / read bandwidth
-    peak_gb: float  # estimated: compiled peak (arguments, outputs, temporaries) or cache filling
-    kv_bytes: int  # the attention layers' keys and values
-    stack_bytes: int  # the decoder stack's stacked [n_blocks, ...] matrices
-    n_cache_arrays: int
-    hlo: dict = field(default_factory=dict)
-
-
 def weight_bytes_read(params: nnx.State, config: ModelConfig) -> int:
     """Parameter bytes one decode step reads: all but the embedding table, of which it reads one
     row (unless the head is tied to it)."""
@@ -217,36 +197,66 @@ def compile_decode(config: ModelConfig, params: nnx.State, graphdef: nnx.GraphDe
     return compiled, max(peak_bytes(compiled) or 0, fill_peak + params_bytes)
 
 
-def bench_decode(config: ModelConfig, params: nnx.State, compiled, batch: int, context: int,
-                 args: argparse.Namespace, bandwidth: float, peak: int,
-                 weight_shapes: list[tuple[int, ...]]) -> DecodeResult:
+def _model(args: argparse.Namespace, model: str) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """``model``'s config (matched_configs), graphdef and parameters (seed ``--seed``)."""
+    config = matched_configs(args)[model]
+    graphdef, params = nnx.split(HybridLM(config, rngs=nnx.Rngs(args.seed)))
+    return config, graphdef, params
+
+
+def _skip(peak: int, args: argparse.Namespace) -> tuple[dict, dict] | None:
+    """No tasks and the reason, where the estimated peak is over ``--max-gb``."""
+    if peak / 1e9 <= args.max_gb:
+        return None
+    return {}, {"skipped": f"estimated peak {peak / 1e9:.1f} GB > --max-gb {args.max_gb:g}"}
+
+
+def decode_contender(model: str, batch: int, context: int, args: dict) -> tuple[dict, dict]:
+    """The compiled decode loop of ``model`` over a filled cache ({"decode": (reset the rows to
+    ``context``, run ``--steps`` steps)}), and what a step reads and writes."""
+    args = argparse.Namespace(**args)
+    config, graphdef, params = _model(args, model)
     max_length = context + args.steps
+    compiled, peak = compile_decode(config, params, graphdef, batch, max_length, args.steps)
+    if skip := _skip(peak, args):
+        return skip
     kv_shape = (batch, config.num_key_value_heads, max_length, config.head_dim)
-    hlo = (loop_body_report(compiled.as_text(), kv_shape=kv_shape, weight_shapes=weight_shapes)
+    hlo = (loop_body_report(compiled.as_text(), kv_shape=kv_shape,
+                            weight_shapes=stacked_weight_shapes(params))
            if args.check_hlo and ATTENTION in config.layer_types else {})
-    cache = filled_cache(config, batch, context, max_length, seed=args.seed)
-    nbytes = cache.nbytes
+    state = {"cache": filled_cache(config, batch, context, max_length, seed=args.seed)}
     logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
-    key = jax.random.key(0)
-    best = float("inf")
-    for r in range(args.warmup + args.repeats):
-        # The same buffers, every row back at `context` (lengths is donated too: a new array).
-        cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32).block_until_ready())
-        start = time.perf_counter()
-        tokens, cache = compiled(params, cache, logits, key)
-        jax.block_until_ready((tokens, cache))
-        if r >= args.warmup:
-            best = min(best, time.perf_counter() - start)
-    kv = sum(l.k.nbytes + l.v.nbytes for l in cache.layers if isinstance(l, KVCache))
-    n_arrays = len(jax.tree.leaves(cache))
-    del cache, tokens
-    read = weight_bytes_read(params, config) + nbytes
+
+    def reset():  # the same buffers, every row back at `context` (lengths is donated too)
+        lengths = jnp.full((batch,), context, jnp.int32).block_until_ready()
+        state["cache"] = state["cache"].replace(lengths=lengths)
+
+    def run():
+        tokens, state["cache"] = compiled(params, state["cache"], logits, jax.random.key(0))
+        jax.block_until_ready((tokens, state["cache"]))
+
+    return {"decode": (reset, run)}, _decode_facts(config, params, state["cache"], peak, hlo)
+
+
+def _decode_facts(config: ModelConfig, params: nnx.State, cache: DecodeCache, peak: int,
+                  hlo: dict) -> dict:
+    """Cache and weight bytes a decode step reads, its estimated peak, the HLO report."""
     stack = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(params)
                 if x.ndim >= 3 and "stack" in jax.tree_util.keystr(path))
-    return DecodeResult(seconds=best, tokens_per_s=batch * args.steps / best, cache_bytes=nbytes,
-                        read_bytes=read, step_ms=1e3 * best / args.steps,
-                        bound_step_ms=1e3 * read / bandwidth, peak_gb=peak / 1e9, kv_bytes=kv,
-                        stack_bytes=stack, n_cache_arrays=n_arrays, hlo=hlo)
+    return dict(cache_bytes=cache.nbytes, read_bytes=weight_bytes_read(params, config) + cache.nbytes,
+                peak_gb=peak / 1e9, stack_bytes=stack, n_cache_arrays=len(jax.tree.leaves(cache)),
+                kv_bytes=sum(l.k.nbytes + l.v.nbytes for l in cache.layers if isinstance(l, KVCache)),
+                hlo=hlo)
+
+
+def decode_row(result: isolated_timing.Result, batch: int, steps: int, bandwidth: float) -> dict:
+    """A decode table's entry: the worker's facts and rates from the median (and best) time."""
+    return dict(result.info, seconds=result.median, best_seconds=result.min, runs=result.runs,
+                tokens_per_s=batch * steps / result.median,
+                best_tokens_per_s=batch * steps / result.min,
+                step_ms=1e3 * result.median / steps,
+                bound_step_ms=1e3 * result.info["read_bytes"] / bandwidth,
+                cache_mb=result.info["cache_bytes"] / 1e6)
 
 
 # --------------------------------------------------------------------------- HLO check
@@ -406,21 +416,26 @@ def compile_prefill(config: ModelConfig, params: nnx.State, graphdef: nnx.GraphD
     return compiled, peak_bytes(compiled)
 
 
-def bench_prefill(config: ModelConfig, params: nnx.State, compiled, batch: int, length: int,
-                  args: argparse.Namespace) -> float:
-    """Tokens/s of the compiled prefill: best of ``--repeats`` after ``--warmup`` runs, each on a
-    fresh empty cache (made outside the timed region)."""
+def prefill_contender(model: str, length: int, args: dict) -> tuple[dict, dict]:
+    """The compiled prefill of ``model`` ({"prefill": (a fresh empty cache, extend over it)})."""
+    args = argparse.Namespace(**args)
+    config, graphdef, params = _model(args, model)
+    batch = args.prefill_batch
+    compiled, peak = compile_prefill(config, params, graphdef, batch, length)
+    if peak is not None and (skip := _skip(peak, args)):
+        return skip
     ids = jax.random.randint(jax.random.key(args.seed), (batch, length), 0, config.vocab_size,
                              jnp.int32)
-    best = float("inf")
-    for r in range(args.warmup + args.repeats):
-        cache = jax.block_until_ready(init_cache(config, batch, length))
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(params, ids, cache))
-        if r >= args.warmup:
-            best = min(best, time.perf_counter() - start)
-        del out, cache
-    return batch * length / best
+    state = {}
+
+    def fresh():
+        state.clear()
+        state["cache"] = jax.block_until_ready(init_cache(config, batch, length))
+
+    def run():
+        jax.block_until_ready(compiled(params, ids, state.pop("cache")))
+
+    return {"prefill": (fresh, run)}, {"peak_gb": None if peak is None else peak / 1e9}
 
 
 # --------------------------------------------------------------------------- output
@@ -550,12 +565,12 @@ def save_plot(rows: list[dict], prefill: list[dict], path: str, title: str) -> N
 
 
 # --------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
+    isolated_timing.add_arguments(p, rounds=3, runs=1)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=[1024, 4096])
     p.add_argument("--prefill-batch", type=int, default=1)
@@ -579,93 +594,112 @@ def main() -> None:
     p.add_argument("--plot", default="experiments/bench_decode.png", help="PNG path ('' for none)")
     p.add_argument("--json", default=None, help="write the raw numbers to this path")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.gdn_key_dim = args.gdn_key_dim or max(1, round(0.75 * args.hidden / args.gdn_heads))
     args.gdn_value_dim = args.gdn_value_dim or 2 * args.gdn_key_dim
     args.intermediate = args.intermediate or 3 * args.hidden
     args.contexts, args.batches = sorted(set(args.contexts)), sorted(set(args.batches))
+    return args
 
-    configs = matched_configs(args)
-    counts = {m: param_count(c) for m, c in configs.items()}
-    bandwidth = read_bandwidth()
+
+def positions(args: argparse.Namespace) -> str:
+    return "NoPE" if args.rope_theta is None else f"RoPE theta {args.rope_theta:g}"
+
+
+def print_header(args: argparse.Namespace, configs: dict[str, ModelConfig],
+                 counts: dict[str, int], bandwidth: float) -> None:
     h, t = configs["hybrid"], configs["transformer"]
+    print(isolated_timing.machine_header())
     print(machine_line())
     print(f"memory read rate (jitted sum over 512 MiB, float32): {bandwidth / 1e9:.1f} GB/s")
-    pos = "NoPE" if args.rope_theta is None else f"RoPE theta {args.rope_theta:g}"
     print(f"models: hidden {args.hidden}, {args.layers} layers, attention {h.num_attention_heads} heads x "
           f"{h.head_dim} ({h.num_key_value_heads} kv heads), GDN {args.gdn_heads} heads, key dim "
-          f"{args.gdn_key_dim}, value dim {args.gdn_value_dim}, vocab {args.vocab}, {args.dtype}, {pos}")
+          f"{args.gdn_key_dim}, value dim {args.gdn_value_dim}, vocab {args.vocab}, {args.dtype}, "
+          f"{positions(args)}")
     print(f"  hybrid      {''.join('G' if k == GDN else 'A' for k in h.layer_types)}  "
           f"intermediate {h.intermediate_size:5d}  {counts['hybrid']:,} parameters")
     print(f"  transformer {'A' * args.layers}  intermediate {t.intermediate_size:5d}  "
           f"{counts['transformer']:,} parameters  (transformer / hybrid = "
           f"{counts['transformer'] / counts['hybrid']:.4f})")
-    print(f"decode: {args.steps} steps per run, best of {args.repeats} after {args.warmup} warm-up; "
-          f"cache slots = context + steps; max {args.max_gb:g} GB per config", flush=True)
+    print(f"decode: {args.steps} steps per run, {args.warmup} warm-up run(s); "
+          + isolated_timing.describe(args.rounds, args.runs, args.settle)
+          + f"; cache slots = context + steps; max {args.max_gb:g} GB per config", flush=True)
 
-    # Both models stay built (their weights are small next to the caches); each configuration
-    # runs the hybrid then the transformer back to back, so a ratio compares runs minutes apart
-    # at most even on a busy machine. Only one cache is alive at a time.
-    models = {}
-    for m, config in configs.items():
-        graphdef, params = nnx.split(HybridLM(config, rngs=nnx.Rngs(args.seed)))
-        models[m] = (config, graphdef, params, stacked_weight_shapes(params))
+
+def _compare(factory: str, args: argparse.Namespace, **where) -> dict:
+    """Both models' contenders for one configuration, compared: {model: Result}."""
+    contenders = [isolated_timing.Contender(m, __file__, factory, dict(model=m, **where, args=vars(args)))
+                  for m in MODELS]
+    res = isolated_timing.compare(contenders, warmup=args.warmup, **isolated_timing.options(args))
+    return {name: r for (name, _), r in res.items()}
+
+
+def run_decode(args: argparse.Namespace, bandwidth: float) -> list[dict]:
+    """Every (batch, context): the hybrid's and the transformer's processes alternated."""
     rows = [{"batch": b, "context": c} for b in args.batches for c in args.contexts]
     for r in rows:
         b, c = r["batch"], r["context"]
-        for m, (config, graphdef, params, weight_shapes) in models.items():
-            start = time.perf_counter()
-            compiled, peak = compile_decode(config, params, graphdef, b, c + args.steps, args.steps)
-            if peak / 1e9 > args.max_gb:
-                print(f"  {m} batch {b} context {fmt_ctx(c)}: skipped (estimated peak "
-                      f"{peak / 1e9:.1f} GB > --max-gb {args.max_gb:g})", flush=True)
+        for m, res in _compare("decode_contender", args, batch=b, context=c).items():
+            if "skipped" in res.info:
+                print(f"  {m} batch {b} context {fmt_ctx(c)}: skipped ({res.info['skipped']})")
                 continue
-            res = bench_decode(config, params, compiled, b, c, args, bandwidth, peak, weight_shapes)
-            del compiled
-            gc.collect()
-            r[m] = dict(res.__dict__, cache_mb=res.cache_bytes / 1e6)
-            print(f"  {m:<11} batch {b} context {fmt_ctx(c):>5}: {res.tokens_per_s:9.1f} tok/s, "
-                  f"{res.step_ms:8.3f} ms/step (bound {res.bound_step_ms:.3f}), cache "
-                  f"{res.cache_bytes / 1e6:.1f} MB, peak ~{res.peak_gb:.2f} GB "
-                  f"[{time.perf_counter() - start:.1f} s]", flush=True)
+            r[m] = decode_row(res, b, args.steps, bandwidth)
+            print(f"  {m:<11} batch {b} context {fmt_ctx(c):>5}: {r[m]['tokens_per_s']:9.1f} tok/s "
+                  f"(best {r[m]['best_tokens_per_s']:.1f}), {r[m]['step_ms']:8.3f} ms/step (bound "
+                  f"{r[m]['bound_step_ms']:.3f}), cache {r[m]['cache_mb']:.1f} MB, peak "
+                  f"~{r[m]['peak_gb']:.2f} GB", flush=True)
+    return rows
+
+
+def run_prefill(args: argparse.Namespace) -> list[dict]:
+    """Every prefill length: the two models' processes alternated."""
     prefill = []
     for n in args.prefill_lengths:
-        for m, (config, graphdef, params, _) in models.items():
-            compiled, peak = compile_prefill(config, params, graphdef, args.prefill_batch, n)
-            if peak is not None and peak / 1e9 > args.max_gb:
-                print(f"  {m} prefill {fmt_ctx(n)}: skipped (estimated peak {peak / 1e9:.1f} GB > "
-                      f"--max-gb {args.max_gb:g})", flush=True)
+        for m, res in _compare("prefill_contender", args, length=n).items():
+            if "skipped" in res.info:
+                print(f"  {m} prefill {fmt_ctx(n)}: skipped ({res.info['skipped']})")
                 continue
-            tps = bench_prefill(config, params, compiled, args.prefill_batch, n, args)
-            del compiled
-            prefill.append({"model": m, "batch": args.prefill_batch, "length": n,
-                            "tokens_per_s": tps, "peak_gb": None if peak is None else peak / 1e9})
+            tps = args.prefill_batch * n / res.median
+            prefill.append({"model": m, "batch": args.prefill_batch, "length": n, "tokens_per_s": tps,
+                            "best_tokens_per_s": args.prefill_batch * n / res.min,
+                            "runs": res.runs, "peak_gb": res.info["peak_gb"]})
             print(f"  {m:<11} prefill batch {args.prefill_batch} length {fmt_ctx(n):>5}: "
-                  f"{tps:9.1f} tok/s, peak ~{(peak or 0) / 1e9:.2f} GB", flush=True)
-    del models
-    gc.collect()
+                  f"{tps:9.1f} tok/s (best {prefill[-1]['best_tokens_per_s']:.1f})", flush=True)
+    return prefill
 
+
+def print_prefill_table(args: argparse.Namespace, prefill: list[dict]) -> None:
+    print(f"\nPrefill (batch {args.prefill_batch}, extend over an empty cache, last_only=True; "
+          "median tok/s):")
+    print("| length | hybrid tok/s | transformer tok/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for n in args.prefill_lengths:
+        got = {x["model"]: x["tokens_per_s"] for x in prefill if x["length"] == n}
+        if len(got) == 2:
+            print(f"| {fmt_ctx(n)} | {got['hybrid']:.1f} | {got['transformer']:.1f} | "
+                  f"{got['hybrid'] / got['transformer']:.2f}x |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configs = matched_configs(args)
+    counts = {m: param_count(c) for m, c in configs.items()}
+    bandwidth = read_bandwidth()
+    print_header(args, configs, counts, bandwidth)
+    rows, prefill = run_decode(args, bandwidth), run_prefill(args)
     print()
-    print(machine_line())
+    print(isolated_timing.machine_header())
     print_decode_table(rows)
     if prefill:
-        print(f"\nPrefill (batch {args.prefill_batch}, extend over an empty cache, last_only=True):")
-        print("| length | hybrid tok/s | transformer tok/s | ratio |")
-        print("|---:|---:|---:|---:|")
-        for n in args.prefill_lengths:
-            got = {x["model"]: x["tokens_per_s"] for x in prefill if x["length"] == n}
-            if len(got) == 2:
-                print(f"| {fmt_ctx(n)} | {got['hybrid']:.1f} | {got['transformer']:.1f} | "
-                      f"{got['hybrid'] / got['transformer']:.2f}x |")
+        print_prefill_table(args, prefill)
     print_bound_table(rows)
     if args.check_hlo:
         print_hlo_details(rows)
     print_targets(rows)
-
     if args.plot:
         save_plot(rows, prefill, args.plot,
-                  f"decode, hidden {args.hidden}, {args.layers} layers, {args.dtype}, {pos}; "
-                  f"{cpu_model()}, {os.cpu_count()} cores")
+                  f"decode, hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
+                  f"{positions(args)}; {isolated_timing.cpu_model()}, {os.cpu_count()} cores")
         print(f"\nplot: {args.plot}")
     if args.json:
         out = {"machine": machine_line(), "read_bandwidth_bytes_per_s": bandwidth,

@@ -4,10 +4,12 @@ Times, in one run and on the same inputs, forward and forward+backward of
   - hybrid_jax.gdn.gated_delta_rule(method="recurrent" | "chunk" | "assoc_scan"), jitted;
   - transformers' ``torch_chunk_gated_delta_rule`` (the pure-torch fallback, torch CPU);
 and prints each one's ratio to the torch reference plus the forward's achieved FLOP rate against
-this machine's float32 matmul rate, measured in the same run.
+this machine's float32 matmul rate, measured in the same run. Each contender runs in its own
+process, the processes alternated over ``--rounds`` rounds of ``--runs`` calls
+(experiments/isolated_timing.py), so that one cannot slow the next down.
 
     .venv/bin/python experiments/bench_gdn.py            # B=1, T=4096, H=8, Dk=Dv=128
-    .venv/bin/python experiments/bench_gdn.py --T 1024 --repeats 3
+    .venv/bin/python experiments/bench_gdn.py --T 1024 --rounds 2 --runs 3
 
 FLOPs are those of the chunked algorithm (chunk C, per head and chunk): k k^T and q k^T
 (2 C^2 Dk each), the triangular inverse (C^3 / 3), its products with beta*v and beta*k
@@ -20,16 +22,18 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import os
-import platform
-import statistics
-import time
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.ops import gated_delta_rule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import isolated_timing  # noqa: E402
 
 
 def chunk_flops(b: int, t: int, h: int, dk: int, dv: int, c: int = 64) -> float:
@@ -38,23 +42,12 @@ def chunk_flops(b: int, t: int, h: int, dk: int, dv: int, c: int = 64) -> float:
     return float(b * h * n * per_chunk)
 
 
-def timeit(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` after one warm-up call (which also compiles)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """float32 FLOP/s of one large jitted matmul: this machine's practical peak."""
+def matmul_contender(n: int = 2048) -> Callable[[], None]:
+    """One large jitted float32 matmul: the machine's practical peak, 2 n^3 FLOPs a call."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     f = jax.jit(jnp.matmul)
-    return 2 * n**3 / timeit(lambda: f(a, b).block_until_ready(), repeats)
+    return lambda: f(a, b).block_until_ready()
 
 
 def make_inputs(b, t, h, dk, dv, hk=None, seed=0):
@@ -90,21 +83,27 @@ def _rule(method: str, chunk_size: int):
     return forced
 
 
-def jax_timers(method: str, x: dict, chunk_size: int, repeats: int):
+def jax_contender(method: str, shape: dict, chunk_size: int) -> dict[str, Callable[[], None]]:
+    """The jitted forward and gradient of one JAX form, on ``make_inputs(**shape)``."""
+    x = make_inputs(**shape)
     args = [jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "beta")]
     rule = _rule(method, chunk_size)
     fwd = jax.jit(lambda *a: rule(*a)[0])
     do = jnp.asarray(np.random.default_rng(1).standard_normal(x["v"].shape).astype(np.float32))
     grad = jax.jit(jax.grad(lambda *a: jnp.sum(rule(*a)[0] * do), argnums=range(5)))
-    t_fwd = timeit(lambda: fwd(*args).block_until_ready(), repeats)
-    t_bwd = timeit(lambda: jax.block_until_ready(grad(*args)), repeats)
-    return t_fwd, t_bwd
+    return {"fwd": lambda: fwd(*args).block_until_ready(),
+            "fwd+bwd": lambda: jax.block_until_ready(grad(*args))}
 
 
-def torch_timers(x: dict, chunk_size: int, repeats: int):
+def torch_contender(shape: dict, chunk_size: int) -> dict[str, Callable[[], None]]:
+    """transformers' ``torch_chunk_gated_delta_rule``, forward and forward+backward."""
+    import logging
+
     import torch
     from transformers.models.olmo_hybrid.modeling_olmo_hybrid import torch_chunk_gated_delta_rule
 
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    x = make_inputs(**shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     args = [torch.from_numpy(x[n]).to(device) for n in ("q", "k", "v", "g", "beta")]
@@ -121,7 +120,7 @@ def torch_timers(x: dict, chunk_size: int, repeats: int):
         (rule(*leaves)[0] * do).sum().backward()
         sync()
 
-    return timeit(fwd, repeats), timeit(fwd_bwd, repeats)
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
 def main() -> None:
@@ -133,43 +132,56 @@ def main() -> None:
     p.add_argument("--Dk", type=int, default=128)
     p.add_argument("--Dv", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-rate matmul")
+    isolated_timing.add_arguments(p, rounds=3, runs=3)
     p.add_argument("--methods", default="recurrent,chunk,assoc_scan",
                    help="any of recurrent, chunk, assoc_scan, chunk_in_scan, chunk_batched")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     args = p.parse_args()
 
-    import logging
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    peak = matmul_rate()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    print(f"float32 matmul rate (2048^3, jax): {peak / 1e9:.1f} GFLOP/s")
+    print(isolated_timing.machine_header())
+    n = args.matmul_n
+    mm = isolated_timing.measure_alone(
+        isolated_timing.Contender("matmul", __file__, "matmul_contender", {"n": n}),
+        runs=args.runs * args.rounds)["call"]
+    peak = 2 * n**3 / mm.median
+    print(f"float32 matmul rate ({n}^3, jax, own process): {peak / 1e9:.1f} GFLOP/s "
+          f"(median of {mm.runs}; best {2 * n**3 / mm.min / 1e9:.1f})", flush=True)
     for t in (int(s) for s in args.T.split(",")):
         bench_one(args, t, peak)
 
 
+def contenders(args: argparse.Namespace, t: int) -> list[isolated_timing.Contender]:
+    """The torch reference (unless --no-torch) and each of --methods, on one shape."""
+    shape = dict(b=args.B, t=t, h=args.H, dk=args.Dk, dv=args.Dv, hk=args.Hk)
+    c = isolated_timing.Contender
+    out = [] if args.no_torch else [
+        c("torch reference", __file__, "torch_contender", dict(shape=shape, chunk_size=args.chunk_size))]
+    return out + [c(m, __file__, "jax_contender", dict(method=m, shape=shape, chunk_size=args.chunk_size))
+                  for m in args.methods.split(",")]
+
+
 def bench_one(args: argparse.Namespace, t: int, peak: float) -> None:
-    x = make_inputs(args.B, t, args.H, args.Dk, args.Dv, hk=args.Hk)
     flops = chunk_flops(args.B, t, args.H, args.Dk, args.Dv, args.chunk_size)
     print(f"\nshape: B={args.B} T={t} Hk={args.Hk or args.H} Hv={args.H} Dk={args.Dk} Dv={args.Dv} "
           f"chunk={args.chunk_size}, q/k L2 norm, float32; chunked-algorithm forward "
-          f"{flops / 1e9:.2f} GFLOP")
-    rows = {}
-    if not args.no_torch:
-        rows["torch reference"] = torch_timers(x, args.chunk_size, args.repeats)
-    for method in args.methods.split(","):
-        rows[method] = jax_timers(method, x, args.chunk_size, args.repeats)
-
-    ref = rows.get("torch reference")
-    print(f"{'method':<18}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x torch':>13}{'f+b x torch':>13}"
-          f"{'fwd GFLOP/s':>13}{'% matmul':>10}")
-    for name, (tf, tb) in rows.items():
-        rate = flops / tf
-        sf = f"{ref[0] / tf:.2f}x" if ref else "-"
-        sb = f"{ref[1] / tb:.2f}x" if ref else "-"
-        print(f"{name:<18}{tf * 1e3:>10.3f}{tb * 1e3:>12.3f}{sf:>13}{sb:>13}"
-              f"{rate / 1e9:>13.1f}{100 * rate / peak:>9.1f}%", flush=True)
+          f"{flops / 1e9:.2f} GFLOP", flush=True)
+    res = isolated_timing.compare(contenders(args, t), **isolated_timing.options(args))
+    names = list(dict.fromkeys(name for name, _ in res))
+    ref = "torch reference" if "torch reference" in names else None
+    print("| method | fwd ms (median) | fwd ms (min) | fwd+bwd ms (median) | fwd+bwd ms (min) "
+          "| fwd vs torch | fwd+bwd vs torch | fwd GFLOP/s | % of matmul rate |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        f, b = res[name, "fwd"], res[name, "fwd+bwd"]
+        vs = lambda task: f"{isolated_timing.ratio(res[ref, task], res[name, task]):.2f}x" if ref else "-"
+        rate = flops / f.median
+        print(f"| {name} | {f.median * 1e3:.1f} | {f.min * 1e3:.1f} | {b.median * 1e3:.1f} | "
+              f"{b.min * 1e3:.1f} | {vs('fwd')} | {vs('fwd+bwd')} | {rate / 1e9:.1f} | "
+              f"{100 * rate / peak:.1f}% |")
+    runs = res[names[0], "fwd"].runs
+    print(f"({runs} runs each: " + isolated_timing.describe(args.rounds, args.runs, args.settle)
+          + ")", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ grows.
     python experiments/bench_loss.py [--T 2048,4096,8192] [--D 512] [--V 100352] [--chunk 1024]
 
 One row of T positions, hidden size D, vocabulary V (OLMo's 100,352 by default), float32
-(``--dtype bfloat16`` for bf16 products), z-loss 1e-4; best of ``--repeats`` timed calls of the
-jitted value-and-gradient (compilation excluded). "full" is autodiff of
-``train.loss.lm_loss_sums`` over ``hidden @ head``; "chunked" is ``ops.lm_head_loss`` with
-``--chunk`` positions at a time. Memory is ``compiled.memory_analysis().temp_size_in_bytes``.
+(``--dtype bfloat16`` for bf16 products), z-loss 1e-4; the jitted value-and-gradient
+(compilation excluded), each form in its own process, the two alternated over ``--rounds``
+rounds of ``--runs`` calls (experiments/isolated_timing.py): median and min of each, the ratio
+of medians. "full" is autodiff of ``train.loss.lm_loss_sums`` over ``hidden @ head``; "chunked"
+is ``ops.lm_head_loss`` with ``--chunk`` positions at a time. Memory is ``compiled.memory_analysis().temp_size_in_bytes``.
 Prints a markdown table with the ratios full / chunked.
 """
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import time
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -31,6 +33,9 @@ import numpy as np  # noqa: E402
 
 from hybrid_jax.ops.lm_head_loss import lm_head_loss_sums  # noqa: E402
 from hybrid_jax.train.loss import lm_loss_sums  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import isolated_timing  # noqa: E402
 
 Z = 1e-4
 
@@ -48,17 +53,20 @@ def _loss(form: str, chunk: int, dtype, targets, mask):
     return loss
 
 
-def measure(loss, h, w, repeats: int) -> tuple[float, int, float]:
-    """(best seconds, temporary bytes, loss value) of value_and_grad wrt hidden and head."""
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    compiled = fn.lower(h, w).compile()
+def loss_contender(form: str, t: int, d: int, v: int, chunk: int,
+                   dtype: str) -> tuple[Callable[[], None], dict]:
+    """The compiled value-and-gradient wrt hidden states and head of one loss form, its XLA
+    temporary bytes and its loss value."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(d, v)) * d ** -0.5, jnp.float32)
+    h = jnp.asarray(rng.normal(size=(1, t, d)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (1, t)), jnp.int32)
+    mask = jnp.ones((1, t), jnp.float32)
+    loss = _loss(form, chunk, jnp.dtype(dtype), targets, mask)
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w).compile()
     value, _ = jax.block_until_ready(compiled(h, w))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(h, w))
-        times.append(time.perf_counter() - start)
-    return min(times), compiled.memory_analysis().temp_size_in_bytes, float(value)
+    info = {"temp_bytes": compiled.memory_analysis().temp_size_in_bytes, "loss": float(value)}
+    return (lambda: jax.block_until_ready(compiled(h, w))), info
 
 
 def main() -> None:
@@ -68,29 +76,27 @@ def main() -> None:
     p.add_argument("--V", type=int, default=100352)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=3)
+    isolated_timing.add_arguments(p, rounds=3, runs=3)
     args = p.parse_args()
-    dtype = jnp.dtype(args.dtype)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__}, {jax.devices()[0].platform}; D={args.D}, V={args.V}, "
-          f"{args.dtype} products, chunks of {args.chunk}")
-    print("| T | full ms | chunked ms | speed ratio | full temp MiB | chunked temp MiB "
-          "| memory ratio | loss rel. diff |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.normal(size=(args.D, args.V)) * args.D ** -0.5, jnp.float32)
+    print(isolated_timing.machine_header())
+    print(f"# D={args.D}, V={args.V}, {args.dtype} products, chunks of {args.chunk}; "
+          + isolated_timing.describe(args.rounds, args.runs, args.settle))
+    print("| T | full ms (median) | full ms (min) | chunked ms (median) | chunked ms (min) "
+          "| speed ratio | runs | full temp MiB | chunked temp MiB | memory ratio "
+          "| loss rel. diff |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in (int(x) for x in args.T.split(",")):
-        h = jnp.asarray(rng.normal(size=(1, t, args.D)), jnp.float32)
-        targets = jnp.asarray(rng.integers(0, args.V, (1, t)), jnp.int32)
-        mask = jnp.ones((1, t), jnp.float32)
-        full = measure(_loss("full", args.chunk, dtype, targets, mask), h, w, args.repeats)
-        chunked = measure(_loss("chunked", args.chunk, dtype, targets, mask), h, w,
-                          args.repeats)
-        mib = lambda n: n / 2 ** 20
-        print(f"| {t} | {1e3 * full[0]:.1f} | {1e3 * chunked[0]:.1f} | "
-              f"{full[0] / chunked[0]:.2f}x | {mib(full[1]):.0f} | {mib(chunked[1]):.0f} | "
-              f"{full[1] / chunked[1]:.1f}x | {abs(chunked[2] - full[2]) / abs(full[2]):.1e} |",
-              flush=True)
+        shape = dict(t=t, d=args.D, v=args.V, chunk=args.chunk, dtype=args.dtype)
+        res = isolated_timing.compare(
+            [isolated_timing.Contender(f, __file__, "loss_contender", dict(form=f, **shape))
+             for f in ("full", "chunked")], **isolated_timing.options(args))
+        full, chunked = res["full", "call"], res["chunked", "call"]
+        fb, cb = full.info["temp_bytes"], chunked.info["temp_bytes"]
+        fl, cl = full.info["loss"], chunked.info["loss"]
+        print(f"| {t} | {1e3 * full.median:.1f} | {1e3 * full.min:.1f} | "
+              f"{1e3 * chunked.median:.1f} | {1e3 * chunked.min:.1f} | "
+              f"{isolated_timing.ratio(full, chunked):.2f}x | {full.runs} | {fb / 2 ** 20:.0f} | "
+              f"{cb / 2 ** 20:.0f} | {fb / cb:.1f}x | {abs(cl - fl) / abs(fl):.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ batch shape, AdamW with the same settings, float32, on this machine's CPU, in on
   - jax: ``hybrid_jax.train``'s jitted step (loss, backward, clipping, AdamW), donated state;
   - torch: transformers' ``OlmoHybridForCausalLM`` (its pure-torch GDN fallback on CPU) with
     ``torch.optim.AdamW`` and ``clip_grad_norm_``.
-Each is timed over ``--steps`` steps after ``--warmup`` (compilation excluded): median and mean
-per step. jax runs one step per call and ``--steps-per-call`` steps per call (``scan_steps``,
-as ``hybrid-jax train`` does with ``loop.steps_per_call``).
-Both run in one process, started as ``hybrid-jax train`` starts: with glibc's huge-page tunable
-where it helps (``hybrid_jax.host_memory``); ``--no-hugepages`` keeps glibc's defaults.
+jax runs one step per call and ``--steps-per-call`` steps per call (``scan_steps``, as
+``hybrid-jax train`` does with ``loop.steps_per_call``). Each of the three runs in its own
+process after ``--warmup`` calls (compilation excluded), the processes alternated over
+``--rounds`` rounds (experiments/isolated_timing.py) until each has timed about ``--steps``
+steps (at least ``--runs`` calls a round): median and min per step, ratios of medians. The
+processes start as ``hybrid-jax train`` starts: with glibc's huge-page tunable where it helps
+(``hybrid_jax.host_memory``; this script restarts itself with it and its workers inherit it);
+``--no-hugepages`` keeps glibc's defaults.
 GFLOP/s are model FLOPs (``hybrid_jax.aot.roofline.train_flops_per_token``: the matmul
 parameters, causal attention and the GDN chunk products), as ``hybrid-jax train`` reports them.
 
@@ -26,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import isolated_timing  # noqa: E402
 
 
 def jax_train_step(cfg, steps_per_call=1):
@@ -50,80 +56,119 @@ def jax_train_step(cfg, steps_per_call=1):
                            steps_per_call=steps_per_call))
 
 
-def _jax_throughput(cfg, batch, seq_len, steps, warmup, steps_per_call=1):
-    """Seconds per step (median and mean over ``steps`` steps after ``warmup``) and the last
-    loss, the jitted step called on ``steps_per_call`` steps at a time (``scan_steps``)."""
-    import jax
-    import jax.numpy as jnp
+def _tokens(vocab: int, shape: tuple[int, ...], framework: str):
+    """A batch-making task half: fresh random tokens per call, made outside the timed step."""
     import numpy as np
 
-    k = steps_per_call
-    state, step = jax_train_step(cfg, k)
     rng = np.random.default_rng(0)
-    shape = (1, batch, seq_len) if k == 1 else (k, 1, batch, seq_len)
-    times = []
-    calls = -(-warmup // k) + -(-steps // k)
-    for i in range(calls):
-        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, shape), jnp.int32)
-        start = time.perf_counter()
-        state, metrics = step(state, {"tokens": tokens})
+    if framework == "torch":
+        import torch
+
+        return lambda: torch.as_tensor(rng.integers(0, vocab, shape))
+    import jax.numpy as jnp
+
+    return lambda: jnp.asarray(rng.integers(0, vocab, shape), jnp.int32)
+
+
+def jax_contender(preset: str, gdn_method: str, batch: int, seq_len: int,
+                  steps_per_call: int) -> tuple[dict, dict]:
+    """The jitted train step on ``steps_per_call`` steps per call (``scan_steps``): one task,
+    (new tokens, one call), the state carried (donated) from call to call."""
+    import jax
+
+    from hybrid_jax import PRESETS
+
+    k, cfg = steps_per_call, PRESETS[preset](gdn_method=gdn_method)
+    state, step = jax_train_step(cfg, k)
+    held = {"state": state}
+    make = _tokens(cfg.vocab_size, (1, batch, seq_len) if k == 1 else (k, 1, batch, seq_len), "jax")
+
+    def prepare():
+        held["tokens"] = make().block_until_ready()
+
+    def run():
+        held["state"], metrics = step(held["state"], {"tokens": held["tokens"]})
         jax.block_until_ready(metrics["loss"])
-        if i >= -(-warmup // k):
-            times += [(time.perf_counter() - start) / k] * k
-    loss = float(np.asarray(metrics["loss"]).reshape(-1)[-1])
-    return statistics.median(times), statistics.mean(times), loss
+
+    return {"step": (prepare, run)}, {"steps_per_call": k}
 
 
-def _torch_throughput(cfg, batch, seq_len, steps, warmup):
-    import numpy as np
+def torch_contender(preset: str, gdn_method: str, batch: int, seq_len: int) -> tuple[dict, dict]:
+    """transformers' model of the same config with torch's AdamW and clipping: one step a call."""
     import torch
     from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
 
+    from hybrid_jax import PRESETS
+
+    cfg = PRESETS[preset](gdn_method=gdn_method)
     torch.manual_seed(0)
     model = OlmoHybridForCausalLM(OlmoHybridConfig(**cfg.to_hf_dict())).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.1)
-    rng = np.random.default_rng(0)
-    times = []
-    for i in range(warmup + steps):
-        tokens = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, seq_len)))
-        start = time.perf_counter()
-        loss = model(tokens, labels=tokens).loss
-        loss.backward()
+    make, held = _tokens(cfg.vocab_size, (batch, seq_len), "torch"), {}
+
+    def prepare():
+        held["tokens"] = make()
+
+    def run():
+        model(held["tokens"], labels=held["tokens"]).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), statistics.mean(times), float(loss)
+
+    return {"step": (prepare, run)}, {"steps_per_call": 1, "threads": torch.get_num_threads(),
+                                      "torch": torch.__version__}
 
 
-def _matmul_rates(m: int, k: int, n: int, repeats: int = 7) -> dict[str, float]:
-    """Each framework's float32 GFLOP/s on one [m, k] x [k, n] matmul (best of ``repeats``):
-    the ceiling its train step's matmuls can reach on this machine."""
-    import jax
+def matmul_contender(framework: str, m: int, k: int, n: int):
+    """One float32 [m, k] x [k, n] matmul in ``framework``: the ceiling its train step's
+    matmuls can reach on this machine."""
     import numpy as np
-    import torch
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
-    ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    dot = jax.jit(jax.numpy.dot)
-    runs = {"jax": lambda: dot(ja, jb).block_until_ready(), "torch": lambda: ta @ tb}
+    if framework == "torch":
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        return lambda: ta @ tb
+    import jax
+
+    dot, ja, jb = jax.jit(jax.numpy.dot), jax.numpy.asarray(a), jax.numpy.asarray(b)
+    return lambda: dot(ja, jb).block_until_ready()
+
+
+def _matmul_rates(m: int, k: int, n: int, frameworks: list[str], runs: int = 7) -> dict[str, float]:
+    """Each framework's float32 GFLOP/s on one matmul (best of ``runs``), in its own process."""
     rates = {}
-    for name, fn in runs.items():
-        fn()
-        best = min(_seconds(fn) for _ in range(repeats))
-        rates[name] = 2 * m * k * n / best / 1e9
+    for f in frameworks:
+        c = isolated_timing.Contender(f"{f} matmul", __file__, "matmul_contender",
+                                      dict(framework=f, m=m, k=k, n=n))
+        best = isolated_timing.measure_alone(c, runs=runs)[isolated_timing.DEFAULT_TASK].min
+        rates[f] = 2 * m * k * n / best / 1e9
     return rates
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def contenders(args) -> list:
+    """jax at one step per call and at --steps-per-call, and torch (unless --no-torch), each
+    timing about --steps steps over the rounds."""
+    c = isolated_timing.Contender
+    common = dict(preset=args.preset, gdn_method=args.gdn_method, batch=args.batch,
+                  seq_len=args.seq_len)
+    calls = lambda k: max(args.runs, -(-args.steps // (args.rounds * k)))  # per round
+    out = [c("jax" if k == 1 else f"jax, {k} steps per call", __file__, "jax_contender",
+             dict(common, steps_per_call=k), runs=calls(k))
+           for k in sorted({1, args.steps_per_call})]
+    if not args.no_torch:
+        out.append(c("torch", __file__, "torch_contender", common, runs=calls(1)))
+    return out
+
+
+def per_step(result) -> tuple[float, float, int]:
+    """(median, min) seconds per step of a contender's calls, and the steps timed."""
+    k = result.info["steps_per_call"]
+    return result.median / k, result.min / k, result.runs * k
 
 
 def throughput(args) -> None:
@@ -140,40 +185,35 @@ def throughput(args) -> None:
 
     flops = train_flops_per_token(cfg, args.seq_len)
     tokens = args.batch * args.seq_len
+    print(isolated_timing.machine_header())
     print(f"{args.preset}: {n_params / 1e6:.2f}M parameters, batch {args.batch} x "
           f"{args.seq_len}, float32, CPU ({os.cpu_count()} cores), jax {jax.__version__}, "
           f"gdn_method={args.gdn_method}, GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
-    rows = {}
-    for k in sorted({1, args.steps_per_call}):
-        name = "jax" if k == 1 else f"jax, {k} steps per call"
-        rows[name] = _jax_throughput(cfg, args.batch, args.seq_len, args.steps, args.warmup, k)
-        print(f"  {name:26s} {rows[name][0] * 1e3:9.1f} ms/step (mean {rows[name][1] * 1e3:.1f})",
-              flush=True)
-    if not args.no_torch:
-        import torch
-
-        rows["torch"] = _torch_throughput(cfg, args.batch, args.seq_len, args.steps,
-                                          args.warmup)
-        print(f"  {'torch':26s} {rows['torch'][0] * 1e3:9.1f} ms/step (mean "
-              f"{rows['torch'][1] * 1e3:.1f}; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads)", flush=True)
+    res = isolated_timing.compare(contenders(args), warmup=args.warmup,
+                                  **isolated_timing.options(args))
+    rows = {name: per_step(r) for (name, _), r in res.items()}
     # The MLP's matmul shape: what each framework's matmuls reach on this machine alone.
     shape = (tokens, cfg.hidden_size, cfg.intermediate_size)
-    peaks = _matmul_rates(*shape) if not args.no_torch else {}
-    print(f"\nfloat32 matmul {'x'.join(map(str, shape))}: " +
+    peaks = _matmul_rates(*shape, ["jax"] + ([] if args.no_torch else ["torch"]))
+    print(f"\nfloat32 matmul {'x'.join(map(str, shape))}, own process, best of 7: " +
           ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-    print(f"\nMedian (and mean) over {args.steps} steps after {args.warmup}:\n")
-    print("| framework | ms/step | tokens/s | GFLOP/s (model FLOPs) | of its matmul rate "
-          "| vs torch |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, (sec, mean, _) in rows.items():
+    print_table(rows, peaks, tokens * flops, tokens)
+    print(isolated_timing.describe(args.rounds, args.runs, args.settle)
+          + f"; {args.warmup} warm-up call(s); about {args.steps} steps each")
+
+
+def print_table(rows: dict, peaks: dict, flops_per_step: float, tokens: int) -> None:
+    """Median ms per step (min), tokens/s and GFLOP/s from the median, ratio of medians."""
+    print("\n| framework | ms/step median (min) | steps | tokens/s | GFLOP/s (model FLOPs) "
+          "| of its matmul rate | vs torch |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (sec, best, n) in rows.items():
         ratio = rows["torch"][0] / sec if "torch" in rows else float("nan")
-        mean_ratio = rows["torch"][1] / mean if "torch" in rows else float("nan")
-        rate = tokens * flops / sec / 1e9
+        rate = flops_per_step / sec / 1e9
         peak = peaks.get(name.split(",")[0], float("nan"))
-        print(f"| {name} | {sec * 1e3:.1f} ({mean * 1e3:.1f}) | {tokens / sec:,.0f} | "
-              f"{rate:.1f} | {rate / peak:.0%} | {ratio:.2f}x ({mean_ratio:.2f}x) |")
+        print(f"| {name} | {sec * 1e3:.1f} ({best * 1e3:.1f}) | {n} | {tokens / sec:,.0f} | "
+              f"{rate:.1f} | {rate / peak:.0%} | {ratio:.2f}x |")
 
 
 def compile_7b(args) -> None:
@@ -224,10 +264,12 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, help="default 4 (throughput), 8 (--compile-7b)")
     p.add_argument("--seq-len", type=int, help="default 512 (throughput), 4096 (--compile-7b)")
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=16,
+                   help="steps to time per contender, over all rounds (at least a call a round)")
     p.add_argument("--steps-per-call", type=int, default=8,
                    help="also time the jax step scanned over this many steps per call")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
+    isolated_timing.add_arguments(p, rounds=4, runs=1)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-hugepages", action="store_true",
                    help="do not restart with glibc.malloc.hugetlb=1 (see hybrid_jax.host_memory)")

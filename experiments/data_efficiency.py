@@ -3,6 +3,7 @@ counts, same data, same token budget, several seeds.
 
     python experiments/data_efficiency.py                  # 3 families x 3 seeds, ~31 min on 2 CPU cores
     python experiments/data_efficiency.py --steps 20 --seeds 1   # a quick look
+    python experiments/data_efficiency.py --smoke          # tiny, for CI; writes to a tmp dir
 
 Data: the embedded corpus (tiny shakespeare) as UTF-8 bytes; the first 90% trains, the last
 10% is held out. Each family has the ``bytes`` preset's shape (hidden 256, 4 layers, MLP 768,
@@ -30,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from small_scale import (  # noqa: E402
     FAMILIES,
     TrainConfig,
+    add_output_arguments,
     evaluator,
     family_config,
     parameter_count,
     pyplot,
+    resolve_outputs,
     save,
     train,
 )
@@ -74,9 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--families", default=",".join(FAMILIES))
-    p.add_argument("--out", default=str(HERE / "results" / "data_efficiency.json"))
-    p.add_argument("--plot", default=str(HERE / "data_efficiency.png"))
+    add_output_arguments(p, HERE / "results" / "data_efficiency.json", HERE / "data_efficiency.png")
     args = p.parse_args(argv)
+    resolve_outputs(args)
+    if args.smoke:  # one call of two steps, two families (the transformer is the reference)
+        args.steps = args.eval_every = args.batch = 2
+        args.seq_len, args.seeds, args.families = 32, 1, "transformer,hybrid"
 
     data = corpus_bytes()
     split = int(0.9 * len(data))

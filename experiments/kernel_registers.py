@@ -1,6 +1,7 @@
 """Registers and spills of the GPU (Triton) kernels, compiled for Hopper on a machine without a GPU.
 
     python experiments/kernel_registers.py --triton-python /path/to/venv/bin/python
+    python experiments/kernel_registers.py --shape 1,64,2,32,64 --lower-only   # CI: no triton
 
 A kernel whose tiles do not fit its registers spills to local memory, which costs far more than
 its arithmetic; ptxas reports it. This script lowers ``gdn_pallas`` (forward and gradient; bf16
@@ -146,6 +147,13 @@ ROLES = ["factors (forward)", "state pass (forward)", "factors (backward's recom
          "factors VJP: dq, dk by key columns"]
 
 
+def _roles(gpu_output: str, n: int) -> list[str]:
+    """What each of ``n`` kernel calls does, in call order ("" past the known ones)."""
+    roles = ROLES if gpu_output == "fused" else (
+        ROLES[:1] + ["state pass with states", "outputs from the states"] + ROLES[2:])
+    return roles + [""] * max(0, n - len(roles))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--triton-python", default=sys.executable,
@@ -160,10 +168,18 @@ def main() -> None:
                    help="compute capability to compile for, as 90 (H100), 80 (A100), 89")
     p.add_argument("--gpu-output", default="fused", choices=["fused", "parallel"],
                    help="the forward's output in the state pass or its own kernel")
+    p.add_argument("--lower-only", action="store_true",
+                   help="lower for CUDA and list the kernels, without triton's compile")
     args = p.parse_args()
     b, t, h, dk, dv = (int(x) for x in args.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         kernels = capture(tmp, b, t, h, dk, dv, args.gpu_output, args.dtype, args.arch)
+        if args.lower_only:
+            print(f"{len(kernels)} Triton kernels lowered for sm_{args.arch}:")
+            for role, k in zip(_roles(args.gpu_output, len(kernels)), kernels):
+                print(f"  {role or '?'} ({k['name']}): {k['num_warps']} warps, {k['num_stages']} stages, "
+                      f"{os.path.getsize(k['path'])} bytes of Triton IR")
+            return
         meta = os.path.join(tmp, "meta.json")
         with open(meta, "w") as f:
             json.dump(kernels, f)
@@ -177,9 +193,7 @@ def main() -> None:
           f"sm_{args.arch}")
     print("| kernel | name | warps | stages | registers | spill stores (bytes) | shared KiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    roles = ROLES if args.gpu_output == "fused" else (
-        ROLES[:1] + ["state pass with states", "outputs from the states"] + ROLES[2:])
-    for role, r in zip(roles + [""] * len(results), results):
+    for role, r in zip(_roles(args.gpu_output, len(results)), results):
         if "error" in r:
             print(f"| {role} | {r['name']} | {r['warps']} | {r['num_stages']} | "
                   f"failed: {r['error']} | | |")

@@ -4,6 +4,7 @@ extrapolation past the training length with NoPE against RoPE attention layers.
     python experiments/long_context.py                    # ~16 min on 2 CPU cores
     python experiments/long_context.py --models hybrid-nope --steps 8000 --out A.json
     python experiments/long_context.py --plot-only A.json,B.json --plot both.png
+    python experiments/long_context.py --smoke            # tiny, for CI; writes to a tmp dir
 
 Decode throughput against context length, the other half of the claim, is
 ``experiments/bench_decode.py`` (RESULTS.md, "Decode and prefill"); this script trains and
@@ -42,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic_tasks as tasks  # noqa: E402
 from small_scale import (TrainConfig, accuracy_panel, accuracy_run,  # noqa: E402
-                         family_config, pyplot, report, save)
+                         add_output_arguments, family_config, pyplot, report, resolve_outputs,
+                         save)
 
 HERE = Path(__file__).resolve().parent
 MODELS = {
@@ -54,9 +56,12 @@ MODELS = {
 }
 TRAIN_LEN = 64
 TEST_LENS = (64, 128, 256, 512, 1024, 2048)
+SMOKE_LENS = TEST_LENS[:2]  # --smoke: two lengths, a few rows, one call of steps
+SMOKE_ROWS, SMOKE_STEPS = 8, 10
 
 
-def run(name: str, steps: int, seed: int) -> dict:
+def run(name: str, steps: int, seed: int, lengths: tuple[int, ...] = TEST_LENS,
+        rows: int | None = None) -> dict:
     family, theta = MODELS[name]
     cfg = family_config(family, hidden=64, layers=4, heads=2, vocab=tasks.VOCAB,
                         rope_theta=theta)
@@ -68,21 +73,26 @@ def run(name: str, steps: int, seed: int) -> dict:
     # Fewer rows at long lengths keep the attention scores' memory small (32 x 2 x 2048^2
     # float32 is 1 GB): 128 rows at 64 tokens, 32 (128 needles) from 256 on.
     tests = {n: tasks.needles(np.random.default_rng((10_000 + seed, n)),
-                              max(32, 8192 // n), n) for n in TEST_LENS}
+                              rows or max(32, 8192 // n), n) for n in lengths}
     return accuracy_run(cfg, TrainConfig(steps=steps, lr=3e-3, warmup=30, seed=seed), batch_fn,
                         tests, evaluations=5, baseline=tasks.value_guess_baseline)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="hybrid-rope,hybrid-nope,gdn")
+    p.add_argument("--models", default=None,
+                   help="default hybrid-rope,hybrid-nope,gdn; with --smoke hybrid-nope")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(HERE / "results" / "long_context.json"))
-    p.add_argument("--plot", default=str(HERE / "long_context.png"))
+    add_output_arguments(p, HERE / "results" / "long_context.json", HERE / "long_context.png")
     p.add_argument("--plot-only", metavar="JSON[,JSON...]",
                    help="train nothing: plot the models of these result files together")
     args = p.parse_args(argv)
+    resolve_outputs(args)
+    args.models = args.models or ("hybrid-nope" if args.smoke else "hybrid-rope,hybrid-nope,gdn")
+    if args.smoke:
+        args.steps = SMOKE_STEPS
+    lengths, rows = (SMOKE_LENS, SMOKE_ROWS) if args.smoke else (TEST_LENS, None)
     if args.plot_only:
         merged = {}
         for path in args.plot_only.split(","):
@@ -100,18 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name in names:
         print(f"needles, {name}")
-        results[name] = run(name, args.steps, args.seed)
+        results[name] = run(name, args.steps, args.seed, lengths, rows)
     minutes = (time.perf_counter() - start) / 60
-    report(f"needle accuracy by length (trained at {TRAIN_LEN})", results, TEST_LENS)
+    report(f"needle accuracy by length (trained at {TRAIN_LEN})", results, lengths)
     print(f"total {minutes:.1f} min")
     out = save(args.out, {"args": vars(args), "results": results, "minutes": minutes})
-    plot(results, Path(args.plot), steps=[args.steps])
+    plot(results, Path(args.plot), steps=[args.steps], lengths=lengths)
     print(f"wrote {out} and {args.plot}")
 
 
-def plot(results: dict, path: Path, steps: list[int]) -> None:
+def plot(results: dict, path: Path, steps: list[int],
+         lengths: tuple[int, ...] = TEST_LENS) -> None:
     fig, ax = pyplot().subplots(figsize=(6.0, 3.9), dpi=110)
-    accuracy_panel(ax, results, TEST_LENS, baseline_label="guess a needle's value")
+    accuracy_panel(ax, results, lengths, baseline_label="guess a needle's value")
     ax.axvline(TRAIN_LEN, color="grey", lw=0.8, ls="--", label="training length")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle recall accuracy")

@@ -17,7 +17,9 @@ jitted call (``lax.scan``), and the batch a pure function of (seed, step).
 
 from __future__ import annotations
 
+import argparse
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,6 +207,26 @@ def save(path: str | Path, record: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def add_output_arguments(p: argparse.ArgumentParser, out: Path, plot: Path) -> None:
+    """--out, --plot and --smoke: the committed results' paths by default; a smoke run (tiny
+    sizes, a few steps, for CI) writes into a fresh temporary folder unless told otherwise, so
+    it never overwrites the committed results or plots."""
+    p.add_argument("--out", default=None, help=f"results JSON (default {out})")
+    p.add_argument("--plot", default=None, help=f"plot PNG (default {plot})")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes and a few steps, outputs in a temporary folder (for CI)")
+    p.set_defaults(_default_out=out, _default_plot=plot)
+
+
+def resolve_outputs(args: argparse.Namespace) -> None:
+    """Fill in --out and --plot as ``add_output_arguments`` describes."""
+    folder = Path(tempfile.mkdtemp(prefix="smoke_")) if args.smoke else None
+    out, plot = args._default_out, args._default_plot
+    args.out = args.out or str(folder / out.name if folder else out)
+    args.plot = args.plot or str(folder / plot.name if folder else plot)
+    del args._default_out, args._default_plot
 
 
 def pyplot():
