@@ -64,6 +64,8 @@ STATE_PASSES = {
 
 
 def _forward(q, k, v, g, beta, initial_state, reset, scale: float, plan: KernelPlan):
+    """(o [B, T, H, Dv] in q's dtype, final state [B, H, Dk, Dv] float32): factors, then the
+    pass across chunks."""
     b, t = v.shape[:2]
     passes = STATE_PASSES[plan.backend]
     inputs = kernel_inputs(q, k, v, g, beta, reset, plan)
@@ -78,6 +80,8 @@ def _forward(q, k, v, g, beta, initial_state, reset, scale: float, plan: KernelP
 
 
 def _backward(scale: float, plan: KernelPlan, saved: tuple, cotangents: tuple) -> tuple:
+    """Cotangents of (q, k, v, g, beta, initial_state, reset=None), recomputing the factors
+    (with T^T) and the entering states, then passing the state's cotangent backwards."""
     q, k, v, g, beta, initial_state, reset = saved
     d_out, d_final = cotangents
     passes = STATE_PASSES[plan.backend]
