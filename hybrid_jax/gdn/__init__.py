@@ -9,6 +9,7 @@ and runs one of four forms, which agree to float32 rounding:
                       attention), in XLA
     chunk.py          chunk by chunk: ``chunk_state_step`` carries the state across chunks
     assoc_scan.py     all chunks' states from an associative scan of their affine maps
+    context_parallel.py  the rule on a sequence split over a mesh axis (inside shard_map)
     pallas/           the chunk form as Pallas kernels, forward and backward
 
 Each Pallas stage mirrors an XLA twin: ``pallas/chunk_factors.py`` (and its VJP,
@@ -19,6 +20,7 @@ matches that step's autodiff.
 
 from hybrid_jax.gdn.chunk import chunk_state_step, gdn_chunk
 from hybrid_jax.gdn.chunk_factors import ChunkFactors, chunk_factors
+from hybrid_jax.gdn.context_parallel import gated_delta_rule_context_parallel
 from hybrid_jax.gdn.recurrent import gdn_recurrent, gdn_step
 from hybrid_jax.gdn.rule import (
     FORMS,
@@ -36,6 +38,7 @@ __all__ = [
     "chunk_factors",
     "chunk_state_step",
     "gated_delta_rule",
+    "gated_delta_rule_context_parallel",
     "gdn_chunk",
     "gdn_recurrent",
     "gdn_step",
