@@ -7,7 +7,7 @@ of page faults and a large share of the step's CPU time in the kernel.
 
 glibc's ``glibc.malloc.hugetlb=1`` tunable makes malloc ask for transparent huge pages
 (``madvise``) for such blocks: 2 MiB pages, 512 times fewer faults, and fewer TLB misses in the
-step's own loops (experiments/RESULTS.md, Training, has the measured step times).
+step's own loops.
 
 Tunables are read once, when a process starts, so ``hybrid-jax`` restarts itself once with the
 tunable added to ``GLIBC_TUNABLES`` (``restart_with_hugepages``). It does so only where it helps:

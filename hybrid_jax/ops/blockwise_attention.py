@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Query and key block length: larger blocks re-read K and V fewer times (XLA's byte count for
-# a TPU compile halves from 512 to 1024; experiments/RESULTS.md, "Figures moved out of code").
+# Query and key block length: larger blocks re-read K and V fewer times.
 DEFAULT_BLOCK = 1024
 
 
@@ -89,8 +88,7 @@ class _Blocks:
     """Blocks of ``size`` rows of x along ``axis``, read by block index: a dynamic slice in
     the looped program (traced index); in the unrolled one, a list of blocks split off once
     behind an optimization barrier, so that no fusion reads a slice of the whole array (the
-    recorded AOT results were compiled with it; what it changes in XLA's byte count is in
-    experiments/RESULTS.md, "Figures moved out of code")."""
+    recorded AOT results were compiled with it)."""
 
     def __init__(self, x: jax.Array | None, size: int, axis: int, unroll: bool) -> None:
         self.x, self.size, self.axis = x, size, axis

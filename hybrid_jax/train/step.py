@@ -122,7 +122,7 @@ def scan_steps(step: Callable) -> Callable:
     turn (``jax.lax.scan``), batches with a leading K axis ([K, A, B, T]) and metrics stacked
     as [K]. One dispatch and one allocation of the step's temporaries serve K steps: on CPU
     XLA frees and re-maps a step's temporaries at the end of each call, which costs a large
-    share of a step's time every few steps (experiments/RESULTS.md, Training)."""
+    share of a step's time every few steps."""
 
     def steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict]:
         return jax.lax.scan(step, state, batches)

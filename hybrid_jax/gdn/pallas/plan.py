@@ -142,7 +142,7 @@ def gpu_pass_stages(chunk_size: int, key_dim: int, block_v: int, dtype,
     loads a [C, block_v] slice and the chunk's [C, Dk] / [C, C] factors (forward and backward:
     w, q_decayed, k_decayed, intra; the states pass: w, k_decayed), and keeps the [Dk, block_v]
     state as a matmul operand. Preferred: three stages forward, two backward (what ran fastest
-    at OLMo Hybrid's layer in bf16: experiments/RESULTS.md), fewer where the buffers would not
+    at OLMo Hybrid's layer in bf16), fewer where the buffers would not
     fit ``shared_bytes`` of shared memory (``tiles.pipeline_stages``; by default the device's).
     """
     size = jnp.dtype(dtype).itemsize
