@@ -32,9 +32,8 @@ from hybrid_jax.gdn.rule import Method, gated_delta_rule, l2_normalize
 def _starts_a_document(segment_ids: jax.Array | None, axis_name: str) -> jax.Array:
     """[B] bool: whether this device's piece starts a new document (never on the first
     device, where ``initial_state`` applies)."""
-    b = (segment_ids.shape[0] if segment_ids is not None else 1)
     if segment_ids is None:
-        return jnp.zeros((b,), bool)
+        return jnp.zeros((1,), bool)
     p = jax.lax.axis_size(axis_name)
     previous_last = jax.lax.ppermute(segment_ids[:, -1], axis_name,
                                      [(i, i + 1) for i in range(p - 1)])

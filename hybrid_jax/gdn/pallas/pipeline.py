@@ -33,7 +33,7 @@ from hybrid_jax.gdn.pallas.layout import (
     per_token,
     unpad_state,
 )
-from hybrid_jax.gdn.pallas.plan import FORWARD_OUTPUTS, KernelPlan, plan_kernels
+from hybrid_jax.gdn.pallas.plan import KernelPlan, plan_kernels
 from hybrid_jax.gdn.pallas.state_pass import (
     chunk_outputs,
     entering_states_gpu,
@@ -46,7 +46,6 @@ from hybrid_jax.gdn.pallas.state_pass_tpu import (
     state_pass_tpu,
 )
 from hybrid_jax.gdn.pallas.step_cotangents import step_cotangents
-from hybrid_jax.gdn.pallas.tiles import BACKENDS
 
 
 class StatePasses(NamedTuple):
@@ -159,11 +158,6 @@ def gdn_pallas(
     plan: the whole plan, made by ``plan_kernels`` for these shapes (overrides the rest):
       for experiments that tune blocks, stages or warps.
     """
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"gdn_pallas: backend must be one of {BACKENDS}, got {backend!r}")
-    if forward_output not in FORWARD_OUTPUTS:
-        raise ValueError(f"gdn_pallas: forward_output must be one of {FORWARD_OUTPUTS}, got "
-                         f"{forward_output!r}")
     args = (q, k, v, g, beta, initial_state, reset)
     if plan is not None:
         return _gdn_pallas(*args, scale, plan)
