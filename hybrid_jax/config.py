@@ -22,7 +22,7 @@ GDN_METHODS = ("auto", "recurrent", "chunk", "assoc_scan", "pallas")  # ops.METH
 REMAT_POLICIES = ("none", "full", "layers", "dots", "dots_no_batch")
 # ops.attention.causal_attention's implementations; "auto" is "blockwise" when the sequence
 # is longer than one block, else "dense" (the same logits, without loops), on every backend.
-ATTENTION_METHODS = ("auto", "dense", "blockwise", "blockwise_unrolled")
+ATTENTION_METHODS = ("auto", "dense", "blockwise", "blockwise_unrolled", "splash", "cudnn")
 LOSS_METHODS = ("auto", "full", "chunked", "chunked_unrolled")
 
 _DTYPES = {
@@ -164,7 +164,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     gdn_method: str = "auto"  # "pallas" on GPU / TPU, "chunk" on CPU
     gdn_chunk_size: int = 64
-    attention_method: str = "auto"  # "blockwise": memory linear in T; "dense": [H, T, T] logits
+    # "splash" (TPU kernel), "cudnn" (GPU), "blockwise" (XLA, memory linear in T), "dense"
+    # ([H, T, T] logits); "auto" picks by platform (ops.attention.resolve_attention)
+    attention_method: str = "auto"
     attention_block_size: int = 1024  # query and key rows per block of "blockwise"
     loss_method: str = "auto"  # train loss: "chunked" (ops.lm_head_loss) or "full" logits
     loss_chunk_size: int = 1024  # positions per row whose [chunk, V] logits exist at once

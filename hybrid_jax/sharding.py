@@ -230,6 +230,21 @@ def shard_count(logical: str, size: int) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def split_axes(logical: str, size: int) -> str | tuple[str, ...] | None:
+    """The mesh axis (or axes) over which the current ``activation_sharding`` splits a
+    dimension of ``size`` named ``logical``, as collectives inside ``per_shard`` name it; None
+    outside one or when the dimension stays whole."""
+    current = _ACTIVATIONS.get()
+    if current is None:
+        return None
+    mesh, rules = current
+    axes = _fitted_spec(mesh, rules, (size,), (logical,), "split_axes")[0]
+    if axes is None or math.prod(mesh.shape[a] for a in (
+            (axes,) if isinstance(axes, str) else axes)) == 1:
+        return None
+    return axes
+
+
 def splits(logical: str, size: int) -> bool:
     """Whether the current ``activation_sharding`` splits a dimension of ``size`` named
     ``logical`` (False outside one)."""

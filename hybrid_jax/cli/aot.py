@@ -11,7 +11,9 @@ own devices are not used (jax runs on the CPU unless JAX_PLATFORMS says otherwis
 model is a preset, changed by ``--model-config`` (a YAML mapping of ModelConfig fields, or a
 run config with a ``model`` section) and then ``--set FIELD=VALUE``; its GDN layers run the
 Pallas kernels (``gdn_method`` "auto" becomes "pallas": on a CPU host "auto" would pick the
-XLA form, and the program compiled must be the one the pod runs).
+XLA form, and the program compiled must be the one the pod runs), and its attention layers
+jax's splash kernel where it takes the shapes (``attention_method`` "auto", as a TPU resolves
+it: ``ops.attention.resolve_attention``).
 
 For each program: compile seconds; per-device memory (arguments, outputs, temporaries, total)
 against the device's HBM, or the compiler's out-of-memory message; XLA's FLOPs and bytes
@@ -65,8 +67,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def model_config(args: argparse.Namespace):
-    """The preset, then --model-config, then --set, then dtypes and the Pallas GDN form."""
+    """The preset, then --model-config, then --set, then dtypes and the TPU kernels where
+    "auto" asks for them (the Pallas GDN form; splash attention where it takes the shapes)."""
     from hybrid_jax.config import PRESETS
+    from hybrid_jax.ops.attention import resolve_attention
 
     fields: dict[str, Any] = {}
     if args.model_config is not None:
@@ -91,6 +95,11 @@ def model_config(args: argparse.Namespace):
         raise ConfigError(f"model config: {e}") from None
     if config.gdn_method == "auto":
         config = config.replace(gdn_method="pallas")
+    if config.attention_method == "auto":
+        # Traced on this host, "auto" would resolve for its CPU.
+        config = config.replace(attention_method=resolve_attention(
+            "auto", args.seq_len, config.attention_block_size, head_dim=config.head_dim,
+            dtype=config.compute_dtype, platform="tpu"))
     return config
 
 

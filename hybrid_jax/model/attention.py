@@ -10,9 +10,11 @@ from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.cache import KVCache
 from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import RMSNorm
-from hybrid_jax.ops.attention import cached_attention, causal_attention
+from hybrid_jax.ops.attention import (cached_attention, causal_attention,
+                                      resolve_attention)
+from hybrid_jax.ops.ring_attention import ring_attention
 from hybrid_jax.ops.rope import apply_rope
-from hybrid_jax.sharding import constrain
+from hybrid_jax.sharding import constrain, per_shard, split_axes, splits
 
 
 class Attention(nnx.Module):
@@ -64,11 +66,49 @@ class Attention(nnx.Module):
         """
         b, t, _ = x.shape
         q, k, v = self._qkv(x, rope)
+        return self.o_proj(self._attend(q, k, v, segment_ids).reshape(b, t, -1))
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                segment_ids: jax.Array | None) -> jax.Array:
+        """Causal attention of q [B, T, H, Dh] over k, v [B, T, Hkv, Dh] -> [B, T, H, Dh].
+
+        Where positions are split (``sharding.activation_sharding``'s "length", the context
+        axis), each device keeps its piece and keys and values go round a ring
+        (``ops.ring_attention``, zig-zag balanced), in blocks of ``attention_block_size``.
+        Otherwise ``attention_method``'s form: XLA's forms partitioned by GSPMD, the splash
+        kernel (which XLA cannot partition) run per device on its rows and heads."""
         cfg = self.config
-        o = causal_attention(q, k, v, segment_ids=segment_ids, scale=cfg.head_dim ** -0.5,
-                             implementation=cfg.attention_method,
-                             block_size=cfg.attention_block_size)
-        return self.o_proj(o.reshape(b, t, -1))
+        scale = cfg.head_dim ** -0.5
+        t = q.shape[1]
+        context = split_axes("length", t)
+        method = resolve_attention(cfg.attention_method, t, cfg.attention_block_size,
+                                   head_dim=cfg.head_dim, dtype=q.dtype,
+                                   packed=segment_ids is not None)
+        if context is None and method != "splash":
+            return causal_attention(q, k, v, segment_ids=segment_ids, scale=scale,
+                                    implementation=method, block_size=cfg.attention_block_size)
+
+        def attend(q, k, v, *seg):
+            seg = seg[0] if seg else None
+            if context is None:
+                return causal_attention(q, k, v, segment_ids=seg, scale=scale,
+                                        implementation="splash")
+            return ring_attention(q, k, v, axis_name=context, segment_ids=seg, scale=scale,
+                                  block_size=cfg.attention_block_size,
+                                  cost_analysis=method == "blockwise_unrolled")
+
+        # Query and key heads split together or not at all, keeping each group whole.
+        heads = ("heads", "kv_heads")
+        if not (splits(heads[0], cfg.num_attention_heads)
+                and splits(heads[1], cfg.num_key_value_heads)):
+            heads = (None, None)
+        length = "length" if context is not None else None
+        names = [("batch", length, heads[0], None)] + [("batch", length, heads[1], None)] * 2
+        args = [q, k, v]
+        if segment_ids is not None:
+            args.append(segment_ids)
+            names.append(("batch", length))
+        return per_shard(attend, names, names[0], q.shape)(*args)
 
     def extend(
         self,

@@ -13,8 +13,8 @@ from hybrid_jax.model.cache import GDNCache
 from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import GatedRMSNorm
 from hybrid_jax.model.short_conv import ShortConvolution
-from hybrid_jax.gdn import gated_delta_rule
-from hybrid_jax.sharding import constrain, per_shard, splits
+from hybrid_jax.gdn import gated_delta_rule, gated_delta_rule_context_parallel
+from hybrid_jax.sharding import constrain, per_shard, split_axes, splits
 
 # FLA's fused gated RMSNorm default, which the released model was trained with.
 O_NORM_EPS = 1e-5
@@ -100,29 +100,37 @@ class GatedDeltaNet(nnx.Module):
         [B, Hv, Dk, Dv] given ``initial_state``, else None).
 
         Under a mesh (``sharding.activation_sharding``), each device runs the rule on its rows
-        and heads (XLA cannot partition a Pallas kernel); whole sequences, since the state runs
-        along them. Key and value heads split together or not at all, keeping value head h
-        with key head h // G."""
+        and heads (XLA cannot partition a Pallas kernel). Key and value heads split together
+        or not at all, keeping value head h with key head h // G. Where positions are split
+        ("length", the context axis), each device runs its piece of every sequence and the
+        state passes between pieces (``gdn.context_parallel``); the final state is then the
+        same on every device of that axis."""
         cfg = self.config
         with_state = initial_state is not None
+        context = split_axes("length", q.shape[1])
 
         def rule(q, k, v, g, beta, *rest):
-            segments = rest[0] if segment_ids is not None else None
-            o, final = gated_delta_rule(
-                q, k, v, g, beta, use_qk_l2norm=True, segment_ids=segments,
-                initial_state=rest[-1] if with_state else None, output_final_state=with_state,
-                method=method, chunk_size=cfg.gdn_chunk_size)
+            kw = dict(use_qk_l2norm=True, segment_ids=rest[0] if segment_ids is not None else None,
+                      initial_state=rest[-1] if with_state else None, method=method,
+                      chunk_size=cfg.gdn_chunk_size)
+            if context is not None:
+                o, final = gated_delta_rule_context_parallel(q, k, v, g, beta,
+                                                             axis_name=context, **kw)
+            else:
+                o, final = gated_delta_rule(q, k, v, g, beta, output_final_state=with_state,
+                                            **kw)
             return (o, final) if with_state else o
 
         heads = ("gdn_key_heads", "gdn_heads")
         if not (splits(heads[0], cfg.linear_num_key_heads)
                 and splits(heads[1], cfg.linear_num_value_heads)):
             heads = (None, None)
-        kh, vh = (("batch", None, h, None) for h in heads)
+        length = "length" if context is not None else None
+        kh, vh = (("batch", length, h, None) for h in heads)
         args, names = [q, k, v, g, beta], [kh, kh, vh, vh[:3], vh[:3]]
         if segment_ids is not None:
             args.append(segment_ids)
-            names.append(("batch", None))
+            names.append(("batch", length))
         if with_state:
             args.append(initial_state)
             names.append(("batch", heads[1], None, None))

@@ -15,7 +15,7 @@ from hybrid_jax.model.stack import DecoderStack
 from hybrid_jax.ops.attention import segment_positions
 from hybrid_jax.ops.projection import projection_dot
 from hybrid_jax.ops.rope import rope_cos_sin
-from hybrid_jax.sharding import RESIDUAL, constrain
+from hybrid_jax.sharding import RESIDUAL, constrain, splits
 
 
 class HybridLM(nnx.Module):
@@ -109,8 +109,14 @@ class HybridLM(nnx.Module):
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         """[B, T] ids -> [B, T, D] rows of the embedding table, in the compute dtype. The
         lookup is tied to the ids (``widening``): in a decode loop, XLA:CPU would otherwise
-        hold a float32 copy of a 16-bit table for the whole loop."""
+        hold a float32 copy of a 16-bit table for the whole loop. Where positions are split
+        (context parallelism), the table's model-width columns are gathered first, as FSDP
+        gathers any weight: GSPMD would otherwise look up all of its rows' tokens, whole
+        sequences, in each device's columns (one activation's worth per device without a
+        context split, the context degree's times more with one)."""
         table = self.embed.embedding[...]
+        if splits("length", input_ids.shape[1]):
+            table = constrain(table, ("vocab", None))
         if widening.has_16bit_floats(table):
             table = widening.on_cpu(table, input_ids, cpu=widening.after, other=lambda t, _: t)
         return jnp.take(table, input_ids, axis=0).astype(self.config.compute_dtype)

@@ -7,6 +7,7 @@ from flax import nnx
 
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.ops.projection import projection_dot_general
+from hybrid_jax.sharding import splits
 
 
 class Dense(nnx.Linear):
@@ -14,11 +15,15 @@ class Dense(nnx.Linear):
 
     Same parameters and values; the reshape is for XLA:CPU, whose gradients of a matmul over
     [B, T, in] activations (the kernel's cotangent contracts two batch dimensions) are far
-    slower than the same products on [B*T, in] (experiments/RESULTS.md, Training). The product
-    itself is ``ops.projection.projection_matmul`` (``linear`` passes it as ``dot_general``)."""
+    slower than the same products on [B*T, in] (experiments/RESULTS.md, Training). Not where
+    positions are split over a mesh axis (context parallelism): GSPMD cannot merge a row split
+    with a position split, and would gather whole sequences to flatten them. The product itself
+    is ``ops.projection.projection_matmul`` (``linear`` passes it as ``dot_general``)."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         lead = inputs.shape[:-1]
+        if inputs.ndim == 3 and splits("length", inputs.shape[1]):
+            return super().__call__(inputs)
         out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
         return out.reshape(*lead, out.shape[-1])
 

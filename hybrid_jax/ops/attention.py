@@ -1,17 +1,19 @@
 """Causal grouped-query attention with optional packed-sequence (segment) masking: the entry
-point ``causal_attention`` (by default blockwise beyond one block, see
-``blockwise_attention``), the dense XLA form that holds [B, H, T, T] logits, and
-``cached_attention`` against a decode cache."""
+point ``causal_attention`` (by default the platform's fused kernel where one applies, else
+blockwise beyond one block, see ``blockwise_attention``), the dense XLA form that holds
+[B, H, T, T] logits, and ``cached_attention`` against a decode cache."""
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.ops.blockwise_attention import DEFAULT_BLOCK, blockwise_causal_attention
+from hybrid_jax.ops.splash_attention import SplashBlocks, splash_applies, splash_causal_attention
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -33,11 +35,31 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - last_start
 
 
-def resolve_attention(implementation: str | None, seq_len: int, block_size: int) -> str | None:
-    """``implementation`` with "auto" resolved: "blockwise" when ``seq_len`` is longer than one
-    block, else "dense" (one block holds the same logits, without the loops)."""
+def resolve_attention(implementation: str | None, seq_len: int, block_size: int, *,
+                      head_dim: int | None = None, dtype: Any = None, packed: bool = False,
+                      platform: str | None = None) -> str | None:
+    """``implementation`` with "auto" resolved for ``platform`` (default: jax's default
+    backend when traced):
+
+    * TPU: "splash" (jax's Pallas kernel) where it applies (``splash_applies``: T and the
+      head dim multiples of 128);
+    * GPU: "cudnn" (``jax.nn.dot_product_attention``'s fused kernel) for bf16/fp16 rows
+      without packed documents: its public API takes a segment mask only as a dense
+      [B, 1, T, T] array, quadratic in T, so packed rows stay on the blockwise form;
+    * otherwise "blockwise" when ``seq_len`` is longer than one block, else "dense" (one
+      block holds the same logits, without the loops).
+
+    The shape arguments (``head_dim``, ``dtype``, ``packed``: segment ids given) matter only
+    to the kernels; left None, neither kernel is picked."""
     if implementation != "auto":
         return implementation
+    platform = platform or jax.default_backend()
+    if platform == "tpu" and head_dim is not None and splash_applies(seq_len, head_dim):
+        return "splash"
+    if (platform in ("gpu", "cuda") and not packed and head_dim is not None
+            and head_dim <= 128 and head_dim % 8 == 0
+            and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+        return "cudnn"
     return "blockwise" if seq_len > block_size else "dense"
 
 
@@ -50,6 +72,7 @@ def causal_attention(
     scale: float | None = None,
     implementation: str | None = None,
     block_size: int = DEFAULT_BLOCK,
+    splash_blocks: SplashBlocks = SplashBlocks(),
 ) -> jax.Array:
     """Softmax attention where token t sees tokens s <= t of its own segment.
 
@@ -60,8 +83,9 @@ def causal_attention(
       scale: defaults to D**-0.5.
       implementation: "blockwise": ``blockwise_causal_attention`` in blocks of ``block_size``
         rows (memory linear in T; "blockwise_unrolled" leaves no XLA loop, for cost
-        analysis); "auto": ``resolve_attention``'s choice; None, "dense" or "xla"
-        materialises the [B, H, T, T] float32 logits (our own XLA form, with
+        analysis); "splash": ``splash_causal_attention`` (Mosaic-compiled on TPU, interpreted
+        elsewhere), tiled by ``splash_blocks``; "auto": ``resolve_attention``'s choice; None,
+        "dense" or "xla" materialises the [B, H, T, T] float32 logits (our own XLA form, with
         ``jax.nn.dot_product_attention``'s numerics and head-major matmuls); anything else
         goes to ``jax.nn.dot_product_attention`` ("cudnn": the fused GPU kernel for
         bf16/fp16).
@@ -72,11 +96,15 @@ def causal_attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    implementation = resolve_attention(implementation, q.shape[1], block_size)
+    implementation = resolve_attention(implementation, q.shape[1], block_size,
+                                       head_dim=q.shape[-1], dtype=q.dtype,
+                                       packed=segment_ids is not None)
     if implementation in ("blockwise", "blockwise_unrolled"):
         return blockwise_causal_attention(q, k, v, segment_ids=segment_ids, scale=scale,
                                           block_q=block_size, block_k=block_size,
                                           unroll=implementation == "blockwise_unrolled")
+    if implementation == "splash":
+        return _splash_on_platform(q, k, v, segment_ids, scale, splash_blocks)
     mask = None
     if segment_ids is not None:
         # [B, 1, T, S]: broadcast over heads; the causal part comes from is_causal.
@@ -85,6 +113,19 @@ def causal_attention(
         return _xla_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                        implementation=implementation)
+
+
+def _splash_on_platform(q, k, v, segment_ids, scale, blocks):
+    """Splash compiled by Mosaic where the program is lowered for TPU, in interpret mode
+    elsewhere (decided at lowering: a program traced on a CPU host and compiled ahead of time
+    for a TPU topology runs the kernel)."""
+    def run(interpret: bool):
+        return lambda q, k, v, *seg: splash_causal_attention(
+            q, k, v, segment_ids=seg[0] if seg else None, scale=scale, blocks=blocks,
+            interpret=interpret)
+
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
+    return jax.lax.platform_dependent(*args, tpu=run(False), default=run(True))
 
 
 def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,

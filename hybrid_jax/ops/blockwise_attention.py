@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +56,8 @@ def blockwise_causal_attention(
     Returns:
       [B, T, H, D] in q's dtype.
     """
+    check_attention_shapes("blockwise_causal_attention", q, k, v, segment_ids)
     b, t, h, d = q.shape
-    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d or h % k.shape[2]:
-        raise ValueError(f"blockwise_causal_attention: q {q.shape} needs k and v [B, T, Hkv, D] "
-                         f"with Hkv dividing H; got k {k.shape}, v {v.shape}")
-    if segment_ids is not None and segment_ids.shape != (b, t):
-        raise ValueError(f"blockwise_causal_attention: segment_ids {segment_ids.shape} must be "
-                         f"[B, T] = {(b, t)}")
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"blockwise_causal_attention: {name} must be a positive integer, "
@@ -82,6 +78,19 @@ def blockwise_causal_attention(
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     o = _attention(qh, kh, vh, segment_ids, float(scale), block_q, block_k, bool(unroll))
     return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, padded, h, d)[:, :t]
+
+
+def check_attention_shapes(caller: str, q: jax.Array, k: jax.Array, v: jax.Array,
+                           segment_ids: jax.Array | None) -> None:
+    """Raise a ValueError naming ``caller`` unless q is [B, T, H, D], k and v [B, T, Hkv, D]
+    with Hkv dividing H, and segment_ids None or [B, T]."""
+    b, t, h, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d or h % k.shape[2]:
+        raise ValueError(f"{caller}: q {q.shape} needs k and v [B, T, Hkv, D] with Hkv "
+                         f"dividing H; got k {k.shape}, v {v.shape}")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"{caller}: segment_ids {segment_ids.shape} must be [B, T] = "
+                         f"{(b, t)}")
 
 
 class _Blocks:
@@ -122,10 +131,22 @@ def _logits(q_blk: jax.Array, k_blk: jax.Array, allowed: jax.Array, scale: float
     return jnp.where(allowed, s * scale, -jnp.inf)
 
 
-def _key_blocks_seen(i, block_q: int, block_k: int, n_k: int):
-    """Key blocks a query block i sees: those starting before its last row, 0 .. this - 1."""
-    seen = ((i + 1) * block_q + block_k - 1) // block_k
-    return min(n_k, seen) if isinstance(i, int) else jnp.minimum(n_k, seen)
+def _key_blocks_seen(i, block_q: int, block_k: int, n_k: int, shift=0):
+    """Key blocks that query block i sees: those starting at or before its last row, 0 .. this
+    - 1. ``shift`` is the queries' first position minus the keys' (0 for self-attention)."""
+    seen = (shift + (i + 1) * block_q + block_k - 1) // block_k
+    if isinstance(seen, int):
+        return max(0, min(n_k, seen))
+    return jnp.clip(seen, 0, n_k)
+
+
+def _first_query_block(kb, block_q: int, block_k: int, n_q: int, shift=0):
+    """The first query block that sees key block kb: the first whose last row is at or after
+    the block's first key (``shift`` as in ``_key_blocks_seen``)."""
+    first = (kb * block_k - shift) // block_q
+    if isinstance(first, int):
+        return max(0, min(n_q, first))
+    return jnp.clip(first, 0, n_q)
 
 
 def _fori(lower, upper, body, init, unroll: bool):
@@ -137,6 +158,15 @@ def _fori(lower, upper, body, init, unroll: bool):
     return init
 
 
+class Offsets(NamedTuple):
+    """First positions of a piece of queries and a piece of keys in their sequence: ints, or
+    int32 scalars inside ``shard_map`` (context parallelism; then not with ``unroll``). Keys
+    after a query are masked, and blocks wholly after it are skipped."""
+
+    q: Any = 0
+    k: Any = 0
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _attention(qh, kh, vh, seg, scale, block_q, block_k, unroll):
     """qh [B, J, G, T, D], kh and vh [B, J, T, D], seg [B, T] int32 or None -> [B, J, G, T, D]
@@ -145,12 +175,42 @@ def _attention(qh, kh, vh, seg, scale, block_q, block_k, unroll):
 
 
 def _forward(qh, kh, vh, seg, scale, block_q, block_k, unroll):
-    b, j, g, t, d = qh.shape
-    n_q, n_k = t // block_q, t // block_k
+    o, lse = attend_blocks(qh, kh, vh, seg, seg, Offsets(), scale, block_q, block_k, unroll,
+                           out_dtype=qh.dtype)
+    return o, (qh, kh, vh, seg, o, lse)
+
+
+def _backward(scale, block_q, block_k, unroll, res, d_o):
+    qh, kh, vh, seg, o, lse = res
+    # softmax's VJP needs sum_k p dp per row, which is sum_d o do: a [T, D] product.
+    delta = jnp.sum(o.astype(jnp.float32) * d_o.astype(jnp.float32), axis=-1)  # [B, J, G, T]
+    d_q, d_k, d_v = attend_blocks_vjp(qh, kh, vh, seg, seg, Offsets(), lse, delta, d_o, scale,
+                                      block_q, block_k, unroll)
+    d_seg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
+    return d_q.astype(qh.dtype), d_k.astype(kh.dtype), d_v.astype(vh.dtype), d_seg
+
+
+_attention.defvjp(_forward, _backward)
+
+
+def attend_blocks(qh: jax.Array, kh: jax.Array, vh: jax.Array, seg_q: jax.Array | None,
+                  seg_k: jax.Array | None, offsets: Offsets, scale: float, block_q: int,
+                  block_k: int, unroll: bool = False, out_dtype: Any = jnp.float32
+                  ) -> tuple[jax.Array, jax.Array]:
+    """One piece of queries against one piece of keys, flash attention's forward in blocks.
+
+    qh [B, J, G, Tq, D] (query head j*G+g uses kv head j), kh and vh [B, J, Tk, D], seg_q
+    [B, Tq] and seg_k [B, Tk] int32 or both None; Tq a multiple of block_q, Tk of block_k.
+    Returns (o [B, J, G, Tq, D] in ``out_dtype``, lse [B, J, G, Tq] float32): the softmax-weighted
+    values and each row's log-sum-exp over the keys it sees. A row that sees no key gets
+    o = 0 and lse = float32's lowest value (finite), which weighs nothing in a merge."""
+    b, j, g, tq, d = qh.shape
+    n_q, n_k = tq // block_q, kh.shape[2] // block_k
+    shift = offsets.q - offsets.k
     f32 = jnp.float32
     qs = _Blocks(qh, block_q, 3, unroll)
     ks, vs = _Blocks(kh, block_k, 2, unroll), _Blocks(vh, block_k, 2, unroll)
-    seg_q, seg_k = _Blocks(seg, block_q, 1, unroll), _Blocks(seg, block_k, 1, unroll)
+    seg_qs, seg_ks = _Blocks(seg_q, block_q, 1, unroll), _Blocks(seg_k, block_k, 1, unroll)
     # A finite start for the running max: a row with nothing allowed yet keeps it, its
     # exp(-inf - start) terms are 0 and its correction exp(start - max) is finite.
     lowest = jnp.finfo(f32).min
@@ -160,7 +220,8 @@ def _forward(qh, kh, vh, seg, scale, block_q, block_k, unroll):
 
         def key_block(kb, carry):
             row_max, row_sum, acc = carry
-            allowed = _allowed(seg_q[i], seg_k[kb], i * block_q, block_q, kb * block_k, block_k)
+            allowed = _allowed(seg_qs[i], seg_ks[kb], shift + i * block_q, block_q,
+                               kb * block_k, block_k)
             s = _logits(q_blk, ks[kb], allowed, scale)
             new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
             p = jnp.exp(s - new_max[..., None])
@@ -172,32 +233,38 @@ def _forward(qh, kh, vh, seg, scale, block_q, block_k, unroll):
 
         init = (jnp.full((b, j, g, block_q), lowest, f32), jnp.zeros((b, j, g, block_q), f32),
                 jnp.zeros((b, j, g, block_q, d), f32))
-        row_max, row_sum, acc = _fori(0, _key_blocks_seen(i, block_q, block_k, n_k), key_block,
-                                      init, unroll)
-        # A row that saw no key (impossible for causal self-attention) gets zeros.
+        row_max, row_sum, acc = _fori(0, _key_blocks_seen(i, block_q, block_k, n_k, shift),
+                                      key_block, init, unroll)
         row_sum = jnp.where(row_sum > 0, row_sum, 1.0)
-        return (acc / row_sum[..., None]).astype(qh.dtype), row_max + jnp.log(row_sum)
+        return (acc / row_sum[..., None]).astype(out_dtype), row_max + jnp.log(row_sum)
 
     if unroll:
         o, lse = (jnp.stack(x) for x in zip(*(query_block(i) for i in range(n_q))))
     else:
         o, lse = jax.lax.map(query_block, jnp.arange(n_q))  # [n_q, B, J, G, bq, ...]
-    o = jnp.moveaxis(o, 0, 3).reshape(b, j, g, t, d)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(b, j, g, t)
-    return o, (qh, kh, vh, seg, o, lse)
+    return (jnp.moveaxis(o, 0, 3).reshape(b, j, g, tq, d),
+            jnp.moveaxis(lse, 0, 3).reshape(b, j, g, tq))
 
 
-def _backward(scale, block_q, block_k, unroll, res, d_o):
-    qh, kh, vh, seg, o, lse = res
-    b, j, g, t, d = qh.shape
-    n_q, n_k = t // block_q, t // block_k
+def attend_blocks_vjp(qh: jax.Array, kh: jax.Array, vh: jax.Array, seg_q: jax.Array | None,
+                      seg_k: jax.Array | None, offsets: Offsets, lse: jax.Array,
+                      delta: jax.Array, d_o: jax.Array, scale: float, block_q: int,
+                      block_k: int, unroll: bool = False
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The cotangents of one query piece against one key piece, given the rows' final
+    ``lse`` and ``delta`` = sum_d o do ([B, J, G, Tq] float32: over every key piece, when a
+    row's keys are split into several), and d_o [B, J, G, Tq, D]. Shapes and offsets as
+    ``attend_blocks``. Returns float32 (d_q [B, J, G, Tq, D], d_k, d_v [B, J, Tk, D]): this
+    pair's share, to be summed over key pieces (d_q) and query pieces (d_k, d_v)."""
+    b, j, g, tq, d = qh.shape
+    tk = kh.shape[2]
+    n_q, n_k = tq // block_q, tk // block_k
+    shift = offsets.q - offsets.k
     f32 = jnp.float32
-    # softmax's VJP needs sum_k p dp per row, which is sum_d o do: a [T, D] product.
-    delta = jnp.sum(o.astype(f32) * d_o.astype(f32), axis=-1)  # [B, J, G, T]
     qs, d_os = _Blocks(qh, block_q, 3, unroll), _Blocks(d_o, block_q, 3, unroll)
     lses, deltas = _Blocks(lse, block_q, 3, unroll), _Blocks(delta, block_q, 3, unroll)
     ks, vs = _Blocks(kh, block_k, 2, unroll), _Blocks(vh, block_k, 2, unroll)
-    seg_q, seg_k = _Blocks(seg, block_q, 1, unroll), _Blocks(seg, block_k, 1, unroll)
+    seg_qs, seg_ks = _Blocks(seg_q, block_q, 1, unroll), _Blocks(seg_k, block_k, 1, unroll)
 
     def key_block(d_q, kb):
         k_blk, v_blk = ks[kb], vs[kb]
@@ -205,7 +272,8 @@ def _backward(scale, block_q, block_k, unroll, res, d_o):
         def query_block(i, carry):
             d_k, d_v, d_q = carry
             q_blk, do_blk = qs[i], d_os[i]
-            allowed = _allowed(seg_q[i], seg_k[kb], i * block_q, block_q, kb * block_k, block_k)
+            allowed = _allowed(seg_qs[i], seg_ks[kb], shift + i * block_q, block_q,
+                               kb * block_k, block_k)
             s = _logits(q_blk, k_blk, allowed, scale)
             p = jnp.exp(s - lses[i][..., None])  # masked: exp(-inf) = 0
             d_v = d_v + jnp.einsum("bjgqk,bjgqd->bjkd", p.astype(vh.dtype), do_blk,
@@ -221,8 +289,7 @@ def _backward(scale, block_q, block_k, unroll, res, d_o):
             return d_k, d_v, jax.lax.dynamic_update_slice_in_dim(d_q, d_q_blk, rows, axis=3)
 
         zeros = jnp.zeros((b, j, block_k, d), f32)
-        # Query blocks that see key block kb: those whose last row is at or after its first.
-        first = (kb * block_k) // block_q
+        first = _first_query_block(kb, block_q, block_k, n_q, shift)
         d_k, d_v, d_q = _fori(first, n_q, query_block, (zeros, zeros, d_q), unroll)
         return d_q, (d_k, d_v)
 
@@ -235,10 +302,5 @@ def _backward(scale, block_q, block_k, unroll, res, d_o):
         d_k, d_v = (jnp.stack(x) for x in zip(*d_kv))
     else:
         d_q, (d_k, d_v) = jax.lax.scan(key_block, jnp.zeros(qh.shape, f32), jnp.arange(n_k))
-    d_k = jnp.moveaxis(d_k, 0, 2).reshape(b, j, t, d)
-    d_v = jnp.moveaxis(d_v, 0, 2).reshape(b, j, t, d)
-    d_seg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
-    return d_q.astype(qh.dtype), d_k.astype(kh.dtype), d_v.astype(vh.dtype), d_seg
-
-
-_attention.defvjp(_forward, _backward)
+    return (d_q, jnp.moveaxis(d_k, 0, 2).reshape(b, j, tk, d),
+            jnp.moveaxis(d_v, 0, 2).reshape(b, j, tk, d))
