@@ -7,6 +7,7 @@ the longest sequences that fit, and the Pallas TPU kernels compiled by Mosaic.
     python experiments/aot_tpu_7b.py kernels   # GDN kernels for v5e, v5p, v6e
     python experiments/aot_tpu_7b.py attention # one attention layer alone: dense and blocks
     python experiments/aot_tpu_7b.py weights   # bf16 inference on one chip: weight copies?
+    python experiments/aot_tpu_7b.py context   # the same tokens per chip, context degree 1-16
     python experiments/aot_tpu_7b.py report    # markdown tables from the results
 
 ``--attention dense`` (table, maxlen) uses the attention layers' dense form, whose [H, T, T]
@@ -68,7 +69,7 @@ TOPOLOGIES = ("v5p:4x4x4", "v6e:16x16")
 BATCH, SEQ = 512, 8192  # OLMo's 4M-token global batch
 
 
-ATTENTION_FORMS = ("blockwise", "dense")
+ATTENTION_FORMS = ("blockwise", "dense", "splash")
 MODELS = ("hybrid", "attention")
 MESHES = ("fsdp", "fsdp_tp2")
 
@@ -182,6 +183,40 @@ def maxlen(force: bool, limit: int, attention: str, loss: str, block: int | None
 
                 _case(_part("maxlen", attention, loss, remat), f"{program}_{name}_{topo_name.replace(':', '_')}",
                       force, run)
+
+
+# Train steps with the same tokens per chip at growing context degrees (issue 25's targets):
+# (mesh, rows, sequence length) per slice; context=1 is the FSDP baseline.
+CONTEXT_CASES = {
+    "v5p:4x4x4": [(MeshShape(fsdp=64), 64, 65536), (MeshShape(fsdp=16, context=4), 16, 262144),
+                  (MeshShape(fsdp=4, context=16), 4, 1048576)],
+    "v6e:16x16": [(MeshShape(fsdp=256), 256, 16384),
+                  (MeshShape(fsdp=32, context=8), 32, 131072)],
+}
+
+
+def context(force: bool, remat: str, topologies, cost: bool) -> None:
+    """The hybrid's train step (chunked loss, one micro-batch) on each ``CONTEXT_CASES`` mesh:
+    memory per chip, and the bytes its collectives return per chip (the GDN state maps, the
+    ring's keys and values, the convolutions' halo, FSDP's weights and gradients); with
+    ``cost``, the roofline too. Attention: splash at context 1 (what "auto" picks on TPU),
+    the ring (blockwise pieces) under a context split."""
+    for topo_name in topologies:
+        topology = tpu_topology(topo_name)
+        n = len(topology.devices)
+        for shape, rows, seq in CONTEXT_CASES[topo_name]:
+            def run(shape=shape, rows=rows, seq=seq, topology=topology):
+                cfg = model("hybrid", "splash", "chunked", None, remat)
+                work = Workload(rows, seq, micro_batches=1)
+                report = report_program("train", cfg, topology, topology.mesh(shape), work,
+                                        cost=cost)
+                return {"model": "hybrid", "remat": remat, "topology": topology.name,
+                        "mesh": str(shape), "context": shape.context,
+                        "tokens_per_chip": rows * seq // n, "workload": dataclasses.asdict(work),
+                        **report.as_dict()}
+
+            name = f"{topo_name.replace(':', '_')}_context{shape.context}_{seq}"
+            _case(f"context_remat_{remat}" + ("_cost" if cost else ""), name, force, run)
 
 
 KERNEL_TOPOLOGIES = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
@@ -389,7 +424,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["table", "maxlen", "kernels", "attention", "weights",
-                                    "report"])
+                                    "context", "report"])
     p.add_argument("--force", action="store_true", help="recompile cases already saved")
     p.add_argument("--limit", type=int, default=1 << 20, help="maxlen: longest length tried")
     p.add_argument("--start", type=int, default=SEQ,
@@ -400,6 +435,8 @@ def main() -> int:
                    help="table, maxlen: full logits (the earlier results) or the chunked loss")
     p.add_argument("--remat", choices=REMATS, default="full",
                    help="table, maxlen: recompute each block of 4 layers (full) or each layer")
+    p.add_argument("--cost", action="store_true",
+                   help="context: the cost compiles and roofline too (slow at these lengths)")
     p.add_argument("--attention-block", type=int,
                    help="table, maxlen: attention_block_size (default: the model's)")
     p.add_argument("--topologies", default=",".join(TOPOLOGIES),
@@ -425,6 +462,8 @@ def main() -> int:
     elif args.part == "table":
         table(args.force, args.attention, args.loss, args.attention_block, args.remat,
               topologies, models, mesh_names)
+    elif args.part == "context":
+        context(args.force, args.remat, topologies, args.cost)
     elif args.part == "maxlen":
         maxlen(args.force, args.limit, args.attention, args.loss, args.attention_block,
                args.remat, topologies, models, args.start)

@@ -125,3 +125,25 @@ def test_sections_are_typed_with_their_defaults():
     assert cfg.mesh is None
     with pytest.raises(ConfigError, match=r"^run: unknown setting\(s\) \['log'\]"):
         check_sections({**sections, "run": {"log": "x"}}, "tiny")
+
+
+def test_context_parallel_training_gives_one_devices_losses(corpus, tmp_path):
+    """`--mesh context=4` on 4 simulated CPU devices (a child process): every layer split over
+    positions, 8 per device, and the losses of one device's run."""
+    import subprocess
+    import sys
+
+    from host_devices import child_env
+
+    def losses(name, *extra):
+        ckpt = tmp_path / name
+        code = "import sys; from hybrid_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+        args = ["train", "--text", str(corpus), "--seq-len", "32", "--global-batch", "4",
+                "--steps", "3", "--checkpoint-dir", str(ckpt), "--no-progress", *TWO_LAYERS,
+                *extra]
+        proc = subprocess.run([sys.executable, "-c", code, *args], env=child_env(4),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line)["loss"] for line in (ckpt / "log.jsonl").read_text().splitlines()]
+
+    assert losses("ctx", "--mesh", "context=4") == pytest.approx(losses("one"), rel=1e-5)

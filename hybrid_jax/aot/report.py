@@ -26,6 +26,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from hybrid_jax.aot.collectives import collective_bytes
 from hybrid_jax.aot.programs import BUILDERS, Workload
 from hybrid_jax.aot.roofline import Roofline, model_flops, roofline
 from hybrid_jax.aot.topology import Topology
@@ -63,6 +64,8 @@ class ProgramReport:
     xla_bytes: float | None = None
     model_flops: float | None = None
     roofline: Roofline | None = None
+    # Bytes per call and device that each kind of collective returns (aot.collectives).
+    collectives: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -173,7 +176,9 @@ def report_program(program: str, config: ModelConfig, topology: Topology, mesh: 
     memory = memory_stats(compiled) if compiled is not None else None
     fits = memory is not None and memory["total"] <= device.hbm_bytes
     report = ProgramReport(program, seconds, fits, memory, device.hbm_bytes, oom,
-                           kernel_calls(compiled) if compiled is not None else None)
+                           kernel_calls(compiled) if compiled is not None else None,
+                           collectives=None if compiled is None
+                           else collective_bytes(compiled.as_text()))
     if not cost:
         return report
     xla = per_call_cost(program, config, mesh, work)

@@ -178,9 +178,10 @@ def run(args: argparse.Namespace) -> int:
               f"({spec.device_kind}: {_gib(spec.hbm_bytes)} GiB HBM, "
               f"{spec.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
               f"{spec.hbm_bytes_per_s / 1e9:.0f} GB/s per device; {spec.source})")
+        attention = ("ring over context" if shape.context > 1 else config.attention_method)
         print(f"mesh {shape}; preset {args.preset}, {config.num_hidden_layers} layers, "
               f"remat {config.remat}, GDN {config.gdn_method}, attention "
-              f"{config.attention_method} (blocks of {config.attention_block_size}); train "
+              f"{attention} (blocks of {config.attention_block_size}); train "
               f"batch {args.batch} x "
               f"{args.seq_len} in {args.micro_batches} micro-batch(es), prefill/decode batch "
               f"{infer_work.batch}", flush=True)
@@ -198,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
     for r in reports:
         if r.error:
             print(f"{r.program}: {r.error}")
+        elif r.collectives:
+            moved = ", ".join(f"{kind} {_gib(n)}" for kind, n in r.collectives.items() if n)
+            print(f"{r.program}: collectives per call and device, GiB returned: {moved or '-'}")
     if args.json is not None:
         import dataclasses
 

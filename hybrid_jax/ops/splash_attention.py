@@ -26,7 +26,8 @@ SPLASH_TILE = 128
 @dataclasses.dataclass(frozen=True)
 class SplashBlocks:
     """Splash's query and key/value tile lengths, forward and backward (each lowered to the
-    sequence length when that is shorter)."""
+    sequence length when that is shorter). The backward runs splash's separate dq and dkv
+    kernels: its fused one keeps a float32 partial dq per key tile, memory quadratic in T."""
 
     block_q: int = 512
     block_kv: int = 512
@@ -37,8 +38,8 @@ class SplashBlocks:
         q, kv, qb, kvb = (min(b, t) for b in (self.block_q, self.block_kv, self.block_q_bwd,
                                                 self.block_kv_bwd))
         return splash.BlockSizes(block_q=q, block_kv=kv, block_kv_compute=kv, block_q_dkv=qb,
-                                 block_kv_dkv=kvb, block_kv_dkv_compute=kvb,
-                                 use_fused_bwd_kernel=True)
+                                 block_kv_dkv=kvb, block_kv_dkv_compute=kvb, block_q_dq=qb,
+                                 block_kv_dq=kvb)
 
 
 def splash_applies(t: int, head_dim: int) -> bool:

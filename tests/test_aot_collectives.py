@@ -1,0 +1,43 @@
+"""``aot.collectives.collective_bytes`` on a program whose traffic is known: an all-gather
+inside a three-trip loop and a collective-permute after it, on 4 simulated CPU devices."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from host_devices import run_child
+
+
+def _child(out: Path) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from hybrid_jax.aot.collectives import collective_bytes
+
+    mesh = Mesh(np.asarray(jax.devices()), ("i",))
+
+    def program(x):  # x: [1, 8] float32 per device
+        def body(_, carry):
+            return carry + jnp.sum(jax.lax.all_gather(carry, "i"), axis=0)
+
+        y = jax.lax.fori_loop(0, 3, body, x)
+        return jax.lax.ppermute(y, "i", [(j, (j + 1) % 4) for j in range(4)])
+
+    run = jax.jit(jax.shard_map(program, mesh=mesh, in_specs=P("i"), out_specs=P("i")))
+    out.write_text(json.dumps(collective_bytes(run.lower(jnp.ones((4, 8))).compile().as_text())))
+
+
+def test_collective_bytes_count_results_times_loop_trips(tmp_path):
+    got = run_child(__file__, tmp_path / "bytes.json", n_devices=4)
+    # all-gather: [4, 1, 8] float32 per device, 3 trips; permute: [1, 8] float32 once.
+    assert got == {"all-gather": 3 * 4 * 8 * 4, "reduce-scatter": 0, "all-reduce": 0,
+                   "collective-permute": 8 * 4, "all-to-all": 0}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    _child(Path(sys.argv[1]))
