@@ -1,5 +1,6 @@
-"""``aot.collectives.collective_bytes`` on a program whose traffic is known: an all-gather
-inside a three-trip loop and a collective-permute after it, on 4 simulated CPU devices."""
+"""``aot.collectives.collective_bytes`` on programs whose traffic is known: an all-gather
+inside a three-trip loop and a collective-permute after it, on 4 simulated CPU devices; and
+TPU-style async starts, whose results are tuples of operands, results and contexts."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def test_collective_bytes_count_results_times_loop_trips(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     _child(Path(sys.argv[1]))
+
+
+def test_async_starts_count_their_results_not_operands_or_contexts():
+    from hybrid_jax.aot.collectives import collective_bytes
+
+    hlo = """HloModule m
+
+ENTRY %main (p: bf16[4,8]) -> bf16[4,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  %cp = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%p), source_target_pairs={{0,1},{1,0}}
+  %d = bf16[4,8]{1,0} collective-permute-done(%cp)
+  %ag = ((bf16[4,8]{1,0}, bf16[2]{0}), (bf16[8,8]{1,0}, bf16[4]{0})) all-gather-start(%p, %q), replica_groups={{0,1}}, dimensions={0}
+  ROOT %r = bf16[4,8]{1,0} copy(%d)
+}
+"""
+    got = collective_bytes(hlo)
+    assert got["collective-permute"] == 4 * 8 * 2  # one bf16[4, 8] result
+    assert got["all-gather"] == (8 * 8 + 4) * 2  # the two results of a combined gather

@@ -79,8 +79,9 @@ def collective_bytes(hlo: str) -> dict[str, int]:
             if found and not _ONE_DEVICE_GROUPS.search(line):
                 shapes = found.group(1)
                 if "-start(" in line and shapes.startswith("("):
-                    # An async start's result is (operands, results, ...): count the results.
-                    arrays = _ARRAY.findall(shapes)
-                    shapes = "".join(f"{k}{b}[{d}]" for k, b, d in arrays[len(arrays) // 2:][:1])
+                    # An async start's result is (operands, results[, u32[] contexts]): count
+                    # the results.
+                    arrays = [a for a in _ARRAY.findall(shapes) if a[2]]
+                    shapes = "".join(f"{k}{b}[{d}]" for k, b, d in arrays[len(arrays) // 2:])
                 totals[found.group(2)] += times * _bytes(shapes)
     return totals
