@@ -22,7 +22,8 @@ GDN_METHODS = ("auto", "recurrent", "chunk", "assoc_scan", "pallas")  # ops.METH
 REMAT_POLICIES = ("none", "full", "layers", "dots", "dots_no_batch")
 # ops.attention.causal_attention's implementations; "auto" is "blockwise" when the sequence
 # is longer than one block, else "dense" (the same logits, without loops), on every backend.
-ATTENTION_METHODS = ("auto", "dense", "blockwise", "blockwise_unrolled", "splash", "cudnn")
+ATTENTION_METHODS = ("auto", "dense", "blockwise", "blockwise_unrolled", "splash", "cudnn",
+                     "splash_stand_in")
 LOSS_METHODS = ("auto", "full", "chunked", "chunked_unrolled")
 
 _DTYPES = {

@@ -14,6 +14,7 @@ from hybrid_jax.aot.kernels import compile_gdn_kernels  # noqa: E402
 from hybrid_jax.aot.programs import Workload  # noqa: E402
 from hybrid_jax.aot.report import (  # noqa: E402
     compile_program,
+    kernel_calls,
     per_call_cost,
     report_program,
     required_bytes,
@@ -210,3 +211,57 @@ def test_cli_errors_name_the_culprit(argv, message, capsys):
     rc = main(["aot", "--preset", "tiny", "--batch", "4", "--seq-len", "64", *argv])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def _on_chips(topology, fn, *shapes):
+    """``fn`` compiled for ``topology``, rows of [rows, ...] arguments split over its chips."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(topology.devices, dtype=object), ("x",))
+    spec = PartitionSpec("x")
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+            for s in shapes]
+    run = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(shapes),
+                        out_specs=(PartitionSpec(), (spec,) * len(shapes)), check_vma=False)
+    return jax.jit(run).lower(*args).compile()
+
+
+def test_splash_compiles_with_mosaic_and_its_stand_in_costs_what_splash_does(topology):
+    import jax
+    import jax.numpy as jnp
+
+    from hybrid_jax.ops.attention import causal_attention
+    from hybrid_jax.ops.splash_attention import splash_cost
+
+    n, t, h, hkv, d = len(topology.devices), 2048, 4, 2, 128
+
+    def step(method):
+        def loss(q, k, v):
+            o = causal_attention(q, k, v, implementation=method)
+            return jnp.sum(o.astype(jnp.float32))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+    shapes = [(n, t, h, d), (n, t, hkv, d), (n, t, hkv, d)]
+    # Forward, dq and dkv kernels (one Mosaic custom call each), at the default matmul
+    # precision (this suite's "highest" is not for bf16 kernels).
+    with jax.default_matmul_precision("default"):
+        assert kernel_calls(_on_chips(topology, step("splash"), *shapes)) == 3
+    cost = xla_cost(_on_chips(topology, step("splash_stand_in"), *shapes))
+    want = splash_cost(1, t, h, hkv, d, 2)
+    # 4 x 4 of the 512-token tiles, 10 at or below the diagonal: 2 matmuls each forward, 7
+    # backward, 2 * 512 * 512 * 128 FLOPs per matmul and head.
+    assert want.forward.flops + want.backward.flops == 10 * 9 * 2 * 512 * 512 * 128 * h
+    assert cost["flops"] == pytest.approx(want.forward.flops + want.backward.flops, rel=1e-3)
+
+
+def test_context_parallel_train_step_compiles_for_tpu(topology):
+    """fsdp=2 x context=2: the GDN Mosaic kernels per device inside the state-passing rule,
+    ring attention's collective-permutes."""
+    work = Workload(4, 256, micro_batches=1)
+    report = report_program("train", _config(), topology,
+                            topology.mesh(MeshShape(fsdp=2, context=2)), work, cost=False)
+    assert report.fits and report.kernel_calls > 0
+    assert report.collectives["collective-permute"] > 0

@@ -12,8 +12,8 @@ XLA TPU also makes loops of its own: with a tensor axis it rewrites large sharde
 loops over the shards (windowed einsums; at 7B width a one-block step had 75 of them, and
 its FLOPs came out at a third), so the cost compiles turn those rewrites off
 (``COST_OPTIONS``) and fail if any loop is left. Pallas kernels show in XLA's cost through
-their ``CostEstimate`` (gdn.pallas.tiles); splash attention's have none, and the cost
-compiles count the blockwise form over its tiles in its place.
+their ``CostEstimate`` (gdn.pallas.tiles); splash attention's have none, so the cost
+compiles put in its place Pallas calls that carry ``ops.splash_attention.splash_cost``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from hybrid_jax.aot.topology import Topology
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.ops.attention import resolve_attention
 from hybrid_jax.ops.lm_head_loss import resolve_loss
-from hybrid_jax.ops.splash_attention import SplashBlocks
 
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 # libtpu options for the cost compiles only: no windowed-einsum / collective-matmul loops.
@@ -127,21 +126,15 @@ def _cut(config: ModelConfig, blocks: int, seq_len: int) -> ModelConfig:
     # Blockwise attention's block loops unrolled too (XLA would count their bodies once).
     attention = resolve_attention(config.attention_method, seq_len,
                                   config.attention_block_size)
-    block = config.attention_block_size
-    if attention == "splash":
-        # Splash's kernels carry no cost estimate; the blockwise form over splash's tiles
-        # does the same block-causal matmuls (2 per visible tile forward, 5 backward), so
-        # it stands in for them. Its bytes are more than splash's (its tiles' logits pass
-        # through HBM), which makes the roofline pessimistic, never optimistic.
-        block = SplashBlocks().block_q
-    if attention in ("blockwise", "splash"):
+    if attention == "splash":  # splash's kernels carry no cost estimate: ops.splash_cost's
+        attention = "splash_stand_in"
+    if attention == "blockwise":
         attention = "blockwise_unrolled"
     loss = resolve_loss(config.loss_method, seq_len, config.loss_chunk_size)
     if loss == "chunked":  # and the loss's chunk loop
         loss = "chunked_unrolled"
     return config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers],
-                          scan_layers=False, attention_method=attention,
-                          attention_block_size=block, loss_method=loss)
+                          scan_layers=False, attention_method=attention, loss_method=loss)
 
 
 def per_call_cost(program: str, config: ModelConfig, mesh: Mesh, work: Workload

@@ -84,7 +84,8 @@ class Attention(nnx.Module):
         method = resolve_attention(cfg.attention_method, t, cfg.attention_block_size,
                                    head_dim=cfg.head_dim, dtype=q.dtype,
                                    packed=segment_ids is not None)
-        if context is None and method != "splash":
+        kernel = method in ("splash", "splash_stand_in")  # Pallas: run per device
+        if context is None and not kernel:
             return causal_attention(q, k, v, segment_ids=segment_ids, scale=scale,
                                     implementation=method, block_size=cfg.attention_block_size)
 
@@ -92,7 +93,7 @@ class Attention(nnx.Module):
             seg = seg[0] if seg else None
             if context is None:
                 return causal_attention(q, k, v, segment_ids=seg, scale=scale,
-                                        implementation="splash")
+                                        implementation=method)
             return ring_attention(q, k, v, axis_name=context, segment_ids=seg, scale=scale,
                                   block_size=cfg.attention_block_size,
                                   cost_analysis=method == "blockwise_unrolled")

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.ops.blockwise_attention import DEFAULT_BLOCK, blockwise_causal_attention
-from hybrid_jax.ops.splash_attention import SplashBlocks, splash_applies, splash_causal_attention
+from hybrid_jax.ops.splash_attention import (SplashBlocks, splash_applies, splash_causal_attention,
+                                             splash_cost_stand_in)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -84,7 +85,8 @@ def causal_attention(
       implementation: "blockwise": ``blockwise_causal_attention`` in blocks of ``block_size``
         rows (memory linear in T; "blockwise_unrolled" leaves no XLA loop, for cost
         analysis); "splash": ``splash_causal_attention`` (Mosaic-compiled on TPU, interpreted
-        elsewhere), tiled by ``splash_blocks``; "auto": ``resolve_attention``'s choice; None,
+        elsewhere), tiled by ``splash_blocks`` ("splash_stand_in": its cost for XLA's cost
+        analysis, not its values); "auto": ``resolve_attention``'s choice; None,
         "dense" or "xla" materialises the [B, H, T, T] float32 logits (our own XLA form, with
         ``jax.nn.dot_product_attention``'s numerics and head-major matmuls); anything else
         goes to ``jax.nn.dot_product_attention`` ("cudnn": the fused GPU kernel for
@@ -105,6 +107,11 @@ def causal_attention(
                                           unroll=implementation == "blockwise_unrolled")
     if implementation == "splash":
         return _splash_on_platform(q, k, v, segment_ids, scale, splash_blocks)
+    if implementation == "splash_stand_in":  # cost analysis only: not attention's values
+        return jax.lax.platform_dependent(
+            q, k, v, tpu=functools.partial(splash_cost_stand_in, blocks=splash_blocks),
+            default=functools.partial(splash_cost_stand_in, blocks=splash_blocks,
+                                      interpret=True))
     mask = None
     if segment_ids is not None:
         # [B, 1, T, S]: broadcast over heads; the causal part comes from is_causal.
