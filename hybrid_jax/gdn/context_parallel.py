@@ -105,7 +105,10 @@ def gated_delta_rule_context_parallel(
         initial_state = jnp.zeros((b, hv, dk, dv), jnp.float32)
     initial_state = initial_state.astype(jnp.float32)
     fresh = _starts_a_document(segment_ids, axis_name)[:, None, None, None]
-    m, x = _piece_map(k, v, g, beta, segment_ids, method, chunk_size)
+    # Checkpointed: the fold's backward recomputes its forward instead of holding its chunk
+    # states ([Dk, Dk + Dv] per chunk and head) through the rerun's backward.
+    m, x = jax.checkpoint(_piece_map, static_argnums=(5, 6))(k, v, g, beta, segment_ids,
+                                                             method, chunk_size)
     m = jnp.where(fresh, 0.0, m)  # nothing before a document start reaches past it
     entering, final = _incoming_states(m, x, initial_state, axis_name)
     entering = jnp.where(fresh, 0.0, entering)

@@ -37,12 +37,13 @@ from hybrid_jax.ops.blockwise_attention import (DEFAULT_BLOCK, Offsets, attend_b
 
 class Pieces(NamedTuple):
     """The local part of the sequence as ``parts`` pieces of equal length, head-major, and
-    where each starts in the whole sequence."""
+    where each starts in the whole sequence: one array per piece (separate arrays, not one
+    stacked array, so that updating one piece never copies the others)."""
 
-    q: jax.Array  # [parts, B, J, G, L, D]
-    k: jax.Array  # [parts, B, J, L, D]
-    v: jax.Array  # [parts, B, J, L, D]
-    segment_ids: jax.Array | None  # [parts, B, L] int32
+    q: tuple[jax.Array, ...]  # [B, J, G, L, D] each
+    k: tuple[jax.Array, ...]  # [B, J, L, D] each
+    v: tuple[jax.Array, ...]  # [B, J, L, D] each
+    segment_ids: tuple[jax.Array, ...] | None  # [B, L] int32 each
 
 
 def ring_attention(
@@ -91,7 +92,7 @@ def ring_attention(
                         segment_ids.astype(jnp.int32), axis=1))
     if cost_analysis and parts != 2:
         raise ValueError("ring_attention: cost_analysis needs load_balance and an even T_local")
-    o = _ring(pieces, axis_name, scale, block, cost_analysis)  # [parts, B, J, G, L, D]
+    o = _ring(pieces, axis_name, scale, block, cost_analysis)  # parts x [B, J, G, L, D]
     o = _merge(o, parts=parts, axis_name=axis_name, axis=3)
     return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q.dtype)
 
@@ -103,22 +104,22 @@ def _zigzag_perms(p: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]
     return [(i, owner(2 * i)) for i in range(p)], [(i, owner(2 * i + 1)) for i in range(p)]
 
 
-def _split(x: jax.Array, *, parts: int, axis_name, axis: int) -> jax.Array:
-    """x with its local positions (``axis``) as [parts, ...]: the contiguous piece (one part),
+def _split(x: jax.Array, *, parts: int, axis_name, axis: int) -> tuple[jax.Array, ...]:
+    """x's local positions (``axis``) as ``parts`` pieces: the contiguous piece (one part),
     or this device's zig-zag halves i and 2P - 1 - i (two parts)."""
     if parts == 1:
-        return x[None]
+        return (x,)
     first, second = jnp.split(x, 2, axis=axis)
     to_even, to_odd = _zigzag_perms(jax.lax.axis_size(axis_name))
     from_even = jax.lax.ppermute(first, axis_name, to_even)  # global half 2i's new owner
     from_odd = jax.lax.ppermute(second, axis_name, to_odd)
     # Device i's lower half (global index i) came from the even halves if i is even.
     even = jax.lax.axis_index(axis_name) % 2 == 0
-    return jnp.stack([jnp.where(even, from_even, from_odd), jnp.where(even, from_odd, from_even)])
+    return jnp.where(even, from_even, from_odd), jnp.where(even, from_odd, from_even)
 
 
-def _merge(x: jax.Array, *, parts: int, axis_name, axis: int) -> jax.Array:
-    """``_split``'s inverse: [parts, ...] back to the contiguous piece along ``axis``."""
+def _merge(x: tuple[jax.Array, ...], *, parts: int, axis_name, axis: int) -> jax.Array:
+    """``_split``'s inverse: the pieces back to the contiguous piece along ``axis``."""
     if parts == 1:
         return x[0]
     to_even, to_odd = _zigzag_perms(jax.lax.axis_size(axis_name))
@@ -146,8 +147,9 @@ def _send_on(tree, axis_name):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _ring(pieces: Pieces, axis_name, scale: float, block: int, unroll: bool) -> jax.Array:
-    """[parts, B, J, G, L, D] float32: each local query piece attended over the whole ring."""
+def _ring(pieces: Pieces, axis_name, scale: float, block: int, unroll: bool
+          ) -> tuple[jax.Array, ...]:
+    """[B, J, G, L, D] float32 per local query piece, attended over the whole ring."""
     return _ring_forward(pieces, axis_name, scale, block, unroll)[0]
 
 
@@ -156,17 +158,26 @@ def _device(axis_name, unroll: bool):
     return 0 if unroll else jax.lax.axis_index(axis_name)
 
 
+def _steps(p: int, step, carry, unroll: bool):
+    """``carry = step(i, carry)`` for the ring's P steps: an XLA loop, so that one step's
+    buffers are live at a time (unrolled, the scheduler overlaps steps and holds several
+    pieces' temporaries at once), or a Python loop for cost analysis."""
+    if unroll:
+        for i in range(p):
+            carry = step(i, carry)
+        return carry
+    return jax.lax.fori_loop(0, p, step, carry)
+
+
 def _ring_forward(pieces: Pieces, axis_name, scale, block, unroll):
-    parts, length = pieces.q.shape[0], pieces.q.shape[4]
+    parts, length = len(pieces.q), pieces.q[0].shape[3]
     p = jax.lax.axis_size(axis_name)
     me = _device(axis_name, unroll)
     q_starts = _starts(me, parts, length, p)
-    lowest = jnp.finfo(jnp.float32).min
-    o = jnp.zeros(pieces.q.shape, jnp.float32)
-    lse = jnp.full(pieces.q.shape[:-1], lowest, jnp.float32)
-    visiting = (pieces.k, pieces.v, pieces.segment_ids)
-    for step in range(p):
-        k_starts = _starts((me - step) % p, parts, length, p)
+
+    def step(i, carry):
+        o, lse, visiting = list(carry[0]), list(carry[1]), carry[2]
+        k_starts = _starts((me - i) % p, parts, length, p)
         k, v, seg_k = visiting
         for a in range(parts):
             for c in range(parts):
@@ -174,11 +185,18 @@ def _ring_forward(pieces: Pieces, axis_name, scale, block, unroll):
                     pieces.q[a], k[c], v[c], _at(pieces.segment_ids, a), _at(seg_k, c),
                     Offsets(q_starts[a], k_starts[c]), scale, block, block, unroll)
                 new = jnp.logaddexp(lse[a], lse_ac)
-                o = o.at[a].set(jnp.exp(lse[a] - new)[..., None] * o[a]
-                                + jnp.exp(lse_ac - new)[..., None] * o_ac)
-                lse = lse.at[a].set(new)
-        if step + 1 < p:
-            visiting = _send_on(visiting, axis_name)
+                o[a] = (jnp.exp(lse[a] - new)[..., None] * o[a]
+                        + jnp.exp(lse_ac - new)[..., None] * o_ac)
+                lse[a] = new
+        # Passed on after every step, the last one's pass wasted (1 / P more traffic) for one
+        # loop body: the pieces are back home at the end.
+        return tuple(o), tuple(lse), _send_on(visiting, axis_name)
+
+    lowest = jnp.finfo(jnp.float32).min
+    init = (tuple(jnp.zeros(q.shape, jnp.float32) for q in pieces.q),
+            tuple(jnp.full(q.shape[:-1], lowest, jnp.float32) for q in pieces.q),
+            (pieces.k, pieces.v, pieces.segment_ids))
+    o, lse, _ = _steps(p, step, init, unroll)
     return o, (pieces, o, lse)
 
 
@@ -188,34 +206,38 @@ def _at(x, i):
 
 def _ring_backward(axis_name, scale, block, unroll, res, d_o):
     pieces, o, lse = res
-    parts, length = pieces.q.shape[0], pieces.q.shape[4]
+    parts, length = len(pieces.q), pieces.q[0].shape[3]
     p = jax.lax.axis_size(axis_name)
     me = _device(axis_name, unroll)
     q_starts = _starts(me, parts, length, p)
-    delta = jnp.sum(o * d_o, axis=-1)  # [parts, B, J, G, L]
-    d_q = jnp.zeros(pieces.q.shape, jnp.float32)
-    d_kv = (jnp.zeros(pieces.k.shape, jnp.float32), jnp.zeros(pieces.v.shape, jnp.float32))
-    visiting = (pieces.k, pieces.v, pieces.segment_ids)
-    for step in range(p):
-        k_starts = _starts((me - step) % p, parts, length, p)
+    delta = [jnp.sum(o_a * do_a, axis=-1) for o_a, do_a in zip(o, d_o)]  # [B, J, G, L]
+    d_o = [do_a.astype(pieces.q[0].dtype) for do_a in d_o]
+
+    def step(i, carry):
+        d_q, d_k, d_v = (list(x) for x in carry[:3])
+        visiting = carry[3]
+        k_starts = _starts((me - i) % p, parts, length, p)
         k, v, seg_k = visiting
-        d_k, d_v = d_kv
         for a in range(parts):
             for c in range(parts):
                 dq_ac, dk_ac, dv_ac = attend_blocks_vjp(
                     pieces.q[a], k[c], v[c], _at(pieces.segment_ids, a), _at(seg_k, c),
-                    Offsets(q_starts[a], k_starts[c]), lse[a], delta[a],
-                    d_o[a].astype(pieces.q.dtype), scale, block, block, unroll)
-                d_q = d_q.at[a].add(dq_ac)
-                d_k, d_v = d_k.at[c].add(dk_ac), d_v.at[c].add(dv_ac)
+                    Offsets(q_starts[a], k_starts[c]), lse[a], delta[a], d_o[a], scale,
+                    block, block, unroll)
+                d_q[a], d_k[c], d_v[c] = d_q[a] + dq_ac, d_k[c] + dk_ac, d_v[c] + dv_ac
         # The cotangents follow their keys and values; after P passes they are home.
-        d_kv = _send_on((d_k, d_v), axis_name)
-        if step + 1 < p:
-            visiting = _send_on(visiting, axis_name)
+        d_k, d_v = _send_on((tuple(d_k), tuple(d_v)), axis_name)
+        return tuple(d_q), d_k, d_v, _send_on(visiting, axis_name)
+
+    zeros = lambda xs: tuple(jnp.zeros(x.shape, jnp.float32) for x in xs)
+    init = (zeros(pieces.q), zeros(pieces.k), zeros(pieces.v),
+            (pieces.k, pieces.v, pieces.segment_ids))
+    d_q, d_k, d_v, _ = _steps(p, step, init, unroll)
+    cast = lambda xs, like: tuple(x.astype(y.dtype) for x, y in zip(xs, like))
     d_seg = (None if pieces.segment_ids is None
-             else np.zeros(pieces.segment_ids.shape, jax.dtypes.float0))
-    return (Pieces(q=d_q.astype(pieces.q.dtype), k=d_kv[0].astype(pieces.k.dtype),
-                   v=d_kv[1].astype(pieces.v.dtype), segment_ids=d_seg),)
+             else tuple(np.zeros(s.shape, jax.dtypes.float0) for s in pieces.segment_ids))
+    return (Pieces(q=cast(d_q, pieces.q), k=cast(d_k, pieces.k), v=cast(d_v, pieces.v),
+                   segment_ids=d_seg),)
 
 
 _ring.defvjp(_ring_forward, _ring_backward)
