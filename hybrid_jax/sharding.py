@@ -5,7 +5,9 @@ A mesh has four named axes (any of size 1):
     data     pure data parallelism: batch rows split, parameters replicated
     fsdp     data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
     tensor   tensor parallelism: heads, MLP width and vocabulary split
-    context  sequence parallelism: positions split (GSPMD inserts the communication)
+    context  sequence parallelism: positions split (the GDN rule and attention pass state
+             and keys between devices), and parameters split with fsdp's (ZeRO over the
+             context group too: the train state per device shrinks as context grows)
 
 Every parameter dimension has a logical name (``param_logical_axes``: "embed", "mlp", "heads",
 "kv_heads", "gdn_heads", "gdn_key_heads", "vocab", "layers", ...) and ``LogicalRules`` map
@@ -143,7 +145,7 @@ class LogicalRules:
     rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: {
         "batch": ("data", "fsdp"),
         "length": "context",
-        "embed": "fsdp",
+        "embed": ("fsdp", "context"),
         "vocab": "tensor",
         "mlp": "tensor",
         "heads": "tensor",
@@ -354,6 +356,19 @@ def _flat_with_paths(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
     return [(path_keys(path), leaf) for path, leaf in flat], treedef
 
 
+def _without_unit_axes(mesh: Mesh, spec: PartitionSpec) -> PartitionSpec:
+    """``spec`` less the mesh axes of size 1 in dimensions split over several axes (the same
+    sharding, written as a mesh without them would: ("fsdp", "context") is "fsdp" at
+    context=1)."""
+    def fit(axes):
+        if axes is None or isinstance(axes, str):
+            return axes
+        kept = tuple(a for a in axes if mesh.shape.get(a, 1) > 1) or axes[:1]
+        return kept[0] if len(kept) == 1 else kept
+
+    return PartitionSpec(*(fit(axes) for axes in spec))
+
+
 def param_shardings(params: Any, mesh: Mesh, rules: LogicalRules | None = None) -> Any:
     """``NamedSharding``s for a parameter pytree (an ``nnx.State``, its pure dict, or abstract
     ``ShapeDtypeStruct``s of either), the same structure. Raises ShardingError naming every
@@ -362,7 +377,8 @@ def param_shardings(params: Any, mesh: Mesh, rules: LogicalRules | None = None) 
     flat, treedef = _flat_with_paths(params)
     out, problems = [], []
     for path, leaf in flat:
-        sharding = NamedSharding(mesh, rules.spec(param_logical_axes(path, len(leaf.shape))))
+        spec = _without_unit_axes(mesh, rules.spec(param_logical_axes(path, len(leaf.shape))))
+        sharding = NamedSharding(mesh, spec)
         problem = sharding_problem(sharding, tuple(leaf.shape))
         if problem:
             keys = [k for k in path if k != "value"]
