@@ -60,3 +60,33 @@ ENTRY %main (p: bf16[4,8]) -> bf16[4,8] {
     got = collective_bytes(hlo)
     assert got["collective-permute"] == 4 * 8 * 2  # one bf16[4, 8] result
     assert got["all-gather"] == (8 * 8 + 4) * 2  # the two results of a combined gather
+
+
+def test_a_loop_bounded_by_a_constant_counts_its_trips():
+    """XLA TPU writes no known_trip_count: the bound is the constant the condition compares
+    the counter against."""
+    from hybrid_jax.aot.collectives import collective_bytes
+
+    hlo = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ar = f32[8]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ar)
+}
+
+ENTRY %main (x: f32[8]) -> (s32[], f32[8]) {
+  %x = f32[8]{0} parameter(0)
+  %init = (s32[], f32[8]{0}) tuple(%zero, %x)
+  ROOT %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body
+}
+"""
+    assert collective_bytes(hlo)["all-reduce"] == 5 * 8 * 4

@@ -1,8 +1,10 @@
 """The bytes a compiled program's collectives move per call, read from its HLO text.
 
 Each collective counts its result's bytes (per device: an all-gather's whole result, a
-collective-permute's one buffer), times the trip count of every loop around it (XLA writes a
-while loop's ``known_trip_count``; the layer scan's body runs once per block of layers).
+collective-permute's one buffer), times the trip count of every loop around it (the layer
+scan's body runs once per block of layers): XLA's ``known_trip_count`` or the constant the
+loop's condition compares against; a loop whose bound is known only at run time counts once,
+so the totals are lower bounds where collectives sit inside such a loop.
 Collectives over groups of one device move nothing and are left out. The result's size is a
 proxy for the traffic: an all-gather receives (P - 1) / P of it, a ring all-reduce sends
 about twice it.
@@ -21,6 +23,8 @@ _ONE_DEVICE_GROUPS = re.compile(r"replica_groups=\{\{\d+\}(?:,\{\d+\})*\}")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) ")
 _WHILE = re.compile(r"while\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CONSTANT = re.compile(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)")
+_LESS_THAN = re.compile(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=LT")
 _CALLS = re.compile(r"(?:to_apply|calls|body|condition|branch_computations)=\{?%?([\w.\-]+)")
 
 
@@ -49,21 +53,35 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return bodies, entry
 
 
+def _trips(line: str, loop: re.Match, bodies: dict[str, list[str]]) -> int:
+    """A while loop's trip count: XLA's ``known_trip_count`` where it writes one (XLA:CPU),
+    else the constant its condition compares the counter against (XLA TPU: ``i < N``), else
+    1 (a bound only known at run time, such as a causal block loop's)."""
+    known = _TRIPS.search(line)
+    if known:
+        return int(known.group(1))
+    constants = dict(_CONSTANT.findall("\n".join(bodies.get(loop.group(1), ()))))
+    compare = _LESS_THAN.search("\n".join(bodies.get(loop.group(1), ())))
+    if compare is None:
+        return 1
+    bound = constants.get(compare.group(2)) or constants.get(compare.group(1))
+    return int(bound) if bound is not None else 1
+
+
 def _runs(bodies: dict[str, list[str]], entry: str) -> dict[str, int]:
     """How many times each computation runs per call: loop bodies their trip count times
-    their caller's runs (an unknown trip count counts once)."""
+    their caller's runs."""
     runs: dict[str, int] = defaultdict(int)
 
     def visit(name: str, times: int) -> None:
         runs[name] += times
         for line in bodies.get(name, ()):
             loop = _WHILE.search(line)
-            trips = _TRIPS.search(line)
             for callee in _CALLS.findall(line):
                 if callee not in bodies:
                     continue
                 body = loop is not None and callee == loop.group(2)
-                visit(callee, times * (int(trips.group(1)) if body and trips else 1))
+                visit(callee, times * (_trips(line, loop, bodies) if body else 1))
 
     visit(entry, 1)
     return runs
