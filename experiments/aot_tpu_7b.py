@@ -408,6 +408,33 @@ def report() -> None:
                   f"{r['scoped_vmem_kib']} |")
 
 
+def _context_report() -> None:
+    """The context part's table: per chip memory against the slice's context=1 run at the
+    same tokens per chip, and what each kind of collective returns per chip and step."""
+    rows = [json.loads(f.read_text()) for d in sorted(OUT.glob("context_remat_*"))
+            for f in sorted(d.glob("*.json"))]
+    if not rows:
+        return
+    kinds = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
+    base = {(r["topology"], r["remat"]): r for r in rows if r["context"] == 1}
+    print("\n| slice | mesh | rows x sequence | tokens/chip | total GiB / HBM | fits | vs "
+          "context=1 | " + " | ".join(f"{k} GiB" for k in kinds) + " |")
+    print("|---|---|---|---:|---|---|---:|" + "---:|" * len(kinds))
+    order = lambda r: (r["topology"], r["context"])
+    for r in sorted(rows, key=order):
+        total = (r["memory"] or {}).get("total") or required_bytes(r.get("error"))
+        ref = base.get((r["topology"], r["remat"]))
+        ref_total = (ref["memory"] or {}).get("total") if ref else None
+        ratio = f"{total / ref_total:.2f}x" if total and ref_total else "-"
+        moved = r.get("collectives") or {}
+        work = r["workload"]
+        mesh = ", ".join(a for a in r["mesh"].split(" x ") if not a.endswith("=1"))
+        print(f"| {r['topology']} | {mesh} | {work['batch']} x "
+              f"{work['seq_len']:,} | {r['tokens_per_chip']:,} | {_gib(total)} / "
+              f"{_gib(r['hbm_bytes'])} | {'yes' if r['fits'] else 'no'} | {ratio} | "
+              + " | ".join(_gib(moved.get(k)) if moved else "-" for k in kinds) + " |")
+
+
 def _attention_report() -> None:
     rows = _load("attention")
     if not rows:
@@ -455,6 +482,7 @@ def main() -> int:
         report()
         _attention_report()
         _weights_report()
+        _context_report()
     elif args.part == "attention":
         attention_layer(args.force)
     elif args.part == "weights":
