@@ -249,13 +249,16 @@ def attend_blocks(qh: jax.Array, kh: jax.Array, vh: jax.Array, seg_q: jax.Array 
 def attend_blocks_vjp(qh: jax.Array, kh: jax.Array, vh: jax.Array, seg_q: jax.Array | None,
                       seg_k: jax.Array | None, offsets: Offsets, lse: jax.Array,
                       delta: jax.Array, d_o: jax.Array, scale: float, block_q: int,
-                      block_k: int, unroll: bool = False
+                      block_k: int, unroll: bool = False,
+                      into: tuple[jax.Array, jax.Array, jax.Array] | None = None
                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The cotangents of one query piece against one key piece, given the rows' final
     ``lse`` and ``delta`` = sum_d o do ([B, J, G, Tq] float32: over every key piece, when a
     row's keys are split into several), and d_o [B, J, G, Tq, D]. Shapes and offsets as
     ``attend_blocks``. Returns float32 (d_q [B, J, G, Tq, D], d_k, d_v [B, J, Tk, D]): this
-    pair's share, to be summed over key pieces (d_q) and query pieces (d_k, d_v)."""
+    pair's share, to be summed over key pieces (d_q) and query pieces (d_k, d_v), or with
+    ``into`` (float32 arrays of those shapes) that share added to them, without a buffer of
+    its own for the sum (a ring's running cotangents)."""
     b, j, g, tq, d = qh.shape
     tk = kh.shape[2]
     n_q, n_k = tq // block_q, tk // block_k
@@ -265,6 +268,9 @@ def attend_blocks_vjp(qh: jax.Array, kh: jax.Array, vh: jax.Array, seg_q: jax.Ar
     lses, deltas = _Blocks(lse, block_q, 3, unroll), _Blocks(delta, block_q, 3, unroll)
     ks, vs = _Blocks(kh, block_k, 2, unroll), _Blocks(vh, block_k, 2, unroll)
     seg_qs, seg_ks = _Blocks(seg_q, block_q, 1, unroll), _Blocks(seg_k, block_k, 1, unroll)
+
+    d_k0, d_v0 = (None, None) if into is None else (
+        _Blocks(into[1], block_k, 2, unroll), _Blocks(into[2], block_k, 2, unroll))
 
     def key_block(d_q, kb):
         k_blk, v_blk = ks[kb], vs[kb]
@@ -289,18 +295,20 @@ def attend_blocks_vjp(qh: jax.Array, kh: jax.Array, vh: jax.Array, seg_q: jax.Ar
             return d_k, d_v, jax.lax.dynamic_update_slice_in_dim(d_q, d_q_blk, rows, axis=3)
 
         zeros = jnp.zeros((b, j, block_k, d), f32)
+        start = (zeros, zeros) if into is None else (d_k0[kb], d_v0[kb])
         first = _first_query_block(kb, block_q, block_k, n_q, shift)
-        d_k, d_v, d_q = _fori(first, n_q, query_block, (zeros, zeros, d_q), unroll)
+        d_k, d_v, d_q = _fori(first, n_q, query_block, (*start, d_q), unroll)
         return d_q, (d_k, d_v)
 
+    d_q0 = jnp.zeros(qh.shape, f32) if into is None else into[0]
     if unroll:
-        d_q, d_kv = [jnp.zeros((b, j, g, block_q, d), f32)] * n_q, []
+        d_q, d_kv = jnp.split(d_q0, n_q, axis=3), []
         for kb in range(n_k):
             d_q, pair = key_block(d_q, kb)
             d_kv.append(pair)
         d_q = jnp.concatenate(d_q, axis=3)
         d_k, d_v = (jnp.stack(x) for x in zip(*d_kv))
     else:
-        d_q, (d_k, d_v) = jax.lax.scan(key_block, jnp.zeros(qh.shape, f32), jnp.arange(n_k))
+        d_q, (d_k, d_v) = jax.lax.scan(key_block, d_q0, jnp.arange(n_k))
     return (d_q, jnp.moveaxis(d_k, 0, 2).reshape(b, j, tk, d),
             jnp.moveaxis(d_v, 0, 2).reshape(b, j, tk, d))

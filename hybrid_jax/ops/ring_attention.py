@@ -220,11 +220,10 @@ def _ring_backward(axis_name, scale, block, unroll, res, d_o):
         k, v, seg_k = visiting
         for a in range(parts):
             for c in range(parts):
-                dq_ac, dk_ac, dv_ac = attend_blocks_vjp(
+                d_q[a], d_k[c], d_v[c] = attend_blocks_vjp(
                     pieces.q[a], k[c], v[c], _at(pieces.segment_ids, a), _at(seg_k, c),
                     Offsets(q_starts[a], k_starts[c]), lse[a], delta[a], d_o[a], scale,
-                    block, block, unroll)
-                d_q[a], d_k[c], d_v[c] = d_q[a] + dq_ac, d_k[c] + dk_ac, d_v[c] + dv_ac
+                    block, block, unroll, into=(d_q[a], d_k[c], d_v[c]))
         # The cotangents follow their keys and values; after P passes they are home.
         d_k, d_v = _send_on((tuple(d_k), tuple(d_v)), axis_name)
         return tuple(d_q), d_k, d_v, _send_on(visiting, axis_name)
