@@ -257,11 +257,12 @@ def test_splash_compiles_with_mosaic_and_its_stand_in_costs_what_splash_does(top
     assert cost["flops"] == pytest.approx(want.forward.flops + want.backward.flops, rel=1e-3)
 
 
-def test_context_parallel_train_step_compiles_for_tpu(topology):
-    """fsdp=2 x context=2: the GDN Mosaic kernels per device inside the state-passing rule,
-    ring attention's collective-permutes."""
+def test_context_parallel_train_step_compiles_for_v5p():
+    """fsdp=2 x context=2 on v5p:2x2x1: the GDN Mosaic kernels per device inside the
+    state-passing rule, ring attention's collective-permutes."""
+    v5p = tpu_topology("v5p:2x2x1")
     work = Workload(4, 256, micro_batches=1)
-    report = report_program("train", _config(), topology,
-                            topology.mesh(MeshShape(fsdp=2, context=2)), work, cost=False)
+    report = report_program("train", _config(), v5p, v5p.mesh(MeshShape(fsdp=2, context=2)),
+                            work, cost=False)
     assert report.fits and report.kernel_calls > 0
     assert report.collectives["collective-permute"] > 0
