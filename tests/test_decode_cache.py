@@ -448,27 +448,35 @@ def _child(out: Path) -> None:
 
     from hybrid_jax.sharding import MeshShape, activation_sharding, make_mesh
 
-    full_mesh = make_mesh(MeshShape(data=2, tensor=4))
     graphdef, params = nnx.split(model)
 
-    @jax.jit
-    def sharded_extend(params, cache, ids, mask):
-        with activation_sharding(full_mesh):
-            return nnx.merge(graphdef, params).extend(ids, cache, mask)
+    def activation_sharded_errs(shape: MeshShape) -> list[float]:
+        full_mesh = make_mesh(shape)
 
-    cache = jax.device_put(init_cache(cfg, b, t + n),
-                           cache_shardings(jax.eval_shape(lambda: init_cache(cfg, b, t + n)),
-                                           full_mesh, batch_axis=("data", "fsdp")))
-    logits, cache = sharded_extend(params, cache, ids, mask)
-    step_logits, cache = sharded_extend(params, cache, step, np.ones((b, 1), np.int32))
-    errs = []
-    for row in range(b):
-        real = ids[row][mask[row] == 1]
-        ref = hf_logits(hf, np.concatenate([real, step[row]])[None])[0]
-        got = np.concatenate([np.asarray(logits)[row][mask[row] == 1],
-                              np.asarray(step_logits)[row]])
-        errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
-    result["activation_sharded_errs"] = errs
+        @jax.jit
+        def sharded_extend(params, cache, ids, mask):
+            with activation_sharding(full_mesh):
+                return nnx.merge(graphdef, params).extend(ids, cache, mask)
+
+        cache = jax.device_put(init_cache(cfg, b, t + n),
+                               cache_shardings(jax.eval_shape(lambda: init_cache(cfg, b, t + n)),
+                                               full_mesh, batch_axis=("data", "fsdp")))
+        logits, cache = sharded_extend(params, cache, ids, mask)
+        step_logits, cache = sharded_extend(params, cache, step, np.ones((b, 1), np.int32))
+        errs = []
+        for row in range(b):
+            real = ids[row][mask[row] == 1]
+            ref = hf_logits(hf, np.concatenate([real, step[row]])[None])[0]
+            got = np.concatenate([np.asarray(logits)[row][mask[row] == 1],
+                                  np.asarray(step_logits)[row]])
+            errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
+        return errs
+
+    result["activation_sharded_errs"] = activation_sharded_errs(MeshShape(data=2, tensor=4))
+    # The prefill's positions split over context (the GDN state passed between devices,
+    # left padding included); the decode step's one position stays whole.
+    result["context_prefill_errs"] = activation_sharded_errs(
+        MeshShape(data=2, tensor=2, context=2))
 
     sharded = np.asarray(generate(model, ids, n, attention_mask=mask, eos_token_id=(),
                                   max_length=t + n, cache_sharding=shardings))
@@ -510,6 +518,12 @@ def test_extend_under_activation_sharding(mesh_child):
     # Prefill and a decode step with the GDN rule per shard (as `hybrid-jax aot` compiles
     # them), against transformers.
     errs = mesh_child["activation_sharded_errs"]
+    assert max(errs) <= 3e-5, errs
+
+
+def test_prefill_with_positions_split_over_context(mesh_child):
+    # data=2 x tensor=2 x context=2: a left-padded prefill of 10 positions, 5 per device.
+    errs = mesh_child["context_prefill_errs"]
     assert max(errs) <= 3e-5, errs
 
 
