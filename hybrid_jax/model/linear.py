@@ -15,7 +15,7 @@ class Dense(nnx.Linear):
 
     Same parameters and values; the reshape is for XLA:CPU, whose gradients of a matmul over
     [B, T, in] activations (the kernel's cotangent contracts two batch dimensions) are far
-    slower than the same products on [B*T, in] (experiments/RESULTS.md, Training). Not where
+    slower than the same products on [B*T, in]. Not where
     positions are split over a mesh axis (context parallelism): GSPMD cannot merge a row split
     with a position split, and would gather whole sequences to flatten them. The product itself
     is ``ops.projection.projection_matmul`` (``linear`` passes it as ``dot_general``)."""

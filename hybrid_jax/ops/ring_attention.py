@@ -2,16 +2,15 @@
 
 Each of the P devices of ``axis_name`` holds one contiguous piece of every row, [B, T / P, ...],
 device i positions [i T / P, (i + 1) T / P). Keys and values go round the ring (``ppermute``,
-P - 1 passes); each device attends its queries to every piece as it passes and merges the
-results by their log-sum-exp, so a device never holds more than two pieces of keys and values.
-The VJP goes round again, the keys' and values' cotangents travelling with them and arriving
-home after P passes.
+one pass per step, P steps in an XLA loop); each device attends its queries to every piece as
+it passes and merges the results by their log-sum-exp, so a device never holds more than two
+pieces of keys and values. The VJP goes round again, the keys' and values' cotangents
+travelling with them and arriving home after P passes.
 
-Memory against all-gathering keys and values: a gather holds the whole sequence's K and V on
-every device, 2 T Hkv D bytes per bf16 element pair (16 GB per row at T = 2^20, Hkv = 30,
-D = 128), and its VJP as much again in float32 twice over; the ring holds two pieces, 4 T / P
-Hkv D bytes. The ring sends the same bytes as the gather (each piece visits every device), in
-P - 1 steps that overlap the attention of the piece in hand.
+Why a ring and not an all-gather of keys and values: the gather holds the whole sequence's K
+and V on every device, 2 T Hkv D elements per row (and their float32 cotangents in the VJP),
+the ring two pieces, 4 T Hkv D / P; both move the same bytes (each piece visits every
+device), the ring in steps that overlap the attention of the piece in hand.
 
 Causal masking leaves device i's queries only i + 1 of the P pieces to see, so with contiguous
 pieces the last device would do P times the first one's work. With ``load_balance`` (zig-zag),
