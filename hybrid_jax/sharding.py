@@ -220,37 +220,47 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def shard_count(logical: str, size: int) -> int:
-    """Into how many pieces the current ``activation_sharding`` splits a dimension of ``size``
-    named ``logical`` (1 outside one)."""
+def _splitting_axes(logical: str, size: int) -> tuple[tuple[str, ...], int]:
+    """(the mesh axes over which the current ``activation_sharding`` splits a dimension of
+    ``size`` named ``logical``, into how many pieces): ((), 1) outside one."""
     current = _ACTIVATIONS.get()
     if current is None:
-        return 1
+        return (), 1
     mesh, rules = current
     axes = _fitted_spec(mesh, rules, (size,), (logical,), "shard_count")[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def shard_count(logical: str, size: int) -> int:
+    """Into how many pieces the current ``activation_sharding`` splits a dimension of ``size``
+    named ``logical`` (1 outside one)."""
+    return _splitting_axes(logical, size)[1]
 
 
 def split_axes(logical: str, size: int) -> str | tuple[str, ...] | None:
     """The mesh axis (or axes) over which the current ``activation_sharding`` splits a
     dimension of ``size`` named ``logical``, as collectives inside ``per_shard`` name it; None
     outside one or when the dimension stays whole."""
-    current = _ACTIVATIONS.get()
-    if current is None:
+    axes, pieces = _splitting_axes(logical, size)
+    if pieces == 1:
         return None
-    mesh, rules = current
-    axes = _fitted_spec(mesh, rules, (size,), (logical,), "split_axes")[0]
-    if axes is None or math.prod(mesh.shape[a] for a in (
-            (axes,) if isinstance(axes, str) else axes)) == 1:
-        return None
-    return axes
+    return axes[0] if len(axes) == 1 else axes
 
 
 def splits(logical: str, size: int) -> bool:
     """Whether the current ``activation_sharding`` splits a dimension of ``size`` named
     ``logical`` (False outside one)."""
     return shard_count(logical, size) > 1
+
+
+def split_together(*dims: tuple[str, int]) -> tuple[str | None, ...]:
+    """The logical names of ``dims`` ((name, size) pairs) where the current
+    ``activation_sharding`` splits every one of them, else None for each: for dimensions
+    that must split together or not at all, such as a group's query and key heads."""
+    if all(splits(name, size) for name, size in dims):
+        return tuple(name for name, _ in dims)
+    return (None,) * len(dims)
 
 
 def per_shard(fn: Any, in_logical: Sequence[Sequence[str | None]],

@@ -60,8 +60,9 @@ def _trips(line: str, loop: re.Match, bodies: dict[str, list[str]]) -> int:
     known = _TRIPS.search(line)
     if known:
         return int(known.group(1))
-    constants = dict(_CONSTANT.findall("\n".join(bodies.get(loop.group(1), ()))))
-    compare = _LESS_THAN.search("\n".join(bodies.get(loop.group(1), ())))
+    condition = "\n".join(bodies.get(loop.group(1), ()))
+    constants = dict(_CONSTANT.findall(condition))
+    compare = _LESS_THAN.search(condition)
     if compare is None:
         return 1
     bound = constants.get(compare.group(2)) or constants.get(compare.group(1))

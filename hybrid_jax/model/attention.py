@@ -14,7 +14,7 @@ from hybrid_jax.ops.attention import (cached_attention, causal_attention,
                                       resolve_attention)
 from hybrid_jax.ops.ring_attention import ring_attention
 from hybrid_jax.ops.rope import apply_rope
-from hybrid_jax.sharding import constrain, per_shard, split_axes, splits
+from hybrid_jax.sharding import constrain, per_shard, split_axes, split_together
 
 
 class Attention(nnx.Module):
@@ -99,10 +99,8 @@ class Attention(nnx.Module):
                                   cost_analysis=method == "blockwise_unrolled")
 
         # Query and key heads split together or not at all, keeping each group whole.
-        heads = ("heads", "kv_heads")
-        if not (splits(heads[0], cfg.num_attention_heads)
-                and splits(heads[1], cfg.num_key_value_heads)):
-            heads = (None, None)
+        heads = split_together(("heads", cfg.num_attention_heads),
+                               ("kv_heads", cfg.num_key_value_heads))
         length = "length" if context is not None else None
         names = [("batch", length, heads[0], None)] + [("batch", length, heads[1], None)] * 2
         args = [q, k, v]

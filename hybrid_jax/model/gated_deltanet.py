@@ -14,7 +14,7 @@ from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import GatedRMSNorm
 from hybrid_jax.model.short_conv import ShortConvolution
 from hybrid_jax.gdn import gated_delta_rule, gated_delta_rule_context_parallel
-from hybrid_jax.sharding import constrain, per_shard, split_axes, splits
+from hybrid_jax.sharding import constrain, per_shard, split_axes, split_together
 
 # FLA's fused gated RMSNorm default, which the released model was trained with.
 O_NORM_EPS = 1e-5
@@ -121,10 +121,8 @@ class GatedDeltaNet(nnx.Module):
                                             **kw)
             return (o, final) if with_state else o
 
-        heads = ("gdn_key_heads", "gdn_heads")
-        if not (splits(heads[0], cfg.linear_num_key_heads)
-                and splits(heads[1], cfg.linear_num_value_heads)):
-            heads = (None, None)
+        heads = split_together(("gdn_key_heads", cfg.linear_num_key_heads),
+                               ("gdn_heads", cfg.linear_num_value_heads))
         length = "length" if context is not None else None
         kh, vh = (("batch", length, h, None) for h in heads)
         args, names = [q, k, v, g, beta], [kh, kh, vh, vh[:3], vh[:3]]

@@ -106,12 +106,15 @@ def causal_attention(
                                           block_q=block_size, block_k=block_size,
                                           unroll=implementation == "blockwise_unrolled")
     if implementation == "splash":
-        return _splash_on_platform(q, k, v, segment_ids, scale, splash_blocks)
+        return _pallas_on_platform(
+            lambda interpret: lambda q, k, v, *seg: splash_causal_attention(
+                q, k, v, segment_ids=seg[0] if seg else None, scale=scale,
+                blocks=splash_blocks, interpret=interpret),
+            q, k, v, *(() if segment_ids is None else (segment_ids,)))
     if implementation == "splash_stand_in":  # cost analysis only: not attention's values
-        return jax.lax.platform_dependent(
-            q, k, v, tpu=functools.partial(splash_cost_stand_in, blocks=splash_blocks),
-            default=functools.partial(splash_cost_stand_in, blocks=splash_blocks,
-                                      interpret=True))
+        return _pallas_on_platform(
+            lambda interpret: functools.partial(splash_cost_stand_in, blocks=splash_blocks,
+                                                interpret=interpret), q, k, v)
     mask = None
     if segment_ids is not None:
         # [B, 1, T, S]: broadcast over heads; the causal part comes from is_causal.
@@ -122,17 +125,11 @@ def causal_attention(
                                        implementation=implementation)
 
 
-def _splash_on_platform(q, k, v, segment_ids, scale, blocks):
-    """Splash compiled by Mosaic where the program is lowered for TPU, in interpret mode
-    elsewhere (decided at lowering: a program traced on a CPU host and compiled ahead of time
-    for a TPU topology runs the kernel)."""
-    def run(interpret: bool):
-        return lambda q, k, v, *seg: splash_causal_attention(
-            q, k, v, segment_ids=seg[0] if seg else None, scale=scale, blocks=blocks,
-            interpret=interpret)
-
-    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
-    return jax.lax.platform_dependent(*args, tpu=run(False), default=run(True))
+def _pallas_on_platform(kernel, *args: jax.Array) -> jax.Array:
+    """``kernel(interpret)(*args)``: compiled by Mosaic where the program is lowered for TPU,
+    in interpret mode elsewhere (decided at lowering: a program traced on a CPU host and
+    compiled ahead of time for a TPU topology runs the kernel)."""
+    return jax.lax.platform_dependent(*args, tpu=kernel(False), default=kernel(True))
 
 
 def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
