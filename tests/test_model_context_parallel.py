@@ -1,5 +1,5 @@
 """The whole model with positions split over a ``context`` mesh axis (GDN state passed between
-devices, ring attention, the convolutions' halo from GSPMD) against one device: logits and the
+devices, ring attention, the convolutions' halo by ppermute) against one device: logits and the
 gradient of every parameter, at context degrees 2 and 8 and 4 beside tensor=2, with
 packed documents whose boundaries fall on, before and after piece boundaries, one spanning
 three pieces, and a row without any boundary (the rule's initial and final states under a

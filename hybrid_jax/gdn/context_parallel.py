@@ -6,22 +6,24 @@ is S <- A_t S + beta_t k_t v_t, so a whole piece maps S_in to M S_in + X, with M
 product of its tokens' A_t (zero past a document boundary) and X [Dk, Dv] the state the piece
 reaches from zero. Three steps, inside ``jax.shard_map`` over ``axis_name``:
 
-1. fold: each device finds its piece's (M, X) by running the rule on its piece from the
-   state [I | 0] with values [0 | v]: the state's first Dk columns evolve as M, the rest as
-   X (any form, the Pallas kernels included; everything float32);
-2. combine: the (M, X) of all pieces are all-gathered (P [Dk, Dk + Dv] matrices per head:
-   small beside the activations) and each device applies those before its own to the
+1. fold: each device finds its piece's (M, X) by running the rule on its piece twice: from
+   the state I with zero values (the state evolves as M), and from zero with its values
+   (the state reaches X); any form, the Pallas kernels included; everything float32;
+2. combine: the (M, X) of all pieces are all-gathered (P [Dk, Dk] and [Dk, Dv] matrices per
+   head: small beside the activations) and each device applies those before its own to the
    initial state, in order;
 3. rerun: each device runs the rule on its piece from its incoming state.
 
 A piece that starts a new document (its first segment id differs from the previous piece's
 last, read with ``ppermute``) starts from zero, and its M is zero. Gradients come from autodiff
 through the three steps (the all-gather's transpose is a reduce-scatter); each device's memory
-stays its own piece's. The cost is the rule twice over each piece, the first time with
-Dk + Dv value columns.
+stays its own piece's. The cost is the rule three times over each piece, once with Dk value
+columns and twice with Dv.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +45,25 @@ def _starts_a_document(segment_ids: jax.Array | None, axis_name: str) -> jax.Arr
 
 def _piece_map(k, v, g, beta, segment_ids, method, chunk_size) -> tuple[jax.Array, jax.Array]:
     """(M [B, H, Dk, Dk], X [B, H, Dk, Dv]) float32 of this piece: the state after it is
-    M S + X for the state S before it."""
+    M S + X for the state S before it.
+
+    Two runs of the rule, each checkpointed (its backward recomputes its own forward), rather
+    than one with Dk + Dv value columns from [I | 0]: the kernels pad each head dim to their
+    tile width (on TPU a power of two: 96 + 192 = 288 columns would become 512, against 128
+    and 256 apart), and one narrower run at a time holds less."""
     b, t, h, dv = v.shape
     dk = k.shape[-1]
     q = jnp.zeros_like(k)  # the outputs of the fold are not used
-    v_aug = jnp.concatenate([jnp.zeros((b, t, h, dk), v.dtype), v], axis=-1)
-    eye = jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (b, h, dk, dk))
-    start = jnp.concatenate([eye, jnp.zeros((b, h, dk, dv), jnp.float32)], axis=-1)
-    _, after = gated_delta_rule(q, k, v_aug, g, beta, initial_state=start,
+
+    @functools.partial(jax.checkpoint, static_argnums=(1,))
+    def final_state(values, with_identity):
+        start = (jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (b, h, dk, dk))
+                 if with_identity else None)
+        return gated_delta_rule(q, k, values, g, beta, initial_state=start,
                                 output_final_state=True, segment_ids=segment_ids,
-                                method=method, chunk_size=chunk_size)
-    return after[..., :dk], after[..., dk:]
+                                method=method, chunk_size=chunk_size)[1]
+
+    return final_state(jnp.zeros((b, t, h, dk), v.dtype), True), final_state(v, False)
 
 
 def _incoming_states(m, x, initial_state, axis_name: str) -> tuple[jax.Array, jax.Array]:
@@ -105,10 +115,7 @@ def gated_delta_rule_context_parallel(
         initial_state = jnp.zeros((b, hv, dk, dv), jnp.float32)
     initial_state = initial_state.astype(jnp.float32)
     fresh = _starts_a_document(segment_ids, axis_name)[:, None, None, None]
-    # Checkpointed: the fold's backward recomputes its forward instead of holding its chunk
-    # states ([Dk, Dk + Dv] per chunk and head) through the rerun's backward.
-    m, x = jax.checkpoint(_piece_map, static_argnums=(5, 6))(k, v, g, beta, segment_ids,
-                                                             method, chunk_size)
+    m, x = _piece_map(k, v, g, beta, segment_ids, method, chunk_size)
     m = jnp.where(fresh, 0.0, m)  # nothing before a document start reaches past it
     entering, final = _incoming_states(m, x, initial_state, axis_name)
     entering = jnp.where(fresh, 0.0, entering)

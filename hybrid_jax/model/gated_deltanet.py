@@ -55,12 +55,12 @@ class GatedDeltaNet(nnx.Module):
         self.b_proj = linear(d, hv, config, rngs=rngs)
         self.g_proj = linear(d, value_dim, config, rngs=rngs)
         self.o_proj = linear(value_dim, d, config, rngs=rngs)
-        conv = lambda c: ShortConvolution(
-            c, config.linear_conv_kernel_dim, activation="silu", dtype=config.compute_dtype,
-            param_dtype=config.params_dtype, rngs=rngs)
-        self.q_conv = conv(key_dim)
-        self.k_conv = conv(key_dim)
-        self.v_conv = conv(value_dim)
+        conv = lambda c, heads: ShortConvolution(
+            c, config.linear_conv_kernel_dim, activation="silu", channel_axis=heads,
+            dtype=config.compute_dtype, param_dtype=config.params_dtype, rngs=rngs)
+        self.q_conv = conv(key_dim, "gdn_key_heads")
+        self.k_conv = conv(key_dim, "gdn_key_heads")
+        self.v_conv = conv(value_dim, "gdn_heads")
         self.A_log = nnx.Param(_init_a_log(rngs.params(), hv, config, config.params_dtype))
         self.dt_bias = nnx.Param(_init_dt_bias(rngs.params(), hv, config, config.params_dtype))
         self.o_norm = GatedRMSNorm(config.linear_value_head_dim, eps=O_NORM_EPS,

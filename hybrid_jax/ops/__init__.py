@@ -3,7 +3,8 @@ loss; the gated delta rule's public names, re-exported from ``hybrid_jax.gdn``."
 
 from hybrid_jax.ops.attention import cached_attention, causal_attention, segment_positions
 from hybrid_jax.ops.blockwise_attention import blockwise_causal_attention
-from hybrid_jax.ops.conv import causal_conv1d, causal_conv1d_continue
+from hybrid_jax.ops.conv import (causal_conv1d, causal_conv1d_context_parallel,
+                                 causal_conv1d_continue)
 from hybrid_jax.gdn import (
     FORMS,
     METHODS,
@@ -25,6 +26,7 @@ __all__ = [
     "cached_attention",
     "causal_attention",
     "causal_conv1d",
+    "causal_conv1d_context_parallel",
     "causal_conv1d_continue",
     "gated_delta_rule",
     "gated_rms_norm",

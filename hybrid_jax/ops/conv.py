@@ -37,6 +37,20 @@ def _finish(out: jax.Array, weight: jax.Array, activation: str | None, dtype) ->
     return out.astype(dtype)
 
 
+def _conv_after(x: jax.Array, weight: jax.Array, before: jax.Array,
+                segment_ids: jax.Array | None, before_ids: jax.Array | None,
+                activation: str | None) -> jax.Array:
+    """The conv of x [B, T, C] whose K-1 preceding inputs are ``before`` [B, K-1, C];
+    ``before_ids`` [B, K-1] are their segment ids (with ``segment_ids`` [B, T], or both None)."""
+    t = x.shape[1]
+    x_ext = jnp.concatenate([before.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
+    same = None
+    if segment_ids is not None:
+        ids_ext = jnp.concatenate([before_ids, segment_ids], axis=1)
+        same = lambda j: ids_ext[:, j : j + t] == segment_ids
+    return _finish(_taps(x_ext, weight, t, same), weight, activation, x.dtype)
+
+
 def causal_conv1d(
     x: jax.Array,
     weight: jax.Array,
@@ -58,14 +72,50 @@ def causal_conv1d(
       [B, T, C] in x's dtype (products accumulated in float32).
     """
     _check_activation(activation)
+    b, _, c = x.shape
+    k = weight.shape[1]
+    before = jnp.zeros((b, k - 1, c), jnp.float32)
+    # The inputs before the start are zero, so their ids only need a shape: the first id's.
+    before_ids = (None if segment_ids is None
+                  else jnp.repeat(segment_ids[:, :1], k - 1, axis=1))
+    return _conv_after(x, weight, before, segment_ids, before_ids, activation)
+
+
+def causal_conv1d_context_parallel(
+    x: jax.Array,
+    weight: jax.Array,
+    *,
+    axis_name: str | tuple[str, ...],
+    segment_ids: jax.Array | None = None,
+    activation: str | None = None,
+) -> jax.Array:
+    """``causal_conv1d`` of a sequence split along ``axis_name``, called inside
+    ``jax.shard_map``: device i holds positions [i T_local, (i + 1) T_local) of every row.
+
+    Each device receives the K-1 inputs before its piece, and their segment ids, from the
+    previous device (one ``ppermute`` of [B, K-1, C]; the first device receives zeros, the
+    sequence start). Taps that reach into another document read zero, as in
+    ``causal_conv1d``, so a document may start anywhere, on a piece boundary or inside a halo.
+    The gradient of the halo goes back to the previous device by the ``ppermute``'s transpose.
+
+    Args:
+      x: [B, T_local, C], this device's piece; T_local >= K-1.
+      weight: [C_local, K] (the channels as x holds them).
+      segment_ids: optional [B, T_local], this device's piece.
+      activation: None or "silu".
+    Returns:
+      [B, T_local, C] in x's dtype: this device's piece of ``causal_conv1d`` of the whole.
+    """
+    _check_activation(activation)
     t, k = x.shape[1], weight.shape[1]
-    x_pad = jnp.pad(x.astype(jnp.float32), ((0, 0), (k - 1, 0), (0, 0)))
-    same = None
-    if segment_ids is not None:
-        # Pad with the first id: padded inputs are zero anyway.
-        seg_pad = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), mode="edge")
-        same = lambda j: seg_pad[:, j : j + t] == segment_ids
-    return _finish(_taps(x_pad, weight, t, same), weight, activation, x.dtype)
+    if t < k - 1:
+        raise ValueError(f"causal_conv1d_context_parallel: each device's piece has {t} "
+                         f"positions, fewer than the K-1 = {k - 1} the conv reaches back")
+    forward = [(i, i + 1) for i in range(jax.lax.axis_size(axis_name) - 1)]
+    before = jax.lax.ppermute(x[:, t - (k - 1):], axis_name, forward)
+    before_ids = (None if segment_ids is None
+                  else jax.lax.ppermute(segment_ids[:, t - (k - 1):], axis_name, forward))
+    return _conv_after(x, weight, before, segment_ids, before_ids, activation)
 
 
 def causal_conv1d_continue(
