@@ -225,6 +225,21 @@ def test_causal_attention_gradient_matches_jax_reference(h, hkv, implementation,
                                        rtol=tol, atol=tol, err_msg=f"d{name} {dtype}")
 
 
+def test_dense_attention_gradient_takes_the_cpu_layout_only_on_cpu():
+    """The keys' cotangents read their small operand through a transposed copy behind an
+    optimization barrier on CPU only: a program lowered for a TPU or a GPU from this host (an
+    AOT compile) gets the plain product."""
+    from hybrid_jax.ops.attention import causal_attention
+
+    q = jnp.ones((1, 16, 2, 8), jnp.bfloat16)
+    loss = lambda q: jnp.sum(causal_attention(q, q, q, implementation="dense")
+                             .astype(jnp.float32))
+    traced = jax.jit(jax.grad(loss)).trace(q)
+    for platform in ("cpu", "tpu", "cuda"):
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        assert ("optimization_barrier" in text) == (platform == "cpu"), platform
+
+
 def test_cached_attention_negative_slot_is_finite():
     b, t, h, hkv, d, s = 2, 3, 4, 4, 8, 6
     q, k, v = _random_qkv(3, b, t, h, hkv, d, s)

@@ -206,12 +206,17 @@ def _keys_cotangent(weights: jax.Array, x: jax.Array) -> jax.Array:
     """weights [B, J, Q, S], x [B, J, Q, D] -> sum over q of weights[q, s] x[q, d]: [B, J, S, D]
     float32. On CPU as (x^T weights)^T with the small x transposed behind an optimization
     barrier: contracting the rows of both operands sends XLA:CPU to its generic dot instead of
-    the YNNPACK matmul that the plain product gets."""
-    if jax.default_backend() != "cpu":
+    the YNNPACK matmul that the plain product gets. Chosen when the program is lowered (an AOT
+    compile for a TPU takes the plain form)."""
+    def plain(weights, x):
         return jnp.einsum("bjqs,bjqd->bjsd", weights, x, preferred_element_type=jnp.float32)
-    x_t = jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))  # [B, J, D, Q]
-    return jnp.swapaxes(jnp.einsum("bjdq,bjqs->bjds", x_t, weights,
-                                   preferred_element_type=jnp.float32), 2, 3)
+
+    def on_cpu(weights, x):
+        x_t = jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))  # [B, J, D, Q]
+        return jnp.swapaxes(jnp.einsum("bjdq,bjqs->bjds", x_t, weights,
+                                       preferred_element_type=jnp.float32), 2, 3)
+
+    return jax.lax.platform_dependent(weights, x, cpu=on_cpu, default=plain)
 
 
 _head_major_attention.defvjp(_attention_fwd, _attention_bwd)

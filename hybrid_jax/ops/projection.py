@@ -74,12 +74,15 @@ def _bwd(precision, preferred_element_type, res, dy):
                             preferred_element_type=preferred_element_type)
     d_x = dot(dy, kernel, ((1,), (1,)))  # dy kernel^T
     barrier = jax.lax.optimization_barrier
-    if jax.default_backend() == "cpu" and x.shape[1] <= dy.shape[1]:
-        d_kernel = dot(barrier(x.T), dy)
-    elif jax.default_backend() == "cpu":  # transpose the narrower dy, then the [out, in] result
-        d_kernel = barrier(dot(barrier(dy.T), x)).T
-    else:
-        d_kernel = dot(x, dy, ((0,), (0,)))
+
+    def d_kernel_cpu(x, dy):
+        if x.shape[1] <= dy.shape[1]:
+            return dot(barrier(x.T), dy)
+        return barrier(dot(barrier(dy.T), x)).T  # transpose the narrower dy, then the result
+
+    # Chosen when the program is lowered: an AOT compile for a TPU takes the TPU form.
+    d_kernel = jax.lax.platform_dependent(x, dy, cpu=d_kernel_cpu,
+                                          default=lambda x, dy: dot(x, dy, ((0,), (0,))))
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
