@@ -170,7 +170,8 @@ class ModelConfig:
     attention_method: str = "auto"
     attention_block_size: int = 1024  # query and key rows per block of "blockwise"
     loss_method: str = "auto"  # train loss: "chunked" (ops.lm_head_loss) or "full" logits
-    loss_chunk_size: int = 1024  # positions per row whose [chunk, V] logits exist at once
+    loss_chunk_size: int = 1024  # positions per row (per device's piece of one) whose
+    # [chunk, V] logits exist at once
     remat: str = "none"
     scan_layers: bool = True
 

@@ -15,6 +15,7 @@ from hybrid_jax.sharding import (
     LogicalRules,
     activation_sharding,
     batch_sharding,
+    constrain,
     micro_batches_sharding,
     shard_count,
 )
@@ -67,15 +68,21 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
             return sums["ce"] + sums["z"], sums
         with activation_sharding(mesh, rules):
             hidden = model.features(tokens, segment_ids=segment_ids)
+            # loss_chunk_size positions of each device's piece of a row at a time: with
+            # positions split over the context axis, a chunk spans every piece.
+            pieces = shard_count("length", tokens.shape[1])
+            chunk = min(cfg.loss_chunk_size * pieces, tokens.shape[1])
             # The devices' pieces of rows and of each chunk's positions, for the head's
             # gradient to be summed per device inside the chunk loop, across devices once.
-            chunk = min(cfg.loss_chunk_size, tokens.shape[1])
             groups = shard_count("batch", tokens.shape[0]), shard_count("length", chunk)
+            # The head in the compute dtype, gathered over its fsdp split once, here: inside
+            # the chunk loop GSPMD would gather it again for every chunk.
+            head = constrain(model.head_kernel.astype(cfg.compute_dtype), (None, "vocab"))
             with jax.named_scope("loss"):
-                sums = lm_head_loss_sums(hidden, model.head_kernel, targets, mask,
+                sums = lm_head_loss_sums(hidden, head, targets, mask,
                                          compute_dtype=cfg.compute_dtype,
                                          z_loss_weight=z_loss_weight,
-                                         chunk_size=cfg.loss_chunk_size,
+                                         chunk_size=chunk,
                                          unroll=method == "chunked_unrolled",
                                          row_groups=groups[0], position_groups=groups[1])
         loss = sums.pop("loss")
