@@ -8,6 +8,7 @@ the longest sequences that fit, and the Pallas TPU kernels compiled by Mosaic.
     python experiments/aot_tpu_7b.py attention # one attention layer alone: dense and blocks
     python experiments/aot_tpu_7b.py weights   # bf16 inference on one chip: weight copies?
     python experiments/aot_tpu_7b.py context   # the same tokens per chip, context degree 1-16
+    python experiments/aot_tpu_7b.py layer     # one layer of each kind, context 1 against 4
     python experiments/aot_tpu_7b.py report    # markdown tables from the results
 
 ``--attention dense`` (table, maxlen) uses the attention layers' dense form, whose [H, T, T]
@@ -60,7 +61,7 @@ from hybrid_jax.aot.report import (  # noqa: E402
 )
 from hybrid_jax.aot.roofline import matmul_params  # noqa: E402
 from hybrid_jax.aot.topology import tpu_topology  # noqa: E402
-from hybrid_jax.config import ATTENTION, olmo_hybrid_7b  # noqa: E402
+from hybrid_jax.config import ATTENTION, GDN, olmo_hybrid_7b  # noqa: E402
 from hybrid_jax.ops.attention import causal_attention  # noqa: E402
 from hybrid_jax.sharding import MeshShape  # noqa: E402
 
@@ -115,13 +116,16 @@ def _case(part: str, name: str, force: bool, run) -> None:
     print(f"{part}/{name}: {json.dumps(record, default=str)[:400]}", flush=True)
 
 
-def _part(part: str, attention: str, loss: str, remat: str = "full") -> str:
+def _part(part: str, attention: str, loss: str, remat: str = "full", rows: int = 1) -> str:
     return (f"{part}_{attention}" + ("_chunked_loss" if loss == "chunked" else "")
-            + ("" if remat == "full" else f"_remat_{remat}"))
+            + ("" if remat == "full" else f"_remat_{remat}")
+            + ("" if rows == 1 else f"_rows{rows}"))
 
 
 def table(force: bool, attention: str, loss: str, block: int | None, remat: str, topologies,
-          models, mesh_names) -> None:
+          models, mesh_names, rows: int = 1) -> None:
+    """The train step at 512 x 8192 on each slice and mesh: ``rows`` rows per data-parallel
+    shard in each micro-batch (512 / (shards x rows) micro-batches)."""
     for topo_name in topologies:
         topology = tpu_topology(topo_name)
         for mesh_name in mesh_names:
@@ -129,7 +133,7 @@ def table(force: bool, attention: str, loss: str, block: int | None, remat: str,
             mesh = topology.mesh(shape)
             shards = shape.data * shape.fsdp
             for name in models:
-                work = Workload(BATCH, SEQ, micro_batches=BATCH // shards)
+                work = Workload(BATCH, SEQ, micro_batches=BATCH // (shards * rows))
 
                 def run(name=name, mesh=mesh, work=work, topology=topology, shape=shape):
                     cfg = model(name, attention, loss, block, remat)
@@ -140,7 +144,8 @@ def table(force: bool, attention: str, loss: str, block: int | None, remat: str,
                             "mesh": str(shape), "matmul_params": matmul_params(cfg),
                             "workload": dataclasses.asdict(work), **report.as_dict()}
 
-                _case(_part("table", attention, loss, remat), f"{name}_{topo_name.replace(':', '_')}_{mesh_name}",
+                _case(_part("table", attention, loss, remat, rows),
+                      f"{name}_{topo_name.replace(':', '_')}_{mesh_name}",
                       force, run)
 
 
@@ -277,6 +282,32 @@ def attention_layer(force: bool) -> None:
         _case("attention", f"{method}_{block}", force, run)
 
 
+LAYER_KINDS = {"gdn": GDN, "attention": ATTENTION}
+
+
+def one_layer(force: bool) -> None:
+    """The train step of a one-layer 7B (one GDN or one attention layer at the 7B's width,
+    with its MLP, the embedding and the chunked loss; splash at context 1, the ring under a
+    split) at 65,536 positions per chip on v5p:2x2x1: 4 rows over fsdp=4 against one row of
+    262,144 over context=4. Temporaries and collectives per chip, where a layer kind's growth
+    under the split shows (the whole model's figure is the largest layer's, plus the saved
+    layer inputs)."""
+    topology = tpu_topology("v5p:2x2x1")
+    n = len(topology.devices)
+    for kind, layer in LAYER_KINDS.items():
+        for ctx in (1, 4):
+            def run(layer=layer, kind=kind, ctx=ctx):
+                cfg = model("hybrid", "splash", "chunked", None, "layers").replace(
+                    num_hidden_layers=1, layer_types=(layer,))
+                work = Workload(n // ctx, 65536 * ctx, micro_batches=1)
+                mesh = topology.mesh(MeshShape(fsdp=n // ctx, context=ctx))
+                report = report_program("train", cfg, topology, mesh, work, cost=False)
+                return {"kind": kind, "context": ctx, "topology": topology.name,
+                        "workload": dataclasses.asdict(work), **report.as_dict()}
+
+            _case("layer", f"{kind}_context{ctx}", force, run)
+
+
 WEIGHT_PROGRAMS = ("forward", "prefill", "decode_per_step", "decode_sliced_once")
 
 
@@ -340,9 +371,9 @@ def _load(part: str) -> list[dict]:
     """Every record of ``part`` over both attention forms and both losses (records before the
     blockwise form have no "attention" field: they are dense; before the chunked loss, no
     "loss" field: full logits)."""
-    dirs = ([OUT / part] if part in ("kernels", "attention", "weights")
-            else [OUT / _part(part, a, loss, remat) for a in ATTENTION_FORMS
-                  for loss in LOSS_FORMS for remat in REMATS])
+    dirs = ([OUT / part] if part in ("kernels", "attention", "weights", "layer")
+            else [OUT / _part(part, a, loss, remat, rows) for a in ATTENTION_FORMS
+                  for loss in LOSS_FORMS for remat in REMATS for rows in (1, 2)])
     rows = [json.loads(p.read_text()) for d in dirs for p in sorted(d.glob("*.json"))]
     for r in rows:
         r.setdefault("attention", "dense")
@@ -435,6 +466,22 @@ def _context_report() -> None:
               + " | ".join(_gib(moved.get(k)) if moved else "-" for k in kinds) + " |")
 
 
+def _layer_report() -> None:
+    rows = _load("layer")
+    if not rows:
+        return
+    base = {r["kind"]: r for r in rows if r["context"] == 1}
+    kinds = ("all-gather", "all-reduce", "collective-permute")
+    print("\n| layer | context | rows x sequence | temp GiB | vs context=1 | "
+          + " | ".join(f"{k} GiB" for k in kinds) + " |")
+    print("|---|---:|---|---:|---:|" + "---:|" * len(kinds))
+    for r in sorted(rows, key=lambda r: (r["kind"], r["context"])):
+        temp, ref = r["memory"]["temp"], base[r["kind"]]["memory"]["temp"]
+        print(f"| {r['kind']} | {r['context']} | {r['workload']['batch']} x "
+              f"{r['workload']['seq_len']:,} | {_gib(temp)} | {temp / ref:.2f}x | "
+              + " | ".join(_gib(r["collectives"][k]) for k in kinds) + " |")
+
+
 def _attention_report() -> None:
     rows = _load("attention")
     if not rows:
@@ -451,7 +498,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["table", "maxlen", "kernels", "attention", "weights",
-                                    "context", "report"])
+                                    "context", "layer", "report"])
     p.add_argument("--force", action="store_true", help="recompile cases already saved")
     p.add_argument("--limit", type=int, default=1 << 20, help="maxlen: longest length tried")
     p.add_argument("--start", type=int, default=SEQ,
@@ -464,6 +511,8 @@ def main() -> int:
                    help="table, maxlen: recompute each block of 4 layers (full) or each layer")
     p.add_argument("--cost", action="store_true",
                    help="context: the cost compiles and roofline too (slow at these lengths)")
+    p.add_argument("--rows-per-micro-batch", type=int, default=1,
+                   help="table: rows per data-parallel shard in each micro-batch (1 or 2)")
     p.add_argument("--attention-block", type=int,
                    help="table, maxlen: attention_block_size (default: the model's)")
     p.add_argument("--topologies", default=",".join(TOPOLOGIES),
@@ -478,18 +527,23 @@ def main() -> int:
     for given, known in ((topologies, TOPOLOGIES), (models, MODELS), (mesh_names, MESHES)):
         if not set(given) <= set(known):
             p.error(f"unknown {sorted(set(given) - set(known))}; expected some of {known}")
+    if args.rows_per_micro_batch not in (1, 2):
+        p.error("--rows-per-micro-batch: 1 or 2")
     if args.part == "report":
         report()
         _attention_report()
         _weights_report()
         _context_report()
+        _layer_report()
     elif args.part == "attention":
         attention_layer(args.force)
     elif args.part == "weights":
         weights(args.force)
+    elif args.part == "layer":
+        one_layer(args.force)
     elif args.part == "table":
         table(args.force, args.attention, args.loss, args.attention_block, args.remat,
-              topologies, models, mesh_names)
+              topologies, models, mesh_names, args.rows_per_micro_batch)
     elif args.part == "context":
         context(args.force, args.remat, topologies, args.cost)
     elif args.part == "maxlen":

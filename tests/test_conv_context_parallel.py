@@ -1,9 +1,9 @@
 """The short convolution with positions split over a ``context`` mesh axis, each device taking
 the K-1 inputs before its piece from the previous one, against a float64 NumPy convolution of
-the whole sequence (the split runs in float32): outputs and the gradients of the inputs and the weights, with documents
-starting on a piece boundary, inside the halo (one and two positions after a boundary) and
-spanning several pieces, at pieces as short as the halo. A child process with 8 simulated CPU
-devices runs the meshes."""
+the whole sequence (the split runs in float32): outputs and the gradients of the inputs and
+the weights, with documents starting on a piece boundary, inside the halo (one and two
+positions after a boundary) and spanning several pieces, at pieces as short as the halo. A
+child process with 8 simulated CPU devices runs the meshes."""
 
 from __future__ import annotations
 
