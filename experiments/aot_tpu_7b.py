@@ -59,7 +59,7 @@ from hybrid_jax.aot.report import (  # noqa: E402
     required_bytes,
     xla_cost,
 )
-from hybrid_jax.aot.roofline import matmul_params  # noqa: E402
+from hybrid_jax.aot.roofline import matmul_params, model_flops  # noqa: E402
 from hybrid_jax.aot.topology import tpu_topology  # noqa: E402
 from hybrid_jax.config import ATTENTION, GDN, olmo_hybrid_7b  # noqa: E402
 from hybrid_jax.ops.attention import causal_attention  # noqa: E402
@@ -441,7 +441,8 @@ def report() -> None:
 
 def _context_report() -> None:
     """The context part's table: per chip memory against the slice's context=1 run at the
-    same tokens per chip, and what each kind of collective returns per chip and step."""
+    same tokens per chip, the step's model FLOPs per chip (``roofline.model_flops``: attention
+    grows with the sequence), and what each kind of collective returns per chip and step."""
     rows = [json.loads(f.read_text()) for d in sorted(OUT.glob("context_remat_*"))
             for f in sorted(d.glob("*.json"))]
     if not rows:
@@ -449,8 +450,8 @@ def _context_report() -> None:
     kinds = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
     base = {(r["topology"], r["remat"]): r for r in rows if r["context"] == 1}
     print("\n| slice | mesh | rows x sequence | tokens/chip | total GiB / HBM | fits | vs "
-          "context=1 | " + " | ".join(f"{k} GiB" for k in kinds) + " |")
-    print("|---|---|---|---:|---|---|---:|" + "---:|" * len(kinds))
+          "context=1 | model TFLOP/chip | " + " | ".join(f"{k} GiB" for k in kinds) + " |")
+    print("|---|---|---|---:|---|---|---:|---:|" + "---:|" * len(kinds))
     order = lambda r: (r["topology"], r["context"])
     for r in sorted(rows, key=order):
         total = (r["memory"] or {}).get("total") or required_bytes(r.get("error"))
@@ -460,9 +461,12 @@ def _context_report() -> None:
         moved = r.get("collectives") or {}
         work = r["workload"]
         mesh = ", ".join(a for a in r["mesh"].split(" x ") if not a.endswith("=1"))
+        chips = work["batch"] * work["seq_len"] // r["tokens_per_chip"]
+        flops = model_flops(model("hybrid"), "train", work["batch"], work["seq_len"]) / chips
         print(f"| {r['topology']} | {mesh} | {work['batch']} x "
               f"{work['seq_len']:,} | {r['tokens_per_chip']:,} | {_gib(total)} / "
               f"{_gib(r['hbm_bytes'])} | {'yes' if r['fits'] else 'no'} | {ratio} | "
+              f"{flops / 1e12:,.0f} | "
               + " | ".join(_gib(moved.get(k)) if moved else "-" for k in kinds) + " |")
 
 
