@@ -82,7 +82,8 @@ REMATS = ("full", "layers")
 def model(name: str, attention: str = "blockwise", loss: str = "full", block: int | None = None,
           remat: str = "full"):
     """``loss`` "full": the loss over [B, T, V] float32 logits (every result before the chunked
-    loss); "chunked": the model's default at these lengths, 1024 positions per row at a time."""
+    loss); "chunked": the model's default at these lengths, 1024 positions per row (per device's
+    piece of one, under a context split) at a time."""
     extra = {} if block is None else {"attention_block_size": block}
     cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="float32", remat=remat,
                          gdn_method="pallas", max_position_embeddings=1 << 21,
@@ -480,6 +481,9 @@ def _layer_report() -> None:
           + " | ".join(f"{k} GiB" for k in kinds) + " |")
     print("|---|---:|---|---:|---:|" + "---:|" * len(kinds))
     for r in sorted(rows, key=lambda r: (r["kind"], r["context"])):
+        if not r["memory"] or not (base.get(r["kind"]) or {}).get("memory"):
+            print(f"| {r['kind']} | {r['context']} | did not compile: {r.get('error')} |")
+            continue
         temp, ref = r["memory"]["temp"], base[r["kind"]]["memory"]["temp"]
         print(f"| {r['kind']} | {r['context']} | {r['workload']['batch']} x "
               f"{r['workload']['seq_len']:,} | {_gib(temp)} | {temp / ref:.2f}x | "

@@ -10,7 +10,7 @@ from flax import nnx
 
 from hybrid_jax.ops.conv import (causal_conv1d, causal_conv1d_context_parallel,
                                  causal_conv1d_continue)
-from hybrid_jax.sharding import per_shard, split_axes
+from hybrid_jax.sharding import per_shard, shard_count, split_axes
 
 
 class ShortConvolution(nnx.Module):
@@ -49,8 +49,10 @@ class ShortConvolution(nnx.Module):
         """x: [B, T, C] -> [B, T, C] in the compute dtype; no position sees an earlier segment."""
         weight = self.weight[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        context = split_axes("length", x.shape[1])
-        if context is None:
+        t, k = x.shape[1], weight.shape[1]
+        context = split_axes("length", t)
+        # Pieces shorter than the K-1 inputs a position reads back: GSPMD's partitioning.
+        if context is None or t // shard_count("length", t) < k - 1:
             return causal_conv1d(x, weight, segment_ids=segment_ids, activation=self.activation)
 
         def conv(x, weight, *ids):

@@ -37,8 +37,9 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     give the same update as one batch of A*B rows.
 
     The model's ``loss_method`` picks the loss: "chunked" takes it ``loss_chunk_size``
-    positions of each row at a time (``ops.lm_head_loss``, no [B, T, V] logits), "full" from
-    the model's logits, "auto" chunked when T is longer than one chunk.
+    positions of each row at a time (``ops.lm_head_loss``, no [B, T, V] logits; with positions
+    split over the context axis, that many of each device's piece), "full" from the model's
+    logits, "auto" chunked when T is longer than ``loss_chunk_size``.
 
     A step whose loss or gradient norm is not finite leaves parameters and optimizer state as
     they were and counts in ``bad_steps``; a good step resets that count.
@@ -75,8 +76,10 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
             # The devices' pieces of rows and of each chunk's positions, for the head's
             # gradient to be summed per device inside the chunk loop, across devices once.
             groups = shard_count("batch", tokens.shape[0]), shard_count("length", chunk)
-            # The head in the compute dtype, gathered over its fsdp split once, here: inside
-            # the chunk loop GSPMD would gather it again for every chunk.
+            # The head in the compute dtype, gathered over its fsdp split once per
+            # micro-batch, here: inside the chunk loop GSPMD would gather it for every
+            # chunk. Its gradient, summed over chunks in float32, comes back in the compute
+            # dtype, as every projection kernel's does.
             head = constrain(model.head_kernel.astype(cfg.compute_dtype), (None, "vocab"))
             with jax.named_scope("loss"):
                 sums = lm_head_loss_sums(hidden, head, targets, mask,
