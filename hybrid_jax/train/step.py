@@ -70,12 +70,13 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         with activation_sharding(mesh, rules):
             hidden = model.features(tokens, segment_ids=segment_ids)
             # loss_chunk_size positions of each device's piece of a row at a time: with
-            # positions split over the context axis, a chunk spans every piece.
+            # positions split over the context axis, a chunk spans every piece (and, being
+            # a multiple of their count or the whole row, splits into them too).
             pieces = shard_count("length", tokens.shape[1])
             chunk = min(cfg.loss_chunk_size * pieces, tokens.shape[1])
             # The devices' pieces of rows and of each chunk's positions, for the head's
             # gradient to be summed per device inside the chunk loop, across devices once.
-            groups = shard_count("batch", tokens.shape[0]), shard_count("length", chunk)
+            groups = shard_count("batch", tokens.shape[0]), pieces
             # The head in the compute dtype, gathered over its fsdp split once per
             # micro-batch, here: inside the chunk loop GSPMD would gather it for every
             # chunk. Its gradient, summed over chunks in float32, comes back in the compute
