@@ -36,6 +36,8 @@ SMOKE: dict[str, list[str] | str] = {
                      "--matmul-n", "64", *TIMING],
     "bench_kernels_gpu.py": ["--smoke", "--no-fla", "--repeats", "1", "--shapes", "0"],
     "bench_loss.py": ["--T", "256", "--D", "32", "--V", "1024", "--chunk", "128", *TIMING],
+    "bench_moe.py": ["--tokens", "64", "--hidden", "32", "--experts", "8", "--top-k", "2",
+                     "--moe-intermediate", "16", "--shared", "16", *TIMING],
     "bench_train.py": ["--no-hugepages", "--preset", "tiny", "--batch", "1", "--seq-len", "32",
                        "--steps", "2", "--steps-per-call", "2", "--warmup", "1", *TIMING],
     "check_7b.py": "tests/test_check_7b.py",
