@@ -26,7 +26,8 @@ cost compiles of the blockwise form (its block loops unrolled) longer.
 
 Models: ``hybrid`` is the olmo_hybrid_7b preset (3 GDN : 1 attention, GDN through the Pallas
 kernels); ``attention`` is the same with every layer full attention (OLMo-3-7B-like, 30
-heads). Both bf16 compute, float32 master weights and AdamW moments, full remat per block of
+heads); ``qwen3_5_27b`` and ``qwen3_5_35b_a3b`` (``--models``) the Qwen3.5 presets (MoE
+experts through ``jax.lax.ragged_dot``, which XLA:TPU runs as a grouped matmul). Both bf16 compute, float32 master weights and AdamW moments, full remat per block of
 4 layers (``--remat layers``: per layer).
 Slices: v5p:4x4x4 (64 chips, "v5p-128" in TensorCores) and v6e:16x16 (256 chips); meshes
 FSDP over every chip, and FSDP x tensor 2 (30 heads allow tensor 1 or 2). Micro-batches:
@@ -62,6 +63,7 @@ from hybrid_jax.aot.report import (  # noqa: E402
 from hybrid_jax.aot.roofline import matmul_params, model_flops  # noqa: E402
 from hybrid_jax.aot.topology import tpu_topology  # noqa: E402
 from hybrid_jax.config import ATTENTION, GDN, olmo_hybrid_7b  # noqa: E402
+from hybrid_jax.presets import PRESETS  # noqa: E402
 from hybrid_jax.ops.attention import causal_attention  # noqa: E402
 from hybrid_jax.sharding import MeshShape  # noqa: E402
 
@@ -72,6 +74,7 @@ BATCH, SEQ = 512, 8192  # OLMo's 4M-token global batch
 
 ATTENTION_FORMS = ("blockwise", "dense", "splash")
 MODELS = ("hybrid", "attention")
+QWEN_MODELS = ("qwen3_5_27b", "qwen3_5_35b_a3b")  # presets, with the same execution options
 MESHES = ("fsdp", "fsdp_tp2")
 
 
@@ -85,10 +88,10 @@ def model(name: str, attention: str = "blockwise", loss: str = "full", block: in
     loss); "chunked": the model's default at these lengths, 1024 positions per row (per device's
     piece of one, under a context split) at a time."""
     extra = {} if block is None else {"attention_block_size": block}
-    cfg = olmo_hybrid_7b(dtype="bfloat16", param_dtype="float32", remat=remat,
-                         gdn_method="pallas", max_position_embeddings=1 << 21,
-                         attention_method=attention,
-                         loss_method=loss, **extra)
+    preset = PRESETS[name] if name in QWEN_MODELS else olmo_hybrid_7b
+    cfg = preset(dtype="bfloat16", param_dtype="float32", remat=remat,
+                 gdn_method="pallas", max_position_embeddings=1 << 21,
+                 attention_method=attention, loss_method=loss, **extra)
     if name == "attention":
         cfg = cfg.replace(layer_types=(ATTENTION,) * cfg.num_hidden_layers)
     return cfg
@@ -526,7 +529,7 @@ def main() -> int:
     p.add_argument("--topologies", default=",".join(TOPOLOGIES),
                    help="table, maxlen: comma-separated, of " + ", ".join(TOPOLOGIES))
     p.add_argument("--models", default=",".join(MODELS),
-                   help="table, maxlen: comma-separated, of " + ", ".join(MODELS))
+                   help="table, maxlen: comma-separated, of " + ", ".join(MODELS + QWEN_MODELS))
     p.add_argument("--meshes", default=",".join(MESHES),
                    help="table: comma-separated, of " + ", ".join(MESHES))
     args = p.parse_args()

@@ -1,11 +1,11 @@
-"""hybrid_jax: OLMo Hybrid in JAX/Flax.
+"""hybrid_jax: hybrid Gated DeltaNet / attention language models in JAX/Flax: OLMo Hybrid,
+Qwen3.5 (dense and MoE) and Qwen3-Next.
 
 Checkpoint conversion lives in ``hybrid_jax.convert`` (imported on demand).
 """
 
 from hybrid_jax.config import (
     ModelConfig,
-    PRESETS,
     olmo_hybrid_7b,
     olmo_hybrid_bytes,
     olmo_hybrid_small,
@@ -13,6 +13,7 @@ from hybrid_jax.config import (
 )
 from hybrid_jax.inference import generate, init_cache
 from hybrid_jax.model import HybridLM, apply, split
+from hybrid_jax.presets import PRESETS
 
 __all__ = [
     "HybridLM",

@@ -15,6 +15,14 @@ import jax.numpy as jnp
 GDN = "linear_attention"
 ATTENTION = "full_attention"
 LAYER_KINDS = (GDN, ATTENTION)
+# What follows a layer's token mixer: SwiGLU, or a mixture of SwiGLU experts.
+DENSE_MLP = "dense"
+MOE = "moe"
+MLP_KINDS = (DENSE_MLP, MOE)
+# transformers model types of the text models we build (``hf_configs`` reads and writes them).
+MODEL_TYPES = ("olmo_hybrid", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+QK_NORMS = ("projection", "head")
+MOE_METHODS = ("auto", "ragged_dot", "tiled", "dense")
 
 GDN_METHODS = ("auto", "recurrent", "chunk", "assoc_scan", "pallas")  # ops.METHODS
 # "full": each block of layer_period layers recomputed in the backward pass from its input;
@@ -130,6 +138,8 @@ class ModelConfig:
 
     Field names follow transformers' ``OlmoHybridConfig``; ``rope_theta=None`` means NoPE.
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in.
+    The defaults are OLMo Hybrid 7B; the fields from ``model_type`` to ``router_aux_loss_coef``
+    describe the other families (Qwen3.5, Qwen3.5-MoE, Qwen3-Next) as options of one model.
     """
 
     vocab_size: int = 100352
@@ -160,6 +170,23 @@ class ModelConfig:
     pad_token_id: int | None = 100277
     bos_token_id: int | None = None
     eos_token_id: int | None = 100257
+    # The family: which transformers class, tensor names and layouts the converters use.
+    model_type: str = "olmo_hybrid"
+    attention_head_dim: int | None = None  # transformers' head_dim; None: hidden // heads
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim * factor) dims
+    zero_centered_norms: bool = False  # RMSNorm weights applied as (1 + w), stored as w
+    qk_norm: str = "projection"  # over all heads' width (OLMo) or per head ("head", Qwen)
+    attention_output_gate: bool = False  # o_proj(attn * sigmoid(gate)), gate from q_proj
+    attention_post_norm: bool = True  # OLMo: attention layers norm the branch outputs
+    linear_norm_eps: float = 1e-5  # the GDN output's gated RMSNorm
+    # Per layer, "dense" or "moe"; None (how an all-dense tuple is stored): all dense.
+    mlp_layer_types: tuple[str, ...] | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities
+    router_aux_loss_coef: float = 0.001
     # Execution options (not part of the transformers config).
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -174,10 +201,19 @@ class ModelConfig:
     # [chunk, V] logits exist at once
     remat: str = "none"
     scan_layers: bool = True
+    # Expert products (ops.moe.grouped_matmul): "auto" is ragged_dot on TPU, tiled elsewhere;
+    # "dense" runs every token through every expert (a baseline).
+    moe_method: str = "auto"
 
     def __post_init__(self) -> None:
         # Normalise containers and dtypes so that equal configs compare and hash equal.
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        # All dense is stored as None, so that replacing layer_types keeps it all dense.
+        mlp = self.mlp_layer_types
+        if mlp is not None:
+            mlp = tuple(mlp)
+            object.__setattr__(self, "mlp_layer_types",
+                               None if all(k == DENSE_MLP for k in mlp) else mlp)
         for name in ("dtype", "param_dtype"):
             try:
                 object.__setattr__(self, name, dtype_name(getattr(self, name)))
@@ -200,9 +236,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 fail(name, f"must be a positive integer, got {value!r}")
-        if not self.rms_norm_eps > 0:
-            fail("rms_norm_eps", f"must be positive, got {self.rms_norm_eps!r}")
-        if self.hidden_size % self.num_attention_heads:
+        for name in ("rms_norm_eps", "linear_norm_eps"):
+            if not getattr(self, name) > 0:
+                fail(name, f"must be positive, got {getattr(self, name)!r}")
+        if self.attention_head_dim is None and self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads",
                  f"{self.num_attention_heads} heads do not divide hidden_size {self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -221,8 +258,9 @@ class ModelConfig:
                 fail("layer_types", f"entry {i} is {kind!r}; expected one of {LAYER_KINDS}")
         if self.rope_theta is not None and not self.rope_theta > 0:
             fail("rope_theta", f"must be positive or None (NoPE), got {self.rope_theta!r}")
-        if self.rope_theta is not None and self.head_dim % 2:
-            fail("num_attention_heads", f"RoPE needs an even head dim, got {self.head_dim}")
+        if self.rope_theta is not None and self.rotary_dim % 2:
+            fail("partial_rotary_factor",
+                 f"RoPE needs an even number of rotated dims, got {self.rotary_dim}")
         if self.hidden_act != "silu":
             fail("hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         if self.attention_bias:
@@ -240,11 +278,65 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 fail(name, f"must be an integer or None, got {value!r}")
+        self._validate_family()
+
+    def _validate_family(self) -> None:
+        """The fields that describe the Qwen families (see the class docstring)."""
+        def fail(name: str, msg: str) -> None:
+            raise ValueError(f"ModelConfig.{name}: {msg}")
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                fail(name, f"{getattr(self, name)!r} is not one of {allowed}")
+
+        choice("model_type", MODEL_TYPES)
+        choice("qk_norm", QK_NORMS)
+        choice("moe_method", MOE_METHODS)
+        hd = self.attention_head_dim
+        if hd is not None and (isinstance(hd, bool) or not isinstance(hd, int) or hd <= 0):
+            fail("attention_head_dim", f"must be a positive integer or None, got {hd!r}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            fail("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if len(self.mlp_kinds) != self.num_hidden_layers:
+            fail("mlp_layer_types", f"has {len(self.mlp_kinds)} entries but "
+                                    f"num_hidden_layers is {self.num_hidden_layers}")
+        for i, kind in enumerate(self.mlp_kinds):
+            if kind not in MLP_KINDS:
+                fail("mlp_layer_types", f"entry {i} is {kind!r}; expected one of {MLP_KINDS}")
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                     "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, f"must be a non-negative integer, got {value!r}")
+        if self.has_moe:
+            if self.num_experts < 1 or self.moe_intermediate_size < 1:
+                fail("num_experts", "MoE layers need num_experts and moe_intermediate_size >= 1, "
+                                    f"got {self.num_experts} and {self.moe_intermediate_size}")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}], "
+                                            f"got {self.num_experts_per_tok}")
 
     # ----------------------------------------------------------------- derived sizes
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Attention head width: ``attention_head_dim``, else hidden_size // heads."""
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates (transformers' int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def mlp_kinds(self) -> tuple[str, ...]:
+        """Per layer, "dense" or "moe" (``mlp_layer_types``, None meaning all dense)."""
+        if self.mlp_layer_types is None:
+            return (DENSE_MLP,) * len(self.layer_types)
+        return self.mlp_layer_types
+
+    @property
+    def has_moe(self) -> bool:
+        return MOE in self.mlp_kinds
 
     @property
     def linear_key_dim(self) -> int:
@@ -270,8 +362,9 @@ class ModelConfig:
         repetition, and the stack is unrolled.
         """
         n = self.num_hidden_layers
+        kinds = list(zip(self.layer_types, self.mlp_kinds))
         for p in range(1, n + 1):
-            if n % p == 0 and all(self.layer_types[i] == self.layer_types[i % p] for i in range(n)):
+            if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)):
                 return p
         return n
 
@@ -441,11 +534,3 @@ def olmo_hybrid_bytes(**overrides: Any) -> ModelConfig:
         "num_attention_heads": 4, "num_key_value_heads": 4, "layer_types": hybrid_layer_types(4),
         "linear_num_key_heads": 4, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
         "linear_value_head_dim": 64, **overrides})
-
-
-PRESETS = {
-    "bytes": olmo_hybrid_bytes,
-    "olmo_hybrid_7b": olmo_hybrid_7b,
-    "small": olmo_hybrid_small,
-    "tiny": olmo_hybrid_tiny,
-}

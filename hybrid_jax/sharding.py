@@ -1,9 +1,12 @@
 """Device meshes, logical axes and shardings for parameters, optimizer state and batches.
 
-A mesh has four named axes (any of size 1):
+A mesh has five named axes (any of size 1):
 
     data     pure data parallelism: batch rows split, parameters replicated
     fsdp     data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
+    expert   expert parallelism: the MoE experts split (each device holds E / size of them),
+             batch rows split too; an MoE layer exchanges its tokens across the axis
+             (``ops.moe_parallel``), every other weight is replicated over it
     tensor   tensor parallelism: heads, MLP width and vocabulary split
     context  sequence parallelism: positions split (the GDN rule and attention pass state
              and keys between devices), and parameters split with fsdp's (ZeRO over the
@@ -49,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hybrid_jax.tree_paths import path_keys
 
-MESH_AXES = ("data", "fsdp", "tensor", "context")
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "context")
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -64,6 +67,7 @@ class MeshShape:
 
     data: int = 1
     fsdp: int = 1
+    expert: int = 1
     tensor: int = 1
     context: int = 1
 
@@ -82,7 +86,9 @@ class MeshShape:
         return math.prod(self.sizes)
 
     def __str__(self) -> str:
-        return " x ".join(f"{name}={getattr(self, name)}" for name in MESH_AXES)
+        # expert=1 left out: meshes without experts read as they always have.
+        return " x ".join(f"{name}={getattr(self, name)}" for name in MESH_AXES
+                          if name != "expert" or self.expert > 1)
 
 
 def parse_mesh_sizes(text: str) -> dict[str, int]:
@@ -133,7 +139,8 @@ def _device_grid(shape: MeshShape, devices: list[jax.Device]) -> np.ndarray:
         raise ShardingError(f"mesh {shape} spans {slices} TPU slices: data={shape.data} must be "
                             f"a multiple of {slices} (data parallelism runs across slices)")
     per_slice = (shape.data // slices, *sizes[1:])
-    return mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1, 1), devices,
+    return mesh_utils.create_hybrid_device_mesh(per_slice, (slices,) + (1,) * (len(sizes) - 1),
+                                                devices,
                                                 allow_split_physical_axes=True)
 
 
@@ -143,7 +150,7 @@ class LogicalRules:
     are replicated."""
 
     rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: {
-        "batch": ("data", "fsdp"),
+        "batch": ("data", "fsdp", "expert"),
         "length": "context",
         "embed": ("fsdp", "context"),
         "vocab": "tensor",
@@ -153,6 +160,7 @@ class LogicalRules:
         "gdn_heads": "tensor",
         "gdn_key_heads": "tensor",
         "layers": None,
+        "experts": "expert",
         "norm": None,
         "conv": None,
         "act_embed": None,  # the residual stream's features stay whole on every device
@@ -309,8 +317,12 @@ _ATTENTION = {
     "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"),
     "v_proj": ("embed", "kv_heads"), "o_proj": ("heads", "embed"),
     "q_norm": ("heads",), "k_norm": ("kv_heads",),
+    "q_head_norm": ("norm",), "k_head_norm": ("norm",),  # per head, shared by all heads
 }
-_MLP = {"gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed")}
+_MLP = {"gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"),
+        # Mixture of experts (model.mlp.MoE); its shared expert is a SwiGLU (the names above).
+        "router": ("embed", "experts"), "experts_gate_up": ("experts", "embed", "mlp"),
+        "experts_down": ("experts", "mlp", "embed"), "shared_expert_gate": ("embed", None)}
 _TOP = {"embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("norm",)}
 
 
@@ -324,6 +336,8 @@ def param_logical_axes(path: Sequence[str | int], ndim: int) -> tuple[str | None
         axes = _TOP[keys[0]]
     elif keys[:3] == ["stack", "blocks", "layers"] and len(keys) >= 6:
         module, name = keys[4], keys[5]
+        if module == "mlp" and name == "shared_expert" and len(keys) >= 7:
+            name = keys[6]  # the shared expert's SwiGLU
         if module.endswith("norm"):  # pre_gdn_norm, pre_mlp_norm, ... [n, D]
             table = {name: ("norm",)}
         else:
@@ -404,7 +418,8 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules | None = None, ndim: int = 2
                    ) -> NamedSharding:
     """Sharding of [B, T, ...] batch arrays: rows over "batch", positions over "length"."""
     rules = rules or LogicalRules()
-    return NamedSharding(mesh, rules.spec(("batch", "length") + (None,) * (ndim - 2)))
+    spec = rules.spec(("batch", "length") + (None,) * (ndim - 2))
+    return NamedSharding(mesh, _without_unit_axes(mesh, spec))
 
 
 def micro_batches_sharding(mesh: Mesh, rules: LogicalRules | None = None) -> NamedSharding:

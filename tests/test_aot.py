@@ -183,7 +183,7 @@ def test_cli_reports_and_writes_json(tmp_path, capsys):
     assert "TPU v5 lite" in printed and "cloud.google.com/tpu/docs/v5e" in printed
     assert printed.count(" yes ") == 1
     report = json.loads(out.read_text())
-    assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "context": 1}
+    assert report["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1, "context": 1}
     assert [r["program"] for r in report["reports"]] == ["decode"]
     assert report["reports"][0]["kernel_calls"] == 0  # one token: the recurrent step
     assert all(r["roofline"]["seconds"] > 0 for r in report["reports"])

@@ -17,15 +17,20 @@ from hybrid_jax.config import ATTENTION, GDN, ModelConfig
 from hybrid_jax.tree_paths import flat_paths
 
 
-def matmul_params(config: ModelConfig) -> int:
-    """Parameters that multiply activations: every weight of two or more dimensions except
-    the embedding table (a lookup), which counts when it is tied to the output layer."""
+_EXPERTS = ("experts_gate_up", "experts_down")
+
+
+def matmul_params(config: ModelConfig) -> float:
+    """Parameters that multiply each token's activations: every weight of two or more
+    dimensions except the embedding table (a lookup), which counts when it is tied to the
+    output layer; of the MoE experts, the num_experts_per_tok / num_experts a token uses."""
     from hybrid_jax.train.state import model_template
 
-    total = 0
+    total = 0.0
+    active = config.num_experts_per_tok / config.num_experts if config.has_moe else 1.0
     for keys, leaf in flat_paths(model_template(config).abstract).items():
         if len(leaf.shape) >= 2 and (keys[0] != "embed" or config.tie_word_embeddings):
-            total += math.prod(leaf.shape)
+            total += math.prod(leaf.shape) * (active if keys[-1] in _EXPERTS else 1.0)
     return total
 
 

@@ -34,7 +34,7 @@ from hybrid_jax.cli.common import ConfigError, error, yaml_load
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``aot`` parser to ``subparsers``."""
     from hybrid_jax.aot.programs import PROGRAMS
-    from hybrid_jax.config import PRESETS
+    from hybrid_jax.presets import PRESETS
 
     p = subparsers.add_parser("aot", help="compile for a TPU topology ahead of time; report memory "
                        "and cost", description=__doc__,
@@ -69,7 +69,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def model_config(args: argparse.Namespace):
     """The preset, then --model-config, then --set, then dtypes and the TPU kernels where
     "auto" asks for them (the Pallas GDN form; splash attention where it takes the shapes)."""
-    from hybrid_jax.config import PRESETS
+    from hybrid_jax.presets import PRESETS
     from hybrid_jax.ops.attention import resolve_attention
 
     fields: dict[str, Any] = {}

@@ -188,7 +188,7 @@ def verify(args: argparse.Namespace) -> int:
                     f"(verify HF_DIR ORBAX_DIR)")
     try:
         import torch
-        from transformers import OlmoHybridForCausalLM
+        import transformers
     except ImportError as e:
         raise CommandError(f"verify needs torch and transformers to run the reference model ({e}); "
                     f"install them, e.g. pip install 'hybrid-jax[test]'") from None
@@ -196,14 +196,18 @@ def verify(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hybrid_jax.convert.orbax_io import load_orbax
+    from hybrid_jax.hf_configs import family_of
     from hybrid_jax.model import apply, split
 
     native = args.compute_dtype == "native"
     model = load_orbax(orbax_dir) if native else load_orbax(orbax_dir, dtype="float32")
     cfg = model.config
+    hf_class = getattr(transformers, family_of(cfg).architecture)
+    # Experts one at a time: the grouped-matmul default needs 16-byte-aligned widths.
+    experts = {"experts_implementation": "eager"} if cfg.has_moe else {}
     try:
-        hf = OlmoHybridForCausalLM.from_pretrained(
-            hf_dir, dtype="auto" if native else torch.float32).eval()
+        hf = hf_class.from_pretrained(
+            hf_dir, dtype="auto" if native else torch.float32, **experts).eval()
     except Exception as e:  # noqa: BLE001 - transformers raises many types
         raise CommandError(f"{hf_dir}: transformers cannot load it ({type(e).__name__}: "
                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None

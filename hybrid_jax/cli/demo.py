@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from hybrid_jax.cli.common import UsageError, error
-from hybrid_jax.config import PRESETS
+from hybrid_jax.presets import PRESETS
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ def register(subparsers: Any, name: str = "train",
              description: str | None = None) -> argparse.ArgumentParser:
     """Add the ``train`` parser to ``subparsers`` (also the base of ``main``'s, under its own
     name, help and description, whose defaults it changes)."""
-    from hybrid_jax.config import PRESETS
+    from hybrid_jax.presets import PRESETS
 
     p = subparsers.add_parser(name, help=help, description=description or __doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -171,7 +171,7 @@ def check_sections(cfg: Sections, preset: str) -> TrainConfig:
     """The merged sections read into their dataclasses: ``model`` over the preset ``preset``;
     ``loop.steps`` 100 unless set, and the optimizer's schedule fitted to it
     (``total_steps`` = steps, ``warmup_steps`` a tenth of them, 1 to 100) unless set."""
-    from hybrid_jax.config import PRESETS
+    from hybrid_jax.presets import PRESETS
     from hybrid_jax.sharding import MeshShape
     from hybrid_jax.train.loop import LoopConfig
     from hybrid_jax.train.optimizer import OptimizerConfig

@@ -1,4 +1,6 @@
-"""Load an OLMo Hybrid checkpoint (transformers or OLMo-core naming) into a ``HybridLM``.
+"""Load a checkpoint into a ``HybridLM``: OLMo Hybrid (transformers or OLMo-core naming), or
+Qwen3.5, Qwen3.5-MoE and Qwen3-Next (transformers naming, ``qwen_names``; the family from
+config.json's ``model_type``, ``hf_configs``; a vision-language checkpoint's text model).
 
 Accepted sources:
   * a directory with ``config.json`` and weights, looked for in this order (as transformers does):
@@ -32,6 +34,7 @@ makes the model, unsharded or sharded over devices (``from_hf``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,18 +42,24 @@ from typing import Any
 import numpy as np
 
 from hybrid_jax.config import ModelConfig, dtype_name, hf_dict_dtype
+from hybrid_jax.convert import qwen_names
 from hybrid_jax.convert.build import build
+from hybrid_jax.convert.namings import QWEN
 from hybrid_jax.convert.plan import Plan, detect, make_plan, tensor_dtype
 from hybrid_jax.convert.reading import param_readers
 from hybrid_jax.convert.sources import (
     CheckpointError,
+    Files,
     check_exists,
     config_source,
     read_config,
     read_files,
     read_weights_file,
 )
+from hybrid_jax.hf_configs import FAMILIES, config_from_hf
 from hybrid_jax.model.hybrid_lm import HybridLM
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "from_hf", "stream_params"]
 
@@ -123,7 +132,11 @@ def resolve(path: str | Path, dtype: Any, config: ModelConfig | str | Path | Non
     source = config_source(ckpt, config)
     raw = read_config(source) if isinstance(source, Path) else None
     files = read_files(ckpt) if ckpt.is_dir() else read_weights_file(ckpt)
-    naming = detect(files, ckpt)
+    family = source.model_type if isinstance(source, ModelConfig) else _model_type(raw)
+    if family == "olmo_hybrid":
+        naming = detect(files, ckpt)
+    else:
+        naming, files = QWEN, _text_model_files(files, ckpt)
     if isinstance(source, ModelConfig):
         cfg = _replace_config(source, dtype, config_overrides)
     else:
@@ -131,6 +144,31 @@ def resolve(path: str | Path, dtype: Any, config: ModelConfig | str | Path | Non
             hf_dict_dtype(raw) or tensor_dtype(files, naming))
         cfg = _config_from_json(raw, source, compute, config_overrides)
     return cfg, make_plan(cfg, files, ckpt, naming)
+
+
+def _model_type(raw: Any) -> str:
+    """The family (text model type) a config.json dict names; "olmo_hybrid" when it names
+    none or one we do not read (``config_from_hf`` then names the problem)."""
+    if not isinstance(raw, dict):
+        return "olmo_hybrid"
+    model_type = raw.get("model_type", "olmo_hybrid")
+    text = raw.get("text_config")
+    if isinstance(text, dict) and text.get("model_type") in FAMILIES:
+        model_type = text["model_type"]
+    elif model_type in ("qwen3_5", "qwen3_5_moe"):
+        model_type += "_text"
+    return model_type if model_type in FAMILIES else "olmo_hybrid"
+
+
+def _text_model_files(files: Files, ckpt: Path) -> Files:
+    """A Qwen checkpoint's tensors as the text model names them: a vision-language
+    checkpoint's language model read from ``model.language_model.*``, its vision tower
+    skipped (logged once)."""
+    text, vision = qwen_names.language_model_names(list(files.tensors))
+    if vision:
+        log.warning("%s: skipping the vision tower's %d tensors (%s...)", ckpt, len(vision),
+                    qwen_names.VISION_PREFIX)
+    return Files({name: files.tensors[stored] for name, stored in text.items()}, files.where)
 
 
 def _replace_config(source: ModelConfig, dtype: Any, config_overrides: dict[str, Any]
@@ -153,6 +191,6 @@ def _config_from_json(raw: dict[str, Any], source: Path, compute: str,
     params in it unless ``param_dtype`` is overridden)."""
     config_overrides.setdefault("param_dtype", compute)
     try:
-        return ModelConfig.from_hf_dict(raw, dtype=compute, **config_overrides)
+        return config_from_hf(raw, dtype=compute, **config_overrides)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: invalid config: {e}") from None

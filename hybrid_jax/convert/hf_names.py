@@ -67,8 +67,8 @@ def _identity(a: np.ndarray) -> np.ndarray:
 
 
 def _transpose(a: np.ndarray) -> np.ndarray:
-    """torch Linear [out, in] <-> kernel [in, out] (its own inverse)."""
-    return np.asarray(a).T
+    """torch Linear [..., out, in] <-> kernel [..., in, out] (its own inverse)."""
+    return np.swapaxes(np.asarray(a), -1, -2)
 
 
 LAYOUT_RELEASE = "release"  # AI2's released checkpoints (and OLMo-core's convs)
@@ -88,8 +88,11 @@ class Want:
     target: tuple[str | int, ...]  # path under the layer (or the model, for globals)
     names: tuple[str, ...]  # accepted names (relative to the layer prefix), on-disk name first
     shape: tuple[int, ...]  # checkpoint (torch) shape
-    transposed: bool = False  # a Linear weight: torch [out, in], ours [in, out]
+    transposed: bool = False  # a Linear weight: torch [..., out, in], ours [..., in, out]
     release_name: str | None = None  # the release's name, where it is not ``names[0]``
+    # Ours is these rows (torch's first axis) of the tensor, in this order: one part of a
+    # fused tensor several of our parameters share (Qwen's GDN input projections).
+    rows: tuple[int, ...] | None = None
 
     @property
     def disk_name(self) -> str:
@@ -102,8 +105,14 @@ class Want:
 
     @property
     def transform(self) -> Transform:
-        """Checkpoint array -> our array (and, being an involution, ours -> checkpoint)."""
+        """Checkpoint array (its ``rows``) -> our array (and, being an involution, ours ->
+        checkpoint rows)."""
         return _transpose if self.transposed else _identity
+
+    @property
+    def our_shape(self) -> tuple[int, ...]:
+        shape = self.shape if self.rows is None else (len(self.rows), *self.shape[1:])
+        return shape[:-2] + shape[-2:][::-1] if self.transposed else shape
 
 
 def layer_prefix(layer: int) -> str:
@@ -171,6 +180,11 @@ def attention_wants(cfg: ModelConfig) -> list[Want]:
 def layer_wants(cfg: ModelConfig) -> dict[str, list[Want]]:
     """Per layer kind, its tensors (GDN convs excluded)."""
     return {GDN: gdn_wants(cfg), ATTENTION: attention_wants(cfg)}
+
+
+def olmo_layer_wants(cfg: ModelConfig, mixer: str, mlp: str) -> list[Want]:
+    """A layer's tensors (GDN convs excluded); OLMo Hybrid's MLPs are all dense."""
+    return layer_wants(cfg)[mixer]
 
 
 # ----------------------------------------------------------------------------- GDN convs

@@ -33,12 +33,13 @@ transformers conversion scripts for OLMo Hybrid (norm roles: older ``fla_norm`` 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hybrid_jax.config import ATTENTION, GDN, ModelConfig
-from hybrid_jax.convert import hf_names
+from hybrid_jax.convert import hf_names, qwen_names
 from hybrid_jax.convert.hf_names import Want
 
 
@@ -54,8 +55,8 @@ class Naming:
     description: str  # for messages: which naming was detected
     global_wants: Callable[[ModelConfig], list[Want]]
     layer_prefix: Callable[[int], str]
-    layer_wants: Callable[[ModelConfig], dict[str, list[Want]]]
-    conv_names: tuple[str, str, str]  # q, k, v convs, relative to the layer prefix
+    layer_wants: Callable[[ModelConfig, str, str], list[Want]]  # (cfg, mixer, mlp kind)
+    conv_names: tuple[str, ...]  # q, k, v convs, relative to the layer prefix (or none)
     fused_conv: str | None  # a fused q|k|v conv accepted instead (relative), if any
     exact_conv_split: bool  # convs must be exactly [Kd], [Kd], [Vd] channels
     embed_name: str
@@ -67,8 +68,8 @@ TRANSFORMERS = Naming(
     description="transformers naming (model.layers.N.*)",
     global_wants=hf_names.global_wants,
     layer_prefix=hf_names.layer_prefix,
-    layer_wants=hf_names.layer_wants,
-    conv_names=hf_names.split_conv_names(),  # type: ignore[arg-type]
+    layer_wants=hf_names.olmo_layer_wants,
+    conv_names=hf_names.split_conv_names(),
     fused_conv=hf_names.FUSED_CONV,
     exact_conv_split=False,
     embed_name="model.embed_tokens.weight",
@@ -138,10 +139,11 @@ def _oc_global_wants(cfg: ModelConfig) -> list[Want]:
     return _renamed(hf_names.global_wants(cfg), _OC_GLOBALS)
 
 
-def _oc_layer_wants(gdn_map: dict[str, str]) -> Callable[[ModelConfig], dict[str, list[Want]]]:
-    def wants(cfg: ModelConfig) -> dict[str, list[Want]]:
+def _oc_layer_wants(gdn_map: dict[str, str]) -> Callable[[ModelConfig, str, str], list[Want]]:
+    def wants(cfg: ModelConfig, mixer: str, mlp: str) -> list[Want]:
         hf = hf_names.layer_wants(cfg)
-        return {GDN: _renamed(hf[GDN], gdn_map), ATTENTION: _renamed(hf[ATTENTION], _OC_ATTENTION)}
+        return {GDN: _renamed(hf[GDN], gdn_map),
+                ATTENTION: _renamed(hf[ATTENTION], _OC_ATTENTION)}[mixer]
 
     return wants
 
@@ -174,6 +176,12 @@ OLMO_CORE_FLA = _olmo_core(
     "blocks.N.fla_norm for GDN blocks)", _OC_GDN_OLD, "fla.inner.")
 
 NAMINGS = (TRANSFORMERS, OLMO_CORE, OLMO_CORE_FLA)
+
+# Qwen3.5 (dense, MoE) and Qwen3-Next: transformers names, one fused conv (``qwen_names``).
+QWEN = dataclasses.replace(
+    TRANSFORMERS, key="qwen",
+    description="transformers naming of Qwen3.5 / Qwen3-Next (model.layers.N.*)",
+    layer_wants=qwen_names.layer_wants, conv_names=(), fused_conv=qwen_names.FUSED_CONV)
 
 # ----------------------------------------------------------------------------- detection
 _HF_PREFIXES = ("model.",)

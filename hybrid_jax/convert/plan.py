@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hybrid_jax.config import GDN, ModelConfig, dtype_name
+from hybrid_jax.config import GDN, MOE, ModelConfig, dtype_name
+from hybrid_jax.convert import qwen_names
 from hybrid_jax.convert.hf_names import Want, conv_targets
 from hybrid_jax.convert.namings import Naming, NamingError, detect_naming
 from hybrid_jax.convert.safetensors_file import DTYPES, FLOAT_DTYPES
@@ -56,11 +57,32 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- box readers
+def _swap_last(index: Spans) -> Spans:
+    return index[:-2] + (index[-1], index[-2])
+
+
 def direct_reader(info: AnyTensorInfo, transposed: bool) -> BoxReader:
-    """Box of our parameter -> the same elements of a tensor ours is (the transpose of)."""
-    if transposed:  # ours [in, out] = torch [out, in].T
-        return lambda index: read_slice(info, index[::-1]).T
+    """Box of our parameter -> the same elements of a tensor ours is (the transpose of, on the
+    last two axes)."""
+    if transposed:  # ours [..., in, out] = torch [..., out, in] transposed
+        return lambda index: np.swapaxes(read_slice(info, _swap_last(index)), -1, -2)
     return lambda index: read_slice(info, index)
+
+
+def rows_reader(info: AnyTensorInfo, rows: np.ndarray, transposed: bool) -> BoxReader:
+    """Box of our parameter -> its elements in the 2-D tensor ``info``, of which ours holds
+    ``rows`` (in that order; transposed: ours [in, len(rows)]), read in runs of consecutive
+    rows."""
+    def read(index: Spans) -> np.ndarray:
+        (a, b), cols = _swap_last(index) if transposed else index
+        wanted = rows[a:b]
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        runs = np.split(wanted, breaks) if wanted.size else []
+        parts = [read_slice(info, ((int(r[0]), int(r[-1]) + 1), cols)) for r in runs]
+        box = (np.concatenate(parts) if parts
+               else np.zeros((0, cols[1] - cols[0]), DTYPES[info.dtype]))
+        return box.T if transposed else box
+    return read
 
 
 def concat_reader(infos: tuple[AnyTensorInfo, ...], start: int) -> BoxReader:
@@ -82,6 +104,26 @@ def concat_reader(infos: tuple[AnyTensorInfo, ...], start: int) -> BoxReader:
     return read
 
 
+def expert_columns_reader(parts: list[list[AnyTensorInfo]]) -> BoxReader:
+    """Box [experts, in, out] of stacked expert kernels whose out columns are the rows of
+    ``parts[0][e]``, then of ``parts[1][e]``, ... (per-expert torch weights [out_p, in])."""
+    def read(index: Spans) -> np.ndarray:
+        (e0, e1), (i0, i1), (c0, c1) = index
+        out = []
+        for e in range(e0, e1):
+            pieces, offset = [], 0
+            for infos in parts:
+                rows = infos[e].shape[0]
+                a, b = max(c0, offset), min(c1, offset + rows)
+                if a < b:
+                    pieces.append(read_slice(infos[e], ((a - offset, b - offset), (i0, i1))).T)
+                offset += rows
+            out.append(np.concatenate(pieces, axis=1) if pieces else
+                       np.zeros((i1 - i0, 0), DTYPES[parts[0][e].dtype]))
+        return np.stack(out) if out else np.zeros((0, i1 - i0, c1 - c0), np.float32)
+    return read
+
+
 # ----------------------------------------------------------------------------- planning
 class _Planner:
     """Resolves every parameter to a checkpoint tensor, collecting all problems."""
@@ -91,6 +133,7 @@ class _Planner:
         self.where = files.where
         self.naming = naming
         self.used: set[str] = set()
+        self.misshapen: set[str] = set()
         self.problems: list[str] = []
 
     def _check_dtype(self, info: AnyTensorInfo) -> bool:
@@ -102,6 +145,9 @@ class _Planner:
 
     def _check(self, info: AnyTensorInfo, shape: tuple[int, ...]) -> bool:
         if info.shape != shape:
+            if info.name in self.misshapen:  # a fused tensor several parameters share
+                return False
+            self.misshapen.add(info.name)
             self.problems.append(f"tensor {info.name} in {info.path} has shape {list(info.shape)}, "
                                  f"expected {list(shape)} from the config")
             return False
@@ -121,7 +167,11 @@ class _Planner:
         info = self.tensors[present[0]]
         if not self._check(info, want.shape):
             return None
-        return Choice(target, (info,), want.transposed, direct_reader(info, want.transposed))
+        if want.rows is not None:
+            reader = rows_reader(info, np.asarray(want.rows), want.transposed)
+        else:
+            reader = direct_reader(info, want.transposed)
+        return Choice(target, (info,), want.transposed, reader)
 
     def pick_convs(self, prefix: str, cfg: ModelConfig, target: tuple) -> list[Choice]:
         """q/k/v convs: split or fused, all read as the concatenation of the q, k and v channels
@@ -148,6 +198,9 @@ class _Planner:
         if have_fused:
             infos = (self.tensors[fused_name],)
             return infos if self._check(infos[0], (2 * kd + vd, 1, k)) else None
+        if not split_names:  # only the fused conv is named
+            self.problems.append(f"missing tensor {fused_name} (expected in {self.where})")
+            return None
         missing = [n for n in split_names if n not in self.tensors]
         also = f"; a fused {fused_name} is also accepted" if fused_name else ""
         for name in missing:
@@ -189,6 +242,35 @@ class _Planner:
             return False
         return True
 
+    def pick_experts(self, prefix: str, cfg: ModelConfig) -> list[Choice]:
+        """An MoE layer's experts, fused ([E, 2I, D] and [E, D, I]) or one tensor per expert
+        and projection, read as our [E, D, 2I] and [E, I, D]."""
+        e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        fused = {t: prefix + n for t, n in qwen_names.FUSED_EXPERTS.items()}
+        if any(n in self.tensors for n in fused.values()):
+            shapes = {("mlp", "experts_gate_up"): (e, 2 * f, d), ("mlp", "experts_down"): (e, d, f)}
+            return [c for t, n in fused.items()
+                    if (c := self.pick(prefix, Want(t, (n[len(prefix):],), shapes[t], True), t))]
+        names = [{p: prefix + n for p, n in qwen_names.expert_names(i).items()} for i in range(e)]
+        shapes = {"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+        infos: dict[str, list] = {p: [] for p in shapes}
+        for per_expert in names:
+            for p, name in per_expert.items():
+                self.used.add(name)
+                if name not in self.tensors:
+                    self.problems.append(f"missing tensor {name} (expected in {self.where}; a "
+                                         f"fused {fused[('mlp', 'experts_gate_up')]} is also "
+                                         f"accepted)")
+                elif self._check(self.tensors[name], shapes[p]):
+                    infos[p].append(self.tensors[name])
+        if any(len(v) != e for v in infos.values()):
+            return []
+        gate_up = expert_columns_reader([infos["gate_proj"], infos["up_proj"]])
+        down = expert_columns_reader([infos["down_proj"]])
+        return [Choice(("mlp", "experts_gate_up"), tuple(infos["gate_proj"] + infos["up_proj"]),
+                       True, gate_up),
+                Choice(("mlp", "experts_down"), tuple(infos["down_proj"]), True, down)]
+
     def unexpected(self, cfg: ModelConfig) -> None:
         for name, info in self.tensors.items():
             if name in self.used or name.startswith(IGNORED_PREFIXES):
@@ -206,12 +288,14 @@ def make_plan(cfg: ModelConfig, files: Files, ckpt: Path | str, naming: Naming) 
     global_choices = [c for w in naming.global_wants(cfg) if (c := planner.pick("", w, w.target))]
 
     layers: dict[int, list[Choice]] = {}
-    wants = naming.layer_wants(cfg)
-    for layer, kind in enumerate(cfg.layer_types):
+    for layer, (kind, mlp) in enumerate(zip(cfg.layer_types, cfg.mlp_kinds)):
         prefix = naming.layer_prefix(layer)
-        choices = [c for w in wants[kind] if (c := planner.pick(prefix, w, w.target))]
+        wants = naming.layer_wants(cfg, kind, mlp)
+        choices = [c for w in wants if (c := planner.pick(prefix, w, w.target))]
         if kind == GDN:
             choices += planner.pick_convs(prefix, cfg, ())
+        if mlp == MOE:
+            choices += planner.pick_experts(prefix, cfg)
         layers[layer] = choices
     planner.unexpected(cfg)
     raise_if(planner.problems, f"{ckpt}: checkpoint does not match its config "

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_jax.config import HF_SHAPE_FIELDS, ModelConfig, check_hf_dict
+from hybrid_jax.config import ModelConfig, check_hf_dict
 from hybrid_jax.convert.hf_names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, describe_problems
 from hybrid_jax.convert.safetensors_file import (
     SafetensorsError,
@@ -25,6 +25,7 @@ from hybrid_jax.convert.safetensors_file import (
     load_tensor_slice,
     read_header,
 )
+from hybrid_jax.hf_configs import shape_fields
 from hybrid_jax.convert.torch_file import (
     TORCH_SUFFIXES,
     TorchFileError,
@@ -102,10 +103,12 @@ def config_source(path: Path, config: ModelConfig | str | Path | None) -> ModelC
 
 def read_config(path: Path) -> dict[str, Any]:
     """A config.json's fields, type-checked by ``config.check_hf_dict`` with the shape fields
-    required (the errors name ``path`` and the field)."""
+    required (those of a vision-language config's ``text_config``; the errors name ``path``
+    and the field)."""
     raw = _load_json(path, "config.json")
     try:
-        check_hf_dict(raw, required=HF_SHAPE_FIELDS)
+        text, required = shape_fields(raw)
+        check_hf_dict(text, required=required)
     except ValueError as e:
         raise CheckpointError(f"{path}: invalid {e}") from None
     return raw

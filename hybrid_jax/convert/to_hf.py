@@ -1,4 +1,6 @@
-"""Write a ``HybridLM`` (or its parameters) as a transformers ``OlmoHybridForCausalLM`` checkpoint.
+"""Write a ``HybridLM`` (or its parameters) as a transformers checkpoint of its family:
+``OlmoHybridForCausalLM``, or Qwen3.5's, Qwen3.5-MoE's or Qwen3-Next's ``*ForCausalLM`` (named
+and fused as ``qwen_names`` describes; ``layout`` applies to OLMo Hybrid only).
 
 The output is a transformers checkpoint directory: ``config.json``, ``generation_config.json``
 and safetensors weights (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards
@@ -35,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from hybrid_jax.convert.output_dir import check_extra_files, refuse_existing, writing
-from hybrid_jax.config import GDN, ModelConfig, dtype_name
+from hybrid_jax.config import GDN, MOE, ModelConfig, dtype_name
 from hybrid_jax.convert.hf_names import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
@@ -47,9 +49,12 @@ from hybrid_jax.convert.hf_names import (
     check_layout,
     describe_problems,
     global_wants,
+    Want,
     layer_prefix,
-    layer_wants,
 )
+from hybrid_jax.convert import qwen_names
+from hybrid_jax.convert.namings import QWEN, TRANSFORMERS
+from hybrid_jax.hf_configs import check_family, config_to_hf
 from hybrid_jax.convert.safetensors_file import DTYPES
 from hybrid_jax.model.hybrid_lm import HybridLM
 from hybrid_jax.tree_paths import flat_paths
@@ -227,17 +232,17 @@ def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None,
 
     add_global("embed")
     period = cfg.layer_period
-    wants = layer_wants(cfg)
-    for layer, kind in enumerate(cfg.layer_types):
+    naming = QWEN if cfg.model_type != "olmo_hybrid" else TRANSFORMERS
+    kinds = zip(cfg.layer_types, cfg.mlp_kinds)
+    for layer, (kind, mlp) in enumerate(kinds):
         j, i = divmod(layer, period)
         base = ("stack", "blocks", "layers", i)
         prefix = layer_prefix(layer)
-        for w in wants[kind]:
-            arr = flat[base + w.target]
-            d = dt(arr)
-            tensors.append(_Tensor(
-                prefix + w.name_in(layout), w.shape, d,
-                lambda w=w, arr=arr, j=j: w.transform(_host(arr[j]))))
+        for name, parts in _grouped(naming.layer_wants(cfg, kind, mlp), layout).items():
+            arrays = [flat[base + w.target] for w in parts]
+            tensors.append(_Tensor(prefix + name, parts[0].shape, dt(arrays[0]),
+                                   lambda parts=parts, arrays=arrays, j=j:
+                                   _assemble(parts, [a[j] for a in arrays])))
         if kind == GDN:
             parts = [flat[base + path] for path, _, _ in conv_targets(cfg).values()]
             d = dt(parts[0])
@@ -248,12 +253,63 @@ def _plan(cfg: ModelConfig, flat: dict[Path_, Any], out_dtype: np.dtype | None,
                 fused = np.concatenate([_host(p[j]) for p in parts], axis=0)
                 return fused[start:start + count, None, :]
 
-            for name, start, count in conv_disk_split(cfg, layout):
+            split = (conv_disk_split(cfg, layout) if naming is TRANSFORMERS else
+                     [(qwen_names.FUSED_CONV, 0, 2 * cfg.linear_key_dim + cfg.linear_value_dim)])
+            for name, start, count in split:
                 tensors.append(_Tensor(prefix + name, (count, 1, k), d,
                                        lambda s=start, c=count, f=chunk: f(s, c)))
+        if mlp == MOE:
+            tensors += _expert_tensors(cfg, flat, base, j, prefix, dt)
     add_global("final_norm")
     add_global("lm_head")
     return tensors
+
+
+def _expert_tensors(cfg: ModelConfig, flat: dict[Path_, Any], base: Path_, j: int, prefix: str,
+                    dt: Callable[[Any], np.dtype]) -> list[_Tensor]:
+    """An MoE layer's experts as transformers' save_pretrained writes them: per expert e,
+    ``gate_proj`` and ``up_proj`` [I, D] (our gate_up's two column halves, transposed) and
+    ``down_proj`` [D, I]."""
+    gate_up, down = flat[base + ("mlp", "experts_gate_up")], flat[base + ("mlp", "experts_down")]
+    f, d = cfg.moe_intermediate_size, cfg.hidden_size
+    halves = {"gate_proj": (0, f), "up_proj": (f, 2 * f)}
+    out = []
+    for e in range(cfg.num_experts):
+        for part, name in qwen_names.expert_names(e).items():
+            if part in halves:
+                a, b = halves[part]
+                produce = lambda e=e, a=a, b=b: _host(gate_up[j, e, :, a:b]).T
+                shape = (f, d)
+            else:
+                produce, shape = (lambda e=e: _host(down[j, e]).T), (d, f)
+            out.append(_Tensor(prefix + name, shape, dt(gate_up), produce))
+    return out
+
+
+def _grouped(wants: list[Want], layout: str) -> dict[str, list[Want]]:
+    """Per tensor name (as ``layout`` names it), the wants it holds: one, or the parts of a
+    fused tensor (``Want.rows``)."""
+    groups: dict[str, list[Want]] = {}
+    for w in wants:
+        groups.setdefault(w.name_in(layout), []).append(w)
+    return groups
+
+
+def _assemble(parts: list[Want], arrays: list[Any]) -> np.ndarray:
+    """The checkpoint tensor of ``parts`` from our arrays (one layer's each): a plain tensor,
+    or a fused one whose rows each part fills."""
+    if parts[0].rows is None:
+        return parts[0].transform(_host(arrays[0]))
+    first = _host(arrays[0])
+    out = np.empty(parts[0].shape, first.dtype)
+    filled = 0
+    for w, a in zip(parts, arrays):
+        out[list(w.rows)] = w.transform(_host(a))
+        filled += len(w.rows)
+    if filled != out.shape[0]:
+        raise AssertionError(f"internal: {parts[0].disk_name} has {out.shape[0]} rows, "
+                             f"its parts fill {filled}")
+    return out
 
 
 def _shards(tensors: list[_Tensor], limit: int) -> list[list[_Tensor]]:
@@ -327,7 +383,7 @@ def _generation_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def _write_all(tmp: Path, cfg: ModelConfig, tensors: list[_Tensor], limit: int,
                dtype_label: str) -> None:
-    hf = cfg.to_hf_dict()
+    hf = config_to_hf(cfg)
     hf["dtype"] = dtype_label
     _write_json(tmp / CONFIG_FILE, hf)
     _write_json(tmp / GENERATION_CONFIG_FILE, _generation_config(cfg))
@@ -394,6 +450,10 @@ def to_hf(
     limit = parse_size(max_shard_size)
     out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype_name(dtype)))
     flat = _check_params(cfg, _flatten(params))
+    try:
+        check_family(cfg)
+    except ValueError as e:
+        raise ValueError(f"to_hf: {e}") from None
     embed_dtype = np.dtype(flat[("embed", "embedding")].dtype)
     try:
         dtype_label = dtype_name(out_dtype if out_dtype is not None else embed_dtype)

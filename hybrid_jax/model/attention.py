@@ -1,4 +1,5 @@
-"""Full softmax attention of OLMo Hybrid's attention layers (OLMo 2/3 style q/k norms)."""
+"""Full softmax attention: OLMo Hybrid's (q/k norms over the projections' width) and Qwen's
+(per-head q/k norms, partial RoPE, a sigmoid output gate)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,16 @@ from hybrid_jax.sharding import constrain, per_shard, split_axes, split_together
 
 
 class Attention(nnx.Module):
-    """Causal GQA attention. q_norm and k_norm are RMSNorms over the whole projection width
-    (H * Dh and Hkv * Dh), applied before splitting heads; RoPE follows unless NoPE.
+    """Causal GQA attention with q/k RMSNorms before RoPE (none under NoPE).
 
-    Parameters: ``{q,k,v,o}_proj.kernel`` [in, out], ``q_norm.weight`` [H*Dh], ``k_norm.weight``
-    [Hkv*Dh].
+    ``config.qk_norm`` "projection" (OLMo): the norms span the whole projection width (H * Dh
+    and Hkv * Dh), applied before splitting heads: ``q_norm.weight`` [H*Dh],
+    ``k_norm.weight`` [Hkv*Dh]. "head" (Qwen): one norm per head, shared by all heads:
+    ``q_head_norm.weight``, ``k_head_norm.weight`` [Dh].
+    ``config.attention_output_gate`` (Qwen): ``q_proj`` is twice as wide, each head's Dh
+    query columns followed by its Dh gate columns ([D, H*2*Dh], transformers' layout); the
+    attention output is multiplied by ``sigmoid(gate)`` before ``o_proj``.
+    Other parameters: ``{q,k,v,o}_proj.kernel`` [in, out].
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
@@ -30,27 +36,47 @@ class Attention(nnx.Module):
         d, hd = config.hidden_size, config.head_dim
         q_dim = config.num_attention_heads * hd
         kv_dim = config.num_key_value_heads * hd
-        self.q_proj = linear(d, q_dim, config, rngs=rngs)
+        gated = 2 if config.attention_output_gate else 1
+        self.q_proj = linear(d, gated * q_dim, config, rngs=rngs)
         self.k_proj = linear(d, kv_dim, config, rngs=rngs)
         self.v_proj = linear(d, kv_dim, config, rngs=rngs)
         self.o_proj = linear(q_dim, d, config, rngs=rngs)
-        self.q_norm = RMSNorm(q_dim, eps=config.rms_norm_eps, param_dtype=config.params_dtype)
-        self.k_norm = RMSNorm(kv_dim, eps=config.rms_norm_eps, param_dtype=config.params_dtype)
+        norm = lambda n: RMSNorm(n, eps=config.rms_norm_eps, param_dtype=config.params_dtype,
+                                 zero_centered=config.zero_centered_norms)
+        if config.qk_norm == "head":
+            self.q_head_norm, self.k_head_norm = norm(hd), norm(hd)
+        else:
+            self.q_norm, self.k_norm = norm(q_dim), norm(kv_dim)
 
     def _qkv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None):
-        """q [B, T, H, Dh], k and v [B, T, Hkv, Dh]: projected, normed, rotated."""
+        """q [B, T, H, Dh], k and v [B, T, Hkv, Dh]: projected, normed, rotated; and the output
+        gate [B, T, H, Dh] (None without ``attention_output_gate``)."""
         cfg = self.config
         b, t, _ = x.shape
-        hd = cfg.head_dim
-        q = self.q_norm(self.q_proj(x)).reshape(b, t, cfg.num_attention_heads, hd)
-        k = self.k_norm(self.k_proj(x)).reshape(b, t, cfg.num_key_value_heads, hd)
-        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, hd)
+        hd, h, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x).reshape(b, t, hkv, hd)
+        gate = None
+        if cfg.attention_output_gate:
+            q, gate = jnp.split(q.reshape(b, t, h, 2 * hd), 2, axis=-1)
+        if cfg.qk_norm == "head":
+            q = self.q_head_norm(q.reshape(b, t, h, hd))
+            k = self.k_head_norm(k.reshape(b, t, hkv, hd))
+        else:
+            q = self.q_norm(q).reshape(b, t, h, hd)
+            k = self.k_norm(k).reshape(b, t, hkv, hd)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return (constrain(q, ("batch", "length", "heads", None)),
                 constrain(k, ("batch", "length", "kv_heads", None)),
-                constrain(v, ("batch", "length", "kv_heads", None)))
+                constrain(v, ("batch", "length", "kv_heads", None)), gate)
+
+    def _out(self, o: jax.Array, gate: jax.Array | None) -> jax.Array:
+        """o [B, T, H, Dh] (times ``sigmoid(gate)``, in the compute dtype) -> o_proj [B, T, D]."""
+        if gate is not None:
+            o = o.astype(gate.dtype) * jax.nn.sigmoid(gate)
+        b, t = o.shape[:2]
+        return self.o_proj(o.reshape(b, t, -1))
 
     def __call__(
         self,
@@ -64,9 +90,8 @@ class Attention(nnx.Module):
         rope: (cos, sin) [B, T, Dh] float32, or None for NoPE.
         segment_ids: [B, T]; tokens attend only within their segment.
         """
-        b, t, _ = x.shape
-        q, k, v = self._qkv(x, rope)
-        return self.o_proj(self._attend(q, k, v, segment_ids).reshape(b, t, -1))
+        q, k, v, gate = self._qkv(x, rope)
+        return self._out(self._attend(q, k, v, segment_ids), gate)
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
                 segment_ids: jax.Array | None) -> jax.Array:
@@ -125,8 +150,8 @@ class Attention(nnx.Module):
         slots: [B, T] int32, each token's cache slot (= its position); rope as ``__call__``,
         at those positions. Returns (y [B, T, D], the updated cache).
         """
-        b, t, _ = x.shape
-        q, k, v = self._qkv(x, rope)
+        b = x.shape[0]
+        q, k, v, gate = self._qkv(x, rope)
         # Padding writes to slot S, past the end, which the scatter drops.
         write = slots if valid is None else jnp.where(valid, slots, cache.k.shape[2])
         rows = jnp.arange(b)[:, None]
@@ -135,4 +160,4 @@ class Attention(nnx.Module):
         cache = KVCache(k=cache.k.at[rows, :, write].set(k.astype(cache.k.dtype), mode="drop"),
                         v=cache.v.at[rows, :, write].set(v.astype(cache.v.dtype), mode="drop"))
         o = cached_attention(q, cache.k, cache.v, slots, scale=self.config.head_dim ** -0.5)
-        return self.o_proj(o.astype(x.dtype).reshape(b, t, -1)), cache
+        return self._out(o.astype(x.dtype), gate), cache

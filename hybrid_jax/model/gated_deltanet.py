@@ -16,10 +16,6 @@ from hybrid_jax.model.short_conv import ShortConvolution
 from hybrid_jax.gdn import gated_delta_rule, gated_delta_rule_context_parallel
 from hybrid_jax.sharding import constrain, per_shard, split_axes, split_together
 
-# FLA's fused gated RMSNorm default, which the released model was trained with.
-O_NORM_EPS = 1e-5
-
-
 def _init_a_log(key: jax.Array, n: int, config: ModelConfig, dtype: jnp.dtype) -> jax.Array:
     """A_log = log(A), A ~ uniform(a_log_min, a_log_max): per-head decay rates. [Hv]"""
     a = jax.random.uniform(key, (n,), jnp.float32, config.linear_a_log_min, config.linear_a_log_max)
@@ -38,6 +34,9 @@ def _init_dt_bias(key: jax.Array, n: int, config: ModelConfig, dtype: jnp.dtype)
 class GatedDeltaNet(nnx.Module):
     """q, k, v projections each through a causal short conv + SiLU, the gated delta rule with
     L2-normalised q and k, a per-head gated RMSNorm (gate = g_proj(x)), then o_proj.
+
+    Qwen3.5 and Qwen3-Next fuse the input projections and the convs in their checkpoints
+    (``convert`` splits them into these); ``g_proj`` is their ``z``.
 
     Parameters (torch names in transformers): ``{q,k,v,a,b,g,o}_proj.kernel`` [in, out],
     ``{q,k,v}_conv.weight`` [C, K], ``A_log`` [Hv], ``dt_bias`` [Hv], ``o_norm.weight`` [Dv].
@@ -63,7 +62,7 @@ class GatedDeltaNet(nnx.Module):
         self.v_conv = conv(value_dim, "gdn_heads")
         self.A_log = nnx.Param(_init_a_log(rngs.params(), hv, config, config.params_dtype))
         self.dt_bias = nnx.Param(_init_dt_bias(rngs.params(), hv, config, config.params_dtype))
-        self.o_norm = GatedRMSNorm(config.linear_value_head_dim, eps=O_NORM_EPS,
+        self.o_norm = GatedRMSNorm(config.linear_value_head_dim, eps=config.linear_norm_eps,
                                    param_dtype=config.params_dtype)
 
     def _gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -13,6 +13,7 @@ from hybrid_jax.model.linear import linear
 from hybrid_jax.model.norms import RMSNorm
 from hybrid_jax.model.stack import DecoderStack
 from hybrid_jax.ops.attention import segment_positions
+from hybrid_jax.ops.moe import RouterStats
 from hybrid_jax.ops.projection import projection_dot
 from hybrid_jax.ops.rope import rope_cos_sin
 from hybrid_jax.sharding import RESIDUAL, constrain, splits
@@ -45,7 +46,8 @@ class HybridLM(nnx.Module):
             param_dtype=config.params_dtype, embedding_init=embedding_init, rngs=rngs)
         self.stack = DecoderStack(config, rngs=rngs)
         self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
-                                  param_dtype=config.params_dtype)
+                                  param_dtype=config.params_dtype,
+                                  zero_centered=config.zero_centered_norms)
         self.lm_head = (None if config.tie_word_embeddings
                         else linear(config.hidden_size, config.vocab_size, config, rngs=rngs))
 
@@ -68,8 +70,12 @@ class HybridLM(nnx.Module):
           logits [B, T, V] float32: the head runs in the compute dtype, as transformers' does,
           and its output is upcast for the loss.
         """
-        x = self.features(input_ids, segment_ids=segment_ids, positions=positions)
-        return constrain(self._head(x), ("batch", "length", "vocab"))
+        return self.logits(self.features(input_ids, segment_ids=segment_ids,
+                                         positions=positions))
+
+    def logits(self, features: jax.Array) -> jax.Array:
+        """The LM head on ``features`` [B, T, D] -> [B, T, V] float32."""
+        return constrain(self._head(features), ("batch", "length", "vocab"))
 
     def features(
         self,
@@ -80,6 +86,17 @@ class HybridLM(nnx.Module):
         """What the LM head multiplies: the final norm's output [B, T, D] (arguments as for
         ``__call__``). With ``head_kernel``, ``ops.lm_head_loss`` takes the training loss from
         it without [B, T, V] logits."""
+        return self.features_and_router_stats(input_ids, segment_ids, positions)[0]
+
+    def features_and_router_stats(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, RouterStats | None]:
+        """``features`` and the MoE layers' router statistics summed over the stack (None
+        without MoE layers), from which ``ops.moe.load_balancing_loss`` gives the auxiliary
+        loss."""
         cfg = self.config
         rope = None
         if self._uses_rope:
@@ -89,10 +106,10 @@ class HybridLM(nnx.Module):
                 else:
                     positions = jnp.arange(input_ids.shape[1])
             positions = jnp.broadcast_to(positions, input_ids.shape)
-            rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        x = self.stack(constrain(self._embed(input_ids), RESIDUAL), rope=rope,
-                       segment_ids=segment_ids)
-        return self.final_norm(x)
+            rope = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta)
+        x, stats = self.stack.with_router_stats(constrain(self._embed(input_ids), RESIDUAL),
+                                                rope=rope, segment_ids=segment_ids)
+        return self.final_norm(x), stats
 
     @property
     def head_kernel(self) -> jax.Array:
@@ -183,7 +200,7 @@ class HybridLM(nnx.Module):
             slots = cache.lengths[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         rope = None
         if self._uses_rope:
-            rope = rope_cos_sin(jnp.maximum(slots, 0), cfg.head_dim, cfg.rope_theta)
+            rope = rope_cos_sin(jnp.maximum(slots, 0), cfg.rotary_dim, cfg.rope_theta)
         x, layers = self.stack.extend(self._embed(input_ids), cache.layers, valid=valid,
                                       slots=slots, rope=rope, block_params=block_params)
         if last_only:

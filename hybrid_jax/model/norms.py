@@ -10,15 +10,19 @@ from hybrid_jax.ops.norms import gated_rms_norm, rms_norm
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis with a learned scale ``weight`` [D] (initialised to ones)."""
+    """RMSNorm over the last axis with a learned scale ``weight`` [D]: initialised to ones, or,
+    ``zero_centered``, to zeros and applied as ``1 + weight``."""
 
-    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype = jnp.float32) -> None:
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype = jnp.float32,
+                 zero_centered: bool = False) -> None:
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.zero_centered = zero_centered
+        init = jnp.zeros if zero_centered else jnp.ones
+        self.weight = nnx.Param(init((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., D] in x's dtype."""
-        return rms_norm(x, self.weight[...], self.eps)
+        return rms_norm(x, self.weight[...], self.eps, zero_centered=self.zero_centered)
 
 
 class GatedRMSNorm(nnx.Module):

@@ -17,9 +17,14 @@ from flax import nnx
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.cache import LayerCache
 from hybrid_jax.model.decoder import Rope, make_layer
+from hybrid_jax.model.mlp import zero_stats
 from hybrid_jax.model import widening
 from hybrid_jax.model.host_views import row_views
+from hybrid_jax.ops import moe
+from hybrid_jax.ops.moe import RouterStats
 from hybrid_jax.sharding import RESIDUAL, constrain
+
+Carry = tuple[jax.Array, "RouterStats | None"]  # the residual stream and the router statistics
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -38,16 +43,19 @@ def block_after(state: nnx.State, j: jax.Array, after: jax.Array) -> nnx.State:
 
 
 class DecoderBlock(nnx.Module):
-    """``len(kinds)`` decoder layers applied in order; with remat "layers", each one
-    recomputed in the backward pass from its saved input."""
+    """``len(kinds)`` decoder layers, (mixer, mlp) kinds each, applied in order; with remat
+    "layers", each one recomputed in the backward pass from its saved input."""
 
-    def __init__(self, config: ModelConfig, kinds: tuple[str, ...], *, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: ModelConfig, kinds: tuple[tuple[str, str], ...], *,
+                 rngs: nnx.Rngs) -> None:
         self.per_layer_remat = config.remat == "layers"
-        self.layers = nnx.List([make_layer(kind, config, rngs=rngs) for kind in kinds])
+        self.layers = nnx.List([make_layer(mixer, mlp, config, rngs=rngs)
+                                for mixer, mlp in kinds])
 
     def __call__(self, x: jax.Array, *, rope: Rope = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """[B, T, D] -> [B, T, D]."""
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, RouterStats | None]:
+        """[B, T, D] -> ([B, T, D], the MoE layers' router statistics summed, or None)."""
+        stats = None
         for layer in self.layers:
             if self.per_layer_remat:
                 graphdef, state = nnx.split(layer)
@@ -55,10 +63,18 @@ class DecoderBlock(nnx.Module):
                 def run(h, s, graphdef=graphdef):
                     return nnx.merge(graphdef, s)(h, rope=rope, segment_ids=segment_ids)
 
-                x = jax.checkpoint(run)(x, state)
+                x, layer_stats = jax.checkpoint(run)(x, state)
             else:
-                x = layer(x, rope=rope, segment_ids=segment_ids)
-        return x
+                x, layer_stats = layer(x, rope=rope, segment_ids=segment_ids)
+            stats = add_stats(stats, layer_stats)
+        return x, stats
+
+
+def add_stats(a: RouterStats | None, b: RouterStats | None) -> RouterStats | None:
+    """The sum of two layers' (or blocks') router statistics, either of which may be None."""
+    if a is None or b is None:
+        return b if a is None else a
+    return moe.add_stats(a, b)
 
 
 class DecoderStack(nnx.Module):
@@ -68,7 +84,7 @@ class DecoderStack(nnx.Module):
         self.config = config
         period = config.layer_period
         self.num_blocks = config.num_hidden_layers // period
-        kinds = config.layer_types[:period]
+        kinds = tuple(zip(config.layer_types, config.mlp_kinds))[:period]
 
         def init_block_state(key: jax.Array) -> nnx.State:
             return nnx.state(DecoderBlock(config, kinds, rngs=nnx.Rngs(params=key)))
@@ -86,18 +102,30 @@ class DecoderStack(nnx.Module):
 
     def __call__(self, x: jax.Array, *, rope: Rope = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        """x: [B, T, D] -> [B, T, D].
+        """x: [B, T, D] -> [B, T, D] (``with_router_stats`` without the statistics)."""
+        return self.with_router_stats(x, rope=rope, segment_ids=segment_ids)[0]
+
+    def with_router_stats(self, x: jax.Array, *, rope: Rope = None,
+                          segment_ids: jax.Array | None = None
+                          ) -> tuple[jax.Array, RouterStats | None]:
+        """x: [B, T, D] -> ([B, T, D], the MoE layers' router statistics summed over the stack,
+        or None when no layer has one).
 
         Scanned over the stacked blocks, or unrolled, as ``scanned`` says; but with 16-bit
         weights in a program for XLA:CPU always a loop that slices block j once its input is
         ready (``block_after``): XLA:CPU would otherwise hold float32 copies of the stacked
         weights (scanned) or bf16 copies of every block at once (unrolled)."""
         graphdef, state = nnx.split(self.blocks)
+        # The loops carry (h, stats): stats start at zero where the block has MoE layers.
+        start = (zero_stats(self.config.num_experts)
+                 if self.config.has_moe else None)
 
-        def block_fn(looped: bool) -> Callable[[jax.Array, nnx.State], jax.Array]:
-            def run_block(h: jax.Array, block_state: nnx.State) -> jax.Array:
-                h = nnx.merge(graphdef, block_state)(h, rope=rope, segment_ids=segment_ids)
-                return constrain(h, RESIDUAL)
+        def block_fn(looped: bool) -> Callable[[Carry, nnx.State], Carry]:
+            def run_block(carry: Carry, block_state: nnx.State) -> Carry:
+                h, stats = carry
+                h, block_stats = nnx.merge(graphdef, block_state)(h, rope=rope,
+                                                                  segment_ids=segment_ids)
+                return constrain(h, RESIDUAL), add_stats(stats, block_stats)
 
             remat = self.config.remat
             if remat in ("none", "layers"):  # "layers": DecoderBlock checkpoints each layer
@@ -106,22 +134,23 @@ class DecoderStack(nnx.Module):
             return jax.checkpoint(run_block, policy=_REMAT_POLICIES[remat],
                                   prevent_cse=not looped)
 
-        def stacked(h: jax.Array, state: nnx.State) -> jax.Array:
+        def stacked(carry: Carry, state: nnx.State) -> Carry:
             run_block = block_fn(looped=self.scanned)
             if self.scanned:
-                return jax.lax.scan(lambda h, s: (run_block(h, s), None), h, state)[0]
+                return jax.lax.scan(lambda c, s: (run_block(c, s), None), carry, state)[0]
             for j in range(self.num_blocks):
-                h = run_block(h, jax.tree.map(lambda a, j=j: a[j], state))
-            return h
+                carry = run_block(carry, jax.tree.map(lambda a, j=j: a[j], state))
+            return carry
 
-        def sliced_in_loop(h: jax.Array, state: nnx.State) -> jax.Array:
+        def sliced_in_loop(carry: Carry, state: nnx.State) -> Carry:
             run_block = block_fn(looped=True)
-            return jax.lax.fori_loop(0, self.num_blocks,
-                                     lambda j, h: run_block(h, block_after(state, j, h)), h)
+            return jax.lax.fori_loop(
+                0, self.num_blocks,
+                lambda j, c: run_block(c, block_after(state, j, c[0])), carry)
 
         if widening.has_16bit_floats(state):
-            return widening.on_cpu(x, state, cpu=sliced_in_loop, other=stacked)
-        return stacked(x, state)
+            return widening.on_cpu((x, start), state, cpu=sliced_in_loop, other=stacked)
+        return stacked((x, start), state)
 
     def block_params(self) -> tuple[nnx.State, ...]:
         """Each block's parameters, sliced out of the stacked [n, ...] arrays (a copy).

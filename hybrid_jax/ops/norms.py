@@ -13,17 +13,21 @@ def _normalize_f32(x: jax.Array, eps: float) -> jax.Array:
     return x32 * jax.lax.rsqrt(variance + eps)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *,
+             zero_centered: bool = False) -> jax.Array:
     """RMSNorm over the last axis.
 
     Args:
       x: [..., D] in any float dtype.
       weight: [D].
       eps: added to the mean square.
+      zero_centered: scale by ``1 + weight`` (Qwen3.5 / Qwen3-Next, whose weights start at 0).
     Returns:
-      [..., D] in x's dtype. The scale by ``weight`` happens on the float32 normalised value
-      (weight promotes to float32) before the cast back, as in transformers.
+      [..., D] in x's dtype. The scale happens on the float32 normalised value (weight promotes
+      to float32) before the cast back, as in transformers.
     """
+    if zero_centered:
+        weight = 1.0 + weight.astype(jnp.float32)
     return (weight * _normalize_f32(x, eps)).astype(x.dtype)
 
 

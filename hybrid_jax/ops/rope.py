@@ -39,9 +39,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
     Args:
       x: [B, T, H, D].
-      cos, sin: [B, T, D] float32 (from ``rope_cos_sin``).
+      cos, sin: [B, T, R] float32 (from ``rope_cos_sin``), R <= D: the first R dims of each
+        head rotate and the rest pass through (partial rotary embedding, as transformers'
+        Qwen3.5 / Qwen3-Next).
     Returns:
       [B, T, H, D] in x's dtype (the rotation itself is computed in float32 through promotion).
     """
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return (x * cos + _rotate_half(x) * sin).astype(x.dtype)
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    rotated = (rot * cos + _rotate_half(rot) * sin).astype(x.dtype)
+    return rotated if r == x.shape[-1] else jnp.concatenate([rotated, rest], axis=-1)

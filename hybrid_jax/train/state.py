@@ -39,6 +39,10 @@ class ModelTemplate(NamedTuple):
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
+    def abstract_params(self) -> dict:
+        """The parameters' shapes and dtypes, as a pure dict of ``ShapeDtypeStruct``s."""
+        return nnx.to_pure_dict(self.abstract)
+
 
 def model_template(config: ModelConfig) -> ModelTemplate:
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(0))))

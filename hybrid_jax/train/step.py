@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hybrid_jax.ops.lm_head_loss import lm_head_loss_sums, resolve_loss
+from hybrid_jax.ops.moe import load_balancing_loss
 from hybrid_jax.sharding import (
     LogicalRules,
     activation_sharding,
@@ -51,6 +52,7 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     over context, heads / MLP columns / vocabulary over tensor.
     """
     rows = batch_sharding(mesh, rules) if mesh is not None else None
+    has_moe = template.model(template.abstract_params()).config.has_moe
 
     def loss_fn(params: dict, micro: Batch):
         tokens = micro["tokens"]
@@ -61,41 +63,31 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         model = template.model(params)
         cfg = model.config
         method = resolve_loss(cfg.loss_method, tokens.shape[-1], cfg.loss_chunk_size)
+        with activation_sharding(mesh, rules):
+            hidden, stats = model.features_and_router_stats(tokens, segment_ids=segment_ids)
         if method == "full":
             with activation_sharding(mesh, rules):
-                logits = model(tokens, segment_ids=segment_ids)
+                logits = model.logits(hidden)
             with jax.named_scope("loss"):
                 sums = lm_loss_sums(logits, targets, mask, z_loss_weight)
-            return sums["ce"] + sums["z"], sums
-        with activation_sharding(mesh, rules):
-            hidden = model.features(tokens, segment_ids=segment_ids)
-            # loss_chunk_size positions of each device's piece of a row at a time: with
-            # positions split over the context axis, a chunk spans every piece (and, being
-            # a multiple of their count or the whole row, splits into them too).
-            pieces = shard_count("length", tokens.shape[1])
-            chunk = min(cfg.loss_chunk_size * pieces, tokens.shape[1])
-            # The devices' pieces of rows and of each chunk's positions, for the head's
-            # gradient to be summed per device inside the chunk loop, across devices once.
-            groups = shard_count("batch", tokens.shape[0]), pieces
-            # The head in the compute dtype, gathered over its fsdp split once per
-            # micro-batch, here: inside the chunk loop GSPMD would gather it for every
-            # chunk. Its gradient, summed over chunks in float32, comes back in the compute
-            # dtype, as every projection kernel's does.
-            head = constrain(model.head_kernel.astype(cfg.compute_dtype), (None, "vocab"))
-            with jax.named_scope("loss"):
-                sums = lm_head_loss_sums(hidden, head, targets, mask,
-                                         compute_dtype=cfg.compute_dtype,
-                                         z_loss_weight=z_loss_weight,
-                                         chunk_size=chunk,
-                                         unroll=method == "chunked_unrolled",
-                                         row_groups=groups[0], position_groups=groups[1])
+            sums["loss"] = sums["ce"] + sums["z"]
+        else:
+            sums = _chunked_loss(model, hidden, tokens, targets, mask, z_loss_weight, method,
+                                 mesh, rules)
+        if stats is not None:
+            # The load-balancing loss of this micro-batch's router statistics, weighted by
+            # its tokens: over micro-batches, the token-weighted mean of each one's loss.
+            sums["aux"] = (cfg.router_aux_loss_coef * load_balancing_loss(stats)
+                           * sums["tokens"])
+            sums["loss"] = sums["loss"] + sums["aux"]
         loss = sums.pop("loss")
         return loss, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "tokens")}
+        names = ("ce", "z", "tokens") + (("aux",) if has_moe else ())
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in names}
         zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
         def micro_step(carry, micro):
@@ -107,7 +99,7 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         (grads, sums), _ = jax.lax.scan(micro_step, (zero_grads, zero_sums), batch)
         n = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / n, grads)
-        loss = (sums["ce"] + sums["z"]) / n
+        loss = (sums["ce"] + sums["z"] + sums.get("aux", 0.0)) / n
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -118,6 +110,8 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
                                bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
         metrics = {"loss": loss, "ce": sums["ce"] / n, "z_loss": sums["z"] / n,
                    "tokens": sums["tokens"], "grad_norm": grad_norm, "skipped": ~ok}
+        if "aux" in sums:
+            metrics["aux_loss"] = sums["aux"] / n
         if schedule is not None:
             # The optimizer's own update count (skipped steps do not advance it), as its
             # schedule sees it; the step count without one.
@@ -126,6 +120,34 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         return new_state, metrics
 
     return step
+
+
+def _chunked_loss(model, hidden: jax.Array, tokens: jax.Array, targets: jax.Array,
+                  mask: jax.Array, z_loss_weight: float, method: str, mesh: Mesh | None,
+                  rules: LogicalRules | None) -> dict[str, jax.Array]:
+    """``ops.lm_head_loss``'s sums from the final features [B, T, D], ``loss_chunk_size``
+    positions of each row at a time (see ``make_train_step``)."""
+    cfg = model.config
+    with activation_sharding(mesh, rules):
+        # loss_chunk_size positions of each device's piece of a row at a time: with
+        # positions split over the context axis, a chunk spans every piece (and, being
+        # a multiple of their count or the whole row, splits into them too).
+        pieces = shard_count("length", tokens.shape[1])
+        chunk = min(cfg.loss_chunk_size * pieces, tokens.shape[1])
+        # The devices' pieces of rows and of each chunk's positions, for the head's
+        # gradient to be summed per device inside the chunk loop, across devices once.
+        groups = shard_count("batch", tokens.shape[0]), pieces
+        # The head in the compute dtype, gathered over its fsdp split once per
+        # micro-batch, here: inside the chunk loop GSPMD would gather it for every
+        # chunk. Its gradient, summed over chunks in float32, comes back in the compute
+        # dtype, as every projection kernel's does.
+        head = constrain(model.head_kernel.astype(cfg.compute_dtype), (None, "vocab"))
+        with jax.named_scope("loss"):
+            return lm_head_loss_sums(hidden, head, targets, mask,
+                                     compute_dtype=cfg.compute_dtype,
+                                     z_loss_weight=z_loss_weight, chunk_size=chunk,
+                                     unroll=method == "chunked_unrolled",
+                                     row_groups=groups[0], position_groups=groups[1])
 
 
 def scan_steps(step: Callable) -> Callable:
