@@ -535,7 +535,8 @@ def main() -> int:
     args = p.parse_args()
     topologies, models = args.topologies.split(","), args.models.split(",")
     mesh_names = args.meshes.split(",")
-    for given, known in ((topologies, TOPOLOGIES), (models, MODELS), (mesh_names, MESHES)):
+    for given, known in ((topologies, TOPOLOGIES), (models, MODELS + QWEN_MODELS),
+                         (mesh_names, MESHES)):
         if not set(given) <= set(known):
             p.error(f"unknown {sorted(set(given) - set(known))}; expected some of {known}")
     if args.rows_per_micro_batch not in (1, 2):

@@ -371,6 +371,12 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def first_layers(self, n: int) -> "ModelConfig":
+        """The same model cut to its first ``n`` layers (their mixer and MLP kinds kept)."""
+        mlp = None if self.mlp_layer_types is None else self.mlp_layer_types[:n]
+        return self.replace(num_hidden_layers=n, layer_types=self.layer_types[:n],
+                            mlp_layer_types=mlp)
+
     # ----------------------------------------------------------------- transformers interop
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers ``config.json`` dict (model_type ``olmo_hybrid``)."""

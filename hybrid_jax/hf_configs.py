@@ -61,6 +61,7 @@ class Family:
     fixed: dict[str, Any]  # ModelConfig options the family fixes
     defaults: dict[str, Any] = field(default_factory=dict)
     vision_language: str | None = None  # model_type of the checkpoint class wrapping it
+    vision_language_architecture: str | None = None  # that class
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -68,12 +69,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_5_text", "Qwen3_5ForCausalLM", "Qwen3.5 (dense)", _QWEN_FIXED,
            dict(_QWEN_COMMON, vocab_size=248320, hidden_size=4096, intermediate_size=12288,
                 num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4),
-           vision_language="qwen3_5"),
+           vision_language="qwen3_5",
+           vision_language_architecture="Qwen3_5ForConditionalGeneration"),
     Family("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", "Qwen3.5-MoE", _QWEN_FIXED,
            dict(_QWEN_COMMON, **_QWEN_MOE, vocab_size=248320, hidden_size=2048,
                 num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
                 num_experts=256, num_experts_per_tok=8),
-           vision_language="qwen3_5_moe"),
+           vision_language="qwen3_5_moe",
+           vision_language_architecture="Qwen3_5MoeForConditionalGeneration"),
     Family("qwen3_next", "Qwen3NextForCausalLM", "Qwen3-Next", _QWEN_FIXED,
            dict(_QWEN_COMMON, **_QWEN_MOE, vocab_size=151936, hidden_size=2048,
                 intermediate_size=5632, num_hidden_layers=48, num_attention_heads=16,
@@ -90,6 +93,15 @@ def supported_model_types() -> list[str]:
 
 def family_of(cfg: ModelConfig) -> Family:
     return FAMILIES[cfg.model_type]
+
+
+def architecture_of(d: dict[str, Any]) -> str:
+    """The transformers class that loads a checkpoint whose config.json is ``d`` (a supported
+    family's; a vision-language config's wrapping class)."""
+    model_type = d.get("model_type", "olmo_hybrid")
+    if model_type in _VISION_LANGUAGE:
+        return _VISION_LANGUAGE[model_type].vision_language_architecture
+    return FAMILIES[model_type].architecture
 
 
 def check_family(cfg: ModelConfig) -> None:
@@ -110,6 +122,14 @@ def check_family(cfg: ModelConfig) -> None:
                          "use model_type 'qwen3_5_moe_text'")
     if fam.model_type == "qwen3_5_moe_text" and DENSE_MLP in cfg.mlp_kinds:
         raise ValueError("ModelConfig.mlp_layer_types: Qwen3.5-MoE has an MoE in every layer")
+    if fam.model_type == "qwen3_5_moe_text" and not cfg.norm_topk_prob:
+        raise ValueError("ModelConfig.norm_topk_prob: Qwen3.5-MoE always renormalises the "
+                         "top-k router probabilities")
+    if fam.model_type != "olmo_hybrid" and cfg.has_moe and not cfg.shared_expert_intermediate_size:
+        raise ValueError(f"ModelConfig.shared_expert_intermediate_size: {fam.description} "
+                         f"always has a shared expert")
+    if fam.model_type != "olmo_hybrid" and cfg.rope_theta is None:
+        raise ValueError(f"ModelConfig.rope_theta: {fam.description} has RoPE (None is NoPE)")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -143,6 +163,11 @@ def config_from_hf(d: Any, **overrides: Any) -> ModelConfig:
     if model_type not in FAMILIES:
         raise ValueError(f"config.model_type: {model_type!r} is not supported; supported: "
                          f"{', '.join(supported_model_types())}")
+    scaling = d.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) != "default":
+        raise ValueError(f"config.rope_scaling: only default RoPE is supported, got "
+                         f"{scaling.get('rope_type', scaling.get('type'))!r} (transformers "
+                         f"would apply it)")
     if model_type == "olmo_hybrid":
         return ModelConfig.from_hf_dict(d, **overrides)
     return _qwen_from_dict(d, FAMILIES[model_type], overrides)
@@ -160,11 +185,14 @@ def _text_config(d: dict[str, Any], fam: Family) -> dict[str, Any]:
     if text["model_type"] != fam.model_type:
         raise ValueError(f"config.text_config.model_type: expected {fam.model_type!r} inside a "
                          f"{d['model_type']!r} config, got {text['model_type']!r}")
-    for name in ("tie_word_embeddings", "dtype", "torch_dtype"):
+    for name in ("dtype", "torch_dtype"):
         if d.get(name) is not None:
             text.setdefault(name, d[name])
-    log.debug("%s config: reading its text model (%s)",
-                d["model_type"], fam.model_type)
+    # The vision-language class ties its head by the top-level value (transformers'
+    # save_pretrained writes the text config's default beside it).
+    if d.get("tie_word_embeddings") is not None:
+        text["tie_word_embeddings"] = d["tie_word_embeddings"]
+    log.debug("%s config: reading its text model (%s)", d["model_type"], fam.model_type)
     return text
 
 
@@ -209,10 +237,15 @@ def _qwen_rope(d: dict[str, Any], fam: Family) -> tuple[float, float]:
     return float(pick("rope_theta")), float(pick("partial_rotary_factor"))
 
 
+def _getter(d: dict[str, Any], fam: Family) -> Any:
+    """name -> config.json's value, or the family's default where it is absent or null."""
+    return lambda name: d[name] if d.get(name) is not None else fam.defaults.get(name)
+
+
 def _qwen_layer_kinds(d: dict[str, Any], fam: Family, n: int
                       ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(layer_types, mlp_layer_types) as transformers builds them."""
-    get = lambda name: d[name] if d.get(name) is not None else fam.defaults.get(name)
+    get = _getter(d, fam)
     layer_types = d.get("layer_types")
     if layer_types is None:
         interval = get("full_attention_interval")
@@ -231,7 +264,7 @@ def _qwen_layer_kinds(d: dict[str, Any], fam: Family, n: int
 def _qwen_from_dict(d: dict[str, Any], fam: Family, overrides: dict[str, Any]) -> ModelConfig:
     check_hf_dict(d)
     _check_qwen_dict(d)
-    get = lambda name: d[name] if d.get(name) is not None else fam.defaults.get(name)
+    get = _getter(d, fam)
     n = get("num_hidden_layers")
     layer_types, mlp_types = _qwen_layer_kinds(d, fam, n)
     theta, factor = _qwen_rope(d, fam)

@@ -1,6 +1,7 @@
-"""The experts split over an ``expert`` mesh axis against one device: a Qwen3.5-MoE model's
-logits, load-balancing loss and the gradient of every parameter, with each device holding
-E / P experts (parameters sharded so) and the tokens exchanged across the axis (a
+"""The MoE under a mesh against one device: a Qwen3.5-MoE model's logits, load-balancing loss
+and the gradient of every parameter, with rows split over fsdp (each device routes its own
+tokens: no device holds the whole batch's router logits) and with the experts split over an
+``expert`` axis (each device holding E / P experts, the tokens exchanged across the axis: a
 reduce-scatter in the compiled step); and ``local_routing`` dropping other devices'
 assignments. A child process with 8 simulated CPU devices runs the meshes."""
 
@@ -15,7 +16,8 @@ import pytest
 
 from host_devices import run_child
 
-MESHES = {"expert=8": dict(expert=8), "fsdp=2,expert=4": dict(fsdp=2, expert=4),
+MESHES = {"fsdp=8": dict(fsdp=8), "expert=8": dict(expert=8),
+          "fsdp=2,expert=4": dict(fsdp=2, expert=4),
           "data=2,expert=2,tensor=2": dict(data=2, expert=2, tensor=2)}
 B, T = 8, 12
 
@@ -73,7 +75,9 @@ def _child(out: Path) -> None:
             "logits": _rel(logits, ref_logits), "aux": _rel(aux, ref_aux),
             "grads": max(_rel(a, b) for a, b in zip(grads, ref_grads, strict=True)),
             "experts_per_device": experts.addressable_shards[0].data.shape[1],
-            "reduce_scatter": "reduce-scatter" in hlo}
+            "reduce_scatter": "reduce-scatter" in hlo,
+            # Router logits of every token of the batch on one device: routing not per shard.
+            "global_logits": f"f32[{B * T},{cfg.num_experts}]" in hlo}
     out.write_text(json.dumps({"num_experts": cfg.num_experts, "meshes": results}))
 
 
@@ -87,8 +91,10 @@ def child(tmp_path_factory):
 def test_expert_parallel_model_equals_one_device(child, name):
     r, sizes = child["meshes"][name], MESHES[name]
     assert r["logits"] < 1e-5 and r["aux"] < 1e-6 and r["grads"] < 1e-5, r
-    assert r["experts_per_device"] == child["num_experts"] // sizes["expert"]
-    assert r["reduce_scatter"]  # each token's partial outputs summed back to its device
+    assert r["experts_per_device"] == child["num_experts"] // sizes.get("expert", 1)
+    assert not r["global_logits"]  # each device routes its own rows' tokens
+    if "expert" in sizes:
+        assert r["reduce_scatter"]  # each token's partial outputs summed back to its device
 
 
 def test_local_routing_drops_other_devices_assignments():

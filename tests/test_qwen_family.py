@@ -178,19 +178,23 @@ def test_load_balancing_loss_and_train_step_match_transformers(tmp_path):
     np.testing.assert_allclose(float(metrics["loss"]), float(out.loss), rtol=1e-5)
 
 
-def test_vision_language_checkpoint_loads_its_text_model(tmp_path, caplog):
+@pytest.mark.parametrize("tied", [False, True])
+def test_vision_language_checkpoint_loads_its_text_model(tmp_path, caplog, tied):
+    """The head tied or not by the top-level tie_word_embeddings, as the vision-language class
+    ties it (its text_config keeps the default)."""
     text = {k: v for k, v in COMMON.items() if k not in ("pad_token_id", "eos_token_id")}
     vision = dict(depth=1, hidden_size=32, intermediate_size=40, num_heads=2,
                   out_hidden_size=48)
     torch.manual_seed(8)
     vl = _perturb(Qwen3_5ForConditionalGeneration(
-        Qwen3_5Config(text_config=text, vision_config=vision)))
+        Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=tied)))
     vl.save_pretrained(tmp_path)
     with caplog.at_level(logging.WARNING):
         model = from_hf(tmp_path, gdn_method="chunk")
     skipped = [r.getMessage() for r in caplog.records if "vision tower" in r.getMessage()]
     assert len(skipped) == 1 and "model.visual." in skipped[0]
     assert model.config.model_type == "qwen3_5_text"
+    assert model.config.tie_word_embeddings == tied
     ids = np.random.default_rng(9).integers(0, VOCAB, (1, 21))
     assert_close(_logits(model, ids), _hf_logits(vl, ids))
 

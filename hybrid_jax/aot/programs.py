@@ -101,7 +101,7 @@ def _inference_params(config: ModelConfig, mesh: Mesh, rules: LogicalRules | Non
 
 def _cache(config: ModelConfig, mesh: Mesh, batch: int, length: int) -> DecodeCache:
     abstract = jax.eval_shape(lambda: init_cache(config, batch, length))
-    shardings = cache_shardings(abstract, mesh, batch_axis=("data", "fsdp"))
+    shardings = cache_shardings(abstract, mesh, batch_axis=("data", "fsdp", "expert"))
     for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
         _checked("decode cache", lambda: check_batch(leaf.shape, sharding, "cache entry"))
     return with_shardings(abstract, shardings)

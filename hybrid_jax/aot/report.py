@@ -133,8 +133,8 @@ def _cut(config: ModelConfig, blocks: int, seq_len: int) -> ModelConfig:
     loss = resolve_loss(config.loss_method, seq_len, config.loss_chunk_size)
     if loss == "chunked":  # and the loss's chunk loop
         loss = "chunked_unrolled"
-    return config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers],
-                          scan_layers=False, attention_method=attention, loss_method=loss)
+    return config.first_layers(layers).replace(scan_layers=False, attention_method=attention,
+                                               loss_method=loss)
 
 
 def per_call_cost(program: str, config: ModelConfig, mesh: Mesh, work: Workload

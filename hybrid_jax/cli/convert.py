@@ -30,6 +30,7 @@ as one ``error:`` line naming the file, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -196,13 +197,17 @@ def verify(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hybrid_jax.convert.orbax_io import load_orbax
-    from hybrid_jax.hf_configs import family_of
+    from hybrid_jax.hf_configs import architecture_of
     from hybrid_jax.model import apply, split
 
     native = args.compute_dtype == "native"
     model = load_orbax(orbax_dir) if native else load_orbax(orbax_dir, dtype="float32")
     cfg = model.config
-    hf_class = getattr(transformers, family_of(cfg).architecture)
+    config_json = hf_dir / "config.json"
+    try:
+        hf_class = getattr(transformers, architecture_of(json.loads(config_json.read_text())))
+    except (OSError, ValueError, KeyError) as e:
+        raise CommandError(f"{config_json}: cannot tell the transformers class ({e})") from None
     # Experts one at a time: the grouped-matmul default needs 16-byte-aligned widths.
     experts = {"experts_implementation": "eager"} if cfg.has_moe else {}
     try:

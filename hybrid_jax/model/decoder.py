@@ -70,7 +70,7 @@ class DecoderLayer(nnx.Module):
             with jax.named_scope("attention"):
                 mixed = self.attn(x if self.post_norm else self.pre_attn_norm(x), rope=rope,
                                   segment_ids=segment_ids)
-        return self._finish(x, mixed)
+        return self._finish(x, mixed, segment_ids)
 
     def extend(self, x: jax.Array, cache: LayerCache, *, valid: jax.Array | None,
                slots: jax.Array, rope: Rope = None) -> tuple[jax.Array, LayerCache]:
@@ -82,22 +82,25 @@ class DecoderLayer(nnx.Module):
                                             cache, valid=valid, slots=slots, rope=rope)
         return self._finish(x, mixed)[0], cache
 
-    def _finish(self, x: jax.Array, mixed: jax.Array
+    def _finish(self, x: jax.Array, mixed: jax.Array, segment_ids: jax.Array | None = None
                 ) -> tuple[jax.Array, RouterStats | None]:
         """The mixer's residual, then the MLP branch."""
         if self.post_norm:
             h = x + self.post_attn_norm(mixed)
             with jax.named_scope("mlp"):
-                out, stats = self._mlp(h)
+                out, stats = self._mlp(h, segment_ids)
                 return h + self.post_mlp_norm(out), stats
         h = x + mixed
         with jax.named_scope("mlp"):
-            out, stats = self._mlp(self.pre_mlp_norm(h))
+            out, stats = self._mlp(self.pre_mlp_norm(h), segment_ids)
             return h + out, stats
 
-    def _mlp(self, x: jax.Array) -> tuple[jax.Array, RouterStats | None]:
+    def _mlp(self, x: jax.Array, segment_ids: jax.Array | None
+             ) -> tuple[jax.Array, RouterStats | None]:
+        """The MLP, and an MoE's router statistics over the tokens outside padding (segment
+        0, as the train step's loss mask has it)."""
         if isinstance(self.mlp, MoE):
-            return self.mlp(x)
+            return self.mlp(x, None if segment_ids is None else segment_ids != 0)
         return self.mlp(x), None
 
 

@@ -9,7 +9,6 @@ from flax import nnx
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.linear import linear
 from hybrid_jax.ops.moe import (
-    Routing,
     RouterStats,
     dense_expert_mlp,
     expert_mlp,
@@ -17,7 +16,8 @@ from hybrid_jax.ops.moe import (
     router_stats,
 )
 from hybrid_jax.ops.moe_parallel import expert_parallel_mlp
-from hybrid_jax.sharding import constrain, per_shard, split_axes
+from hybrid_jax.ops.projection import projection_dot
+from hybrid_jax.sharding import constrain, per_shard, shard_count, split_axes
 
 
 class SwiGLU(nnx.Module):
@@ -63,54 +63,51 @@ class MoE(nnx.Module):
                               if shared else None)
         self.shared_expert_gate = linear(d, 1, config, rngs=rngs) if shared else None
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterStats]:
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, RouterStats]:
         """x [B, T, D] -> (y [B, T, D] in the compute dtype, this layer's router statistics for
-        the load-balancing loss)."""
+        the load-balancing loss, counting the tokens where ``token_mask`` [B, T] is true:
+        all by default).
+
+        Under a mesh each device routes its own rows' tokens (``sharding.per_shard``): the
+        router's and the experts' weights are gathered whole (their split over ``expert``
+        kept, where the mesh has one: ``ops.moe_parallel`` then exchanges the tokens)."""
         cfg = self.config
         b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        routing = route_top_k(self.router(flat), cfg.num_experts_per_tok,
-                              normalize=cfg.norm_topk_prob)
         compute = cfg.compute_dtype
-        gate_up = self.experts_gate_up[...].astype(compute)
-        down = self.experts_down[...].astype(compute)
         axis = split_axes("experts", cfg.num_experts)
-        if cfg.moe_method == "dense":
-            y = dense_expert_mlp(flat, routing, gate_up, down)
-        elif axis is not None:
-            y = self._expert_parallel(x, routing, gate_up, down, axis).reshape(b * t, d)
-        else:
-            y = expert_mlp(flat, routing, gate_up, down, method=cfg.moe_method)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x).reshape(b * t, d)
-            y = y + jax.nn.sigmoid(self.shared_expert_gate(flat)) * shared
-        return y.astype(compute).reshape(b, t, d), router_stats(routing)
-
-    def _expert_parallel(self, x: jax.Array, routing: Routing, gate_up: jax.Array,
-                         down: jax.Array, axis: str | tuple[str, ...]) -> jax.Array:
-        """The experts split over mesh ``axis`` (``ops.moe_parallel``): each device runs its
-        rows' tokens, exchanged across the axis, through its own experts (their weights
-        gathered over their fsdp split first). x [B, T, D] -> [B, T, D]."""
-        cfg = self.config
-        b, t, d = x.shape
-        k = cfg.num_experts_per_tok
         experts = ("experts", None, None)
-        gate_up, down = constrain(gate_up, experts), constrain(down, experts)
+        router = constrain(self.router.kernel[...].astype(compute), (None, None))
+        gate_up = constrain(self.experts_gate_up[...].astype(compute), experts)
+        down = constrain(self.experts_down[...].astype(compute), experts)
+        mask = jnp.ones((b, t), bool) if token_mask is None else token_mask
 
-        def run(x, weights, ids, gate_up, down):
+        def run(x, mask, router, gate_up, down):
             rows = x.shape[0] * x.shape[1]
-            local = Routing(weights=weights.reshape(rows, k), experts=ids.reshape(rows, k),
-                            probs=None)
-            y = expert_parallel_mlp(x.reshape(rows, d), local, gate_up, down, axis_name=axis,
-                                    method=cfg.moe_method)
-            return y.reshape(x.shape)
+            flat = x.reshape(rows, d)
+            routing = route_top_k(projection_dot(flat, router), cfg.num_experts_per_tok,
+                                  normalize=cfg.norm_topk_prob)
+            if cfg.moe_method == "dense":
+                y = dense_expert_mlp(flat, routing, gate_up, down)
+            elif axis is not None:
+                y = expert_parallel_mlp(flat, routing, gate_up, down, axis_name=axis,
+                                        method=cfg.moe_method)
+            else:
+                y = expert_mlp(flat, routing, gate_up, down, method=cfg.moe_method)
+            stats = router_stats(routing, mask.reshape(rows))
+            # Per device: a [1, 1, ...] piece of the [row shards, position shards, ...] stats.
+            return (y.reshape(x.shape),
+                    *(jnp.reshape(s, (1, 1) + s.shape) for s in stats))
 
-        tokens = ("batch", "length", None)
-        return per_shard(run, [tokens] * 3 + [experts] * 2, tokens, x.shape)(
-            x, routing.weights.reshape(b, t, k), routing.experts.reshape(b, t, k), gate_up, down)
-
-
-def zero_stats(num_experts: int) -> RouterStats:
-    """Router statistics of no tokens (the sum's start)."""
-    zeros = jnp.zeros((num_experts,), jnp.float32)
-    return RouterStats(counts=zeros, prob_sums=zeros, tokens=jnp.zeros((), jnp.float32))
+        pieces = shard_count("batch", b), shard_count("length", t)
+        e = cfg.num_experts
+        tokens, per_piece = ("batch", "length", None), ("batch", "length")
+        out = per_shard(run, [tokens, per_piece, (None, None), experts, experts],
+                        (tokens, tokens, tokens, per_piece),
+                        (x.shape, pieces + (e,), pieces + (e,), pieces))(
+            x, mask, router, gate_up, down)
+        y, stats = out[0], RouterStats(*(jnp.sum(s, axis=(0, 1)) for s in out[1:]))
+        if self.shared_expert is not None:
+            gate = jax.nn.sigmoid(self.shared_expert_gate(x))
+            y = y + gate * self.shared_expert(x)
+        return y.astype(compute), stats

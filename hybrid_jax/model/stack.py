@@ -17,11 +17,10 @@ from flax import nnx
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.cache import LayerCache
 from hybrid_jax.model.decoder import Rope, make_layer
-from hybrid_jax.model.mlp import zero_stats
 from hybrid_jax.model import widening
 from hybrid_jax.model.host_views import row_views
 from hybrid_jax.ops import moe
-from hybrid_jax.ops.moe import RouterStats
+from hybrid_jax.ops.moe import RouterStats, zero_stats
 from hybrid_jax.sharding import RESIDUAL, constrain
 
 Carry = tuple[jax.Array, "RouterStats | None"]  # the residual stream and the router statistics

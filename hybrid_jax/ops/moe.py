@@ -37,7 +37,7 @@ class Routing(NamedTuple):
 
     weights: jax.Array  # [N, k] combine weights, float32
     experts: jax.Array  # [N, k] int32 expert ids
-    probs: jax.Array  # [N, E] float32 softmax of the router logits
+    probs: jax.Array | None  # [N, E] float32 softmax of the router logits (None: not kept)
 
 
 def route_top_k(logits: jax.Array, k: int, *, normalize: bool) -> Routing:
@@ -61,11 +61,20 @@ class RouterStats(NamedTuple):
     tokens: jax.Array  # [] float32: tokens counted
 
 
-def router_stats(routing: Routing) -> RouterStats:
-    """One layer's statistics; ``routing.probs`` [N, E], ``routing.experts`` [N, k]."""
+def router_stats(routing: Routing, mask: jax.Array | None = None) -> RouterStats:
+    """One layer's statistics; ``routing.probs`` [N, E], ``routing.experts`` [N, k]; ``mask``
+    [N] (optional, 1 for tokens to count, 0 for padding, as transformers' attention mask)."""
     n, e = routing.probs.shape
-    counts = jnp.zeros((e,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
-    return RouterStats(counts, jnp.sum(routing.probs, axis=0), jnp.float32(n))
+    m = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    k = routing.experts.shape[1]
+    counts = jnp.zeros((e,), jnp.float32).at[routing.experts.reshape(-1)].add(jnp.repeat(m, k))
+    return RouterStats(counts, jnp.sum(routing.probs * m[:, None], axis=0), jnp.sum(m))
+
+
+def zero_stats(num_experts: int) -> RouterStats:
+    """Router statistics of no tokens (a sum's start)."""
+    zeros = jnp.zeros((num_experts,), jnp.float32)
+    return RouterStats(counts=zeros, prob_sums=zeros, tokens=jnp.zeros((), jnp.float32))
 
 
 def add_stats(a: RouterStats, b: RouterStats) -> RouterStats:
@@ -238,7 +247,10 @@ def _experts_ragged(x, routing, gate_up, down):
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     h = _ragged(x[order // k], gate_up, sizes)  # [N*k, 2I] sorted by expert
     y = _ragged(_swiglu(h), down, sizes)[inverse]  # [N*k, D] in (token, slot) order
-    y = y.reshape(n, k, -1) * routing.weights.astype(x.dtype)[..., None]
+    # Ids past the last expert (another device's, ``moe_parallel``) are rows past the groups:
+    # zero, not whatever ragged_dot leaves there.
+    valid = (routing.experts < gate_up.shape[0]).reshape(-1, 1)
+    y = jnp.where(valid, y, 0).reshape(n, k, -1) * routing.weights.astype(x.dtype)[..., None]
     return jnp.sum(y.astype(jnp.float32), axis=1).astype(x.dtype)
 
 

@@ -11,6 +11,9 @@ assignment is computed once, on its expert's device; nothing is capped.
 Per device and layer this moves P times its tokens' activations in (all-gather) and out
 (reduce-scatter), where a ragged all-to-all would move each assignment once (k/E of that
 per expert); the gather form needs no per-step size exchange and keeps every shape static.
+The partial outputs are summed in x's dtype (in bf16 runs, each token's contributions from
+at most k devices are rounded to bf16 before they are added, where one device adds its k in
+float32).
 """
 
 from __future__ import annotations
