@@ -22,7 +22,7 @@ MLP_KINDS = (DENSE_MLP, MOE)
 # transformers model types of the text models we build (``hf_configs`` reads and writes them).
 MODEL_TYPES = ("olmo_hybrid", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 QK_NORMS = ("projection", "head")
-MOE_METHODS = ("auto", "ragged_dot", "tiled", "dense")
+MOE_METHODS = ("auto", "megablox", "ragged_dot", "tiled", "dense")
 
 GDN_METHODS = ("auto", "recurrent", "chunk", "assoc_scan", "pallas")  # ops.METHODS
 # "full": each block of layer_period layers recomputed in the backward pass from its input;
@@ -201,7 +201,7 @@ class ModelConfig:
     # [chunk, V] logits exist at once
     remat: str = "none"
     scan_layers: bool = True
-    # Expert products (ops.moe.grouped_matmul): "auto" is ragged_dot on TPU, tiled elsewhere;
+    # Expert products (ops.moe.grouped_matmul): "auto" is megablox on TPU, tiled elsewhere;
     # "dense" runs every token through every expert (a baseline).
     moe_method: str = "auto"
 

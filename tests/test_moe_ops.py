@@ -204,18 +204,52 @@ def test_unknown_method_is_refused():
         moe.grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]), method="dense")
 
 
-def test_lowering_for_tpu_takes_ragged_dot():
+def _layer_grad_text(d: int, inter: int) -> dict[str, str]:
+    """The lowered gradient of an MoE layer with hidden d and expert width inter, per platform."""
     s = jax.ShapeDtypeStruct
-    args = (s((16, 8), jnp.float32), s((8, 4), jnp.float32), s((4, 8, 6), jnp.float32),
-            s((4, 3, 8), jnp.float32))
+    args = (s((16, d), jnp.float32), s((d, 4), jnp.float32), s((4, d, 2 * inter), jnp.float32),
+            s((4, inter, d), jnp.float32))
 
     def layer(x, router, gate_up, down):
         return moe.expert_mlp(x, moe.route_top_k(x @ router, 2, normalize=True), gate_up, down)
 
     traced = jax.jit(jax.grad(lambda *a: jnp.sum(layer(*a)), argnums=(0, 2, 3))).trace(*args)
-    text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cpu")}
+    return {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cpu")}
+
+
+def test_lowering_for_tpu_takes_megablox_where_the_widths_tile():
+    """Widths of 128: megablox's Mosaic kernels (no ragged_dot, whose weight gradient XLA:TPU
+    computes over every group); widths that do not tile: ragged_dot; CPU: the tiled loop."""
+    text = _layer_grad_text(128, 128)
+    assert "tpu_custom_call" in text["tpu"] and "ragged_dot" not in text["tpu"]
+    text = _layer_grad_text(8, 3)
     assert "ragged_dot" in text["tpu"] and "while" not in text["tpu"]
     assert "ragged_dot" not in text["cpu"] and "while" in text["cpu"]
+
+
+def test_megablox_matches_the_reference_in_interpret_mode():
+    """Rows padded to whole tiles (200 of 256), an empty group, and the VJP (megablox's tgmm
+    for the weights), in Pallas interpret mode."""
+    rng = np.random.default_rng(11)
+    sizes = np.array([70, 0, 90, 30])  # 190 of 200 rows; the last 10 are padding (zero)
+    lhs = rng.normal(size=(200, 128)).astype(np.float32)
+    rhs = rng.normal(size=(4, 128, 128)).astype(np.float32) / 10
+    cot = rng.normal(size=(200, 128)).astype(np.float32)
+
+    def f(a, b):
+        out = moe.grouped_matmul(a, b, jnp.asarray(sizes), method="megablox", interpret=True)
+        return jnp.sum(out * cot), out
+
+    (_, out), (d_lhs, d_rhs) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(lhs, rhs)
+    ref = ref_grouped(lhs, rhs, sizes)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    d_ref_rhs, start = np.zeros(rhs.shape), 0
+    for g, n in enumerate(sizes):
+        d_ref_rhs[g] = lhs[start:start + n].T.astype(np.float64) @ cot[start:start + n]
+        start += n
+    np.testing.assert_allclose(d_rhs, d_ref_rhs, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(d_lhs, ref_grouped(cot, np.swapaxes(rhs, 1, 2), sizes),
+                               rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- aux loss

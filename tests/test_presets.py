@@ -45,3 +45,21 @@ def test_released_sizes():
                 "qwen3_next_80b_a3b": 79.7}
     for name, total in billions.items():
         assert round(_ours(name) / 1e9, 2 if total < 1 else 1) == total, name
+
+
+def test_model_flops_count_the_experts_a_token_uses():
+    """The roofline's matmul parameters of Qwen3.5-35B-A3B (the "A3B"): transformers' model with
+    only top-k = 8 experts per layer, its routers given back their 256 rows, less the
+    embedding table (a lookup)."""
+    from hybrid_jax.aot.roofline import matmul_params
+
+    cfg = PRESETS["qwen3_5_35b_a3b"]()
+    fields = dict(HF_CONFIGS["qwen3_5_35b_a3b"], num_experts=cfg.num_experts_per_tok)
+    fields.pop("model_type")
+    with torch.device("meta"):
+        model = transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(**fields))
+    routers = (cfg.num_experts - cfg.num_experts_per_tok) * cfg.hidden_size * cfg.num_hidden_layers
+    one_d = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    active = (sum(p.numel() for p in model.parameters()) + routers - one_d
+              - cfg.vocab_size * cfg.hidden_size)
+    assert matmul_params(cfg) == active

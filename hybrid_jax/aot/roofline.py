@@ -29,8 +29,11 @@ def matmul_params(config: ModelConfig) -> float:
     total = 0.0
     active = config.num_experts_per_tok / config.num_experts if config.has_moe else 1.0
     for keys, leaf in flat_paths(model_template(config).abstract).items():
-        if len(leaf.shape) >= 2 and (keys[0] != "embed" or config.tie_word_embeddings):
-            total += math.prod(leaf.shape) * (active if keys[-1] in _EXPERTS else 1.0)
+        # A decoder parameter's own dimensions: the stack adds a leading [n] to each.
+        ndim = len(leaf.shape) - (keys[:2] == ("stack", "blocks"))
+        if ndim >= 2 and (keys[0] != "embed" or config.tie_word_embeddings):
+            expert = any(k in _EXPERTS for k in keys)
+            total += math.prod(leaf.shape) * (active if expert else 1.0)
     return total
 
 

@@ -133,10 +133,10 @@ def moe_wants(cfg: ModelConfig) -> list[Want]:
 
 def layer_wants(cfg: ModelConfig, mixer: str, mlp: str) -> list[Want]:
     """A layer's tensors (GDN convs excepted): its mixer's, its MLP's and their norms."""
+    assert mixer in (GDN, ATTENTION), mixer
     mixed = gdn_wants(cfg) if mixer == GDN else attention_wants(cfg)
     norm = Want(("pre_mlp_norm", "weight"), ("post_attention_layernorm.weight",),
                 (cfg.hidden_size,))
-    assert mixer in (GDN, ATTENTION)
     return mixed + [norm] + (moe_wants(cfg) if mlp == MOE else mlp_wants(cfg))
 
 

@@ -106,10 +106,13 @@ def read_config(path: Path) -> dict[str, Any]:
     required (those of a vision-language config's ``text_config``; the errors name ``path``
     and the field)."""
     raw = _load_json(path, "config.json")
+    text = raw
     try:
         text, required = shape_fields(raw)
         check_hf_dict(text, required=required)
     except ValueError as e:
+        if text is not raw:  # a vision-language config's text_config
+            e = str(e).replace("config.json field '", "config.json field 'text_config.")
         raise CheckpointError(f"{path}: invalid {e}") from None
     return raw
 

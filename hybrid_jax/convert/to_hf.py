@@ -298,13 +298,13 @@ def _grouped(wants: list[Want], layout: str) -> dict[str, list[Want]]:
 def _assemble(parts: list[Want], arrays: list[Any]) -> np.ndarray:
     """The checkpoint tensor of ``parts`` from our arrays (one layer's each): a plain tensor,
     or a fused one whose rows each part fills."""
+    hosts = [_host(a) for a in arrays]
     if parts[0].rows is None:
-        return parts[0].transform(_host(arrays[0]))
-    first = _host(arrays[0])
-    out = np.empty(parts[0].shape, first.dtype)
+        return parts[0].transform(hosts[0])
+    out = np.empty(parts[0].shape, hosts[0].dtype)
     filled = 0
-    for w, a in zip(parts, arrays):
-        out[list(w.rows)] = w.transform(_host(a))
+    for w, a in zip(parts, hosts):
+        out[list(w.rows)] = w.transform(a)
         filled += len(w.rows)
     if filled != out.shape[0]:
         raise AssertionError(f"internal: {parts[0].disk_name} has {out.shape[0]} rows, "

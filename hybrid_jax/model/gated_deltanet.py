@@ -16,6 +16,7 @@ from hybrid_jax.model.short_conv import ShortConvolution
 from hybrid_jax.gdn import gated_delta_rule, gated_delta_rule_context_parallel
 from hybrid_jax.sharding import constrain, per_shard, split_axes, split_together
 
+
 def _init_a_log(key: jax.Array, n: int, config: ModelConfig, dtype: jnp.dtype) -> jax.Array:
     """A_log = log(A), A ~ uniform(a_log_min, a_log_max): per-head decay rates. [Hv]"""
     a = jax.random.uniform(key, (n,), jnp.float32, config.linear_a_log_min, config.linear_a_log_max)

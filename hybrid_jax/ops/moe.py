@@ -3,9 +3,10 @@ router's load-balancing statistics and loss, a grouped matmul, and the experts' 
 dropless (every token reaches all k of its experts; no capacity, nothing dropped).
 
 The experts' MLP sorts the N*k (token, expert) assignments by expert and multiplies each
-expert's rows by that expert's weights only: a grouped matmul. TPUs lower ``jax.lax.ragged_dot``
-natively ("ragged_dot"); XLA:CPU decomposes it into a masked product over every group
-([G, M, K]). Elsewhere ("tiled") the rows of every group are padded to a multiple of a tile, so
+expert's rows by that expert's weights only: a grouped matmul. On TPU ("megablox") jax's Pallas
+grouped-matmul kernels run it, forward and backward: XLA:TPU lowers ``jax.lax.ragged_dot``
+("ragged_dot") natively, but computes its gradient for the weights as G products over all rows;
+XLA:CPU decomposes ragged_dot into a masked product over every group ([G, M, K]). Elsewhere ("tiled") the rows of every group are padded to a multiple of a tile, so
 that each tile belongs to one group, and a loop takes tile after tile: ``grouped_matmul``
 multiplies each by its group's matrix; ``expert_mlp`` runs each through its expert's whole MLP,
 from gathering the tile's tokens to adding the weighted outputs into them, so the tile stays in
@@ -26,8 +27,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-METHODS = ("auto", "tiled", "ragged_dot")
+METHODS = ("auto", "tiled", "ragged_dot", "megablox")
+MEGABLOX_TILE = 128  # megablox's row, contraction and column tiles
 DEFAULT_TILE = 128
 
 
@@ -188,6 +191,25 @@ def _ragged(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array
     return out.astype(lhs.dtype)
 
 
+def _megablox(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+              interpret: bool = False) -> jax.Array:
+    """jax's Pallas TPU grouped matmul (megablox ``gmm``, whose VJP takes the weights'
+    gradient group by group with ``tgmm``; XLA:TPU's ragged_dot computes that gradient as a
+    product over every group for every row). Rows are padded to whole tiles; widths that are
+    not multiples of the tile fall back to ragged_dot. [M, K] x [G, K, N] -> [M, N]."""
+    m, k = lhs.shape
+    t = MEGABLOX_TILE
+    if k % t or rhs.shape[2] % t:
+        return _ragged(lhs, rhs, group_sizes)
+    sizes = group_sizes.astype(jnp.int32)
+    # The kernels leave rows past the groups unwritten, in the product and in lhs's gradient:
+    # masking both sides makes them zero (and their cotangents too).
+    rows = (jnp.arange(m + (-m % t)) < jnp.sum(sizes))[:, None]
+    padded = jnp.where(rows, jnp.pad(lhs, ((0, -m % t), (0, 0))), 0)
+    out = megablox.gmm(padded, rhs, sizes, jnp.float32, (t, t, t), interpret=interpret)
+    return jnp.where(rows, out, 0)[:m].astype(lhs.dtype)
+
+
 def _tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
     tile = _tile_rows(tile, lhs.shape[0], rhs.shape[0])
     return _tiled_matmul(lhs, rhs, _tiles(group_sizes, lhs.shape[0], tile), tile)
@@ -199,20 +221,24 @@ def _check_method(method: str) -> None:
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                   method: str = "auto", tile: int = DEFAULT_TILE) -> jax.Array:
+                   method: str = "auto", tile: int = DEFAULT_TILE,
+                   interpret: bool = False) -> jax.Array:
     """Row groups of ``lhs`` times their own matrices: [M, K] x [G, K, N] -> [M, N].
 
     Args:
       lhs: [M, K] rows sorted by group: group g's ``group_sizes[g]`` rows follow group g-1's.
       rhs: [G, K, N] one matrix per group.
       group_sizes: [G] int, summing to at most M; rows past the sum are padding and give 0.
-      method: "ragged_dot" (``jax.lax.ragged_dot``, native on TPU; XLA:CPU computes it as a
-        masked product over all G groups, so not for CPU), "tiled" (groups padded to multiples
-        of ``tile`` rows, a loop over tiles; for CPU and GPU), or "auto": "ragged_dot" on TPU,
-        "tiled" elsewhere, chosen when the program is lowered (``jax.lax.platform_dependent``:
-        an AOT compile for a TPU takes the TPU form).
+      method: "ragged_dot" (``jax.lax.ragged_dot``, native on TPU, but its gradient for rhs
+        costs G products over all M rows there; XLA:CPU computes it as a masked product over
+        all G groups, so not for CPU), "megablox" (jax's Pallas TPU kernels, forward and VJP;
+        ragged_dot where K or N is not a multiple of 128), "tiled" (groups padded to multiples
+        of ``tile`` rows, a loop over tiles; for CPU), or "auto": "megablox" on TPU, "tiled"
+        elsewhere, chosen when the program is lowered (``jax.lax.platform_dependent``: an AOT
+        compile for a TPU takes the TPU form).
       tile: the most rows per tile of "tiled" (fewer, down to 8, when the groups average
         fewer rows). The padding adds up to ``tile - 1`` rows of work per group.
+      interpret: run "megablox" in Pallas interpret mode (tests off TPU).
     Returns:
       [M, N] in lhs's dtype, accumulated in float32. Differentiable in lhs and rhs.
     """
@@ -220,9 +246,11 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     tiled = functools.partial(_tiled, tile=tile)
     if method == "ragged_dot":
         return _ragged(lhs, rhs, group_sizes)
+    if method == "megablox":
+        return _megablox(lhs, rhs, group_sizes, interpret)
     if method == "tiled":
         return tiled(lhs, rhs, group_sizes)
-    return jax.lax.platform_dependent(lhs, rhs, group_sizes, tpu=_ragged, default=tiled)
+    return jax.lax.platform_dependent(lhs, rhs, group_sizes, tpu=_megablox, default=tiled)
 
 
 # --------------------------------------------------------------------------- experts' MLP
@@ -240,13 +268,14 @@ def _sort_assignments(experts: jax.Array, num_experts: int):
     return order, jnp.bincount(flat, length=num_experts).astype(jnp.int32)
 
 
-def _experts_ragged(x, routing, gate_up, down):
-    """Two grouped products over the sorted assignments, un-sorted, weighted, summed."""
+def _experts_ragged(x, routing, gate_up, down, matmul=_ragged):
+    """Two grouped products (``matmul``) over the sorted assignments, un-sorted, weighted,
+    summed."""
     n, k = routing.experts.shape
     order, sizes = _sort_assignments(routing.experts, gate_up.shape[0])
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
-    h = _ragged(x[order // k], gate_up, sizes)  # [N*k, 2I] sorted by expert
-    y = _ragged(_swiglu(h), down, sizes)[inverse]  # [N*k, D] in (token, slot) order
+    h = matmul(x[order // k], gate_up, sizes)  # [N*k, 2I] sorted by expert
+    y = matmul(_swiglu(h), down, sizes)[inverse]  # [N*k, D] in (token, slot) order
     # Ids past the last expert (another device's, ``moe_parallel``) are rows past the groups:
     # zero, not whatever ragged_dot leaves there.
     valid = (routing.experts < gate_up.shape[0]).reshape(-1, 1)
@@ -341,10 +370,10 @@ def expert_mlp(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Arr
       routing: ``route_top_k``'s result for x ([N, k] weights and experts).
       gate_up: [E, D, 2I] each expert's gate (first I columns) and up projections.
       down: [E, I, D] each expert's down projection.
-      method: "ragged_dot" (two ``grouped_matmul`` products over the sorted assignments),
-        "tiled" (one loop over tiles of sorted, padded assignments, each tile through its
-        expert's whole MLP), or "auto": ragged_dot on TPU, tiled elsewhere, chosen when the
-        program is lowered.
+      method: "ragged_dot" or "megablox" (two ``grouped_matmul`` products of that method over
+        the sorted assignments), "tiled" (one loop over tiles of sorted, padded assignments,
+        each tile through its expert's whole MLP), or "auto": megablox on TPU, tiled
+        elsewhere, chosen when the program is lowered.
       tile: the most rows per tile of "tiled" (``grouped_matmul``'s).
     Returns:
       [N, D] in x's dtype: sum over slots j of weights[:, j] (cast to x's dtype, as
@@ -352,11 +381,14 @@ def expert_mlp(x: jax.Array, routing: Routing, gate_up: jax.Array, down: jax.Arr
     """
     _check_method(method)
     tiled = functools.partial(_experts_tiled, tile=tile)
+    megablox_mlp = functools.partial(_experts_ragged, matmul=_megablox)
     if method == "ragged_dot":
         return _experts_ragged(x, routing, gate_up, down)
+    if method == "megablox":
+        return megablox_mlp(x, routing, gate_up, down)
     if method == "tiled":
         return tiled(x, routing, gate_up, down)
-    return jax.lax.platform_dependent(x, routing, gate_up, down, tpu=_experts_ragged,
+    return jax.lax.platform_dependent(x, routing, gate_up, down, tpu=megablox_mlp,
                                       default=tiled)
 
 

@@ -39,9 +39,9 @@ class ModelTemplate(NamedTuple):
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def abstract_params(self) -> dict:
-        """The parameters' shapes and dtypes, as a pure dict of ``ShapeDtypeStruct``s."""
-        return nnx.to_pure_dict(self.abstract)
+    @property
+    def config(self) -> ModelConfig:
+        return nnx.merge(self.graphdef, self.abstract).config
 
 
 def model_template(config: ModelConfig) -> ModelTemplate:

@@ -52,7 +52,7 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
     over context, heads / MLP columns / vocabulary over tensor.
     """
     rows = batch_sharding(mesh, rules) if mesh is not None else None
-    has_moe = template.model(template.abstract_params()).config.has_moe
+    has_moe = template.config.has_moe
 
     def loss_fn(params: dict, micro: Batch):
         tokens = micro["tokens"]
