@@ -9,7 +9,7 @@ The run's configuration has six sections, each merged in order (later wins): the
     data       path + dtype (a token file) or text (+ tokenizer, doc_separator: where the
                text splits into documents, default a blank line, null for one document);
                seq_len, global_batch, seed
-    mesh       data, fsdp, tensor, context (default: none, one device; --mesh fsdp=8 or
+    mesh       data, fsdp, expert, tensor, context (default: none, one device; --mesh fsdp=8 or
                a mesh section spreads the run over devices, their product all of them)
     run        checkpoint_dir, log_file (default: in the checkpoint dir), tensorboard_dir,
                export_hf
