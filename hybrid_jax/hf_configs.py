@@ -133,15 +133,22 @@ def check_family(cfg: ModelConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- reading
-def shape_fields(d: Any) -> tuple[Any, tuple[str, ...]]:
-    """(the dict holding a config.json's model fields, the fields it must have to know the
-    tensor shapes): a vision-language config's ``text_config``; Qwen3.5-MoE has no dense MLP
-    width."""
+def text_fields(d: Any) -> tuple[Any, str | None]:
+    """(the dict holding a config.json's model fields, the text model type it names): a
+    vision-language config's ``text_config`` (its model type the family's where it names none);
+    the dict itself otherwise."""
     model_type = d.get("model_type") if isinstance(d, dict) else None
     if model_type in _VISION_LANGUAGE:
         text = d.get("text_config")
         d = text if isinstance(text, dict) else {}
         model_type = d.get("model_type", _VISION_LANGUAGE[model_type].model_type)
+    return d, model_type
+
+
+def shape_fields(d: Any) -> tuple[Any, tuple[str, ...]]:
+    """(``text_fields``' dict, the fields it must have to know the tensor shapes):
+    Qwen3.5-MoE has no dense MLP width."""
+    d, model_type = text_fields(d)
     if model_type == "qwen3_5_moe_text":
         return d, tuple(f for f in HF_SHAPE_FIELDS if f != "intermediate_size")
     return d, HF_SHAPE_FIELDS

@@ -56,7 +56,7 @@ from hybrid_jax.convert.sources import (
     read_files,
     read_weights_file,
 )
-from hybrid_jax.hf_configs import FAMILIES, config_from_hf
+from hybrid_jax.hf_configs import FAMILIES, config_from_hf, text_fields
 from hybrid_jax.model.hybrid_lm import HybridLM
 
 log = logging.getLogger(__name__)
@@ -149,14 +149,7 @@ def resolve(path: str | Path, dtype: Any, config: ModelConfig | str | Path | Non
 def _model_type(raw: Any) -> str:
     """The family (text model type) a config.json dict names; "olmo_hybrid" when it names
     none or one we do not read (``config_from_hf`` then names the problem)."""
-    if not isinstance(raw, dict):
-        return "olmo_hybrid"
-    model_type = raw.get("model_type", "olmo_hybrid")
-    text = raw.get("text_config")
-    if isinstance(text, dict) and text.get("model_type") in FAMILIES:
-        model_type = text["model_type"]
-    elif model_type in ("qwen3_5", "qwen3_5_moe"):
-        model_type += "_text"
+    model_type = text_fields(raw)[1] if isinstance(raw, dict) else None
     return model_type if model_type in FAMILIES else "olmo_hybrid"
 
 

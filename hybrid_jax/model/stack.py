@@ -20,10 +20,10 @@ from hybrid_jax.model.decoder import Rope, make_layer
 from hybrid_jax.model import widening
 from hybrid_jax.model.host_views import row_views
 from hybrid_jax.ops import moe
-from hybrid_jax.ops.moe import RouterStats, zero_stats
+from hybrid_jax.ops.moe import RouterStats
 from hybrid_jax.sharding import RESIDUAL, constrain
 
-Carry = tuple[jax.Array, "RouterStats | None"]  # the residual stream and the router statistics
+Carry = tuple[jax.Array, RouterStats | None]  # the residual stream and the router statistics
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -116,7 +116,7 @@ class DecoderStack(nnx.Module):
         weights (scanned) or bf16 copies of every block at once (unrolled)."""
         graphdef, state = nnx.split(self.blocks)
         # The loops carry (h, stats): stats start at zero where the block has MoE layers.
-        start = (zero_stats(self.config.num_experts)
+        start = (moe.zero_stats(self.config.num_experts)
                  if self.config.has_moe else None)
 
         def block_fn(looped: bool) -> Callable[[Carry, nnx.State], Carry]:
