@@ -36,8 +36,14 @@ def test_main_job_trains_and_samples(tmp_path, capsys):
     assert main(["main", "--text", str(corpus), "--checkpoint-dir", str(run), *TINY]) == 0
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1, 2]
-    assert all(math.isfinite(r["loss"]) for r in records)
+    # Three training steps, then the held-out evaluation of the corpus's last 5% (after the
+    # last step: eval.every is 100), merged into step 2's record by read_log.
+    assert [r["step"] for r in records] == [0, 1, 2, 2]
+    assert all(math.isfinite(r["loss"]) for r in records[:3])
+    held = records[3]
+    assert held["eval/holdout/tokens"] > 0
+    assert 0 < held["eval/holdout/bits_per_byte"] < 9 and math.isfinite(held["eval/holdout/loss"])
+    assert "eval after step 2: holdout loss" in err
     assert (run / "3").is_dir()  # the final checkpoint
     # 40 new bytes after the corpus's first line, on stdout and in sample.txt.
     assert "sample: 40 tokens after 15 prompt tokens" in err

@@ -1,8 +1,10 @@
-"""The training loop: exact resume after kill -9, fallback past a corrupt checkpoint, and
-stopping on non-finite losses."""
+"""The training loop: exact resume after kill -9 (the same batches and losses, bitwise),
+fallback past a corrupt checkpoint, and stopping on non-finite losses."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +20,9 @@ import pytest
 
 from hybrid_jax import olmo_hybrid_tiny
 from hybrid_jax.config import ATTENTION, GDN
-from hybrid_jax.train import OptimizerConfig, PackedDataset, init_train_state, make_optimizer
+from hybrid_jax.data.pipeline import PackedDataset, Source
+from hybrid_jax.data.rows import TokenRows
+from hybrid_jax.train import OptimizerConfig, init_train_state, make_optimizer
 from hybrid_jax.train.checkpoint import TrainCheckpoints
 from hybrid_jax.train.loop import LoopConfig, TrainingError, read_log, train
 from hybrid_jax.train.state import abstract_train_state
@@ -28,14 +32,52 @@ STEPS = 8
 
 def _setup(z_loss_weight: float = 1e-4, **loop):
     cfg = olmo_hybrid_tiny(num_hidden_layers=2, layer_types=(GDN, ATTENTION))  # fast compile
-    tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, 4000)
-    tokens[::37] = 0  # documents end every 37 tokens
-    data = PackedDataset(tokens, seq_len=32, global_batch=4, eos_id=0,
-                         vocab_size=cfg.vocab_size, seed=1)
+    rng = np.random.default_rng(0)
+    web, code = (rng.integers(1, cfg.vocab_size, n) for n in (4000, 1500))
+    web[::37], code[::23] = 0, 0  # documents end every 37 / 23 tokens
+    # A two-source mixture, so that resuming is checked through grain's mix and shuffles.
+    data = _Recorded((Source("web", TokenRows([web], ["web"], 32, cfg.vocab_size), 0.7),
+                      Source("code", TokenRows([code], ["code"], 32, cfg.vocab_size), 0.3)),
+                     global_batch=4, eos_id=0, seed=1)
     opt = OptimizerConfig(lr=3e-3, warmup_steps=2, total_steps=STEPS)
     return cfg, opt, data, LoopConfig(**{"steps": STEPS, "micro_batches": 2,
                                          "checkpoint_every": 2, "z_loss_weight": z_loss_weight,
                                          **loop})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Recorded(PackedDataset):
+    """The dataset, with each batch the loop takes logged (step, sha256 of its tokens) to
+    ``record_to`` when set."""
+
+    record_to: str | None = None
+
+    def iterator(self, first_step, *args, **kwargs):
+        it = super().iterator(first_step, *args, **kwargs)
+        if self.record_to is None:
+            return it
+        record_to = self.record_to
+
+        class Logged:
+            def get_state(self):
+                return it.get_state()
+
+            def __next__(self):
+                step = it.get_state()["next_index"]
+                batch = next(it)
+                with open(record_to, "a") as f:
+                    f.write(f"{step} {hashlib.sha256(batch['tokens'].tobytes()).hexdigest()}\n")
+                return batch
+
+            def close(self):
+                it.close()
+
+        return Logged()
+
+
+def _batches(path: Path) -> dict[int, str]:
+    """The batch digests a run logged, by step (a step taken again keeps its last)."""
+    return {int(a): b for a, b in (line.split() for line in path.read_text().splitlines())}
 
 
 def _run_child(ckpt: Path, log: Path, die_after: int | None = None) -> int:
@@ -55,6 +97,7 @@ def uninterrupted(tmp_path_factory) -> dict[int, dict]:
     _run_child(d / "ckpt", d / "log.jsonl")
     log = read_log(d / "log.jsonl")
     assert sorted(log) == list(range(STEPS))
+    log["batches"] = _batches(d / "log.jsonl.batches")
     return log
 
 
@@ -70,6 +113,8 @@ def test_resume_after_kill_9_repeats_the_losses_bitwise(uninterrupted, tmp_path)
     resumed = read_log(tmp_path / "log.jsonl")
     assert [resumed[s]["loss"] for s in range(STEPS)] == \
         [uninterrupted[s]["loss"] for s in range(STEPS)]
+    # The same batches, bitwise, before and after the kill.
+    assert _batches(tmp_path / "log.jsonl.batches") == uninterrupted["batches"]
     # The second run started from a checkpoint (step 4's, or step 2's had 4's not finished).
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert json.loads(lines[6])["step"] in (2, 4)
@@ -137,6 +182,7 @@ def test_several_steps_per_call_match_single_steps_and_resume_exactly(uninterrup
 
 def _child(ckpt: str, log: str, die_after: int | None) -> None:
     cfg, opt, data, loop = _setup()
+    data = dataclasses.replace(data, record_to=log + ".batches")
 
     def on_step(step: int, record: dict) -> None:
         if die_after is not None and step == die_after:

@@ -8,10 +8,16 @@
     hybrid-jax generate --checkpoint DIR --prompt TEXT [--tokenizer FILE] [--max-new-tokens 64]
         [--temperature 0] [--top-k K] [--top-p P] [--seed 0] [--max-length N]
         [--prefill-chunk-size N] [--dtype float32|bfloat16] [--eos-token-id [ID ...]]
-    hybrid-jax train (--text FILE | --data TOKENS) [--preset tiny] [--config RUN.yaml]
+    hybrid-jax train (--text FILE | --data TOKENS | --config RUN.yaml) [--preset tiny]
         [--set SECTION.KEY=VALUE ...] [--mesh fsdp=8] [--checkpoint-dir DIR] [--export-hf DIR]
+    hybrid-jax eval --checkpoint DIR [--tasks T1,T2] [--include-path DIR] [--limit N]
+        [--heldout [NAME=]FILES --seq-len T] [--output F.json]
+    hybrid-jax eval lm-eval [lm_eval's own options: --model_args checkpoint=DIR,... --tasks T]
     hybrid-jax aot --topology v5p:4x4x4 --batch 512 --seq-len 8192 [--preset P] [--mesh ...]
         [--micro-batches A] [--programs train,prefill,decode] [--json OUT]
+    hybrid-jax tokenize INPUT [INPUT ...] --out DIR --tokenizer FILE|bytes [--eos-id ID]
+        [--format text|jsonl|parquet] [--field text] [--doc-separator SEP]
+        [--dtype uint16|uint32] [--workers N] [--overwrite] [--no-progress]
 
 ``main`` (the default) is the main job: it trains a small hybrid model on the embedded corpus
 for a few minutes, then prints a sample of its text (see ``hybrid_jax.cli.main_job``). ``demo``
@@ -23,10 +29,14 @@ transformers checkpoints and orbax checkpoints, and checks a pair against each o
 ``hybrid_jax.cli.convert``). ``generate`` loads either kind of checkpoint and streams the text it
 generates after a prompt to stdout, encoded with a tokenizer.json (``--tokenizer``, else the
 checkpoint's own) or as UTF-8 bytes, with a one-line timing summary on stderr (see
-``hybrid_jax.cli.generate``). ``train`` trains (and resumes) a model on a token file or text
-(see ``hybrid_jax.cli.train``). ``aot`` compiles the train, prefill and decode steps for a
+``hybrid_jax.cli.generate``). ``train`` trains (and resumes) a model on token files, a mixture
+of them, or text, evaluating held-out sets as it goes (see ``hybrid_jax.cli.train``). ``eval``
+scores a checkpoint on held-out token files and lm-evaluation-harness tasks, or
+runs lm-eval's own command line with the ``hybrid-jax`` model registered (see
+``hybrid_jax.cli.eval``). ``aot`` compiles the train, prefill and decode steps for a
 TPU topology ahead of time, here, and reports per-device memory, cost and a roofline estimate
-(see ``hybrid_jax.cli.aot``).
+(see ``hybrid_jax.cli.aot``). ``tokenize`` turns text, JSON lines or parquet files into token
+files, one per input, in parallel processes (see ``hybrid_jax.cli.tokenize``).
 """
 
 from __future__ import annotations
@@ -34,15 +44,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hybrid_jax.cli import aot, convert, demo, generate, main_job, train
+from hybrid_jax.cli import aot, convert, demo, eval, generate, main_job, tokenize, train
 from hybrid_jax.cli.common import UsageError
 from hybrid_jax.cli.platforms import choose_platforms
 
 # Each command is a module with the same two entry points: ``register(subparsers)`` adds its
 # parser, ``run(args) -> int`` runs it and gives the exit code; what they share is in
 # ``common``. In the order ``--help`` lists them; ``main`` is also the default.
-COMMANDS = {"demo": demo, "convert": convert, "generate": generate, "train": train, "aot": aot,
-            "main": main_job}
+COMMANDS = {"demo": demo, "convert": convert, "generate": generate, "train": train, "eval": eval,
+            "aot": aot, "tokenize": tokenize, "main": main_job}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,14 +1,20 @@
 """`hybrid-jax train`: train a model from a preset, a YAML file and command-line overrides.
 
-The run's configuration has six sections, each merged in order (later wins): the preset,
+The run's configuration has seven sections, each merged in order (later wins): the preset,
 ``--config FILE.yaml``, the flags, then ``--set section.key=value`` (values parsed as YAML):
 
     model      ModelConfig fields (preset chosen by --preset)
     optimizer  OptimizerConfig fields (lr, warmup_steps, total_steps, schedule, ...)
     loop       LoopConfig fields (steps, micro_batches, checkpoint_every, ...)
-    data       path + dtype (a token file) or text (+ tokenizer, doc_separator: where the
-               text splits into documents, default a blank line, null for one document);
-               seq_len, global_batch, seed
+    data       path + dtype (token files: a path, glob or list), text (+ tokenizer,
+               doc_separator: where the text splits into documents, default a blank line,
+               null for one document) or sources (a mixture: a list of {name, paths,
+               weight, dtype}); seq_len, global_batch, seed, holdout (the fraction of each
+               source's rows kept out of training, evaluated as set "holdout"), threads,
+               prefetch (batches read ahead)
+    eval       every (steps between evaluations), heldout (token files: paths, or a mapping
+               of set name to paths), dtype, max_rows, batch, choice (multiple-choice JSONL
+               tasks, hybrid_jax.eval.choice), choice_limit
     mesh       data, fsdp, expert, tensor, context (default: none, one device; --mesh fsdp=8 or
                a mesh section spreads the run over devices, their product all of them)
     run        checkpoint_dir, log_file (default: in the checkpoint dir), tensorboard_dir,
@@ -48,13 +54,14 @@ def register(subparsers: Any, name: str = "train",
     p = subparsers.add_parser(name, help=help, description=description or __doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--config", type=Path, help="YAML file with any of the six sections")
+    p.add_argument("--config", type=Path, help="YAML file with any of the seven sections")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting (repeatable), e.g. optimizer.lr=1e-3")
     p.add_argument("--data", help="token file (OLMo-core numpy format)")
     p.add_argument("--data-dtype", choices=["uint16", "uint32"])
     p.add_argument("--text", help="UTF-8 text file (documents separated by blank lines)")
-    p.add_argument("--tokenizer", help="tokenizer.json for --text (default: UTF-8 bytes)")
+    p.add_argument("--tokenizer", help="tokenizer.json of the text or token files (default, or "
+                   "'bytes': UTF-8 bytes)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--global-batch", type=int)
     p.add_argument("--steps", type=int)
@@ -109,34 +116,21 @@ def join_processes(args: argparse.Namespace) -> None:
 @dataclass(frozen=True)
 class TrainInputs:
     """What the checks before training produce: the mesh (None: one device), the codec of
-    the text, prompt and sample, the token stream (uint16/uint32 [N]) with its EOS id, the
-    packed dataset, and --sample's prompt ids (None: no sample)."""
+    the text, prompt and sample, the data (``train_data.TrainData``: batches, held-out sets,
+    EOS id), and --sample's prompt ids (None: no sample)."""
 
     mesh: Any
     codec: Any
-    tokens: Any
-    eos: int
-    dataset: Any
+    data: Any
     prompt_ids: list[int] | None
 
+    @property
+    def dataset(self) -> Any:
+        return self.data.dataset
 
-def _read_tokens(cfg: TrainConfig, codec: Any) -> tuple[Any, int]:
-    """The training token stream and its EOS id: the token file as it is (EOS from the model
-    config, which must have one), or the text encoded by ``codec`` (EOS from the model
-    config, else 0)."""
-    from hybrid_jax.train import token_file, tokenize_text
-
-    data, model = cfg.data, cfg.model
-    if data.path:
-        tokens, eos = token_file(data.path, data.dtype), model.eos_token_id
-    else:
-        eos = model.eos_token_id if model.eos_token_id is not None else 0
-        codec.check_vocab(model.vocab_size)
-        tokens = tokenize_text(Path(data.text).read_text(encoding="utf-8"), codec, eos,
-                               data.doc_separator)
-    if eos is None:
-        raise ConfigError("model.eos_token_id: needed to split documents in a token file")
-    return tokens, eos
+    @property
+    def eos(self) -> int:
+        return self.data.eos
 
 
 def prepare(args: argparse.Namespace, cfg: TrainConfig) -> TrainInputs:
@@ -144,26 +138,29 @@ def prepare(args: argparse.Namespace, cfg: TrainConfig) -> TrainInputs:
     mesh against the devices, the data, the export directory, --sample and --prompt. Raises
     ConfigError (and the data's, mesh's and tokenizer's ValueErrors, OSError) naming the
     culprit."""
+    from hybrid_jax.cli.train_data import build_data
     from hybrid_jax.convert.output_dir import occupied
     from hybrid_jax.inference.text import ByteCodec, load_tokenizer
     from hybrid_jax.sharding import make_mesh
-    from hybrid_jax.train import PackedDataset
 
     mesh = make_mesh(cfg.mesh) if cfg.mesh is not None else None
     data = cfg.data
-    codec = load_tokenizer(data.tokenizer) if data.tokenizer else ByteCodec()
-    tokens, eos = _read_tokens(cfg, codec)
-    dataset = PackedDataset(tokens, data.seq_len, data.global_batch, eos_id=eos,
-                            vocab_size=cfg.model.vocab_size, seed=data.seed)
+    codec = (load_tokenizer(data.tokenizer) if data.tokenizer not in (None, "bytes")
+             else ByteCodec())
+    # Bits per byte needs the codec the tokens came from: token files name theirs with
+    # data.tokenizer (without it, no bits per byte).
+    bytes_codec = codec if data.tokenizer or data.text else None
+    train_data = build_data(cfg, codec, bytes_codec)
     export = cfg.run.export_hf
     if export and occupied(Path(export)):
         raise ConfigError(f"run.export_hf: {export} already exists and is not empty; "
                           f"choose another directory")
-    if data.path and not data.tokenizer and args.sample > 0:
+    if not data.text and not data.tokenizer and args.sample > 0:
         raise ConfigError("--sample: a token file's ids need --tokenizer to be shown as "
                           "text (or --sample 0)")
-    prompt_ids = _sample_prompt(args, codec, tokens, eos, cfg.model.vocab_size)
-    return TrainInputs(mesh, codec, tokens, eos, dataset, prompt_ids)
+    prompt_ids = _sample_prompt(args, codec, train_data.head, train_data.eos,
+                                cfg.model.vocab_size)
+    return TrainInputs(mesh, codec, train_data, prompt_ids)
 
 
 def _agreed_exit_code(before_training: Callable[[TrainConfig], int | None] | None,
@@ -219,6 +216,22 @@ class _Progress:
             post["MFU"] = f"{tflops / self.peak_tflops:.1%}"
         bar.set_postfix(post)
 
+    def on_eval(self, step: int, record: dict) -> None:
+        """One line per held-out set: loss, perplexity, bits per byte."""
+        if not self.lead:
+            return
+        sets = sorted({key.split("/")[1] for key in record if key.startswith("eval/")})
+        for name in sets:
+            metric = lambda m: record.get(f"eval/{name}/{m}")  # noqa: E731
+            if metric("acc") is not None:
+                _note(f"eval after step {step}: {name} acc {metric('acc'):.4f}, acc_norm "
+                      f"{metric('acc_norm'):.4f} ({metric('items'):.0f} items)", self.bar)
+                continue
+            bpb = metric("bits_per_byte")
+            _note(f"eval after step {step}: {name} loss {metric('loss'):.4f}, perplexity "
+                  f"{metric('perplexity'):.3f}"
+                  f"{f', {bpb:.4f} bits per byte' if bpb is not None else ''}", self.bar)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -248,7 +261,7 @@ def _fit(args: argparse.Namespace, cfg: TrainConfig, inputs: TrainInputs) -> Any
     Raises TrainingError."""
     import jax
 
-    from hybrid_jax.train.loop import train
+    from hybrid_jax.train.loop import EvalPlan, train
 
     lead = jax.process_index() == 0
     run = cfg.run
@@ -258,11 +271,16 @@ def _fit(args: argparse.Namespace, cfg: TrainConfig, inputs: TrainInputs) -> Any
         _announce(args, cfg, inputs)
     progress = _Progress(args, cfg, lead)
     started = time.perf_counter()
+    data = inputs.data
+    evaluation = (EvalPlan(data.heldout, cfg.eval.every, cfg.eval.batch or cfg.data.global_batch,
+                           data.choice, inputs.codec, data.eos)
+                  if data.heldout or data.choice else None)
     try:
-        state = train(cfg.model, cfg.optimizer, inputs.dataset, cfg.loop,
+        state = train(cfg.model, cfg.optimizer, data.dataset, cfg.loop,
                       checkpoint_dir=run.checkpoint_dir, mesh=inputs.mesh,
                       log_file=run.log_path, tensorboard_dir=run.tensorboard_dir,
-                      on_step=progress.on_step)
+                      read=data.read, evaluation=evaluation, on_step=progress.on_step,
+                      on_eval=progress.on_eval)
     finally:
         progress.close()
     first, last = progress.first, progress.last
@@ -351,7 +369,7 @@ def _note(message: str, bar: Any) -> None:
 def _sample_prompt(args: argparse.Namespace, codec: Any, tokens: Any, eos: int,
                    vocab_size: int) -> list[int] | None:
     """--sample's prompt as token ids (None without --sample): --prompt, else the first line of
-    the training stream's first document."""
+    the first document of ``tokens`` (the first source's first tokens)."""
     from hybrid_jax.inference.sampling import SamplingConfig
 
     if args.sample < 0:

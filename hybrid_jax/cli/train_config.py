@@ -1,4 +1,4 @@
-"""``hybrid-jax train``'s run configuration: six sections, merged from layers of plain values,
+"""``hybrid-jax train``'s run configuration: seven sections, merged from layers of plain values,
 then each read into a frozen dataclass that checks it.
 
 Layers, later wins: a command's base layer (``hybrid-jax main``'s defaults), the preset
@@ -22,33 +22,120 @@ if TYPE_CHECKING:  # imported where used: the training stack loads only for trai
     from hybrid_jax.train.loop import LoopConfig
     from hybrid_jax.train.optimizer import OptimizerConfig
 
-SECTIONS = ("model", "optimizer", "loop", "data", "mesh", "run")
+SECTIONS = ("model", "optimizer", "loop", "data", "eval", "mesh", "run")
 Sections = dict[str, dict[str, Any]]  # section -> key -> plain value, before checking
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The ``data`` section: a token file (``path`` in OLMo-core's numpy format, ``dtype``)
-    or a UTF-8 ``text`` file (encoded with ``tokenizer``, a tokenizer.json, else as bytes;
-    split into documents at ``doc_separator``, None: one document); rows of ``seq_len``
-    tokens, ``global_batch`` rows a step, in an order set by ``seed``."""
+    """The ``data`` section, exactly one of: ``path``, token files (OLMo-core's numpy format,
+    ``dtype``; a path, a glob or a list of them: one source); ``text``, a UTF-8 file (encoded
+    with ``tokenizer``, a tokenizer.json, else (or "bytes") as bytes; split into documents at
+    ``doc_separator``, None: one document); ``sources``, a mixture: a list of
+    {name, paths (path, glob or list), weight (default 1), dtype (default ``dtype``)}.
 
-    path: str | None = None
+    Rows of ``seq_len`` tokens, ``global_batch`` rows a step, in an order set by ``seed``.
+    ``holdout``: the fraction of each source's rows (its last ones) kept out of training and
+    evaluated as held-out set "holdout" ("holdout.<source>" for several sources) when
+    ``eval.every`` is set. ``threads`` read rows in parallel, ``prefetch`` batches ahead.
+    With token files, ``tokenizer`` names the codec their ids come from (for bits per byte,
+    multiple-choice tasks and --sample)."""
+
+    path: str | list[str] | None = None
     dtype: str = "uint16"
     text: str | None = None
     tokenizer: str | None = None
     doc_separator: str | None = "\n\n"
+    sources: list[dict[str, Any]] | None = None
     seq_len: int = 256
     global_batch: int = 8
     seed: int = 0
+    holdout: float = 0.0
+    threads: int = 2
+    prefetch: int = 4
 
     def __post_init__(self) -> None:
         separator = self.doc_separator
         if separator is not None and (not isinstance(separator, str) or not separator):
             raise ConfigError(f"data.doc_separator: expected a non-empty string or null (one "
                               f"document), got {separator!r}")
-        if bool(self.path) == bool(self.text):
-            raise ConfigError("data: give exactly one of path (a token file) or text")
+        given = [k for k in ("path", "text", "sources") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError(f"data: give exactly one of path (token files), text or sources "
+                              f"(a mixture); got {given or 'none'}")
+        if self.sources is not None:
+            _check_sources(self.sources)
+        h = self.holdout
+        if isinstance(h, bool) or not isinstance(h, int | float) or not 0 <= h < 1:
+            raise ConfigError(f"data.holdout: expected a fraction in [0, 1), got {h!r}")
+
+
+_SOURCE_KEYS = {"name", "paths", "weight", "dtype"}
+
+
+def _check_sources(sources: Any) -> None:
+    """data.sources: a non-empty list of mappings with known keys, each with paths."""
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError(f"data.sources: expected a non-empty list of sources, got "
+                          f"{sources!r}")
+    for i, source in enumerate(sources):
+        where = f"data.sources[{i}]"
+        if not isinstance(source, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {source!r}")
+        unknown = sorted(set(source) - _SOURCE_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} (keys: {sorted(_SOURCE_KEYS)})")
+        if not source.get("paths"):
+            raise ConfigError(f"{where}: paths (a path, glob or list of them) is required")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The ``eval`` section: evaluation during training, after every ``every`` steps (None:
+    none) and after the last. ``heldout``: held-out token files (a path, glob or list: one set
+    named "heldout"; or a mapping of set name to paths), read as ``dtype`` (default
+    data.dtype); ``max_rows`` the first rows of each set (None: all); ``batch`` rows at a time
+    (default data.global_batch). data.holdout adds the training sources' held-out tails.
+    ``choice``: multiple-choice tasks (JSON-lines files, ``hybrid_jax.eval.choice``: a path or
+    list, each named by its file's stem, or a mapping of name to path), their first
+    ``choice_limit`` items (None: all), scored with data.tokenizer's codec."""
+
+    every: int | None = None
+    heldout: str | list[str] | dict[str, Any] | None = None
+    dtype: str | None = None
+    max_rows: int | None = None
+    batch: int | None = None
+    choice: str | list[str] | dict[str, str] | None = None
+    choice_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("every", "max_rows", "batch", "choice_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ConfigError(f"eval.{name}: expected a positive int or null, got "
+                                  f"{value!r}")
+        for name in ("heldout", "choice"):
+            if getattr(self, name) is not None and self.every is None:
+                raise ConfigError(f"eval.{name}: set eval.every, the steps between "
+                                  f"evaluations")
+
+    def heldout_paths(self) -> dict[str, Any]:
+        """Set name -> its paths (globs)."""
+        if self.heldout is None:
+            return {}
+        if isinstance(self.heldout, dict):
+            return dict(self.heldout)
+        return {"heldout": self.heldout}
+
+    def choice_paths(self) -> dict[str, str]:
+        """Task name -> its JSON-lines file."""
+        if self.choice is None:
+            return {}
+        if isinstance(self.choice, dict):
+            return {str(k): str(v) for k, v in self.choice.items()}
+        paths = [self.choice] if isinstance(self.choice, str) else self.choice
+        return {Path(p).stem: str(p) for p in paths}
 
 
 @dataclass(frozen=True)
@@ -72,12 +159,13 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The six sections, checked; ``mesh`` None: one device."""
+    """The seven sections, checked; ``mesh`` None: one device."""
 
     model: ModelConfig
     optimizer: OptimizerConfig
     loop: LoopConfig
     data: DataConfig
+    eval: EvalConfig
     mesh: MeshShape | None
     run: RunConfig
 
@@ -138,7 +226,8 @@ def _set_values(items: list[str]) -> Sections:
 def merge_layers(args: argparse.Namespace) -> Sections:
     """The merged configuration (sections of plain values), before checking: a command's
     base layer (``args.base_config``, sections; ``hybrid-jax main``'s defaults) < --config <
-    flags < --set; with neither data.path nor data.text set, ``args.fallback_text``."""
+    flags < --set; with none of data.path, data.text or data.sources set,
+    ``args.fallback_text``."""
     base = getattr(args, "base_config", None) or {}
     layers = [base, _read_config_file(args.config) if args.config is not None else {},
               _flag_values(args), _set_values(args.set)]
@@ -147,7 +236,7 @@ def merge_layers(args: argparse.Namespace) -> Sections:
         for section, values in layer.items():
             cfg[section].update(values)
     fallback = getattr(args, "fallback_text", None)
-    if fallback is not None and not cfg["data"].get("path") and not cfg["data"].get("text"):
+    if fallback is not None and not any(cfg["data"].get(k) for k in ("path", "text", "sources")):
         cfg["data"]["text"] = fallback
     return cfg
 
@@ -178,6 +267,7 @@ def check_sections(cfg: Sections, preset: str) -> TrainConfig:
 
     model = _section(ModelConfig, "model", cfg["model"], PRESETS[preset]())
     data = _section(DataConfig, "data", cfg["data"])
+    evaluation = _section(EvalConfig, "eval", cfg.get("eval", {}))
     run = _section(RunConfig, "run", cfg["run"])
     steps = cfg["loop"].get("steps", 100)
     optimizer = _section(OptimizerConfig, "optimizer", {
@@ -185,7 +275,7 @@ def check_sections(cfg: Sections, preset: str) -> TrainConfig:
         **cfg["optimizer"]})
     loop = _section(LoopConfig, "loop", {"steps": steps, **cfg["loop"]})
     mesh = _section(MeshShape, "mesh", cfg["mesh"]) if cfg["mesh"] else None
-    return TrainConfig(model, optimizer, loop, data, mesh, run)
+    return TrainConfig(model, optimizer, loop, data, evaluation, mesh, run)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -194,5 +284,5 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return check_sections(merge_layers(args), args.preset)
 
 
-__all__ = ["DataConfig", "RunConfig", "SECTIONS", "TrainConfig", "check_sections",
+__all__ = ["DataConfig", "EvalConfig", "RunConfig", "SECTIONS", "TrainConfig", "check_sections",
            "merge_layers", "train_config"]

@@ -55,6 +55,11 @@ class TextCodec:
     def stream(self) -> TextStream:
         raise NotImplementedError
 
+    def byte_length(self, ids: Sequence[int]) -> int:
+        """UTF-8 bytes of the text ``ids`` stand for (the denominator of bits per byte);
+        special tokens stand for none."""
+        return len(self.decode(ids).encode("utf-8"))
+
     def check_vocab(self, vocab_size: int) -> None:
         """Raise TokenizerError if a model with ``vocab_size`` tokens cannot use this codec."""
 
@@ -135,6 +140,9 @@ class ByteCodec(TextCodec):
 
     def decode(self, ids: Sequence[int]) -> str:
         return _bytes(ids).decode("utf-8", errors="replace")
+
+    def byte_length(self, ids: Sequence[int]) -> int:
+        return len(_bytes(ids))  # exact, even for a piece that cuts a character
 
     def stream(self) -> TextStream:
         return _ByteStream()

@@ -1,7 +1,8 @@
-"""Training: sharded state, packed data, the loss, AdamW as OLMo sets it up, and the train
-step."""
+"""Training: sharded state, the loss, AdamW as OLMo sets it up, and the train step (the data
+they train on: ``hybrid_jax.data``)."""
 
-from hybrid_jax.train.data import DataError, PackedDataset, token_file, tokenize_text
+from hybrid_jax.data.pipeline import PackedDataset
+from hybrid_jax.data.token_files import DataError, token_file, tokenize_text
 from hybrid_jax.train.loss import lm_loss_sums, next_token_targets
 from hybrid_jax.train.optimizer import (
     OptimizerConfig,
@@ -19,7 +20,7 @@ from hybrid_jax.train.state import (
     train_state_shardings,
     with_shardings,
 )
-from hybrid_jax.train.step import jit_train_step, make_train_step, scan_steps
+from hybrid_jax.train.step import jit_train_step, make_loss_fn, make_train_step, scan_steps
 
 __all__ = [
     "DataError",
@@ -32,6 +33,7 @@ __all__ = [
     "jit_train_step",
     "lm_loss_sums",
     "lower_sharded_init",
+    "make_loss_fn",
     "make_optimizer",
     "make_schedule",
     "make_train_step",

@@ -1,11 +1,14 @@
 """Training checkpoints: orbax ``CheckpointManager`` with asynchronous saves, the last N kept,
 and a resume that falls back past a corrupt or partial latest checkpoint.
 
-Each step directory holds the whole ``TrainState`` (step, parameters, optimizer state,
-bad-step count). The data position is the state's ``step`` (batches are a pure function of the
-step) and training draws no other randomness, so a restored state continues exactly. Restoring
-takes an abstract state whose leaves carry the target shardings: a checkpoint saved on one
-mesh restores onto another.
+Each step directory holds three items: ``default``, the whole ``TrainState`` (step,
+parameters, optimizer state, bad-step count); ``data``, the input pipeline's state (JSON: the
+next step, the process count, the data's fingerprint; batches are a pure function of the step);
+``model_config``, the model's configuration (JSON), so that a run directory alone can be
+evaluated. Training draws no other randomness, so a restored state continues exactly.
+Restoring takes an abstract state whose leaves carry the target shardings: a checkpoint saved on
+one mesh restores onto another. Checkpoints written before the last two items existed still
+restore (their data position is their step).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import orbax.checkpoint as ocp
 from hybrid_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+DATA_ITEM = "data"  # the input pipeline's state beside the train state
+CONFIG_ITEM = "model_config"  # the model's configuration, for evaluating a run directory
 
 
 class CheckpointError(RuntimeError):
@@ -41,7 +47,7 @@ class TrainCheckpoints:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            self.directory,
+            self.directory, item_names=("default", DATA_ITEM, CONFIG_ITEM),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=asynchronous))
 
@@ -51,13 +57,19 @@ class TrainCheckpoints:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
-    def save(self, state: TrainState, *, force: bool = False) -> None:
-        """Start saving ``state`` under its step (returns before the write finishes unless the
-        manager is synchronous). Refuses parameters that are not all finite."""
+    def save(self, state: TrainState, *, data: dict | None = None,
+             model_config: dict | None = None, force: bool = False) -> None:
+        """Start saving ``state`` under its step, with the input pipeline's ``data`` state and
+        the ``model_config`` (JSON-able dicts, optional); returns before the write finishes
+        unless the manager is synchronous. Refuses parameters that are not all finite."""
         if not bool(_all_finite(state.params)):
             raise CheckpointError(f"step {int(state.step)}: parameters are not all finite; "
                                   f"not saving them")
-        self._manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+        items = {"default": ocp.args.StandardSave(state)}
+        for name, value in ((DATA_ITEM, data), (CONFIG_ITEM, model_config)):
+            if value is not None:
+                items[name] = ocp.args.JsonSave(value)
+        self._manager.save(int(state.step), args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
@@ -70,7 +82,8 @@ class TrainCheckpoints:
         steps = self.steps()
         for step in reversed(steps):
             try:
-                state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+                state = self._manager.restore(step, args=ocp.args.Composite(
+                    default=ocp.args.StandardRestore(abstract)))["default"]
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 log.warning("checkpoint %s is unreadable (%s: %s); trying the one before",
                             self.directory / str(step), type(e).__name__, str(e)[:300])
@@ -84,6 +97,27 @@ class TrainCheckpoints:
             raise CheckpointError(f"{self.directory}: none of the checkpoints {steps} could be "
                                   f"restored")
         return None
+
+    def json_item(self, step: int, name: str) -> dict | None:
+        """Checkpoint ``step``'s JSON item ``name`` (``DATA_ITEM``, ``CONFIG_ITEM``); None
+        where that checkpoint has none (written before it existed)."""
+        if not (self.directory / str(step) / name).is_dir():
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.JsonRestore()}))[name]
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of checkpoint ``step`` (no optimizer state is read), as
+        ``abstract_params`` describes them (shapes, dtypes, shardings)."""
+        # Each leaf as its abstract twin says: shape, dtype (cast on read), sharding.
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+        with ocp.PyTreeCheckpointer() as reader:
+            restored = reader.restore(self.directory / str(step) / "default",
+                                      args=ocp.args.PyTreeRestore(
+                                          item={"params": abstract_params},
+                                          restore_args={"params": restore_args},
+                                          partial_restore=True))
+        return restored["params"]
 
     def close(self) -> None:
         self._manager.wait_until_finished()

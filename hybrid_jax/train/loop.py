@@ -1,13 +1,16 @@
 """The training loop: resume from the newest readable checkpoint, step through the dataset,
-log every step, checkpoint every few steps, stop on repeated non-finite losses."""
+log every step, evaluate held-out sets and checkpoint every few steps, stop on repeated
+non-finite losses."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +18,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.convert.orbax_io import config_to_json
+from hybrid_jax.data.pipeline import PackedDataset, ReadConfig, data_state, resume_changes
+from hybrid_jax.eval.choice import ChoiceTask, score_choice_task
+from hybrid_jax.eval.heldout import HeldoutEvaluator, HeldoutSet
 from hybrid_jax.sharding import (
     LogicalRules,
     check_batch,
     micro_batches_sharding,
 )
-from hybrid_jax.train.checkpoint import TrainCheckpoints
-from hybrid_jax.train.data import PackedDataset
+from hybrid_jax.train.checkpoint import DATA_ITEM, TrainCheckpoints
 from hybrid_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
 from hybrid_jax.train.state import (
     TrainState,
@@ -32,6 +38,9 @@ from hybrid_jax.train.state import (
     with_shardings,
 )
 from hybrid_jax.train.step import jit_train_step, make_train_step
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -66,6 +75,26 @@ class LoopConfig:
                 raise ValueError(f"LoopConfig.{name}: must be a positive int, got {value!r}")
 
 
+@dataclass(frozen=True, eq=False)
+class EvalPlan:
+    """Evaluation during training, after every ``every`` steps and after the last: the
+    ``heldout`` sets, ``batch`` rows at a time, and the multiple-choice tasks ``choice``
+    (encoded with ``codec``, an empty context as ``prefix_token``; single-process runs)."""
+
+    heldout: tuple[HeldoutSet, ...]
+    every: int
+    batch: int
+    choice: tuple[ChoiceTask, ...] = ()
+    codec: Any = None
+    prefix_token: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("every", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"eval.{name}: must be a positive int, got {value!r}")
+
+
 def _targets(abstract: TrainState, shardings: TrainState | None) -> TrainState:
     """Abstract arrays carrying where each restored leaf goes (one device without a mesh)."""
     if shardings is None:
@@ -78,16 +107,25 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
           dataset: PackedDataset, loop: LoopConfig, *,
           checkpoint_dir: str | Path | None = None, mesh: Mesh | None = None,
           rules: LogicalRules | None = None, log_file: str | Path | None = None,
-          tensorboard_dir: str | Path | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> TrainState:
+          tensorboard_dir: str | Path | None = None, read: ReadConfig = ReadConfig(),
+          evaluation: EvalPlan | None = None,
+          on_step: Callable[[int, dict], None] | None = None,
+          on_eval: Callable[[int, dict], None] | None = None) -> TrainState:
     """Train to ``loop.steps``, resuming from ``checkpoint_dir``'s newest readable checkpoint.
 
     Every step appends {"step", "loss", "ce", "z_loss", "grad_norm", "lr", "tokens",
     "skipped", "tokens_per_s"} as a JSON line to ``log_file`` (process 0 only) and passes it to
     ``on_step``, and, given ``tensorboard_dir``, writes each as a TensorBoard scalar
-    (tensorboardX event files, process 0 only). With several processes
-    (``hybrid_jax.distributed.initialize_distributed``), each reads only its slice of every
-    global batch.
+    (tensorboardX event files, process 0 only). With ``evaluation``, the parameters after
+    every ``evaluation.every`` steps (and after the last) are evaluated on its held-out sets;
+    the metrics go to the same sinks as {"step": the last step, "eval/<set>/<metric>": ...}
+    (``read_log`` merges them into that step's record) and to ``on_eval``.
+
+    Batches stream from ``dataset``'s grain iterator (``read``: threads and prefetch); each
+    checkpoint keeps the iterator's state and the model config beside the train state, and a
+    resume says which data settings changed since (the batches then follow the new data).
+    With several processes (``hybrid_jax.distributed.initialize_distributed``), each reads
+    only its slice of every global batch.
     Raises ``TrainingError`` after ``loop.max_bad_steps`` non-finite steps in a row (their
     parameters are never applied, and never saved).
     """
@@ -101,20 +139,28 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
     if state is None:
         state = init_train_state(model_config, optimizer, mesh=mesh, rules=rules,
                                  seed=loop.seed)
+    elif checkpoints is not None:
+        _check_resume(checkpoints, dataset, int(state.step))
     step_fn = jit_train_step(
         make_train_step(template, optimizer, z_loss_weight=loop.z_loss_weight,
                         schedule=make_schedule(optimizer_config), mesh=mesh, rules=rules),
         shardings, mesh, rules, steps_per_call=loop.steps_per_call)
-    call_batch = _call_batches(dataset, loop, mesh, rules)
+    evaluate = _evaluator(template, evaluation, mesh, rules)
+    every = evaluation.every if evaluate is not None else loop.steps
+    count = jax.process_count()
+    batches = dataset.iterator(int(state.step), jax.process_index(), count, read)
+    call_batch = _call_batches(dataset, batches, loop, mesh, rules)
     # One log for the run: process 0 writes it (every process sees the same global metrics).
     sinks = _MetricSinks(log_file, tensorboard_dir, on_step, jax.process_index() == 0)
+    saved_config = config_to_json(model_config)
     try:
         step = int(state.step)
         bad_run = int(state.bad_steps)
         while step < loop.steps:
-            # A call never runs past the next checkpoint or the end, so every run (resumed
-            # or not) cuts its steps into the same calls.
-            boundary = min(loop.steps, (step // loop.checkpoint_every + 1) * loop.checkpoint_every)
+            # A call never runs past the next checkpoint, evaluation or the end, so every run
+            # (resumed or not) cuts its steps into the same calls.
+            boundary = min(loop.steps, _next_multiple(step, loop.checkpoint_every),
+                           _next_multiple(step, every))
             k = min(loop.steps_per_call, boundary - step)
             start = time.perf_counter()
             state, metrics = step_fn(state, call_batch(step, k))
@@ -132,21 +178,69 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
                                         f"gradients in a row; stopping (parameters of step "
                                         f"{step + i + 1 - bad_run} kept)")
             step += k
+            if evaluate is not None and (step % every == 0 or step == loop.steps):
+                sinks.write_eval(step - 1, evaluate(state.params), on_eval)
             if checkpoints is not None and (step % loop.checkpoint_every == 0
                                             or step == loop.steps):
-                checkpoints.save(state)
+                checkpoints.save(state, data=data_state(dataset, step, count),
+                                 model_config=saved_config)
     finally:
         sinks.close()
+        batches.close()
         if checkpoints is not None:
             checkpoints.close()
     return state
 
 
-def _call_batches(dataset: PackedDataset, loop: LoopConfig, mesh: Mesh | None,
+def _evaluator(template: Any, plan: EvalPlan | None, mesh: Mesh | None,
+               rules: LogicalRules | None) -> Callable[[dict], dict] | None:
+    """``evaluate(params) -> {set or task: metrics}`` of ``plan`` (None: nothing to do)."""
+    if plan is None or not (plan.heldout or plan.choice):
+        return None
+    if plan.choice and jax.process_count() > 1:
+        raise ValueError("eval.choice: multiple-choice tasks run in single-process runs only")
+    heldout = (HeldoutEvaluator(template, list(plan.heldout), plan.batch, mesh=mesh,
+                                rules=rules) if plan.heldout else None)
+
+    def evaluate(params: dict) -> dict:
+        results = heldout(params) if heldout is not None else {}
+        if plan.choice:
+            model = template.model(params)
+            for task in plan.choice:
+                results[task.name] = score_choice_task(model, task, plan.codec,
+                                                       prefix_token=plan.prefix_token,
+                                                       batch_size=plan.batch)
+        return results
+
+    return evaluate
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
+
+
+def _check_resume(checkpoints: TrainCheckpoints, dataset: PackedDataset, step: int) -> None:
+    """Say (log) how the data differs from what checkpoint ``step`` was trained on, and when
+    the process count changed (the batches do not: each is a function of its step)."""
+    saved = checkpoints.json_item(step, DATA_ITEM)
+    if saved is None:
+        return  # written before checkpoints kept the data state: the step is its position
+    where = checkpoints.directory / str(step)
+    for change in resume_changes(saved, dataset, step):
+        log.warning("%s: the data changed since this checkpoint (%s); batches from step %d "
+                    "follow the new data", where, change, step)
+    before, now = int(saved.get("process_count", 1)), jax.process_count()
+    if before != now:
+        log.warning("%s was written by %d processes, resumed by %d: each reads its slice of "
+                    "the same global batches", where, before, now)
+
+
+def _call_batches(dataset: PackedDataset, batches, loop: LoopConfig, mesh: Mesh | None,
                   rules: LogicalRules | None) -> Callable[[int, int], dict]:
-    """``call_batch(first, k)``: steps first .. first+k-1 of this process's data as the jitted
-    call takes them ([A, B/A, T] per step, stacked to [K, A, B/A, T] when a call runs several
-    steps), made global arrays over ``mesh``. Checks the batch against the mesh first."""
+    """``call_batch(first, k)``: steps first .. first+k-1 of this process's data, the next k
+    of the ``batches`` iterator, as the jitted call takes them ([A, B/A, T] per step, stacked
+    to [K, A, B/A, T] when a call runs several steps), made global arrays over ``mesh``.
+    Checks the batch against the mesh first."""
     per_call, a = loop.steps_per_call, loop.micro_batches
     if dataset.global_batch % a:
         raise ValueError(f"LoopConfig.micro_batches: {a} does not divide the global batch "
@@ -157,10 +251,12 @@ def _call_batches(dataset: PackedDataset, loop: LoopConfig, mesh: Mesh | None,
                     "batch [micro-batches, rows, positions]")
         if per_call > 1:  # calls take [K, A, B, T]
             stacked = NamedSharding(mesh, PartitionSpec(None, *stacked.spec))
-    index, count = jax.process_index(), jax.process_count()
 
     def call_batch(first: int, k: int) -> dict:
-        hosts = [dataset.batch(s, index, count) for s in range(first, first + k)]
+        position = batches.get_state()["next_index"]
+        if position != first:  # the loop and the iterator disagree: never train on the wrong rows
+            raise RuntimeError(f"data iterator at step {position}, training at step {first}")
+        hosts = [next(batches) for _ in range(k)]
         local = {key: np.stack([h[key].reshape(a, h[key].shape[0] // a, *h[key].shape[1:])
                                 for h in hosts]) for key in hosts[0]}
         if per_call == 1:
@@ -196,9 +292,25 @@ class _MetricSinks:
         if self.board is not None:
             for name, value in record.items():
                 if name != "step":
-                    self.board.add_scalar(f"train/{name}", value, global_step=step)
+                    tag = name if "/" in name else f"train/{name}"
+                    self.board.add_scalar(tag, value, global_step=step)
         if self.on_step is not None:
             self.on_step(step, record)
+
+    def write_eval(self, step: int, results: dict[str, dict[str, float]],
+                   on_eval: Callable[[int, dict], None] | None) -> None:
+        """Held-out ``results`` (set -> metric -> value) of the parameters after ``step``, as
+        one record of "eval/<set>/<metric>" values."""
+        record = {"step": step, **{f"eval/{name}/{metric}": value
+                                   for name, metrics in results.items()
+                                   for metric, value in metrics.items()}}
+        on_step, self.on_step = self.on_step, None
+        try:
+            self.write(record)
+        finally:
+            self.on_step = on_step
+        if on_eval is not None:
+            on_eval(step, record)
 
     def close(self) -> None:
         if self.log is not None:
@@ -208,12 +320,12 @@ class _MetricSinks:
 
 
 def read_log(path: str | Path) -> dict[int, dict]:
-    """A JSONL training log by step; a step logged twice (re-run after a resume) keeps its
-    last record."""
+    """A JSONL training log by step, a step's records (training, evaluation) merged; a value
+    logged twice (a step re-run after a resume) keeps its last."""
     out: dict[int, dict] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            out[int(record["step"])] = record
+            out.setdefault(int(record["step"]), {}).update(record)
     return out
 

@@ -26,33 +26,14 @@ from hybrid_jax.train.state import ModelTemplate, TrainState
 Batch = dict[str, jax.Array]
 
 
-def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransformation, *,
-                    z_loss_weight: float = 0.0, schedule: optax.Schedule | None = None,
-                    mesh: Mesh | None = None, rules: LogicalRules | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """``step(state, batch) -> (state, metrics)``, pure.
-
-    ``batch``: "tokens" [A, B, T] int and optionally "segment_ids" [A, B, T] (packed documents;
-    segment 0 is padding), A micro-batches accumulated into one update. The loss is summed over
-    every micro-batch's unmasked tokens and divided by their total, so A micro-batches of B rows
-    give the same update as one batch of A*B rows.
-
-    The model's ``loss_method`` picks the loss: "chunked" takes it ``loss_chunk_size``
-    positions of each row at a time (``ops.lm_head_loss``, no [B, T, V] logits; with positions
-    split over the context axis, that many of each device's piece), "full" from the model's
-    logits, "auto" chunked when T is longer than ``loss_chunk_size``.
-
-    A step whose loss or gradient norm is not finite leaves parameters and optimizer state as
-    they were and counts in ``bad_steps``; a good step resets that count.
-    Metrics: loss (cross-entropy + z-loss), ce, z_loss, tokens, grad_norm, skipped, and lr
-    when ``schedule`` is given.
-
-    With ``mesh``, each micro-batch's rows and positions and the model's activations are
-    pinned by ``rules`` (``sharding.activation_sharding``): batch over data x fsdp, positions
-    over context, heads / MLP columns / vocabulary over tensor.
-    """
+def make_loss_fn(template: ModelTemplate, *, z_loss_weight: float = 0.0,
+                 mesh: Mesh | None = None, rules: LogicalRules | None = None
+                 ) -> Callable[[dict, Batch], tuple[jax.Array, dict]]:
+    """``loss_fn(params, micro) -> (loss, sums)``: one micro-batch's summed loss (cross-entropy
+    + z-loss + the MoE balancing loss) and its float32 sums "ce", "z", "tokens" (and "aux"),
+    as ``make_train_step`` differentiates it and held-out evaluation reads it. ``micro``:
+    "tokens" [B, T] int and optionally "segment_ids" [B, T] (0: padding, never scored)."""
     rows = batch_sharding(mesh, rules) if mesh is not None else None
-    has_moe = template.config.has_moe
 
     def loss_fn(params: dict, micro: Batch):
         tokens = micro["tokens"]
@@ -83,7 +64,37 @@ def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransforma
         loss = sums.pop("loss")
         return loss, sums
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    return loss_fn
+
+
+def make_train_step(template: ModelTemplate, optimizer: optax.GradientTransformation, *,
+                    z_loss_weight: float = 0.0, schedule: optax.Schedule | None = None,
+                    mesh: Mesh | None = None, rules: LogicalRules | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """``step(state, batch) -> (state, metrics)``, pure.
+
+    ``batch``: "tokens" [A, B, T] int and optionally "segment_ids" [A, B, T] (packed documents;
+    segment 0 is padding), A micro-batches accumulated into one update. The loss is summed over
+    every micro-batch's unmasked tokens and divided by their total, so A micro-batches of B rows
+    give the same update as one batch of A*B rows.
+
+    The model's ``loss_method`` picks the loss: "chunked" takes it ``loss_chunk_size``
+    positions of each row at a time (``ops.lm_head_loss``, no [B, T, V] logits; with positions
+    split over the context axis, that many of each device's piece), "full" from the model's
+    logits, "auto" chunked when T is longer than ``loss_chunk_size``.
+
+    A step whose loss or gradient norm is not finite leaves parameters and optimizer state as
+    they were and counts in ``bad_steps``; a good step resets that count.
+    Metrics: loss (cross-entropy + z-loss), ce, z_loss, tokens, grad_norm, skipped, and lr
+    when ``schedule`` is given.
+
+    With ``mesh``, each micro-batch's rows and positions and the model's activations are
+    pinned by ``rules`` (``sharding.activation_sharding``): batch over data x fsdp, positions
+    over context, heads / MLP columns / vocabulary over tensor.
+    """
+    has_moe = template.config.has_moe
+    grad_fn = jax.grad(make_loss_fn(template, z_loss_weight=z_loss_weight, mesh=mesh,
+                                    rules=rules), has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         names = ("ce", "z", "tokens") + (("aux",) if has_moe else ())
