@@ -43,7 +43,7 @@ def test_main_job_trains_and_samples(tmp_path, capsys):
     held = records[3]
     assert held["eval/holdout/tokens"] > 0
     assert 0 < held["eval/holdout/bits_per_byte"] < 9 and math.isfinite(held["eval/holdout/loss"])
-    assert "eval after step 2: holdout loss" in err
+    assert "eval after 3 steps: holdout loss" in err
     assert (run / "3").is_dir()  # the final checkpoint
     # 40 new bytes after the corpus's first line, on stdout and in sample.txt.
     assert "sample: 40 tokens after 15 prompt tokens" in err

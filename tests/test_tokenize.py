@@ -261,3 +261,16 @@ def test_command_end_to_end(tmp_path, tok_path, capsys):
     assert err == [f"error: {out / 'a.npy'}: already exists (pass --overwrite to replace it)"]
     assert main([*argv, "--overwrite"]) == 0
     check_outputs(out, docs, tok_path)
+
+
+def test_command_reports_a_bad_input_file_in_one_line(tmp_path, tok_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    other = tmp_path / "x.csv"
+    other.write_text("a,b\n")
+    for path, message in ((bad, f"{bad}:2: invalid JSON"), (other, "unknown input kind")):
+        assert main(["tokenize", str(path), "--out", str(tmp_path / "out"), "--tokenizer",
+                     tok_path, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

@@ -90,6 +90,7 @@ def test_rows_carry_segments_and_bad_ids_are_named(tmp_path):
     ds = _dataset()
     batch = ds.batch(1)
     np.testing.assert_array_equal(batch["segment_ids"], segment_ids(batch["tokens"], 0))
+    assert batch["tokens"].dtype == batch["segment_ids"].dtype == np.int32
     bad = (np.arange(1000) % 97).astype(np.uint16)
     bad[512] = 500
     bad.tofile(tmp_path / "bad.npy")

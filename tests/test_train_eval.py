@@ -108,6 +108,7 @@ def test_eval_errors_name_the_culprit(run, capsys):
 def test_choice_pairs_split_like_the_harness(tmp_path):
     codec = ByteCodec()
     assert pair_ids(codec, "a dog ", "runs", EOS) == (list(b"a dog"), list(b" runs"))
+    assert pair_ids(codec, "Q: 2+2?\nA:\n", "4", EOS) == (list(b"Q: 2+2?\nA:"), list(b"\n4"))
     assert pair_ids(codec, "", "the", EOS) == ([EOS], list(b"the"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "x", "choices": ["a", "b"], "label": 0}\n'
@@ -115,3 +116,15 @@ def test_choice_pairs_split_like_the_harness(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: \"choices\" must be a list"):
         read_choice_task(bad)
     assert len(read_choice_task(bad, limit=1).items) == 1
+
+
+def test_a_training_run_loads_its_parameters_onto_the_device(run):
+    import jax
+    from flax import nnx
+
+    from hybrid_jax.eval.checkpoints import load_train_run
+
+    model, step = load_train_run(run["ckpt"], dtype="bfloat16")
+    leaves = jax.tree.leaves(nnx.state(model))
+    assert step == 4 and model.config.dtype == "bfloat16"
+    assert all(isinstance(x, jax.Array) and x.dtype == jax.numpy.bfloat16 for x in leaves)

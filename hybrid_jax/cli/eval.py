@@ -55,6 +55,8 @@ _LM_EVAL_COMMANDS = ("run", "ls", "validate")
 _OWN_OPTIONS = ("checkpoint", "tasks", "include_path", "limit", "num_fewshot", "output", "dtype",
                 "tokenizer", "max_length", "max_gen_toks", "seq_len", "eos_id", "max_rows",
                 "step")
+# Those of them that have defaults: given when they differ from them.
+_OWN_DEFAULTS = {"heldout": [], "batch_size": 8, "token_dtype": "uint16"}
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,13 +72,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task (a fraction below 1: that share of them)")
     p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--output", metavar="FILE.json", help="write lm-eval's results here")
+    p.add_argument("--output", metavar="FILE.json",
+                   help="write the results here (lm-eval's, and the held-out sets' under "
+                        "\"heldout\")")
     p.add_argument("--log-samples", action="store_true",
                    help="also write each request's inputs and outputs to --output")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter and compute dtype (default: the checkpoint's)")
     p.add_argument("--tokenizer", metavar="FILE", default=None,
-                   help="tokenizer.json (default: DIR/tokenizer.json)")
+                   help="tokenizer.json (default: DIR/tokenizer.json); for --heldout alone, "
+                        "'bytes' counts UTF-8 bytes")
     p.add_argument("--max-length", type=int, default=None,
                    help="longest input in tokens (default: the config's max_position_embeddings)")
     p.add_argument("--max-gen-toks", type=int, default=None,
@@ -221,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         if args.passthrough[0] not in PASSTHROUGH:
             raise UsageError(f"unrecognized arguments: {' '.join(args.passthrough)}")
         own = [f"--{k.replace('_', '-')}" for k in _OWN_OPTIONS if getattr(args, k) is not None]
+        own += [f"--{k.replace('_', '-')}" for k, default in _OWN_DEFAULTS.items()
+                if getattr(args, k) != default]
         if own:
             raise UsageError(f"{' '.join(own)} before lm-eval: lm-eval takes its own options "
                              f"(--model_args checkpoint=DIR,..., --tasks, --include_path, ...)")

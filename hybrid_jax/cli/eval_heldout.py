@@ -61,6 +61,8 @@ def run_heldout(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from hybrid_jax.eval.heldout import HeldoutEvaluator, heldout_set
     from hybrid_jax.train.state import model_template
 
+    if args.max_rows is not None and args.max_rows < 1:
+        raise CommandError(f"--max-rows must be positive, got {args.max_rows}")
     if args.seq_len is None or args.seq_len < 2:
         raise CommandError("--seq-len: the held-out rows' length (as in training) is required")
     sets = _sets(args.heldout)

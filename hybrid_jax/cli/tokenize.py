@@ -70,7 +70,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Tokenize the inputs: 0 success, 2 bad input (one ``error:`` line naming the culprit)."""
-    from hybrid_jax.data.tokenize import TokenizeError, tokenize_files
+    from hybrid_jax.data import DataError
+    from hybrid_jax.data.tokenize import tokenize_files
 
     separator = None if args.doc_separator is None else unescape(args.doc_separator)
     try:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             args.inputs, args.out, args.tokenizer, field=args.field, fmt=args.format,
             dtype=args.dtype, eos_id=args.eos_id, doc_separator=separator,
             workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
-    except TokenizeError as e:
+    except DataError as e:  # a tokenizer, option or input file, named
         return error(str(e))
     except OSError as e:  # unwritable output directory, full disk, ...
         return error(f"{e.filename}: {e.strerror}" if e.filename else str(e))

@@ -117,12 +117,14 @@ def join_processes(args: argparse.Namespace) -> None:
 class TrainInputs:
     """What the checks before training produce: the mesh (None: one device), the codec of
     the text, prompt and sample, the data (``train_data.TrainData``: batches, held-out sets,
-    EOS id), and --sample's prompt ids (None: no sample)."""
+    EOS id), --sample's prompt ids (None: no sample), and the evaluation during training
+    (``hybrid_jax.eval.TrainingEvaluator``; None: none)."""
 
     mesh: Any
     codec: Any
     data: Any
     prompt_ids: list[int] | None
+    evaluate: Any = None
 
     @property
     def dataset(self) -> Any:
@@ -160,7 +162,21 @@ def prepare(args: argparse.Namespace, cfg: TrainConfig) -> TrainInputs:
                           "text (or --sample 0)")
     prompt_ids = _sample_prompt(args, codec, train_data.head, train_data.eos,
                                 cfg.model.vocab_size)
-    return TrainInputs(mesh, codec, train_data, prompt_ids)
+    return TrainInputs(mesh, codec, train_data, prompt_ids, _evaluator(cfg, train_data, codec,
+                                                                       mesh))
+
+
+def _evaluator(cfg: TrainConfig, data: Any, codec: Any, mesh: Any) -> Any:
+    """The evaluation during training that cfg.eval and the data ask for (None: none),
+    checked against the mesh and the process count."""
+    from hybrid_jax.eval.in_training import TrainingEvaluator
+
+    if not (data.heldout or data.choice):
+        return None
+    return TrainingEvaluator.build(cfg.model, every=cfg.eval.every,
+                                   batch=cfg.eval.batch or cfg.data.global_batch,
+                                   heldout=data.heldout, choice=data.choice, codec=codec,
+                                   prefix_token=data.eos, mesh=mesh)
 
 
 def _agreed_exit_code(before_training: Callable[[TrainConfig], int | None] | None,
@@ -224,11 +240,11 @@ class _Progress:
         for name in sets:
             metric = lambda m: record.get(f"eval/{name}/{m}")  # noqa: E731
             if metric("acc") is not None:
-                _note(f"eval after step {step}: {name} acc {metric('acc'):.4f}, acc_norm "
+                _note(f"eval after {step + 1} steps: {name} acc {metric('acc'):.4f}, acc_norm "
                       f"{metric('acc_norm'):.4f} ({metric('items'):.0f} items)", self.bar)
                 continue
             bpb = metric("bits_per_byte")
-            _note(f"eval after step {step}: {name} loss {metric('loss'):.4f}, perplexity "
+            _note(f"eval after {step + 1} steps: {name} loss {metric('loss'):.4f}, perplexity "
                   f"{metric('perplexity'):.3f}"
                   f"{f', {bpb:.4f} bits per byte' if bpb is not None else ''}", self.bar)
 
@@ -261,7 +277,7 @@ def _fit(args: argparse.Namespace, cfg: TrainConfig, inputs: TrainInputs) -> Any
     Raises TrainingError."""
     import jax
 
-    from hybrid_jax.train.loop import EvalPlan, train
+    from hybrid_jax.train.loop import train
 
     lead = jax.process_index() == 0
     run = cfg.run
@@ -272,14 +288,11 @@ def _fit(args: argparse.Namespace, cfg: TrainConfig, inputs: TrainInputs) -> Any
     progress = _Progress(args, cfg, lead)
     started = time.perf_counter()
     data = inputs.data
-    evaluation = (EvalPlan(data.heldout, cfg.eval.every, cfg.eval.batch or cfg.data.global_batch,
-                           data.choice, inputs.codec, data.eos)
-                  if data.heldout or data.choice else None)
     try:
         state = train(cfg.model, cfg.optimizer, data.dataset, cfg.loop,
                       checkpoint_dir=run.checkpoint_dir, mesh=inputs.mesh,
                       log_file=run.log_path, tensorboard_dir=run.tensorboard_dir,
-                      read=data.read, evaluation=evaluation, on_step=progress.on_step,
+                      read=data.read, evaluate=inputs.evaluate, on_step=progress.on_step,
                       on_eval=progress.on_eval)
     finally:
         progress.close()

@@ -65,6 +65,10 @@ class DataConfig:
                               f"(a mixture); got {given or 'none'}")
         if self.sources is not None:
             _check_sources(self.sources)
+        _check_dtype("data.dtype", self.dtype)
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+            raise ConfigError(f"data.seed: expected an int in [0, 2**32), got {seed!r}")
         h = self.holdout
         if isinstance(h, bool) or not isinstance(h, int | float) or not 0 <= h < 1:
             raise ConfigError(f"data.holdout: expected a fraction in [0, 1), got {h!r}")
@@ -87,6 +91,14 @@ def _check_sources(sources: Any) -> None:
             raise ConfigError(f"{where}: unknown key(s) {unknown} (keys: {sorted(_SOURCE_KEYS)})")
         if not source.get("paths"):
             raise ConfigError(f"{where}: paths (a path, glob or list of them) is required")
+        if "dtype" in source:
+            _check_dtype(f"{where}.dtype", source["dtype"])
+
+
+def _check_dtype(where: str, dtype: Any) -> None:
+    """A token files' dtype name."""
+    if dtype not in ("uint16", "uint32"):
+        raise ConfigError(f"{where}: token dtype must be uint16 or uint32, got {dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,8 @@ class EvalConfig:
                                       or value < 1):
                 raise ConfigError(f"eval.{name}: expected a positive int or null, got "
                                   f"{value!r}")
+        if self.dtype is not None:
+            _check_dtype("eval.dtype", self.dtype)
         for name in ("heldout", "choice"):
             if getattr(self, name) is not None and self.every is None:
                 raise ConfigError(f"eval.{name}: set eval.every, the steps between "

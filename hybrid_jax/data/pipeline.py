@@ -3,8 +3,10 @@ segment ids, each process reading only its own rows, with prefetch.
 
 Global batch ``s`` is a pure function of (sources, weights, seed, s): every source's rows are
 shuffled by grain's index shuffle (a fresh permutation each epoch, computed per index, never
-materialised), sources are interleaved in proportion to their weights (``MapDataset.mix``), and
-the mixed stream is cut into global batches of ``global_batch`` rows. Process ``p`` of ``P``
+materialised), sources are interleaved in proportion to their weights (``MapDataset.mix``: a
+fixed pattern, the smallest weight scaled to 100 and the others rounded down, so weights
+0.3 / 0.7 give shares 100 / 233), and the mixed stream is cut into global batches of
+``global_batch`` rows. Process ``p`` of ``P``
 reads rows ``[p * G/P, (p + 1) * G/P)`` of each global batch, so the processes' rows are
 disjoint and stacked in process order make the one-process batch. The iterator's state is the
 next step alone, so a run resumes at exactly the next batch on any process count that divides

@@ -42,15 +42,15 @@ def expand_paths(patterns: str | Sequence[str], what: str = "data") -> list[str]
     file."""
     if isinstance(patterns, str | Path):
         patterns = [patterns]
-    out: list[str] = []
+    out: dict[str, None] = {}  # insertion-ordered, without repeats
     for pattern in patterns:
         pattern = str(pattern)
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
             raise DataError(f"{what}: {pattern!r} matches no file")
-        out.extend(m for m in matches if m not in out)
-    return out
+        out.update(dict.fromkeys(matches))
+    return list(out)
 
 
 def tokenize_text(text: str, codec, eos_id: int, doc_separator: str | None = "\n\n"
@@ -73,7 +73,7 @@ def segment_ids(row: np.ndarray, eos_id: int) -> np.ndarray:
     """[..., T] token rows -> int32 document numbers from 1; the EOS ending a document is part
     of it, so the token after it starts the next number."""
     ends = (row == eos_id).astype(np.int32)
-    before = np.cumsum(ends, axis=-1) - ends  # EOS tokens strictly before each position
+    before = np.cumsum(ends, axis=-1, dtype=np.int32) - ends  # EOS strictly before each position
     return before + 1
 
 

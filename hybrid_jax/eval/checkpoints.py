@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from hybrid_jax.config import dtype_name
@@ -51,7 +52,12 @@ def load_train_run(path: str | os.PathLike, *, dtype: Any = None,
             name = dtype_name(dtype)
             config = dataclasses.replace(config, dtype=name, param_dtype=name)
         template = model_template(config)
-        params = checkpoints.restore_params(step, nnx.to_pure_dict(template.abstract))
+        # Restored onto the default device (without a sharding orbax gives host arrays,
+        # which every jitted call would copy to the device again).
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                nnx.to_pure_dict(template.abstract))
+        params = checkpoints.restore_params(step, abstract)
     return template.model(params), step
 
 

@@ -5,9 +5,10 @@ character of the choice ("acc_norm", the harness's length normalisation).
 
 A task file holds one JSON object per line: {"context": str, "choices": [str, ...],
 "label": int}. A choice is the text that follows the context as written (include a leading
-space where the text has one). As lm-evaluation-harness does, the context's trailing spaces move
-to the start of each choice, the pair is encoded whole, and the continuation is what follows the
-context's own tokens.
+space where the text has one). As lm-evaluation-harness does, the context's trailing whitespace
+moves to the start of each choice, the pair is encoded whole (``codec.encode``: a tokenizer.json's
+post-processor applied, as lm-eval's Hugging Face model encodes), and the continuation is what
+follows the context's own tokens.
 """
 
 from __future__ import annotations
@@ -79,25 +80,17 @@ def read_choice_task(path: str | Path, name: str | None = None,
     return ChoiceTask(name or path.stem, tuple(items))
 
 
-def encode_plain(codec: Any, text: str) -> list[int]:
-    """``text``'s ids without special tokens (a tokenizer.json codec adds none here)."""
-    tokenizer = getattr(codec, "tokenizer", None)
-    if tokenizer is not None:
-        return list(tokenizer.encode(text, add_special_tokens=False).ids)
-    return list(codec.encode(text))
-
-
 def pair_ids(codec: Any, context: str, continuation: str, prefix_token: int
              ) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) of one pair, split as the module docstring says; an
     empty context is ``prefix_token`` alone."""
-    spaces = len(context) - len(context.rstrip(" "))
+    spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
-        return [prefix_token], encode_plain(codec, continuation)
-    whole = encode_plain(codec, context + continuation)
-    n = len(encode_plain(codec, context))
+        return [prefix_token], list(codec.encode(continuation))
+    whole = list(codec.encode(context + continuation))
+    n = len(codec.encode(context))
     return whole[:n], whole[n:]
 
 
@@ -122,5 +115,5 @@ def score_choice_task(model: HybridLM, task: ChoiceTask, codec: Any, *, prefix_t
     return {"acc": right / n, "acc_norm": right_norm / n, "items": float(n)}
 
 
-__all__ = ["ChoiceItem", "ChoiceTask", "encode_plain", "pair_ids", "read_choice_task",
+__all__ = ["ChoiceItem", "ChoiceTask", "pair_ids", "read_choice_task",
            "score_choice_task"]

@@ -121,11 +121,14 @@ class HeldoutEvaluator:
 
     def evaluate(self, params: dict, held: HeldoutSet) -> dict[str, float]:
         """One set's metrics (see the module docstring)."""
-        ce = tokens = 0.0
         index, count = jax.process_index(), jax.process_count()
-        for local in local_batches(held, self.batch, index, count):
-            out = jax.device_get(self._sums(params, self._global(local)))
-            ce, tokens = ce + float(out["ce"]), tokens + float(out["tokens"])
+        # Each batch's sums stay on the device until the set is done: the host never waits
+        # for a batch before dispatching the next. Added up in float64 on the host.
+        sums = [self._sums(params, self._global(local))
+                for local in local_batches(held, self.batch, index, count)]
+        sums = jax.device_get(sums)
+        ce = float(np.sum([float(s["ce"]) for s in sums], dtype=np.float64))
+        tokens = float(np.sum([float(s["tokens"]) for s in sums], dtype=np.float64))
         if tokens == 0:
             raise DataError(f"held-out set {held.name!r}: no token to score")
         loss = ce / tokens

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.convert.orbax_io import config_to_json
 from hybrid_jax.data.pipeline import PackedDataset, ReadConfig, data_state, resume_changes
-from hybrid_jax.eval.choice import ChoiceTask, score_choice_task
-from hybrid_jax.eval.heldout import HeldoutEvaluator, HeldoutSet
 from hybrid_jax.sharding import (
     LogicalRules,
     check_batch,
@@ -41,6 +39,16 @@ from hybrid_jax.train.step import jit_train_step, make_train_step
 
 
 log = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    """What evaluates during training: ``every`` steps between evaluations, and
+    ``evaluator(params) -> {set or task name: {metric: value}}`` (``hybrid_jax.eval``'s
+    ``TrainingEvaluator``)."""
+
+    every: int
+
+    def __call__(self, params: dict) -> dict[str, dict[str, float]]: ...
 
 
 class TrainingError(RuntimeError):
@@ -75,26 +83,6 @@ class LoopConfig:
                 raise ValueError(f"LoopConfig.{name}: must be a positive int, got {value!r}")
 
 
-@dataclass(frozen=True, eq=False)
-class EvalPlan:
-    """Evaluation during training, after every ``every`` steps and after the last: the
-    ``heldout`` sets, ``batch`` rows at a time, and the multiple-choice tasks ``choice``
-    (encoded with ``codec``, an empty context as ``prefix_token``; single-process runs)."""
-
-    heldout: tuple[HeldoutSet, ...]
-    every: int
-    batch: int
-    choice: tuple[ChoiceTask, ...] = ()
-    codec: Any = None
-    prefix_token: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("every", "batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"eval.{name}: must be a positive int, got {value!r}")
-
-
 def _targets(abstract: TrainState, shardings: TrainState | None) -> TrainState:
     """Abstract arrays carrying where each restored leaf goes (one device without a mesh)."""
     if shardings is None:
@@ -108,7 +96,7 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
           checkpoint_dir: str | Path | None = None, mesh: Mesh | None = None,
           rules: LogicalRules | None = None, log_file: str | Path | None = None,
           tensorboard_dir: str | Path | None = None, read: ReadConfig = ReadConfig(),
-          evaluation: EvalPlan | None = None,
+          evaluate: Evaluator | None = None,
           on_step: Callable[[int, dict], None] | None = None,
           on_eval: Callable[[int, dict], None] | None = None) -> TrainState:
     """Train to ``loop.steps``, resuming from ``checkpoint_dir``'s newest readable checkpoint.
@@ -116,10 +104,11 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
     Every step appends {"step", "loss", "ce", "z_loss", "grad_norm", "lr", "tokens",
     "skipped", "tokens_per_s"} as a JSON line to ``log_file`` (process 0 only) and passes it to
     ``on_step``, and, given ``tensorboard_dir``, writes each as a TensorBoard scalar
-    (tensorboardX event files, process 0 only). With ``evaluation``, the parameters after
-    every ``evaluation.every`` steps (and after the last) are evaluated on its held-out sets;
-    the metrics go to the same sinks as {"step": the last step, "eval/<set>/<metric>": ...}
-    (``read_log`` merges them into that step's record) and to ``on_eval``.
+    (tensorboardX event files, process 0 only). With ``evaluate``, the parameters after every
+    ``evaluate.every`` steps (and after the last) are evaluated, once that step's checkpoint
+    is saved; the metrics go to the same sinks as {"step": the last step taken,
+    "eval/<set>/<metric>": ...} (``read_log`` merges them into that step's record: the
+    parameters of the checkpoint named step + 1) and to ``on_eval``.
 
     Batches stream from ``dataset``'s grain iterator (``read``: threads and prefetch); each
     checkpoint keeps the iterator's state and the model config beside the train state, and a
@@ -135,30 +124,31 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
     shardings = train_state_shardings(abstract, mesh, rules) if mesh is not None else None
     checkpoints = (TrainCheckpoints(checkpoint_dir, keep=loop.keep_checkpoints)
                    if checkpoint_dir is not None else None)
-    state = checkpoints.restore_latest(_targets(abstract, shardings)) if checkpoints else None
-    if state is None:
-        state = init_train_state(model_config, optimizer, mesh=mesh, rules=rules,
-                                 seed=loop.seed)
-    elif checkpoints is not None:
-        _check_resume(checkpoints, dataset, int(state.step))
-    step_fn = jit_train_step(
-        make_train_step(template, optimizer, z_loss_weight=loop.z_loss_weight,
-                        schedule=make_schedule(optimizer_config), mesh=mesh, rules=rules),
-        shardings, mesh, rules, steps_per_call=loop.steps_per_call)
-    evaluate = _evaluator(template, evaluation, mesh, rules)
-    every = evaluation.every if evaluate is not None else loop.steps
-    count = jax.process_count()
-    batches = dataset.iterator(int(state.step), jax.process_index(), count, read)
-    call_batch = _call_batches(dataset, batches, loop, mesh, rules)
-    # One log for the run: process 0 writes it (every process sees the same global metrics).
-    sinks = _MetricSinks(log_file, tensorboard_dir, on_step, jax.process_index() == 0)
-    saved_config = config_to_json(model_config)
+    batches = sinks = None
     try:
+        state = (checkpoints.restore_latest(_targets(abstract, shardings))
+                 if checkpoints else None)
+        if state is None:
+            state = init_train_state(model_config, optimizer, mesh=mesh, rules=rules,
+                                     seed=loop.seed)
+        elif checkpoints is not None:
+            _check_resume(checkpoints, dataset, int(state.step))
+        step_fn = jit_train_step(
+            make_train_step(template, optimizer, z_loss_weight=loop.z_loss_weight,
+                            schedule=make_schedule(optimizer_config), mesh=mesh, rules=rules),
+            shardings, mesh, rules, steps_per_call=loop.steps_per_call)
+        count = jax.process_count()
+        batches = dataset.iterator(int(state.step), jax.process_index(), count, read)
+        call_batch = _call_batches(dataset, batches, loop, mesh, rules)
+        # One log for the run: process 0 writes it (all processes see the same metrics).
+        sinks = _MetricSinks(log_file, tensorboard_dir, on_step, jax.process_index() == 0)
+        saved_config = config_to_json(model_config)
+        every = evaluate.every if evaluate is not None else loop.steps
         step = int(state.step)
         bad_run = int(state.bad_steps)
         while step < loop.steps:
             # A call never runs past the next checkpoint, evaluation or the end, so every run
-            # (resumed or not) cuts its steps into the same calls.
+            # (resumed or not, with the same settings) cuts its steps into the same calls.
             boundary = min(loop.steps, _next_multiple(step, loop.checkpoint_every),
                            _next_multiple(step, every))
             k = min(loop.steps_per_call, boundary - step)
@@ -178,41 +168,17 @@ def train(model_config: ModelConfig, optimizer_config: OptimizerConfig,
                                         f"gradients in a row; stopping (parameters of step "
                                         f"{step + i + 1 - bad_run} kept)")
             step += k
-            if evaluate is not None and (step % every == 0 or step == loop.steps):
-                sinks.write_eval(step - 1, evaluate(state.params), on_eval)
             if checkpoints is not None and (step % loop.checkpoint_every == 0
                                             or step == loop.steps):
                 checkpoints.save(state, data=data_state(dataset, step, count),
                                  model_config=saved_config)
+            if evaluate is not None and (step % every == 0 or step == loop.steps):
+                sinks.write_eval(step - 1, evaluate(state.params), on_eval)
     finally:
-        sinks.close()
-        batches.close()
-        if checkpoints is not None:
-            checkpoints.close()
+        for resource in (sinks, batches, checkpoints):
+            if resource is not None:
+                resource.close()
     return state
-
-
-def _evaluator(template: Any, plan: EvalPlan | None, mesh: Mesh | None,
-               rules: LogicalRules | None) -> Callable[[dict], dict] | None:
-    """``evaluate(params) -> {set or task: metrics}`` of ``plan`` (None: nothing to do)."""
-    if plan is None or not (plan.heldout or plan.choice):
-        return None
-    if plan.choice and jax.process_count() > 1:
-        raise ValueError("eval.choice: multiple-choice tasks run in single-process runs only")
-    heldout = (HeldoutEvaluator(template, list(plan.heldout), plan.batch, mesh=mesh,
-                                rules=rules) if plan.heldout else None)
-
-    def evaluate(params: dict) -> dict:
-        results = heldout(params) if heldout is not None else {}
-        if plan.choice:
-            model = template.model(params)
-            for task in plan.choice:
-                results[task.name] = score_choice_task(model, task, plan.codec,
-                                                       prefix_token=plan.prefix_token,
-                                                       batch_size=plan.batch)
-        return results
-
-    return evaluate
 
 
 def _next_multiple(step: int, every: int) -> int:
@@ -223,9 +189,11 @@ def _check_resume(checkpoints: TrainCheckpoints, dataset: PackedDataset, step: i
     """Say (log) how the data differs from what checkpoint ``step`` was trained on, and when
     the process count changed (the batches do not: each is a function of its step)."""
     saved = checkpoints.json_item(step, DATA_ITEM)
-    if saved is None:
-        return  # written before checkpoints kept the data state: the step is its position
     where = checkpoints.directory / str(step)
+    if saved is None:  # written before checkpoints kept the data state
+        log.warning("%s keeps no data state: the data cannot be checked against it; batches "
+                    "continue from step %d of the data as configured now", where, step)
+        return
     for change in resume_changes(saved, dataset, step):
         log.warning("%s: the data changed since this checkpoint (%s); batches from step %d "
                     "follow the new data", where, change, step)
