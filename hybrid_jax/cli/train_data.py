@@ -3,6 +3,7 @@ sets it is evaluated on, and the EOS id that ends its documents."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ def _eos(cfg: TrainConfig) -> int:
 
 
 def _file_rows(patterns: Any, dtype: str, cfg: TrainConfig, what: str) -> TokenRows:
-    paths = expand_paths(patterns, what)
+    """The rows of the files ``patterns`` name, by absolute path (the data's fingerprint in
+    checkpoints does not change with the working directory)."""
+    paths = [os.path.abspath(p) for p in expand_paths(patterns, what)]
     return TokenRows([token_file(p, dtype) for p in paths], paths, cfg.data.seq_len,
                      cfg.model.vocab_size)
 

@@ -186,9 +186,12 @@ def _next_multiple(step: int, every: int) -> int:
 
 
 def _check_resume(checkpoints: TrainCheckpoints, dataset: PackedDataset, step: int) -> None:
-    """Say (log) how the data differs from what checkpoint ``step`` was trained on, and when
-    the process count changed (the batches do not: each is a function of its step)."""
-    saved = checkpoints.json_item(step, DATA_ITEM)
+    """Say (log, process 0) how the data differs from what checkpoint ``step`` was trained
+    on, and when the process count changed (the batches do not: each is a function of its
+    step)."""
+    saved = checkpoints.json_item(step, DATA_ITEM)  # every process: orbax may synchronise
+    if jax.process_index() != 0:
+        return
     where = checkpoints.directory / str(step)
     if saved is None:  # written before checkpoints kept the data state
         log.warning("%s keeps no data state: the data cannot be checked against it; batches "
