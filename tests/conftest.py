@@ -61,3 +61,19 @@ import jax  # noqa: E402
 # bf16 passes) is ~1e-3 off the float64 and transformers references. Set for the whole session
 # (not per test) so that a fixture's compile is reused by its tests rather than redone.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The longest test files first (summed durations on the project's 2-core machine, longest
+# first): pytest-xdist hands whole files to workers in collection order, so a long file
+# collected last would run alone at the end of the suite.
+LONGEST_FIRST = ("test_experiments_smoke.py", "test_aot.py", "test_gated_delta_rule.py",
+                 "test_decode_cache.py", "test_qwen_family.py", "test_train.py",
+                 "test_train_loop.py", "test_weight_memory.py", "test_notebooks.py",
+                 "test_model_parity.py", "test_train_multihost.py", "test_kernels.py",
+                 "test_lm_eval.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Items of LONGEST_FIRST's files first, in that order; the rest as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -23,7 +23,7 @@ from hybrid_jax.aot.report import (  # noqa: E402
 from hybrid_jax.aot.roofline import model_flops  # noqa: E402
 from hybrid_jax.aot.topology import AOTError, tpu_topology  # noqa: E402
 from hybrid_jax.cli import main  # noqa: E402
-from hybrid_jax.config import olmo_hybrid_tiny  # noqa: E402
+from hybrid_jax.config import hybrid_layer_types, olmo_hybrid_tiny  # noqa: E402
 from hybrid_jax.sharding import MeshShape  # noqa: E402
 
 TOPOLOGY = "v5e:2x2"  # four v5e chips, 16 GiB each
@@ -36,6 +36,15 @@ def topology():
 
 def _config(**overrides):
     return olmo_hybrid_tiny(dtype="bfloat16", gdn_method="pallas", **overrides)
+
+
+def _one_block(**overrides):
+    """The tiny preset cut to its one block (three GDN layers, one attention): half the
+    compile of the two scanned blocks, and one cost compile instead of two. The scanned stack
+    is compiled for TPU in test_context_parallel_train_step_compiles_for_v5p, the cost's
+    two-block extrapolation in test_cli_reports_and_writes_json (decode) and the slow
+    test_loop_costs_match_an_unrolled_compile."""
+    return _config(num_hidden_layers=4, layer_types=hybrid_layer_types(4), **overrides)
 
 
 def test_topology_devices_and_chip(topology):
@@ -51,7 +60,7 @@ TRAIN_WORK = Workload(8, 128, micro_batches=2)
 
 @pytest.fixture(scope="module")
 def train_report(topology):
-    return report_program("train", _config(), topology, topology.mesh(MeshShape(fsdp=4)),
+    return report_program("train", _one_block(), topology, topology.mesh(MeshShape(fsdp=4)),
                           TRAIN_WORK)
 
 
@@ -60,7 +69,7 @@ def test_programs_compile_and_fit(topology, train_report, program):
     if program == "train":
         report = train_report
     else:
-        report = report_program(program, _config(), topology,
+        report = report_program(program, _one_block(), topology,
                                 topology.mesh(MeshShape(fsdp=4)), Workload(8, 128))
     assert report.error is None and report.fits
     assert 0 < report.memory["total"] < report.hbm_bytes
@@ -72,7 +81,7 @@ def test_programs_compile_and_fit(topology, train_report, program):
 
 
 def test_per_device_memory_shrinks_as_fsdp_grows(topology, train_report):
-    replicated = report_program("train", _config(), topology,
+    replicated = report_program("train", _one_block(), topology,
                                 topology.mesh(MeshShape(data=4)), TRAIN_WORK, cost=False)
     # Parameters and optimizer state split four ways (the batch is split four ways in both).
     assert replicated.memory["argument"] / train_report.memory["argument"] > 3
@@ -101,15 +110,17 @@ def test_loop_costs_match_an_unrolled_compile(topology):
     assert 1.0 < ratio < 2.0
 
 
-@pytest.mark.parametrize("dk, dv, dtype", [
-    (96, 192, "bfloat16"), (32, 256, "float32"),
-    pytest.param(128, 128, "bfloat16", marks=pytest.mark.slow),  # like 96, 192 on TPU's tiles
+@pytest.mark.parametrize("dk, dv, dtype, measure", [
+    (96, 192, "bfloat16", False), (32, 256, "float32", False),
+    # The scoped-VMEM bisection compiles some 17 times (6 s here): at OLMo's dims in the slow
+    # run; test_cli_reports_and_writes_json measures it at the tiny preset's.
+    pytest.param(96, 192, "bfloat16", True, marks=pytest.mark.slow),
+    pytest.param(128, 128, "bfloat16", False,  # like 96, 192 on TPU's tiles
+                 marks=pytest.mark.slow),
 ])
-def test_pallas_tpu_kernels_compile_with_mosaic(topology, dk, dv, dtype):
+def test_pallas_tpu_kernels_compile_with_mosaic(topology, dk, dv, dtype, measure):
     shape = dict(seq_len=256, heads=2, dk=dk, dv=dv, dtype=dtype)
     forward = compile_gdn_kernels(topology, backward=False, **shape)
-    # The scoped-VMEM bisection compiles some 17 times: measured at OLMo's dims only.
-    measure = (dk, dv) == (96, 192)
     both = compile_gdn_kernels(topology, measure_vmem=measure, **shape)
     assert forward.custom_calls == 2  # the chunk factors and the state pass
     assert both.custom_calls == 7  # the backward's recompute, passes and factor VJP
@@ -189,6 +200,7 @@ def test_cli_reports_and_writes_json(tmp_path, capsys):
     assert all(r["roofline"]["seconds"] > 0 for r in report["reports"])
     assert report["config"]["gdn_method"] == "pallas"  # "auto" would be XLA's form on a CPU
     assert [k["custom_calls"] for k in report["kernels"]] == [2, 7]
+    assert all(0 < k["scoped_vmem_kib"] < 16 << 10 for k in report["kernels"])  # bisected
     assert "GDN kernels fwd+bwd [1 x 64 x 4 heads, Dk 16, Dv 32]" in printed
 
 

@@ -29,8 +29,9 @@ SMOKE: dict[str, list[str] | str] = {
     "bench_attention.py": ["--T", "256", "--H", "2", "--Hkv", "2", "--D", "32", "--block", "128",
                            *TIMING],
     "bench_convert.py": ["--smoke"],
-    "bench_data.py": ["--no-hugepages", "--preset", "tiny", "--seq-len", "64", "--batch", "2",
-                      "--batches", "10", "--repeats", "1", "--big-gb", "0.02",
+    # The train-step contender (bench_train.py's smoke compiles the same step) left out.
+    "bench_data.py": ["--no-hugepages", "--seq-len", "64", "--batch", "2", "--batches", "10",
+                      "--repeats", "1", "--big-gb", "0.02", "--skip-train-step",
                       "--workdir", "{tmp}/data", "--json", "{tmp}/data.json"],
     "bench_decode.py": ["--contexts", "64", "--batches", "1", "--steps", "2", "--hidden", "64",
                         "--layers", "4", "--vocab", "256", "--prefill-lengths", "32",
@@ -39,8 +40,11 @@ SMOKE: dict[str, list[str] | str] = {
                      "--matmul-n", "64", *TIMING],
     "bench_kernels_gpu.py": ["--smoke", "--no-fla", "--repeats", "1", "--shapes", "0"],
     "bench_loss.py": ["--T", "256", "--D", "32", "--V", "1024", "--chunk", "128", *TIMING],
+    # Two contenders' processes of four: the jax dense form and torch eager (the reference)
+    # still run, once, in the output check.
     "bench_moe.py": ["--tokens", "64", "--hidden", "32", "--experts", "8", "--top-k", "2",
-                     "--moe-intermediate", "16", "--shared", "16", *TIMING],
+                     "--moe-intermediate", "16", "--shared", "16", "--torch-impls",
+                     "grouped_mm", "--no-dense", *TIMING],
     "bench_train.py": ["--no-hugepages", "--preset", "tiny", "--batch", "1", "--seq-len", "32",
                        "--steps", "2", "--steps-per-call", "2", "--warmup", "1", *TIMING],
     "check_7b.py": "tests/test_check_7b.py",

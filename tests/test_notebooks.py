@@ -17,16 +17,36 @@ def _execute_module():
     return module
 
 
+# Run in the slow run only: the notebook whose every call the tests make (conversion: from_hf
+# and to_hf against transformers, tests/test_to_hf.py, test_convert_cli.py,
+# test_from_hf_errors.py). The others run in CI; every notebook's committed outputs are checked
+# in CI.
+RUN_WHEN_SLOW = {"conversion.ipynb"}
+
+
 def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/*.ipynb"
+    assert RUN_WHEN_SLOW <= {p.name for p in NOTEBOOKS}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_is_committed_with_outputs_and_runs(path):
+def _committed_code_cells(path):
     committed = nbformat.read(path, as_version=4)
     code = [c for c in committed.cells if c.cell_type == "code"]
     assert code and all(c.execution_count for c in code), \
         f"{path.name}: run `python notebooks/execute.py {path.name}` and commit its outputs"
     assert not [o for c in code for o in c.outputs if o.output_type == "error"], path.name
+    return code
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_committed_with_outputs(path):
+    _committed_code_cells(path)
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, id=p.name, marks=[pytest.mark.slow] if p.name in RUN_WHEN_SLOW else [])
+    for p in NOTEBOOKS])
+def test_notebook_is_committed_with_outputs_and_runs(path):
+    code = _committed_code_cells(path)
     ran = _execute_module().execute(path)  # raises CellExecutionError on a failing cell
     assert sum(c.cell_type == "code" for c in ran.cells) == len(code)

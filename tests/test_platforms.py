@@ -63,10 +63,11 @@ def test_a_command_prints_no_libtpu_errors_without_jax_platforms(tmp_path):
 
 def test_aot_reaches_libtpus_compiler_without_its_warnings():
     """``hybrid-jax aot`` loads libtpu as a compiler: it compiles, and prints none of
-    libtpu's start-up warnings (the host's accelerator type, worker hostnames)."""
+    libtpu's start-up warnings (the host's accelerator type, worker hostnames). One compile
+    (``--no-cost``): the cost compiles and their report are tests/test_aot.py's."""
     proc = subprocess.run([sys.executable, "-m", "hybrid_jax.cli", "aot", "--topology",
                            "v5e:2x2", "--preset", "tiny", "--batch", "4", "--seq-len", "64",
-                           "--programs", "decode"], env=_user_environment(),
+                           "--programs", "decode", "--no-cost"], env=_user_environment(),
                           capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -127,6 +127,9 @@ def test_sections_are_typed_with_their_defaults():
         check_sections({**sections, "run": {"log": "x"}}, "tiny")
 
 
+# Slow: tests/test_train.py's 8-device child checks context-parallel losses against one
+# device in CI; this is the same through the command line.
+@pytest.mark.slow
 def test_context_parallel_training_gives_one_devices_losses(corpus, tmp_path):
     """`--mesh context=4` on 4 simulated CPU devices (a child process): every layer split over
     positions, 8 per device, and the losses of one device's run."""

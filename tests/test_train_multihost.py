@@ -49,15 +49,22 @@ def runs(tmp_path_factory) -> dict:
     outputs = {"two": _wait([_spawn(["2", str(i), port, str(d / "two"), str(text)], 4)
                              for i in range(2)]),
                "one": _wait([_spawn(["1", "0", "0", str(d / "one"), str(text)], 8)])}
-    # Two processes' step-2 checkpoint resumed by one process.
-    (d / "resumed").mkdir()
-    shutil.copytree(d / "two" / "ckpt", d / "resumed" / "ckpt",
+    return {name: _run_record(d / name, outputs[name]) for name in outputs} | {"text": text}
+
+
+def _run_record(run_dir: Path, outputs: list[str]) -> dict:
+    return {"dir": run_dir, "outputs": outputs,
+            "log": [json.loads(line) for line in (run_dir / "ckpt" / "log.jsonl")
+                    .read_text().splitlines()]}
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, tmp_path_factory) -> dict:
+    """The two processes' step-2 checkpoint resumed by one process."""
+    d = tmp_path_factory.mktemp("resumed")
+    shutil.copytree(runs["two"]["dir"] / "ckpt", d / "ckpt",
                     ignore=shutil.ignore_patterns("3", "log.jsonl"))
-    outputs["resumed"] = _wait([_spawn(["1", "0", "0", str(d / "resumed"), str(text)], 8)])
-    return {name: {"dir": d / name, "outputs": outputs[name],
-                   "log": [json.loads(line) for line in (d / name / "ckpt" / "log.jsonl")
-                           .read_text().splitlines()]}
-            for name in outputs}
+    return _run_record(d, _wait([_spawn(["1", "0", "0", str(d), str(runs["text"])], 8)]))
 
 
 def _batches(run_dir: Path, process: int) -> dict[int, np.ndarray]:
@@ -82,8 +89,7 @@ def test_held_out_loss_is_the_same_on_two_processes(runs):
                                [r["eval/holdout/loss"] for r in evals["one"]], rtol=1e-5)
 
 
-def test_a_checkpoint_of_two_processes_resumes_on_one(runs):
-    resumed = runs["resumed"]
+def test_a_checkpoint_of_two_processes_resumes_on_one(runs, resumed):
     assert "written by 2 processes, resumed by 1" in resumed["outputs"][0]
     assert _batches(resumed["dir"], 0)[2].tolist() == _batches(runs["one"]["dir"], 0)[2].tolist()
     last = [r for r in resumed["log"] if "loss" in r]

@@ -65,7 +65,9 @@ def test_forward_holds_one_block_of_weights_at_most(scan_layers, tied):
     assert temp < 0.35 * stack_bytes, (temp, stack_bytes)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+# One row (the single-row products XLA:CPU widens) in CI; two rows, the same programs over a
+# batch, in the slow run.
+@pytest.mark.parametrize("batch", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_prefill_and_decode_over_block_views_copy_no_weights(batch):
     cfg = _config()
     graphdef, params, stack_bytes, views = _abstract(cfg)
@@ -128,7 +130,9 @@ def test_block_views_are_none_for_arrays_they_cannot_view():
         assert model.stack.block_views() is None
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+# remat "full" in CI: the same loop with each block checkpointed in it; without remat, the
+# slow run.
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "full"])
 def test_the_loop_over_blocks_computes_what_the_scan_does(remat, monkeypatch):
     """The path 16-bit weights take on the CPU (a loop slicing block j once its input is ready),
     forced on a float32 model, gives the scan's logits and parameter gradients."""
