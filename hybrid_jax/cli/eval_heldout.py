@@ -56,7 +56,7 @@ def run_heldout(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """The held-out metrics of --checkpoint on each --heldout set, printed one line a set."""
     from flax import nnx
 
-    from hybrid_jax.data import TokenRows, expand_paths, token_file
+    from hybrid_jax.data import TokenRows
     from hybrid_jax.eval.checkpoints import load_model
     from hybrid_jax.eval.heldout import HeldoutEvaluator, heldout_set
     from hybrid_jax.train.state import model_template
@@ -74,9 +74,8 @@ def run_heldout(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         raise CommandError("--eos-id: the checkpoint's config has no eos_token_id")
     held = []
     for name, patterns in sets.items():
-        paths = expand_paths(patterns, f"--heldout {name}")
-        rows = TokenRows([token_file(p, args.token_dtype) for p in paths], paths, args.seq_len,
-                         cfg.vocab_size)
+        rows = TokenRows.from_files(patterns, args.token_dtype, args.seq_len, cfg.vocab_size,
+                                    f"--heldout {name}")
         held.append(heldout_set(name, rows, int(eos), codec, args.max_rows))
     evaluator = HeldoutEvaluator(model_template(cfg), held, args.batch_size)
     results = evaluator(nnx.to_pure_dict(nnx.state(model)))

@@ -3,7 +3,6 @@ sets it is evaluated on, and the EOS id that ends its documents."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 
 from hybrid_jax.cli.common import ConfigError
 from hybrid_jax.cli.train_config import TrainConfig
-from hybrid_jax.data import PackedDataset, ReadConfig, Source, TokenRows, expand_paths, token_file
+from hybrid_jax.data import PackedDataset, ReadConfig, Source, TokenRows
 from hybrid_jax.data import tokenize_text
 from hybrid_jax.eval.choice import ChoiceTask, read_choice_task
 from hybrid_jax.eval.heldout import HeldoutSet, heldout_set
@@ -40,14 +39,6 @@ def _eos(cfg: TrainConfig) -> int:
     return 0 if eos is None else int(eos)
 
 
-def _file_rows(patterns: Any, dtype: str, cfg: TrainConfig, what: str) -> TokenRows:
-    """The rows of the files ``patterns`` name, by absolute path (the data's fingerprint in
-    checkpoints does not change with the working directory)."""
-    paths = [os.path.abspath(p) for p in expand_paths(patterns, what)]
-    return TokenRows([token_file(p, dtype) for p in paths], paths, cfg.data.seq_len,
-                     cfg.model.vocab_size)
-
-
 def _sources(cfg: TrainConfig, codec: Any, eos: int) -> list[Source]:
     """The configured sources, whole (before any held-out tail is cut)."""
     data = cfg.data
@@ -58,12 +49,14 @@ def _sources(cfg: TrainConfig, codec: Any, eos: int) -> list[Source]:
         return [Source("text", TokenRows([tokens], [data.text], data.seq_len,
                                          cfg.model.vocab_size))]
     if data.path:
-        return [Source("data", _file_rows(data.path, data.dtype, cfg, "data.path"))]
+        return [Source("data", TokenRows.from_files(data.path, data.dtype, data.seq_len,
+                                                    cfg.model.vocab_size, "data.path"))]
     out = []
     for i, spec in enumerate(data.sources):
         name = str(spec.get("name", f"source{i}"))
-        rows = _file_rows(spec["paths"], spec.get("dtype", data.dtype), cfg,
-                          f"data.sources[{i}] ({name})")
+        rows = TokenRows.from_files(spec["paths"], spec.get("dtype", data.dtype),
+                                    data.seq_len, cfg.model.vocab_size,
+                                    f"data.sources[{i}] ({name})")
         out.append(Source(name, rows, spec.get("weight", 1.0)))
     return out
 
@@ -94,8 +87,9 @@ def build_data(cfg: TrainConfig, codec: Any, bytes_codec: Any | None) -> TrainDa
                               "of the held-out rows")
         sources, named = _split_holdout(sources, data.holdout)
     for name, patterns in ev.heldout_paths().items():
-        named.append((str(name), _file_rows(patterns, ev.dtype or data.dtype, cfg,
-                                            f"eval.heldout ({name})")))
+        named.append((str(name), TokenRows.from_files(patterns, ev.dtype or data.dtype,
+                                                      data.seq_len, cfg.model.vocab_size,
+                                                      f"eval.heldout ({name})")))
     choice = tuple(read_choice_task(path, name, ev.choice_limit)
                    for name, path in ev.choice_paths().items())
     if choice and not (data.tokenizer or data.text):

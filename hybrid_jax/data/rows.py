@@ -8,11 +8,13 @@ may cover a contiguous range of them (a held-out tail, say).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from hybrid_jax.data.token_files import DataError
+from hybrid_jax.data.token_files import DataError, expand_paths, token_file
 
 
 class TokenRows:
@@ -38,6 +40,15 @@ class TokenRows:
                             f"{total} rows of {list(self.names)[:3]}")
         self.start, self.stop = int(start), int(stop)
 
+    @classmethod
+    def from_files(cls, patterns: Any, dtype: str, seq_len: int, vocab_size: int,
+                   what: str = "data") -> TokenRows:
+        """The rows of the token files ``patterns`` names (paths or globs, ``expand_paths``;
+        DataError naming ``what``), each named by its absolute path (a checkpoint's data
+        fingerprint does not change with the working directory)."""
+        paths = [os.path.abspath(p) for p in expand_paths(patterns, what)]
+        return cls([token_file(p, dtype) for p in paths], paths, seq_len, vocab_size)
+
     def __len__(self) -> int:
         return self.stop - self.start
 
@@ -57,6 +68,10 @@ class TokenRows:
             raise DataError(f"{self.names[array]}: token id {int(row[t])} at token "
                             f"{offset + t} is outside the vocabulary ({self.vocab_size})")
         return row
+
+    def first(self, n: int) -> TokenRows:
+        """The first ``n`` of these rows (all of them when there are fewer)."""
+        return self._range(self.start, min(self.stop, self.start + n))
 
     def split(self, tail: float) -> tuple[TokenRows, TokenRows]:
         """(the rows before the last ``tail`` fraction, those last rows): a held-out tail

@@ -108,15 +108,12 @@ class TokenizeOptions:
 def _load_tokenizer(path: str) -> Any:
     """``tokenizers.Tokenizer`` set up for data: no truncation or padding, special tokens' text
     encoded as text."""
-    from tokenizers import Tokenizer
+    from hybrid_jax.inference.text import TokenizerError, load_tokenizer
 
-    if not Path(path).is_file():
-        raise TokenizeError(f"{path}: tokenizer file not found")
     try:
-        tok = Tokenizer.from_file(path)
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise TokenizeError(f"{path}: not a valid tokenizer.json ({first})") from None
+        tok = load_tokenizer(path).tokenizer
+    except TokenizerError as e:  # the same message, as this module's error
+        raise TokenizeError(str(e)) from None
     tok.no_truncation()
     tok.no_padding()
     tok.encode_special_tokens = True

@@ -58,9 +58,8 @@ def heldout_set(name: str, rows: TokenRows, eos_id: int, codec=None,
     row's scored bytes when ``codec`` (``hybrid_jax.inference.text``) is given."""
     if len(rows) == 0:
         raise DataError(f"held-out set {name!r}: no row of {rows.seq_len} tokens")
-    if max_rows is not None and max_rows < len(rows):
-        rows = TokenRows(rows.arrays, rows.names, rows.seq_len, rows.vocab_size,
-                         rows.start, rows.start + max_rows)
+    if max_rows is not None:
+        rows = rows.first(max_rows)
     counts = None
     if codec is not None:
         counts = np.asarray([sum(codec.byte_length(p[p != eos_id].tolist())
