@@ -23,9 +23,10 @@ mostly the tiny train step's compilation.
      RAM with ``np.fromfile``, each epoch a seeded ``np.random`` permutation of all rows, a
      batch the next ``--batch`` rows of it gathered by fancy indexing, the vocabulary checked
      and segment ids from ``hybrid_jax.data.segment_ids``; a call is ``--batches`` batches;
-   - "train-step": the ``--preset`` model's jitted train step (``hybrid_jax.train``, AdamW
-     with ``OptimizerConfig()``'s settings) on one micro-batch [1, batch, seq_len] of tokens
-     and segment ids, after compilation and one warm-up step; ``--train-steps`` steps a round.
+   - "train-step": the ``--preset`` model's jitted train step (``bench_train.jax_train_step``:
+     ``hybrid_jax.train``'s step, AdamW with clipping) on one micro-batch [1, batch, seq_len]
+     of tokens and segment ids, after compilation and one warm-up step; ``--train-steps``
+     steps a round.
    Target: grain delivers rows at least ``--target``x as fast as the train step consumes them
    (checked with the slower of "grain" and "grain big", ratio of medians).
 2. Host memory, each case in a fresh process: /proc/self/status's RssAnon (private memory: what
@@ -227,22 +228,14 @@ def train_step_contender(preset: str, seq_len: int, batch: int):
     """(prepare, run): prepare makes a fresh batch [1, batch, seq_len] on the device, run takes
     one train step on it (the state donated and carried). Compiled here."""
     import jax
+    from bench_train import jax_train_step  # the step bench_train.py times, one per call
 
     from hybrid_jax import PRESETS
     from hybrid_jax.data import segment_ids
-    from hybrid_jax.train import (
-        OptimizerConfig,
-        init_train_state,
-        jit_train_step,
-        make_optimizer,
-        make_train_step,
-        model_template,
-    )
 
     cfg = PRESETS[preset]()
-    opt = make_optimizer(OptimizerConfig())
-    held = {"state": init_train_state(cfg, opt, seed=0)}
-    step = jit_train_step(make_train_step(model_template(cfg), opt))
+    state, step = jax_train_step(cfg)
+    held = {"state": state}
     rng = np.random.default_rng(0)
 
     def prepare():
